@@ -1,0 +1,159 @@
+"""Multi-head self-attention over packed rows, restricted to same-image tokens.
+
+The projections are those of an existing timm ``Attention`` module (``qkv``, ``q_norm``,
+``k_norm``, ``norm``, optional ``gate``, ``proj``), so a patched model keeps its weights. Only
+the attention kernel changes, through one of these backends:
+
+* ``sdpa``: dense rows + boolean block mask through ``F.scaled_dot_product_attention``. Forward
+  and backward on CPU and CUDA; the default.
+* ``flex``: FlexAttention with a block mask built from the plan. Backward needs CUDA.
+* ``varlen``: ``torch.nn.attention.varlen.varlen_attn`` over the same-image runs, no padding
+  computed at all. CUDA only, half precision (fp32 inputs are cast to bf16 and back).
+* ``reference``: a plain loop over (row, image) runs; slow, exact, used by the tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from spa_viz.layers.packing import PackPlan
+
+__all__ = ["BACKENDS", "resolve_backend", "packed_attention", "check_attention_module"]
+
+BACKENDS = ("auto", "sdpa", "flex", "varlen", "reference")
+_HALF = (torch.float16, torch.bfloat16)
+_log = logging.getLogger(__name__)
+
+
+def _varlen_available() -> bool:
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype, needs_grad: bool) -> str:
+    """The backend that will run for this device, dtype and grad mode; ValueError if impossible."""
+    if requested not in BACKENDS:
+        raise ValueError(f"unknown attention backend {requested!r}; choose one of {BACKENDS}")
+    if requested == "auto":
+        if device.type == "cuda" and dtype in _HALF and _varlen_available():
+            return "varlen"
+        return "sdpa"
+    if requested == "varlen" and (device.type != "cuda" or not _varlen_available()):
+        raise ValueError("the varlen backend needs a CUDA device; use backend='sdpa' on this device")
+    if requested == "flex" and needs_grad and device.type != "cuda":
+        raise ValueError(
+            "FlexAttention has no backward on CPU; use backend='sdpa' for training on CPU "
+            "(flex works here for inference under torch.no_grad())"
+        )
+    return requested
+
+
+def check_attention_module(attn: nn.Module) -> None:
+    """Raise ValueError unless ``attn`` looks like timm's standard ``Attention``."""
+    needed = ("qkv", "proj", "num_heads")
+    missing = [name for name in needed if not hasattr(attn, name)]
+    if missing:
+        raise ValueError(
+            f"{type(attn).__name__} lacks {missing}: SPA needs timm's standard Attention "
+            "(fused qkv projection); rotary or windowed attention modules are not supported here"
+        )
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, plan: PackPlan, scale: float, dropout: float) -> Tensor:
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=plan.attention_mask, dropout_p=dropout, scale=scale)
+
+
+def _flex(q: Tensor, k: Tensor, v: Tensor, plan: PackPlan, scale: float) -> Tensor:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    seg = plan.slot_image
+
+    def same_image(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return seg[b, q_idx] == seg[b, kv_idx]
+
+    rows, _, length, _ = q.shape
+    block_mask = create_block_mask(same_image, rows, None, length, length, device=q.device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return flex_attention(q, k, v, block_mask=block_mask, scale=scale)
+
+
+def _cumulative_runs(plan: PackPlan, device: torch.device) -> tuple[Tensor, int]:
+    """Cumulative same-image run lengths (int32) over the valid slots, and the longest run."""
+    lengths = plan.segments[:, 2]
+    cu = torch.zeros(lengths.numel() + 1, dtype=torch.int32, device=device)
+    cu[1:] = torch.cumsum(lengths, 0).to(torch.int32)
+    return cu, int(lengths.max())
+
+
+def _varlen(q: Tensor, k: Tensor, v: Tensor, plan: PackPlan, scale: float) -> Tensor:
+    from torch.nn.attention.varlen import varlen_attn
+
+    rows, heads, length, head_dim = q.shape
+    dtype = q.dtype
+    work = dtype if dtype in _HALF else torch.bfloat16
+    if work != dtype:
+        _log.debug("varlen attention runs in bf16; casting %s inputs", dtype)
+
+    def flat(t: Tensor) -> Tensor:
+        t = t.transpose(1, 2).reshape(rows * length, heads, head_dim)
+        return t.index_select(0, plan.valid_slots).to(work).contiguous()
+
+    cu, longest = _cumulative_runs(plan, q.device)
+    out = varlen_attn(flat(q), flat(k), flat(v), cu, cu, longest, longest, scale=scale)
+    full = out.new_zeros(rows * length, heads, head_dim).index_copy(0, plan.valid_slots, out)
+    return full.view(rows, length, heads, head_dim).transpose(1, 2).to(dtype)
+
+
+def _reference(q: Tensor, k: Tensor, v: Tensor, plan: PackPlan, scale: float) -> Tensor:
+    rows, heads, length, head_dim = q.shape
+    pieces, slots = [], []
+    for row, start, size, _ in plan.segments.tolist():
+        sl = slice(start, start + size)
+        weights = (q[row, :, sl] @ k[row, :, sl].transpose(-2, -1) * scale).softmax(-1)
+        pieces.append((weights @ v[row, :, sl]).transpose(0, 1))
+        slots.append(torch.arange(row * length + start, row * length + start + size, device=q.device))
+    out = q.new_zeros(rows * length, heads, head_dim)
+    out = out.index_copy(0, torch.cat(slots), torch.cat(pieces))
+    return out.view(rows, length, heads, head_dim).transpose(1, 2)
+
+
+def packed_attention(attn: nn.Module, x: Tensor, plan: PackPlan, backend: str = "auto") -> tuple[Tensor, str]:
+    """Run ``attn``'s projections on packed rows ``x`` (B', L, C) with same-image attention.
+
+    Returns the output (B', L, C_out) and the name of the backend that ran.
+    """
+    rows, length, _ = x.shape
+    heads = attn.num_heads
+    head_dim = getattr(attn, "head_dim", attn.qkv.out_features // (3 * heads))
+    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    qkv = attn.qkv(x).reshape(rows, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    scale = getattr(attn, "scale", head_dim**-0.5)
+    dropout = attn.attn_drop.p if attn.training and hasattr(attn, "attn_drop") else 0.0
+    chosen = resolve_backend(backend, x.device, q.dtype, torch.is_grad_enabled() and x.requires_grad)
+    if chosen == "sdpa":
+        out = _sdpa(q, k, v, plan, scale, dropout)
+    elif chosen == "flex":
+        out = _flex(q, k, v, plan, scale)
+    elif chosen == "varlen":
+        out = _varlen(q, k, v, plan, scale)
+    else:
+        out = _reference(q, k, v, plan, scale)
+    out = out.transpose(1, 2).reshape(rows, length, heads * head_dim)
+    out = attn.norm(out) if hasattr(attn, "norm") else out
+    if gate is not None:
+        out = out * gate
+    out = attn.proj(out)
+    if hasattr(attn, "proj_drop"):
+        out = attn.proj_drop(out)
+    return out, chosen

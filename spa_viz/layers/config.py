@@ -1,0 +1,82 @@
+"""The settings of SPA in a model, shared by all its SPA blocks and saved with checkpoints."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from spa_viz.layers.attention import BACKENDS
+from spa_viz.layers.packing import POLICIES
+
+__all__ = ["SPAConfig", "DEFAULT_CONTAINER_LEN"]
+
+DEFAULT_CONTAINER_LEN = 49  # the paper's L = M^2 for Swin windows of M = 7
+
+
+@dataclass
+class SPAConfig:
+    """What every SPA block of one model does; mutable so inference settings can change live.
+
+    ``enabled=False`` makes every SPA block run its original dense computation (the dense twin).
+    """
+
+    start_layer: int = 0
+    policy: str = "image"
+    container_len: int | None = None
+    threshold: float = 0.5
+    tau: float = 1.0
+    min_keep: int = 1
+    sparse_mlp: bool = True
+    soft_gating: bool = True
+    backend: str = "auto"
+    gate_init_bias: float = 3.0
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError with a fix for any out-of-range setting."""
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown packing policy {self.policy!r}; choose one of {POLICIES}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown attention backend {self.backend!r}; choose one of {BACKENDS}")
+        if self.policy == "container" and self.container_len is None:
+            self.container_len = DEFAULT_CONTAINER_LEN
+        if self.container_len is not None and self.container_len < 1:
+            raise ValueError(f"container length L must be >= 1, got {self.container_len}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must lie in [0, 1], got {self.threshold}")
+        if self.tau <= 0:
+            raise ValueError(f"tau must be > 0, got {self.tau}")
+        if self.min_keep < 0:
+            raise ValueError(f"min_keep must be >= 0, got {self.min_keep}")
+        if self.start_layer < 0:
+            raise ValueError(f"start_layer must be >= 0, got {self.start_layer}")
+
+    def update(self, **changes: Any) -> None:
+        """Change settings in place (validated); unknown names raise ValueError."""
+        names = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise ValueError(f"unknown SPA settings {unknown}; known: {sorted(names)}")
+        old = asdict(self)
+        for name, value in changes.items():
+            setattr(self, name, value)
+        try:
+            self.validate()
+        except ValueError:
+            for name, value in old.items():
+                setattr(self, name, value)
+            raise
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SPAConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown SPA settings {unknown} in config; known: {sorted(names)}")
+        return cls(**data)

@@ -1,0 +1,165 @@
+"""SPA-ViT: any timm ``VisionTransformer`` with SPA blocks from ``start_layer`` on.
+
+``patch`` converts a model in place, ToMe-style: the weights stay, each converted block gets a
+fresh gate, and prefix tokens (class, registers) are always kept. Presets are registered with
+timm, so ``timm.create_model("spa_vit_small_patch16_224")`` works.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from timm.models import VisionTransformer, register_model
+from torch import Tensor, nn
+
+from spa_viz.layers.attention import check_attention_module
+from spa_viz.layers.block import SPAContext, convert_block, find_context
+from spa_viz.layers.config import SPAConfig
+from spa_viz.layers.gate import TokenGate
+
+__all__ = ["patch", "configure", "spa_context", "spa_blocks", "is_spa_model"]
+
+
+class SPAModelMixin:
+    """Mixed in front of a timm ``VisionTransformer``: sets the token grid before the blocks run."""
+
+    spa_context: SPAContext
+
+    def _spa_begin(self, x: Tensor) -> None:
+        if x.dim() != 4:
+            raise ValueError(f"expected images (B, C, H, W), got a tensor of shape {tuple(x.shape)}")
+        height, width = x.shape[-2:]
+        patch_h, patch_w = self.patch_embed.patch_size
+        if height % patch_h or width % patch_w:
+            raise ValueError(
+                f"image size {height}x{width} is not divisible by the patch size {patch_h}x{patch_w}; "
+                "resize or pad the image to a multiple of the patch size"
+            )
+        if getattr(self.patch_embed, "strict_img_size", False) and (height, width) != tuple(self.patch_embed.img_size):
+            expected = "x".join(map(str, self.patch_embed.img_size))
+            raise ValueError(
+                f"this model takes {expected} images, got {height}x{width}; resize the input "
+                "(or create the model with dynamic_img_size=True)"
+            )
+        if self.training and not isinstance(self.patch_drop, nn.Identity):
+            raise ValueError("SPA needs the full token grid: build the model with patch_drop_rate=0")
+        self.spa_context.begin((height // patch_h, width // patch_w))
+
+    def forward_features(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        self._spa_begin(x)
+        return super().forward_features(x, *args, **kwargs)
+
+    def forward_intermediates(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+        self._spa_begin(x)
+        return super().forward_intermediates(x, *args, **kwargs)
+
+
+_MODEL_CLASSES: dict[type, type] = {}
+
+
+def is_spa_model(model: nn.Module) -> bool:
+    return isinstance(getattr(model, "spa_context", None), SPAContext)
+
+
+def spa_context(model: nn.Module) -> SPAContext:
+    """The shared SPA state of a patched model or its SPA backbone (ValueError if there is none)."""
+    return find_context(model)
+
+
+def spa_blocks(model: nn.Module) -> list[nn.Module]:
+    """The SPA blocks of a model, in forward order."""
+    ctx = find_context(model)
+    return [m for m in model.modules() if getattr(m, "spa_context", None) is ctx and hasattr(m, "spa_layer")]
+
+
+def patch(
+    model: VisionTransformer,
+    start_layer: int,
+    *,
+    policy: str = "image",
+    container_len: int | None = None,
+    threshold: float = 0.5,
+    **settings: Any,
+) -> VisionTransformer:
+    """Convert a timm ``VisionTransformer`` in place so blocks ``start_layer..end`` are SPA blocks.
+
+    Other ``settings`` are :class:`SPAConfig` fields (``tau``, ``min_keep``, ``sparse_mlp``,
+    ``soft_gating``, ``backend``, ``gate_init_bias``, ``enabled``). Returns the same model.
+    """
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(f"spa_viz.patch takes a timm VisionTransformer, got {type(model).__name__}")
+    if is_spa_model(model):
+        raise ValueError("this model is already patched; change settings with spa_viz.configure(model, ...)")
+    depth = len(model.blocks)
+    if not 0 <= start_layer < depth:
+        raise ValueError(f"start_layer must be in [0, {depth - 1}] for this {depth}-block model, got {start_layer}")
+    for block in model.blocks[start_layer:]:
+        check_attention_module(block.attn)
+    config = SPAConfig(start_layer=start_layer, policy=policy, container_len=container_len, threshold=threshold, **settings)
+    ctx = SPAContext(config=config, num_prefix=model.num_prefix_tokens)
+    reference = next(model.parameters())
+    for layer, block in enumerate(model.blocks):
+        if layer < start_layer:
+            continue
+        gate = TokenGate(block.attn.qkv.in_features, init_bias=config.gate_init_bias)
+        convert_block(block, gate.to(device=reference.device, dtype=reference.dtype), ctx, layer)
+    base = type(model)
+    if base not in _MODEL_CLASSES:
+        _MODEL_CLASSES[base] = type(f"SPA{base.__name__}", (SPAModelMixin, base), {})
+    model.__class__ = _MODEL_CLASSES[base]
+    model.spa_context = ctx
+    return model
+
+
+def configure(model: nn.Module, **changes: Any) -> SPAConfig:
+    """Change SPA settings of a patched model live (e.g. ``threshold=0.3``, ``policy="container"``)."""
+    config = spa_context(model).config
+    if "start_layer" in changes:
+        raise ValueError("start_layer is fixed when the model is patched; patch a fresh model instead")
+    config.update(**changes)
+    return config
+
+
+def _spa_vit(variant: str, pretrained: bool, start_layer: int, spa: dict[str, Any] | None, **kwargs: Any) -> VisionTransformer:
+    import timm
+
+    model = timm.create_model(variant, pretrained=pretrained, **kwargs)
+    return patch(model, start_layer, **(spa or {}))
+
+
+@register_model
+def spa_vit_tiny_patch16_224(pretrained: bool = False, start_layer: int = 3, spa: dict | None = None, **kwargs: Any) -> VisionTransformer:
+    """ViT-Ti/16 with SPA blocks from layer 3 (``pretrained=True`` fetches timm's ViT weights)."""
+    return _spa_vit("vit_tiny_patch16_224", pretrained, start_layer, spa, **kwargs)
+
+
+@register_model
+def spa_vit_small_patch16_224(pretrained: bool = False, start_layer: int = 3, spa: dict | None = None, **kwargs: Any) -> VisionTransformer:
+    """ViT-S/16 with SPA blocks from layer 3."""
+    return _spa_vit("vit_small_patch16_224", pretrained, start_layer, spa, **kwargs)
+
+
+@register_model
+def spa_vit_base_patch16_224(pretrained: bool = False, start_layer: int = 3, spa: dict | None = None, **kwargs: Any) -> VisionTransformer:
+    """ViT-B/16 with SPA blocks from layer 3."""
+    return _spa_vit("vit_base_patch16_224", pretrained, start_layer, spa, **kwargs)
+
+
+@register_model
+def spa_vit_small_patch14_dinov2(pretrained: bool = False, start_layer: int = 4, spa: dict | None = None, **kwargs: Any) -> VisionTransformer:
+    """DINOv2 ViT-S/14 (layer scale, 224 input by default) with SPA blocks from layer 4."""
+    kwargs.setdefault("img_size", 224)
+    return _spa_vit("vit_small_patch14_dinov2", pretrained, start_layer, spa, **kwargs)
+
+
+@register_model
+def spa_vit_digits(pretrained: bool = False, start_layer: int = 2, spa: dict | None = None, **kwargs: Any) -> VisionTransformer:
+    """A small ViT for 128 px cluttered-digit images (patch 8, dim 192, depth 8) that trains on a CPU."""
+    if pretrained:
+        raise ValueError("spa_vit_digits has no hub weights; load a trained checkpoint with spa_viz.load")
+    for timm_only in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        kwargs.pop(timm_only, None)
+    defaults = dict(img_size=128, patch_size=8, embed_dim=192, depth=8, num_heads=3, mlp_ratio=4.0, num_classes=0)
+    model = VisionTransformer(**{**defaults, **kwargs})
+    return patch(model, start_layer, **(spa or {}))
+

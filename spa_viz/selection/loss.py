@@ -1,0 +1,62 @@
+"""The selection loss L_select: BCE between each SPA block's fused score and its token labels.
+
+``L = L_task + alpha * L_select``, with ``L_select`` summed over SPA blocks (alpha = 0.01 in the
+paper). Without it the gate drifts towards keeping almost everything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from spa_viz.layers.block import find_context
+
+__all__ = ["DEFAULT_ALPHA", "selection_loss", "model_selection_loss"]
+
+DEFAULT_ALPHA = 0.01
+
+Grid = tuple[int, int]
+
+
+def _labels_for(labels: Tensor | Mapping[Grid, Tensor], grid: Grid, scores: Tensor) -> Tensor:
+    if isinstance(labels, Mapping):
+        if tuple(grid) not in labels:
+            raise ValueError(f"no selection labels for token grid {grid}; labels cover {sorted(labels)}")
+        target = labels[tuple(grid)]
+    else:
+        target = labels
+    if target.shape != scores.shape:
+        raise ValueError(
+            f"selection labels of shape {tuple(target.shape)} do not match scores {tuple(scores.shape)} "
+            f"on grid {grid}; build them with spa_viz.selection.labels for this grid"
+        )
+    return target.to(device=scores.device, dtype=scores.dtype)
+
+
+def selection_loss(
+    scores: Sequence[tuple[Grid, Tensor]],
+    labels: Tensor | Mapping[Grid, Tensor],
+    alpha: float = DEFAULT_ALPHA,
+) -> Tensor:
+    """``alpha * sum_blocks BCEWithLogits(score_block, labels_at_its_grid)`` (mean over tokens).
+
+    ``labels`` is one (B, N) tensor when every block shares a grid (SPA-ViT), or a mapping from
+    grid ``(gh, gw)`` to (B, gh*gw) labels for hierarchical models.
+    """
+    if not scores:
+        raise ValueError("no SPA scores: run the model forward (with SPA enabled) before the loss")
+    total = torch.zeros((), device=scores[0][1].device)
+    for grid, score in scores:
+        total = total + F.binary_cross_entropy_with_logits(score, _labels_for(labels, grid, score))
+    return alpha * total
+
+
+def model_selection_loss(
+    model: nn.Module, labels: Tensor | Mapping[Grid, Tensor], alpha: float = DEFAULT_ALPHA
+) -> Tensor:
+    """:func:`selection_loss` on the scores the model's SPA blocks produced in its last forward."""
+    ctx = find_context(model)
+    return selection_loss([(grid, score) for _, grid, score in ctx.scores], labels, alpha)
