@@ -5,6 +5,11 @@ runs SPA, and a ``gate`` module is added, so its weights and state-dict keys sta
 Kept tokens go through ``norm1 -> attn -> ls1 -> drop_path`` and (with ``sparse_mlp``)
 ``norm2 -> mlp -> ls2 -> drop_path`` on the packed rows only; unkept tokens pass unchanged.
 
+``block.gate`` is a learned :class:`~spa_viz.layers.gate.TokenGate` or a training-free selector:
+a module called as ``gate(patch_tokens, prefix_tokens)`` that returns (B, N) scores and has a
+``select(scores, config) -> keep`` method; selector scores are neither fused nor used for soft
+gating.
+
 The blocks of one model share an :class:`SPAContext`: the per-forward state that carries the
 previous block's fused score (for max-fusion), the scores the selection loss needs, and, while
 tracing, a record of every decision.
@@ -117,17 +122,22 @@ def spa_block_forward(block: nn.Module, x: Tensor, ctx: SPAContext, layer: int) 
             f"SPA block {layer} got {seq_len - prefix} patch tokens but the grid is {ctx.grid}; "
             "run the model through its own forward so the grid is set"
         )
-    scores = fuse_scores(block.gate(x[:, prefix:]), ctx.previous_scores, ctx.grid, ctx.previous_grid)
-    ctx.previous_scores, ctx.previous_grid = scores, ctx.grid
-    ctx.scores.append((layer, ctx.grid, scores))
-
-    keep_patch, straight_through = select_tokens(
-        scores, threshold=cfg.threshold, tau=cfg.tau, min_keep=cfg.min_keep, training=block.training
-    )
+    gate = block.gate
+    custom_select = getattr(gate, "select", None)
+    if custom_select is None:
+        scores = fuse_scores(gate(x[:, prefix:]), ctx.previous_scores, ctx.grid, ctx.previous_grid)
+        ctx.previous_scores, ctx.previous_grid = scores, ctx.grid
+        ctx.scores.append((layer, ctx.grid, scores))
+        keep_patch, straight_through = select_tokens(
+            scores, threshold=cfg.threshold, tau=cfg.tau, min_keep=cfg.min_keep, training=block.training
+        )
+    else:
+        scores = gate(x[:, prefix:], x[:, :prefix])
+        keep_patch = custom_select(scores, cfg)
     keep = torch.cat([keep_patch.new_ones(batch, prefix), keep_patch], dim=1)
     plan = plan_packing(keep, cfg.policy, cfg.container_len)
     packed = pack(x, plan)
-    if cfg.soft_gating or block.training:
+    if custom_select is None and (cfg.soft_gating or block.training):
         factor = straight_through * torch.sigmoid(scores) if cfg.soft_gating else straight_through
         factor = torch.cat([factor.new_ones(batch, prefix), factor], dim=1).reshape(-1)
         packed = packed * factor[plan.slot_source.clamp(min=0)].unsqueeze(-1)

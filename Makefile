@@ -1,0 +1,35 @@
+# Two commands for a newcomer: `make app` (install, then serve the app) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: setup app test test-slow bench bench-quick clean-venv
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+app: $(STAMP)
+	$(PY) -m app $(APP_ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 --timeout 900 $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -n 2 --timeout 3600 -m slow $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) -m spa_viz.bench
+
+bench-quick: $(STAMP)
+	$(PY) -m spa_viz.bench --quick
+
+clean-venv:
+	rm -rf $(VENV)

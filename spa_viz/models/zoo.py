@@ -1,0 +1,104 @@
+"""Named models: the checkpoints shipped in ``checkpoints/``, user checkpoint folders, timm ViTs.
+
+``spa_viz.load(source)`` accepts a checkpoint name (a folder of ``checkpoints/``), a checkpoint
+folder path, or a timm ViT name (optionally with a local weights file); the last gives an SPA
+model with fresh, untrained gates (use it with a training-free selector or train the gates).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from spa_viz.checkpoint import (
+    CheckpointError,
+    check_state_dict,
+    load_checkpoint,
+    load_torch_weights,
+    read_config,
+    register_architecture,
+)
+from spa_viz.models.spa_vit import patch
+
+__all__ = ["CHECKPOINTS_ENV_VAR", "checkpoints_dir", "available", "load", "describe", "build_timm_spa_vit"]
+
+CHECKPOINTS_ENV_VAR = "SPA_VIZ_CHECKPOINTS"
+_log = logging.getLogger(__name__)
+
+
+def checkpoints_dir() -> Path:
+    """Where named checkpoints live: ``$SPA_VIZ_CHECKPOINTS`` or the repository's ``checkpoints/``."""
+    override = os.environ.get(CHECKPOINTS_ENV_VAR)
+    return Path(override) if override else Path(__file__).resolve().parents[2] / "checkpoints"
+
+
+def available() -> list[str]:
+    """Names of the checkpoint folders in :func:`checkpoints_dir` that have a config.json."""
+    root = checkpoints_dir()
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / "config.json").is_file())
+
+
+@register_architecture("timm_spa_vit")
+def build_timm_spa_vit(config: dict[str, Any]) -> nn.Module:
+    """A timm ViT (``timm_name`` + ``timm_kwargs``, no hub weights) patched with ``spa`` settings."""
+    model = timm.create_model(config["timm_name"], pretrained=False, **config.get("timm_kwargs", {}))
+    spa = dict(config["spa"])
+    return patch(model, spa.pop("start_layer"), **spa)
+
+
+def _default_start_layer(model: nn.Module) -> int:
+    return max(len(model.blocks) // 4, 1)
+
+
+def _from_timm(name: str, weights: str | Path | None, start_layer: int | None, spa: dict[str, Any]) -> nn.Module:
+    try:
+        model = timm.create_model(name, pretrained=False)
+    except RuntimeError as err:
+        raise CheckpointError(f"{name!r} is neither a checkpoint nor a timm model name ({err})") from err
+    if weights is not None:
+        state = load_torch_weights(weights)
+        check_state_dict(model.state_dict(), state, source=str(weights))
+        model.load_state_dict(state)
+    else:
+        _log.warning("%s built with random weights (no weights file given; nothing is downloaded)", name)
+    if not hasattr(model, "blocks"):
+        raise CheckpointError(f"{name} is not a ViT with blocks; SPA converts timm VisionTransformer models")
+    return patch(model, _default_start_layer(model) if start_layer is None else start_layer, **spa)
+
+
+def load(
+    source: str | Path,
+    *,
+    weights: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    start_layer: int | None = None,
+    **spa: Any,
+) -> nn.Module:
+    """Load an SPA model by checkpoint name, checkpoint folder, or timm model name (+ ``weights``)."""
+    path = Path(source)
+    named = checkpoints_dir() / str(source)
+    if weights is None and path.is_dir():
+        return load_checkpoint(path, device)
+    if weights is None and "/" not in str(source) and (named / "config.json").is_file():
+        return load_checkpoint(named, device)
+    if weights is None and path.suffix in (".safetensors", ".pt", ".pth", ".bin"):
+        raise CheckpointError(f"{source} is a weights file: pass the timm model name too, load(NAME, weights={str(source)!r})")
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{source} is a file, not a checkpoint folder (model.safetensors + config.json)")
+    model = _from_timm(str(source), weights, start_layer, spa)
+    model.spa_viz_config = {"architecture": "timm_spa_vit", "timm_name": str(source), "trained_gates": False}
+    return model.to(device).eval()
+
+
+def describe(source: str | Path) -> dict[str, Any]:
+    """The config.json of a named or given checkpoint, without building the model."""
+    path = Path(source)
+    return read_config(path if path.is_dir() else checkpoints_dir() / str(source))
