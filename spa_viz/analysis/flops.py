@@ -30,10 +30,15 @@ __all__ = [
 _DENSE_ROW_BACKENDS = ("sdpa", "flex")
 
 
-def dense_block_flops(costs: BlockCosts, tokens: int, batch: int = 1) -> int:
-    """A standard transformer block on ``tokens`` tokens per image, ``batch`` images."""
+def dense_block_flops(costs: BlockCosts, tokens: int, batch: int = 1, window: int | None = None) -> int:
+    """A standard transformer block on ``tokens`` tokens per image, ``batch`` images.
+
+    ``window``: tokens per attention window (Swin: each token attends ``window`` tokens);
+    None means global attention.
+    """
     linear = costs.qkv_macs + costs.proj_macs + costs.mlp_macs
-    return 2 * batch * (tokens * linear + 2 * tokens * tokens * costs.attn_dim)
+    pairs = tokens * (tokens if window is None else window)
+    return 2 * batch * (tokens * linear + 2 * pairs * costs.attn_dim)
 
 
 def _score_pairs(decision: BlockDecision) -> Tensor:
@@ -85,7 +90,7 @@ class LayerFlops:
 def layer_flops(decision: BlockDecision) -> LayerFlops:
     """Dense and run FLOPs of one traced SPA block."""
     costs, plan = decision.costs, decision.plan
-    dense_one = dense_block_flops(costs, plan.seq_len)
+    dense_one = dense_block_flops(costs, plan.seq_len, window=decision.dense_window)
     run = spa_block_flops(decision)
     patches = plan.seq_len - decision.num_prefix
     per_token = costs.qkv_macs + costs.proj_macs + (costs.mlp_macs if decision.sparse_mlp else 0)

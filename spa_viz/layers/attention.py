@@ -10,6 +10,9 @@ the attention kernel changes, through one of these backends:
 * ``varlen``: ``torch.nn.attention.varlen.varlen_attn`` over the same-image runs, no padding
   computed at all. CUDA only, half precision (fp32 inputs are cast to bf16 and back).
 * ``reference``: a plain loop over (row, image) runs; slow, exact, used by the tests.
+
+An optional additive ``attn_bias`` (e.g. Swin's relative position bias and shifted-window mask, as
+SPT uses) is added to the scores on top of the same-image mask; ``sdpa`` and ``reference`` take it.
 """
 
 from __future__ import annotations
@@ -67,8 +70,11 @@ def check_attention_module(attn: nn.Module) -> None:
         )
 
 
-def _sdpa(q: Tensor, k: Tensor, v: Tensor, plan: PackPlan, scale: float, dropout: float) -> Tensor:
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=plan.attention_mask, dropout_p=dropout, scale=scale)
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, plan: PackPlan, scale: float, dropout: float, bias: Tensor | None) -> Tensor:
+    mask = plan.attention_mask
+    if bias is not None:
+        mask = torch.where(mask, bias.to(q.dtype), float("-inf"))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
 
 
 def _flex(q: Tensor, k: Tensor, v: Tensor, plan: PackPlan, scale: float) -> Tensor:
@@ -113,12 +119,17 @@ def _varlen(q: Tensor, k: Tensor, v: Tensor, plan: PackPlan, scale: float) -> Te
     return full.view(rows, length, heads, head_dim).transpose(1, 2).to(dtype)
 
 
-def _reference(q: Tensor, k: Tensor, v: Tensor, plan: PackPlan, scale: float) -> Tensor:
+def _reference(q: Tensor, k: Tensor, v: Tensor, plan: PackPlan, scale: float, bias: Tensor | None) -> Tensor:
     rows, heads, length, head_dim = q.shape
+    if bias is not None:
+        bias = torch.broadcast_to(bias.to(q.dtype), (rows, heads, length, length))
     pieces, slots = [], []
     for row, start, size, _ in plan.segments.tolist():
         sl = slice(start, start + size)
-        weights = (q[row, :, sl] @ k[row, :, sl].transpose(-2, -1) * scale).softmax(-1)
+        logits = q[row, :, sl] @ k[row, :, sl].transpose(-2, -1) * scale
+        if bias is not None:
+            logits = logits + bias[row, :, sl, sl]
+        weights = logits.softmax(-1)
         pieces.append((weights @ v[row, :, sl]).transpose(0, 1))
         slots.append(torch.arange(row * length + start, row * length + start + size, device=q.device))
     out = q.new_zeros(rows * length, heads, head_dim)
@@ -126,9 +137,14 @@ def _reference(q: Tensor, k: Tensor, v: Tensor, plan: PackPlan, scale: float) ->
     return out.view(rows, length, heads, head_dim).transpose(1, 2)
 
 
-def packed_attention(attn: nn.Module, x: Tensor, plan: PackPlan, backend: str = "auto") -> tuple[Tensor, str]:
+def packed_attention(
+    attn: nn.Module, x: Tensor, plan: PackPlan, backend: str = "auto", *, attn_bias: Tensor | None = None
+) -> tuple[Tensor, str]:
     """Run ``attn``'s projections on packed rows ``x`` (B', L, C) with same-image attention.
 
+    ``attn_bias``: optional additive float bias broadcastable to (B', heads, L, L), added to the
+    scaled scores in addition to the same-image mask (``sdpa`` and ``reference`` only; ``auto``
+    then picks ``sdpa``).
     Returns the output (B', L, C_out) and the name of the backend that ran.
     """
     rows, length, _ = x.shape
@@ -140,15 +156,19 @@ def packed_attention(attn: nn.Module, x: Tensor, plan: PackPlan, backend: str = 
     q, k = attn.q_norm(q), attn.k_norm(k)
     scale = getattr(attn, "scale", head_dim**-0.5)
     dropout = attn.attn_drop.p if attn.training and hasattr(attn, "attn_drop") else 0.0
+    if attn_bias is not None and backend == "auto":
+        backend = "sdpa"
     chosen = resolve_backend(backend, x.device, q.dtype, torch.is_grad_enabled() and x.requires_grad)
+    if attn_bias is not None and chosen in ("flex", "varlen"):
+        raise ValueError(f"the {chosen} backend takes no attn_bias; use backend='sdpa' or 'reference'")
     if chosen == "sdpa":
-        out = _sdpa(q, k, v, plan, scale, dropout)
+        out = _sdpa(q, k, v, plan, scale, dropout, attn_bias)
     elif chosen == "flex":
         out = _flex(q, k, v, plan, scale)
     elif chosen == "varlen":
         out = _varlen(q, k, v, plan, scale)
     else:
-        out = _reference(q, k, v, plan, scale)
+        out = _reference(q, k, v, plan, scale, attn_bias)
     out = out.transpose(1, 2).reshape(rows, length, heads * head_dim)
     out = attn.norm(out) if hasattr(attn, "norm") else out
     if gate is not None:

@@ -34,6 +34,7 @@ __all__ = [
     "SPABlockMixin",
     "convert_block",
     "find_context",
+    "packed_drop_path",
     "spa_block_forward",
 ]
 
@@ -78,6 +79,8 @@ class BlockDecision:
     backend: str
     sparse_mlp: bool
     costs: BlockCosts
+    dense_window: int | None = None
+    """Tokens each token attends in the dense twin (Swin windows); None means global attention."""
 
 
 @dataclass
@@ -100,7 +103,7 @@ class SPAContext:
         self.scores = []
 
 
-def _packed_drop_path(y: Tensor, plan: PackPlan, module: nn.Module, training: bool) -> Tensor:
+def packed_drop_path(y: Tensor, plan: PackPlan, module: nn.Module, training: bool) -> Tensor:
     """timm's per-sample drop path, applied per source image rather than per packed row."""
     prob = float(getattr(module, "drop_prob", 0.0))
     if not training or prob == 0.0:
@@ -143,10 +146,10 @@ def spa_block_forward(block: nn.Module, x: Tensor, ctx: SPAContext, layer: int) 
         packed = packed * factor[plan.slot_source.clamp(min=0)].unsqueeze(-1)
 
     attn_out, backend = packed_attention(block.attn, block.norm1(packed), plan, cfg.backend)
-    packed = packed + _packed_drop_path(block.ls1(attn_out), plan, block.drop_path1, block.training)
+    packed = packed + packed_drop_path(block.ls1(attn_out), plan, block.drop_path1, block.training)
     if cfg.sparse_mlp:
         mlp_out = block.ls2(block.mlp(block.norm2(packed)))
-        out = unpack(packed + _packed_drop_path(mlp_out, plan, block.drop_path2, block.training), plan, x)
+        out = unpack(packed + packed_drop_path(mlp_out, plan, block.drop_path2, block.training), plan, x)
     else:
         out = unpack(packed, plan, x)
         out = out + block.drop_path2(block.ls2(block.mlp(block.norm2(out))))

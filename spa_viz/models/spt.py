@@ -1,0 +1,713 @@
+"""SPT: a Swin Transformer whose later stages are SPA blocks (the paper's backbone, arXiv 2410.23608).
+
+Layout: patch embedding at stride 4, four stages joined by patch merging. Stages before
+``spa_start_stage`` (default 3) are timm's own ``SwinTransformerStage``; the later stages hold
+:class:`SPTBlock` s, which keep Swin's weights and state-dict keys (``norm1``, ``attn`` with its
+``relative_position_bias_table``, ``norm2``, ``mlp``) and add a ``gate``.
+
+An SPT block runs gate -> max-fusion -> select -> pack -> attend -> unpack like the core SPA block,
+with three Swin-specific choices that make "keep every token" reproduce Swin exactly:
+
+* Tokens are packed in Swin's window-partition order (after the cyclic shift of M//2 on odd blocks),
+  so with every token kept each container of L = M^2 slots is exactly one Swin window. The pack plan
+  stores raster token indices (``slot_token`` = row * W + col), so traces read in raster order.
+* Attention adds Swin's relative position bias, looked up from the true 2D offset of two packed
+  tokens. **[ours]** Same-image tokens that share a container but lie farther apart than a window
+  allows use the offset clamped to +-(M-1).
+* Shifted blocks add Swin's shifted-window region mask (-100 between tokens of different regions of
+  the rolled map), so wrapped-around tokens never attend to each other.
+
+Further **[ours]** choices: windows shrink to the grid when a stage's grid is smaller than M (as
+timm's Swin does at its construction size, here decided per forward from the actual grid) and the
+container shrinks with them; window padding is never packed, so SPA attends to real tokens only (on
+sizes that need window padding the dense twin, like Swin, also attends to the zero padding).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.layers import ClassifierHead, DropPath, Mlp, PatchEmbed, calculate_drop_path_rates, trunc_normal_
+from timm.models import register_model
+from timm.models._features import feature_take_indices
+from timm.models.swin_transformer import (
+    PatchMerging,
+    SwinTransformer,
+    SwinTransformerStage,
+    WindowAttention,
+    window_partition,
+    window_reverse,
+)
+from torch import Tensor, nn
+
+from spa_viz.analysis.flops import dense_block_flops
+from spa_viz.layers.attention import packed_attention
+from spa_viz.layers.block import BlockCosts, BlockDecision, SPAContext, packed_drop_path
+from spa_viz.layers.config import SPAConfig
+from spa_viz.layers.gate import TokenGate, fuse_scores, select_tokens
+from spa_viz.layers.packing import PackPlan, pack, plan_packing, unpack
+
+__all__ = [
+    "SPTConfig",
+    "SPT",
+    "SPTStage",
+    "SPTBlock",
+    "load_swin_weights",
+    "spt_from_swin",
+]
+
+_REGION_MASK = -100.0  # Swin's additive mask between shifted-window regions
+_TIMM_ENTRY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+
+Grid = tuple[int, int]
+
+
+@dataclass
+class SPTConfig:
+    """Architecture of an SPT (JSON-serialisable via :meth:`to_dict` / :meth:`from_dict`).
+
+    ``spa_start_stage`` (1-based) is the first stage made of SPA blocks; ``plus4`` adds the paper's
+    4 extra blocks to stage 3; ``spa`` holds :class:`SPAConfig` settings (policy ``container`` with
+    L = M^2 unless overridden).
+    """
+
+    img_size: int = 224
+    patch_size: int = 4
+    in_chans: int = 3
+    num_classes: int = 1000
+    global_pool: str = "avg"
+    embed_dim: int = 96
+    depths: tuple[int, ...] = (2, 2, 6, 2)
+    num_heads: tuple[int, ...] = (3, 6, 12, 24)
+    window_size: int = 7
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    drop_rate: float = 0.0
+    drop_path_rate: float = 0.1
+    spa_start_stage: int = 3
+    plus4: bool = False
+    spa: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.depths = tuple(int(d) for d in self.depths)
+        self.num_heads = tuple(int(h) for h in self.num_heads)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError with a fix for any inconsistent setting."""
+        stages = len(self.depths)
+        if stages < 1 or len(self.num_heads) != stages:
+            raise ValueError(f"depths {self.depths} and num_heads {self.num_heads} need one entry per stage")
+        if any(d < 1 for d in self.depths):
+            raise ValueError(f"every stage needs at least one block, got depths {self.depths}")
+        if not 1 <= self.spa_start_stage <= stages:
+            raise ValueError(f"spa_start_stage must be in [1, {stages}], got {self.spa_start_stage}")
+        if self.plus4 and stages < 3:
+            raise ValueError("plus4 adds blocks to stage 3; this config has fewer than 3 stages")
+        if self.window_size < 1 or self.patch_size < 1 or self.img_size < 1:
+            raise ValueError("img_size, patch_size and window_size must be >= 1")
+        for stage, (dim, heads) in enumerate(zip(self.dims, self.num_heads)):
+            if dim % heads:
+                raise ValueError(f"stage {stage + 1}: width {dim} is not divisible by {heads} heads")
+        unknown = sorted(set(self.spa) - {f.name for f in fields(SPAConfig)})
+        if unknown:
+            raise ValueError(f"unknown SPA settings {unknown} in SPTConfig.spa")
+
+    @property
+    def dims(self) -> tuple[int, ...]:
+        """Channel width of each stage (doubling after every patch merging)."""
+        return tuple(self.embed_dim * 2**i for i in range(len(self.depths)))
+
+    @property
+    def stage_depths(self) -> tuple[int, ...]:
+        """Blocks per stage, with the ``plus4`` extra stage-3 blocks."""
+        if not self.plus4:
+            return self.depths
+        return tuple(d + 4 if i == 2 else d for i, d in enumerate(self.depths))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["depths"], data["num_heads"] = list(self.depths), list(self.num_heads)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SPTConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown SPT settings {unknown}; known: {sorted(names)}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class _WindowLayout:
+    """Swin's window partition of one (H, W) grid for one window and shift.
+
+    ``order``: raster token index at every window-order position of the rolled, padded map (-1 for
+    window padding). ``region``: Swin's shift region of every window-order position;
+    ``token_region``: the same per raster token.
+    """
+
+    order: Tensor
+    region: Tensor
+    token_region: Tensor
+    shifted: bool
+
+
+def _bands(length: int, window: int, shift: int) -> Tensor:
+    """Swin's region band (0, 1, 2) of every row of a rolled, padded axis."""
+    band = torch.zeros(length, dtype=torch.long)
+    if shift:
+        band[length - window : length - shift] = 1
+        band[length - shift :] = 2
+    return band
+
+
+@functools.lru_cache(maxsize=128)
+def _window_layout_cpu(grid: Grid, window: Grid, shift: Grid) -> _WindowLayout:
+    height, width = grid
+    (wh, ww), (sh, sw) = window, shift
+    with torch.inference_mode(False):  # cached tensors must stay usable in autograd
+        index = torch.roll(torch.arange(height * width).view(height, width), (-sh, -sw), (0, 1))
+        pad_h, pad_w = (-height) % wh, (-width) % ww
+        index = F.pad(index, (0, pad_w, 0, pad_h), value=-1)
+        hp, wp = height + pad_h, width + pad_w
+        region = _bands(hp, wh, sh)[:, None] * 3 + _bands(wp, ww, sw)[None, :]
+
+        def partition(t: Tensor) -> Tensor:
+            return t.view(hp // wh, wh, wp // ww, ww).permute(0, 2, 1, 3).reshape(-1)
+
+        order, region = partition(index), partition(region)
+        real = order >= 0
+        token_region = torch.empty(height * width, dtype=torch.long).index_copy_(0, order[real], region[real])
+    return _WindowLayout(order, region, token_region, bool(sh or sw))
+
+
+def _window_layout(grid: Grid, window: Grid, shift: Grid, device: torch.device) -> _WindowLayout:
+    """The (cached) window layout on ``device``."""
+    layout = _window_layout_cpu(tuple(grid), tuple(window), tuple(shift))
+    if device.type == "cpu":
+        return layout
+    return _WindowLayout(layout.order.to(device), layout.region.to(device), layout.token_region.to(device), layout.shifted)
+
+
+def _relative_bias(table: Tensor, rows: Tensor, cols: Tensor, window: int) -> Tensor:
+    """Swin's relative position bias between all pairs of (..., L) positions -> (..., heads, L, L).
+
+    Offsets beyond a window (possible inside an SPA container) are clamped to +-(window - 1).
+    """
+    limit = window - 1
+    dy = (rows[..., :, None] - rows[..., None, :]).clamp(-limit, limit)
+    dx = (cols[..., :, None] - cols[..., None, :]).clamp(-limit, limit)
+    index = (dy + limit) * (2 * window - 1) + dx + limit
+    return table[index].movedim(-1, -3)
+
+
+def _raster_plan(keep: Tensor, layout: _WindowLayout, policy: str, row_len: int | None) -> PackPlan:
+    """Pack plan in window order whose slots point at raster tokens (image * N + row * W + col)."""
+    batch, tokens = keep.shape
+    order = layout.order
+    window_plan = plan_packing(keep[:, order.clamp(min=0)] & (order >= 0), policy, row_len)
+    source = window_plan.slot_source
+    positions = order.numel()
+    raster = (source // positions) * tokens + order[source.clamp(min=0) % positions]
+    slot_source = torch.where(source >= 0, raster, -1)
+    return PackPlan(window_plan.policy, batch, tokens, window_plan.row_len, slot_source, window_plan.kept_counts)
+
+
+class SPTWindowAttention(WindowAttention):
+    """timm's Swin ``WindowAttention`` with the identity q/k norms :func:`packed_attention` expects."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.q_norm = nn.Identity()
+        self.k_norm = nn.Identity()
+
+
+class SPTBlock(nn.Module):
+    """A Swin block that runs as an SPA block (or, with SPA disabled, as dense Swin window attention).
+
+    Takes and returns (B, H, W, C) maps like timm's ``SwinTransformerBlock``; ``shifted`` blocks use
+    the cyclic shift of M//2 where the grid is larger than the window.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window_size: int,
+        shifted: bool,
+        context: SPAContext,
+        layer: int,
+        *,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path: float = 0.0,
+        gate_init_bias: float = 3.0,
+    ) -> None:
+        super().__init__()
+        self.window_size = window_size
+        self.shifted = shifted
+        self.spa_context = context
+        self.spa_layer = layer
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = SPTWindowAttention(dim, num_heads=num_heads, window_size=window_size, qkv_bias=qkv_bias)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.gate = TokenGate(dim, init_bias=gate_init_bias)
+
+    def window_and_shift(self, grid: Grid) -> tuple[Grid, Grid]:
+        """Swin's rule: the window shrinks to a smaller grid, and such an axis is not shifted."""
+        size, half = self.window_size, self.window_size // 2
+        window = (min(grid[0], size), min(grid[1], size))
+        if not self.shifted:
+            return window, (0, 0)
+        return window, (half if grid[0] > size else 0, half if grid[1] > size else 0)
+
+    def window_area(self, grid: Grid) -> int:
+        """Tokens per attention window on ``grid``."""
+        (wh, ww), _ = self.window_and_shift(grid)
+        return wh * ww
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, height, width, dim = x.shape
+        window, shift = self.window_and_shift((height, width))
+        if not self.spa_context.config.enabled:
+            return self._dense(x, window, shift)
+        out = self._spa(x.reshape(batch, height * width, dim), (height, width), window, shift)
+        return out.view(batch, height, width, dim)
+
+    def _container_len(self, window: Grid) -> int | None:
+        config = self.spa_context.config
+        if config.policy != "container" or config.container_len is None:
+            return config.container_len
+        return max(1, config.container_len * window[0] * window[1] // self.window_size**2)
+
+    def _spa(self, x: Tensor, grid: Grid, window: Grid, shift: Grid) -> Tensor:
+        """SPA on raster tokens (B, N, C): gate, fuse, select, pack in window order, attend, unpack."""
+        ctx = self.spa_context
+        cfg = ctx.config
+        ctx.grid = grid
+        scores = fuse_scores(self.gate(x), ctx.previous_scores, grid, ctx.previous_grid)
+        ctx.previous_scores, ctx.previous_grid = scores, grid
+        ctx.scores.append((self.spa_layer, grid, scores))
+        keep, straight_through = select_tokens(
+            scores, threshold=cfg.threshold, tau=cfg.tau, min_keep=cfg.min_keep, training=self.training
+        )
+        layout = _window_layout(grid, window, shift, x.device)
+        plan = _raster_plan(keep, layout, cfg.policy, self._container_len(window))
+        packed = pack(x, plan)
+        if cfg.soft_gating or self.training:
+            factor = straight_through * torch.sigmoid(scores) if cfg.soft_gating else straight_through
+            packed = packed * factor.reshape(-1)[plan.slot_source.clamp(min=0)].unsqueeze(-1)
+
+        token = plan.slot_token.clamp(min=0)
+        bias = _relative_bias(self.attn.relative_position_bias_table, token // grid[1], token % grid[1], self.window_size)
+        if layout.shifted:
+            region = layout.token_region[token]
+            bias = bias.masked_fill((region[:, :, None] != region[:, None, :]).unsqueeze(1), _REGION_MASK)
+        attn_out, backend = packed_attention(self.attn, self.norm1(packed), plan, cfg.backend, attn_bias=bias)
+        packed = packed + packed_drop_path(attn_out, plan, self.drop_path1, self.training)
+        if cfg.sparse_mlp:
+            mlp_out = self.mlp(self.norm2(packed))
+            out = unpack(packed + packed_drop_path(mlp_out, plan, self.drop_path2, self.training), plan, x)
+        else:
+            out = unpack(packed, plan, x)
+            out = out + self.drop_path2(self.mlp(self.norm2(out)))
+
+        if ctx.records is not None:
+            ctx.records.append(
+                BlockDecision(
+                    layer=self.spa_layer,
+                    grid=grid,
+                    num_prefix=0,
+                    scores=scores.detach().float().cpu(),
+                    keep=keep.cpu(),
+                    plan=plan.to("cpu"),
+                    backend=backend,
+                    sparse_mlp=cfg.sparse_mlp,
+                    costs=BlockCosts.of(self),
+                    dense_window=window[0] * window[1],
+                )
+            )
+        return out
+
+    def _dense(self, x: Tensor, window: Grid, shift: Grid) -> Tensor:
+        """The dense twin: Swin (shifted) window attention, window padding attended as in timm's Swin."""
+        batch, height, width, dim = x.shape
+        (wh, ww), shifted = window, any(shift)
+        y = self.norm1(x)
+        if shifted:
+            y = torch.roll(y, (-shift[0], -shift[1]), (1, 2))
+        pad_h, pad_w = (-height) % wh, (-width) % ww
+        y = F.pad(y, (0, 0, 0, pad_w, 0, pad_h))
+        windows = window_partition(y, window).view(batch, -1, wh * ww, dim)
+
+        area = torch.arange(wh * ww, device=x.device)
+        bias = _relative_bias(self.attn.relative_position_bias_table, area // ww, area % ww, self.window_size)[None]
+        if shifted:
+            region = _window_layout((height, width), window, shift, x.device).region.view(-1, wh * ww)
+            bias = bias.masked_fill((region[:, :, None] != region[:, None, :]).unsqueeze(1), _REGION_MASK)
+        attn = self.attn
+        qkv = attn.qkv(windows).reshape(*windows.shape[:3], 3, attn.num_heads, -1).permute(3, 0, 1, 4, 2, 5)
+        q, k, v = qkv.unbind(0)
+        dropout = attn.attn_drop.p if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=attn.scale)
+        y = attn.proj_drop(attn.proj(y.transpose(2, 3).reshape(-1, wh, ww, q.shape[2] * q.shape[4])))
+        y = window_reverse(y, window, height + pad_h, width + pad_w)[:, :height, :width]
+        if shifted:
+            y = torch.roll(y, shift, (1, 2))
+        x = x + self.drop_path1(y)
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+class SPTStage(nn.Module):
+    """An SPA stage: optional patch merging, then SPT blocks with the shift on every second block."""
+
+    def __init__(
+        self,
+        dim: int,
+        out_dim: int,
+        depth: int,
+        downsample: bool,
+        num_heads: int,
+        window_size: int,
+        context: SPAContext,
+        first_layer: int,
+        *,
+        mlp_ratio: float,
+        qkv_bias: bool,
+        drop_path: list[float],
+        gate_init_bias: float,
+    ) -> None:
+        super().__init__()
+        self.downsample = PatchMerging(dim=dim, out_dim=out_dim) if downsample else nn.Identity()
+        self.blocks = nn.Sequential(
+            *[
+                SPTBlock(
+                    out_dim,
+                    num_heads,
+                    window_size,
+                    shifted=i % 2 == 1,
+                    context=context,
+                    layer=first_layer + i,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    drop_path=drop_path[i],
+                    gate_init_bias=gate_init_bias,
+                )
+                for i in range(depth)
+            ]
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.blocks(self.downsample(x))
+
+
+class SPT(nn.Module):
+    """Select and Pack Transformer: Swin stages 1..s-1, SPA stages s..4 (s = ``spa_start_stage``).
+
+    Maps are NHWC inside (like timm's Swin); :meth:`forward_pyramid` returns NCHW maps at strides
+    4, 8, 16, 32 with every token present.
+    """
+
+    def __init__(self, config: SPTConfig | None = None, **settings: Any) -> None:
+        super().__init__()
+        cfg = SPTConfig.from_dict({**(config.to_dict() if config else {}), **settings})
+        self.config = cfg
+        depths, dims = cfg.stage_depths, cfg.dims
+        start = cfg.spa_start_stage - 1
+        spa = {"policy": "container", "container_len": cfg.window_size**2, **cfg.spa}
+        spa["start_layer"] = sum(depths[:start])
+        self.spa_context = SPAContext(config=SPAConfig.from_dict(spa), num_prefix=0)
+
+        self.num_classes = cfg.num_classes
+        self.num_features = self.head_hidden_size = dims[-1]
+        self.patch_embed = PatchEmbed(
+            img_size=cfg.img_size,
+            patch_size=cfg.patch_size,
+            in_chans=cfg.in_chans,
+            embed_dim=cfg.embed_dim,
+            norm_layer=nn.LayerNorm,
+            strict_img_size=False,
+            output_fmt="NHWC",
+        )
+        grid = self.patch_embed.grid_size
+        drop_path = calculate_drop_path_rates(cfg.drop_path_rate, list(depths), stagewise=True)
+        stages: list[nn.Module] = []
+        self.feature_info: list[dict[str, Any]] = []
+        for i, depth in enumerate(depths):
+            scale = 2 ** max(i - 1, 0)
+            in_dim, out_dim = dims[max(i - 1, 0)], dims[i]
+            if i < start:
+                stage = SwinTransformerStage(
+                    dim=in_dim,
+                    out_dim=out_dim,
+                    input_resolution=(-(-grid[0] // scale), -(-grid[1] // scale)),
+                    depth=depth,
+                    downsample=i > 0,
+                    num_heads=cfg.num_heads[i],
+                    window_size=cfg.window_size,
+                    dynamic_mask=True,
+                    mlp_ratio=cfg.mlp_ratio,
+                    qkv_bias=cfg.qkv_bias,
+                    drop_path=drop_path[i],
+                )
+            else:
+                stage = SPTStage(
+                    in_dim,
+                    out_dim,
+                    depth,
+                    i > 0,
+                    cfg.num_heads[i],
+                    cfg.window_size,
+                    self.spa_context,
+                    sum(depths[:i]),
+                    mlp_ratio=cfg.mlp_ratio,
+                    qkv_bias=cfg.qkv_bias,
+                    drop_path=drop_path[i],
+                    gate_init_bias=self.spa_context.config.gate_init_bias,
+                )
+            stages.append(stage)
+            self.feature_info.append(dict(num_chs=out_dim, reduction=cfg.patch_size * 2**i, module=f"layers.{i}"))
+        self.layers = nn.Sequential(*stages)
+        self.norm = nn.LayerNorm(self.num_features)
+        self.head = ClassifierHead(
+            self.num_features, cfg.num_classes, pool_type=cfg.global_pool, drop_rate=cfg.drop_rate, input_fmt="NHWC"
+        )
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """Swin's init (truncated normal Linear weights, zero biases); gates start at their init bias."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        for block in self.spa_blocks():
+            nn.init.constant_(block.gate.proj.bias, self.spa_context.config.gate_init_bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Parameters timm's optimizer factory exempts from weight decay (Swin's bias tables)."""
+        return {name for name, _ in self.named_parameters() if "relative_position_bias_table" in name}
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the classifier head (e.g. ``num_classes=0`` for a headless backbone)."""
+        self.num_classes = num_classes
+        self.head.reset(num_classes, pool_type=global_pool)
+
+    def spa_blocks(self) -> list[SPTBlock]:
+        """The SPA blocks in forward order."""
+        return [m for m in self.modules() if isinstance(m, SPTBlock)]
+
+    def _embed(self, x: Tensor) -> Tensor:
+        """Validate the input, embed patches (NHWC) and reset the per-forward SPA state."""
+        patch = self.config.patch_size
+        if x.dim() != 4 or x.shape[1] != self.config.in_chans:
+            raise ValueError(
+                f"expected images (B, {self.config.in_chans}, H, W), got a tensor of shape {tuple(x.shape)}"
+            )
+        height, width = x.shape[-2:]
+        if height % patch or width % patch or height == 0 or width == 0:
+            raise ValueError(
+                f"SPT takes images whose sides are positive multiples of the patch size {patch}, got "
+                f"{height}x{width}; resize or pad the image (e.g. to {-(-height // patch) * patch}x{-(-width // patch) * patch})"
+            )
+        x = self.patch_embed(x)
+        self.spa_context.begin(tuple(x.shape[1:3]))
+        return x
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Final (B, H/32, W/32, C) map after the last norm (NHWC, as timm's Swin)."""
+        return self.norm(self.layers(self._embed(x)))
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """timm's ``forward_intermediates``: NCHW stage outputs (all tokens, unpacked) and the final map."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"SPT returns intermediates as NCHW, got output_fmt={output_fmt!r}")
+        take, last = feature_take_indices(len(self.layers), indices)
+        x = self._embed(x)
+        stages = self.layers[: last + 1] if stop_early or intermediates_only else self.layers
+        intermediates = []
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take:
+                y = self.norm(x) if norm and i == len(self.layers) - 1 else x
+                intermediates.append(y.permute(0, 3, 1, 2).contiguous())
+        if intermediates_only:
+            return intermediates
+        return self.norm(x) if len(stages) == len(self.layers) else x, intermediates
+
+    def forward_pyramid(self, x: Tensor) -> list[Tensor]:
+        """One NCHW map per stage (strides 4, 8, 16, 32) for dense heads."""
+        return self.forward_intermediates(x, intermediates_only=True)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def spa_static_flops(self, image_size: tuple[int, int]) -> int:
+        """FLOPs per image of everything but the running SPA blocks: embedding, Swin stages, merging.
+
+        Dense blocks count window attention on the real tokens (``4NC^2 + 2AN C`` multiply-adds for
+        windows of A tokens, plus the MLP); with SPA disabled the SPA blocks count the same way.
+        """
+        patch = self.config.patch_size
+        height, width = image_size[0] // patch, image_size[1] // patch
+        flops = 2 * height * width * self.patch_embed.proj.weight.numel()
+        spa_on = self.spa_context.config.enabled
+        for stage in self.layers:
+            if isinstance(stage.downsample, PatchMerging):
+                height, width = -(-height // 2), -(-width // 2)
+                flops += 2 * height * width * stage.downsample.reduction.weight.numel()
+            for block in stage.blocks:
+                if isinstance(block, SPTBlock):
+                    if spa_on:
+                        continue
+                    window = block.window_area((height, width))
+                else:
+                    window = block.window_area
+                flops += dense_block_flops(BlockCosts.of(block), height * width, window=window)
+        return flops
+
+
+def _config_from_swin(swin: SwinTransformer) -> dict[str, Any]:
+    """SPTConfig fields read off a timm ``SwinTransformer``."""
+    img_h, img_w = swin.patch_embed.img_size
+    patch_h, patch_w = swin.patch_embed.patch_size
+    if img_h != img_w or patch_h != patch_w:
+        raise ValueError("spt_from_swin supports square image and patch sizes")
+    first = swin.layers[0].blocks[0]
+    return dict(
+        img_size=img_h,
+        patch_size=patch_h,
+        in_chans=swin.in_chans,
+        num_classes=swin.num_classes,
+        global_pool=swin.global_pool,
+        embed_dim=swin.embed_dim,
+        depths=tuple(len(stage.blocks) for stage in swin.layers),
+        num_heads=tuple(stage.blocks[0].attn.num_heads for stage in swin.layers),
+        window_size=max(stage.blocks[0].attn.window_size[0] for stage in swin.layers),
+        mlp_ratio=first.mlp.fc1.out_features / first.mlp.fc1.in_features,
+        qkv_bias=first.attn.qkv.bias is not None,
+        drop_path_rate=round(max((m.drop_prob for m in swin.modules() if isinstance(m, DropPath)), default=0.0), 6),
+    )
+
+
+def load_swin_weights(spt: SPT, swin_state_dict: dict[str, Tensor]) -> list[str]:
+    """Copy a timm Swin state dict into ``spt`` where the layers coincide; return the keys left as they were.
+
+    The left keys are the gates, the ``plus4`` extra blocks and a head of another class count.
+    Original Microsoft checkpoints are converted with timm's ``checkpoint_filter_fn`` first.
+    """
+    from timm.models.swin_transformer import checkpoint_filter_fn
+
+    state = checkpoint_filter_fn(swin_state_dict, spt)
+    own = spt.state_dict()
+    unexpected = sorted(k for k in state if k not in own)
+    if unexpected:
+        raise ValueError(f"Swin weights {unexpected[:5]}... have no place in this SPT; build it with spt_from_swin")
+    mismatched = sorted(k for k in state if state[k].shape != own[k].shape and not k.startswith("head."))
+    if mismatched:
+        raise ValueError(f"Swin weights {mismatched[:5]} differ in shape from this SPT's; check widths and window size")
+    state = {k: v for k, v in state.items() if v.shape == own[k].shape}
+    return spt.load_state_dict(state, strict=False).missing_keys
+
+
+def spt_from_swin(swin: SwinTransformer, **settings: Any) -> SPT:
+    """An SPT with the architecture and weights of a timm ``SwinTransformer`` and fresh gates.
+
+    ``settings`` override :class:`SPTConfig` fields (e.g. ``spa_start_stage``, ``plus4``, ``spa``).
+    """
+    if not isinstance(swin, SwinTransformer):
+        raise ValueError(f"spt_from_swin takes a timm SwinTransformer, got {type(swin).__name__}")
+    spt = SPT(SPTConfig(**{**_config_from_swin(swin), **settings}))
+    load_swin_weights(spt, swin.state_dict())
+    return spt.to(next(swin.parameters()).device)
+
+
+_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
+    "small": dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)),
+    "base": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
+    "digits": dict(
+        img_size=128,
+        embed_dim=48,
+        depths=(1, 1, 2, 2),
+        num_heads=(3, 6, 12, 24),
+        window_size=4,
+        num_classes=0,
+        drop_path_rate=0.0,
+    ),
+}
+
+
+def _create(name: str, preset: str, pretrained: bool, plus4: bool, kwargs: dict[str, Any]) -> SPT:
+    if pretrained:
+        raise ValueError(
+            f"{name} has no hub weights; start from Swin weights with "
+            "spt_from_swin(timm.create_model('swin_tiny_patch4_window7_224', pretrained=True))"
+        )
+    for key in _TIMM_ENTRY_KWARGS:
+        kwargs.pop(key, None)
+    return SPT(SPTConfig(**{**_PRESETS[preset], "plus4": plus4, **kwargs}))
+
+
+@register_model
+def spt_tiny(pretrained: bool = False, **kwargs: Any) -> SPT:
+    """SPT-T: Swin-T widths (96, depths 2-2-6-2, heads 3-6-12-24), SPA in stages 3-4."""
+    return _create("spt_tiny", "tiny", pretrained, False, kwargs)
+
+
+@register_model
+def spt_small(pretrained: bool = False, **kwargs: Any) -> SPT:
+    """SPT-S: Swin-S widths (96, depths 2-2-18-2, heads 3-6-12-24), SPA in stages 3-4."""
+    return _create("spt_small", "small", pretrained, False, kwargs)
+
+
+@register_model
+def spt_base(pretrained: bool = False, **kwargs: Any) -> SPT:
+    """SPT-B: Swin-B widths (128, depths 2-2-18-2, heads 4-8-16-32), SPA in stages 3-4."""
+    return _create("spt_base", "base", pretrained, False, kwargs)
+
+
+@register_model
+def spt_tiny_plus4(pretrained: bool = False, **kwargs: Any) -> SPT:
+    """SPT-T with the paper's 4 extra stage-3 blocks (depths 2-2-10-2)."""
+    return _create("spt_tiny_plus4", "tiny", pretrained, True, kwargs)
+
+
+@register_model
+def spt_small_plus4(pretrained: bool = False, **kwargs: Any) -> SPT:
+    """SPT-S with 4 extra stage-3 blocks (depths 2-2-22-2)."""
+    return _create("spt_small_plus4", "small", pretrained, True, kwargs)
+
+
+@register_model
+def spt_base_plus4(pretrained: bool = False, **kwargs: Any) -> SPT:
+    """SPT-B with 4 extra stage-3 blocks (depths 2-2-22-2)."""
+    return _create("spt_base_plus4", "base", pretrained, True, kwargs)
+
+
+@register_model
+def spt_digits(pretrained: bool = False, **kwargs: Any) -> SPT:
+    """A small SPT for 128 px cluttered-digit images that trains on a CPU (width 48, window 4,
+    grids 32/16/8/4, depths 1-1-2-2, no classifier head)."""
+    return _create("spt_digits", "digits", pretrained, False, kwargs)
