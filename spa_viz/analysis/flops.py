@@ -1,8 +1,8 @@
 """Analytic FLOP counts: dense blocks, and SPA blocks as our code actually runs them.
 
 FLOPs are ``2 x multiply-adds`` of the matrix products (what ``torch.utils.flop_counter`` counts;
-norms, softmax and activations are not counted). For an SPA block we count the gate on all patch
-tokens, the projections and the MLP on every packed slot (container padding included), and the
+norms, softmax and activations are not counted). For an SPA block we count the gate on every token
+(prefix tokens too, as the code scores them), the projections and the MLP on every packed slot (container padding included), and the
 attention scores of every row: ``L^2`` per row for the dense-row backends (``sdpa``, ``flex``),
 or the sum of squared same-image run lengths for ``varlen`` and ``reference``.
 """
@@ -54,8 +54,7 @@ def _score_pairs(decision: BlockDecision) -> Tensor:
 def spa_block_flops(decision: BlockDecision) -> int:
     """One SPA block of a batch, as run: gate, packed projections/MLP (padding too), attention."""
     costs, plan = decision.costs, decision.plan
-    patches = plan.seq_len - decision.num_prefix
-    macs = plan.batch_size * patches * costs.gate_macs
+    macs = plan.batch_size * plan.seq_len * costs.gate_macs
     macs += plan.num_slots * (costs.qkv_macs + costs.proj_macs)
     if decision.backend in _DENSE_ROW_BACKENDS:
         macs += 2 * plan.num_rows * plan.row_len**2 * costs.attn_dim
@@ -92,9 +91,8 @@ def layer_flops(decision: BlockDecision) -> LayerFlops:
     costs, plan = decision.costs, decision.plan
     dense_one = dense_block_flops(costs, plan.seq_len, window=decision.dense_window)
     run = spa_block_flops(decision)
-    patches = plan.seq_len - decision.num_prefix
     per_token = costs.qkv_macs + costs.proj_macs + (costs.mlp_macs if decision.sparse_mlp else 0)
-    per_image = patches * costs.gate_macs + plan.kept_counts * per_token
+    per_image = plan.seq_len * costs.gate_macs + plan.kept_counts * per_token
     per_image = per_image + 2 * _score_pairs(decision) * costs.attn_dim
     if not decision.sparse_mlp:
         per_image = per_image + plan.seq_len * costs.mlp_macs

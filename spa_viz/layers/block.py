@@ -128,7 +128,8 @@ def spa_block_forward(block: nn.Module, x: Tensor, ctx: SPAContext, layer: int) 
     gate = block.gate
     custom_select = getattr(gate, "select", None)
     if custom_select is None:
-        scores = fuse_scores(gate(x[:, prefix:]), ctx.previous_scores, ctx.grid, ctx.previous_grid)
+        # scoring all tokens then slicing avoids copying the non-contiguous patch slice
+        scores = fuse_scores(gate(x)[:, prefix:], ctx.previous_scores, ctx.grid, ctx.previous_grid)
         ctx.previous_scores, ctx.previous_grid = scores, ctx.grid
         ctx.scores.append((layer, ctx.grid, scores))
         keep_patch, straight_through = select_tokens(
