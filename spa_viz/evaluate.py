@@ -1,0 +1,489 @@
+"""Evaluate a detector checkpoint: COCO AP, selection quality, keep ratios, FLOPs and CPU latency.
+
+Why these numbers: SPA is worth it only if accuracy holds (AP, AP50 via pycocotools) while the gate
+keeps few tokens (keep ratios, their spread over images), keeps the right ones (precision, recall
+and IoU of each SPA layer's keep mask against the selection labels), and that turns into less
+compute (backbone FLOPs dense vs as run, from ``spa_viz.trace``) and less time (wall-clock of the
+same model with SPA on and off on this machine).
+
+CLI: ``python -m spa_viz.evaluate --checkpoint DIR [--split test] [--num N]``; the data come from
+the ``data`` section of the checkpoint's config.json (generated digits, or a COCO folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+import spa_viz
+from spa_viz.checkpoint import load_checkpoint
+from spa_viz.data.coco import CocoDetection, InMemoryDetection, collate
+from spa_viz.data.digits import CATEGORIES, DigitsConfig, generate_split
+from spa_viz.models.detector import Detector
+from spa_viz.layers.block import find_context
+
+__all__ = [
+    "CACHE_ENV_VAR",
+    "Sample",
+    "coco_metrics",
+    "digits_samples",
+    "evaluate",
+    "load_split",
+    "main",
+    "measure_latency",
+    "predict",
+    "spa_disabled",
+]
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV_VAR = "SPA_VIZ_CACHE"
+_CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One in-memory detection image (what ``InMemoryDetection`` reads)."""
+
+    image: np.ndarray  # uint8 [H, W, 3]
+    boxes: np.ndarray  # float32 [K, 4] xyxy
+    labels: np.ndarray  # int64 [K]
+    masks: np.ndarray  # bool [K, H, W]
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV_VAR, Path.home() / ".cache" / "spa_viz")) / "digits"
+
+
+def _cache_key(split: str, seed: int, config: DigitsConfig) -> str:
+    blob = json.dumps({"v": _CACHE_VERSION, "split": split, "seed": seed, "config": asdict(config)}, sort_keys=True)
+    return f"{split}-seed{seed}-{hashlib.sha1(blob.encode()).hexdigest()[:12]}"
+
+
+def _save_cache(path: Path, samples: Sequence[Sample]) -> None:
+    """Write samples to one .npz (masks bit-packed), atomically."""
+    masks = [s.masks.reshape(len(s.masks), -1) for s in samples]
+    arrays = {
+        "images": np.stack([s.image for s in samples]),
+        "counts": np.array([len(s.boxes) for s in samples], dtype=np.int64),
+        "boxes": np.concatenate([s.boxes.reshape(-1, 4) for s in samples]).astype(np.float32),
+        "labels": np.concatenate([s.labels for s in samples]).astype(np.int64),
+        "masks": np.packbits(np.concatenate(masks), axis=1),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
+    os.close(fd)
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load_cache(path: Path, num: int) -> list[Sample]:
+    with np.load(path) as data:
+        images, counts = data["images"][:num], data["counts"]
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        height, width = images.shape[1:3]
+        masks = np.unpackbits(data["masks"][: starts[num]], axis=1, count=height * width).astype(bool)
+        boxes, labels = data["boxes"], data["labels"]
+    return [
+        Sample(images[i], boxes[starts[i] : starts[i + 1]], labels[starts[i] : starts[i + 1]],
+               masks[starts[i] : starts[i + 1]].reshape(-1, height, width))
+        for i in range(num)
+    ]
+
+
+def digits_samples(split: str, num: int, seed: int, canvas_size: int = 128, cache: bool = False) -> list[Sample]:
+    """The first ``num`` images of a cluttered-digits split (image i depends only on seed, split, i).
+
+    With ``cache``, generated images are kept in ``$SPA_VIZ_CACHE/digits`` (default
+    ``~/.cache/spa_viz/digits``) and any cached prefix at least ``num`` long is reused: generating
+    is slow on a small CPU and the result is deterministic.
+    """
+    config = DigitsConfig.for_canvas(canvas_size)
+    key = _cache_key(split, seed, config)
+    if cache:
+        root = _cache_root()
+        for path in sorted(root.glob(f"{key}-n*.npz")) if root.is_dir() else []:
+            if int(path.stem.rsplit("-n", 1)[1]) >= num:
+                log.info("digits/%s: %d images from cache %s", split, num, path)
+                return _load_cache(path, num)
+    samples = [Sample(s.image, s.boxes, s.labels, s.masks) for s in generate_split(split, num, seed, config=config, progress=sys.stderr.isatty())]
+    if cache and num > 0:
+        _save_cache(_cache_root() / f"{key}-n{num}.npz", samples)
+    return samples
+
+
+def load_split(
+    data: Mapping[str, Any],
+    split: str,
+    image_size: int,
+    *,
+    num: int | None = None,
+    train: bool = False,
+    select_grids: Sequence[tuple[int, int]] | None = None,
+    cache: bool | None = None,
+) -> Dataset:
+    """The dataset a config's ``data`` section describes, letterboxed to ``image_size``.
+
+    ``data["kind"]`` is ``digits`` (``seed``, ``canvas_size``, image counts per split, ``cache``)
+    or ``coco`` (``{split: {"annotations": FILE, "images": DIR}}``). ``num`` takes the first
+    ``num`` images; ``train`` turns on the random flip with ``data["hflip"]`` (default 0: digits
+    are not mirror-symmetric).
+    """
+    kind = data.get("kind", "digits")
+    hflip = float(data.get("hflip", 0.0))
+    if kind == "digits":
+        count = int(data[split]) if num is None else num
+        samples = digits_samples(
+            split, count, int(data.get("seed", 0)), int(data.get("canvas_size", 128)),
+            bool(data.get("cache", False)) if cache is None else cache,
+        )
+        return InMemoryDetection(samples, image_size, train=train and hflip > 0, select_grids=select_grids, hflip_prob=hflip)
+    if kind == "coco":
+        if split not in data:
+            raise ValueError(f"data section has no {split!r} entry with annotations and images")
+        dataset = CocoDetection(
+            data[split]["annotations"], data[split]["images"], image_size, train=train and hflip > 0,
+            with_masks=bool(data.get("with_masks", True)), select_grids=select_grids, hflip_prob=hflip,
+        )
+        if num is not None:
+            return torch.utils.data.Subset(dataset, range(min(num, len(dataset))))
+        return dataset
+    raise ValueError(f"unknown data kind {kind!r}; use 'digits' or 'coco'")
+
+
+def class_names(data: Mapping[str, Any]) -> list[str]:
+    """Class names of a data section (digits: "0".."9"; COCO: read from the train annotations)."""
+    if data.get("kind", "digits") == "digits":
+        return [c["name"] for c in CATEGORIES]
+    coco = json.loads(Path(data["train"]["annotations"]).read_text())
+    return [str(c["name"]) for c in sorted(coco["categories"], key=lambda c: c["id"])]
+
+
+def _batches(dataset: Dataset, batch_size: int) -> Iterator[tuple[Tensor, list[dict[str, Any]]]]:
+    for start in range(0, len(dataset), batch_size):
+        yield collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+
+
+@contextlib.contextmanager
+def spa_disabled(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` as its dense twin inside the block (SPA blocks compute densely)."""
+    config = find_context(model).config
+    enabled = config.enabled
+    config.update(enabled=False)
+    try:
+        yield
+    finally:
+        config.update(enabled=enabled)
+
+
+def _to_original(boxes: Tensor, target: Mapping[str, Any], image_size: int) -> Tensor:
+    """Letterboxed input pixels -> pixels of the original image (the letterbox scale undone)."""
+    height, width = target["orig_size"]
+    return boxes / (image_size / max(height, width))
+
+
+def predict(
+    model: Detector, dataset: Dataset, image_size: int, batch_size: int = 32, progress: bool = False
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[Any]]:
+    """Run ``model`` over ``dataset`` (traced when it has SPA on): COCO GT, COCO detections, traces.
+
+    Boxes go back to original image pixels; category ids are label + 1.
+    """
+    model.eval()
+    traced = _spa_on(model)
+    images_gt: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
+    detections: list[dict[str, Any]] = []
+    traces: list[Any] = []
+    batches = _batches(dataset, batch_size)
+    total = -(-len(dataset) // batch_size)
+    for images, targets in tqdm(batches, total=total, desc="evaluate", disable=not progress):
+        if traced:
+            outputs, tr = spa_viz.trace(model, images)
+            traces.append((tr, targets))
+        else:
+            with torch.no_grad():
+                outputs = model(images)
+        for (boxes, scores, labels), target in zip(model.decode(outputs), targets):
+            image_id = len(images_gt) + 1
+            height, width = target["orig_size"]
+            images_gt.append({"id": image_id, "height": int(height), "width": int(width)})
+            for box, label in zip(_to_original(target["boxes"], target, image_size).tolist(), target["labels"].tolist()):
+                w, h = box[2] - box[0], box[3] - box[1]
+                annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": label + 1,
+                                    "bbox": [box[0], box[1], w, h], "area": w * h, "iscrowd": 0})
+            for box, score, label in zip(_to_original(boxes, target, image_size).tolist(), scores.tolist(), labels.tolist()):
+                detections.append({"image_id": image_id, "category_id": label + 1, "score": score,
+                                   "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]]})
+    gt = {"images": images_gt, "annotations": annotations,
+          "categories": [{"id": k + 1, "name": str(k)} for k in range(model.num_classes)]}
+    return gt, detections, traces
+
+
+def coco_metrics(gt: dict[str, Any], detections: list[dict[str, Any]]) -> dict[str, float]:
+    """COCO box AP (0.50:0.95) and AP50 via pycocotools (0 when there is no detection)."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    if not detections or not gt["annotations"]:
+        return {"AP": 0.0, "AP50": 0.0}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = gt
+        coco_gt.createIndex()
+        coco_dt = coco_gt.loadRes(detections)
+        evaluator = COCOeval(coco_gt, coco_dt, "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return {"AP": float(evaluator.stats[0]), "AP50": float(evaluator.stats[1])}
+
+
+def _spa_on(model: nn.Module) -> bool:
+    try:
+        return find_context(model).config.enabled
+    except ValueError:
+        return False
+
+
+def selection_metrics(model: Detector, traces: Sequence[Any], image_size: int) -> dict[str, Any]:
+    """Per SPA layer: keep ratio, precision / recall / IoU of the keep mask vs the labels; FLOPs
+    (trace's backbone count plus :func:`embed_flops_missing`)."""
+    per_layer: dict[int, dict[str, float]] = {}
+    per_image_keep: list[Tensor] = []
+    flops_dense = flops_run = images = 0
+    for tr, targets in traces:
+        labels = model.selection_labels(targets, (image_size, image_size))
+        ratios = []
+        for layer in tr.layers:
+            keep, truth = layer.keep, labels[tuple(layer.grid)].bool()
+            stats = per_layer.setdefault(layer.layer, {"tp": 0, "fp": 0, "fn": 0, "kept": 0, "tokens": 0, "positives": 0})
+            stats["tp"] += int((keep & truth).sum())
+            stats["fp"] += int((keep & ~truth).sum())
+            stats["fn"] += int((~keep & truth).sum())
+            stats["kept"] += int(keep.sum())
+            stats["positives"] += int(truth.sum())
+            stats["tokens"] += keep.numel()
+            ratios.append(layer.keep_ratio)
+        if ratios:
+            per_image_keep.append(torch.stack(ratios).mean(0))
+        flops_dense += tr.backbone_flops_dense
+        flops_run += tr.backbone_flops_run
+        images += tr.batch_size
+    extra = embed_flops_missing(model, image_size) * images
+    flops_dense, flops_run = flops_dense + extra, flops_run + extra
+    layers = {
+        str(layer): {
+            "keep_ratio": s["kept"] / s["tokens"],
+            "label_ratio": s["positives"] / s["tokens"],
+            "precision": s["tp"] / max(s["tp"] + s["fp"], 1),
+            "recall": s["tp"] / max(s["tp"] + s["fn"], 1),
+            "iou": s["tp"] / max(s["tp"] + s["fp"] + s["fn"], 1),
+        }
+        for layer, s in sorted(per_layer.items())
+    }
+    keep = torch.cat(per_image_keep) if per_image_keep else torch.ones(1)
+    quantiles = torch.quantile(keep, torch.tensor([0.1, 0.5, 0.9])).tolist()
+    return {
+        "keep_ratio": {"mean": float(keep.mean()), "p10": quantiles[0], "p50": quantiles[1], "p90": quantiles[2]},
+        "layers": layers,
+        "backbone_gflops_dense": flops_dense / max(images, 1) / 1e9,
+        "backbone_gflops_run": flops_run / max(images, 1) / 1e9,
+        "flops_saving": 1.0 - flops_run / flops_dense if flops_dense else 0.0,
+    }
+
+
+def embed_flops_missing(model: Detector, image_size: int) -> int:
+    """FLOPs per image of a ViT's patch-embedding convolutions that ``spa_viz.trace`` leaves out.
+
+    The core count knows one ``patch_embed.proj``; a conv stem (:class:`ConvStemEmbed`) has more.
+    Measured as (all convs of ``patch_embed``, by shape) minus what the core count gives the
+    embedding, so the sum stays right if the core count learns about stems. 0 for SPT.
+    """
+    from spa_viz.analysis.flops import dense_block_flops, static_flops
+    from spa_viz.analysis.trace import find_backbone
+    from spa_viz.layers.block import BlockCosts
+    from timm.models import VisionTransformer
+
+    backbone = find_backbone(model)
+    if not isinstance(backbone, VisionTransformer):
+        return 0
+    shapes: list[tuple[nn.Conv2d, int]] = []
+    hooks = [m.register_forward_hook(lambda mod, _, out: shapes.append((mod, out.shape[-2] * out.shape[-1])))
+             for m in backbone.patch_embed.modules() if isinstance(m, nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            backbone.patch_embed(torch.zeros(1, 3, image_size, image_size, device=next(backbone.parameters()).device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    embed = sum(2 * positions * conv.weight.numel() for conv, positions in shapes)
+    patch_h, patch_w = backbone.patch_embed.patch_size
+    tokens = (image_size // patch_h) * (image_size // patch_w) + backbone.num_prefix_tokens
+    with spa_disabled(model):
+        counted = static_flops(backbone, (image_size, image_size))
+    counted -= sum(dense_block_flops(BlockCosts.of(block), tokens) for block in backbone.blocks)
+    return max(0, embed - counted)
+
+
+def _dense_flops(model: Detector, image_size: int) -> float:
+    """Backbone GFLOPs per image with every block dense (SPA disabled), conv stem included."""
+    from spa_viz.analysis.flops import static_flops
+    from spa_viz.analysis.trace import find_backbone
+
+    with spa_disabled(model):
+        counted = static_flops(find_backbone(model), (image_size, image_size))
+    return (counted + embed_flops_missing(model, image_size)) / 1e9
+
+
+def measure_latency(model: nn.Module, images: Tensor, repeats: int = 5) -> float:
+    """Median wall-clock milliseconds per image of ``model(images)`` in eval mode, after one warm-up."""
+    model.eval()
+    times = []
+    with torch.no_grad():
+        for i in range(repeats + 1):
+            start = time.perf_counter()
+            model(images)
+            if i:
+                times.append(time.perf_counter() - start)
+    return 1000.0 * statistics.median(times) / images.shape[0]
+
+
+def evaluate(
+    model: Detector,
+    dataset: Dataset,
+    image_size: int,
+    *,
+    batch_size: int = 32,
+    timing_batch: int = 32,
+    timing_repeats: int = 5,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """All metrics of ``model`` on ``dataset`` (see the module docstring); timing skipped if ``timing_batch`` is 0."""
+    gt, detections, traces = predict(model, dataset, image_size, batch_size, progress)
+    result: dict[str, Any] = {"num_images": len(dataset), **coco_metrics(gt, detections)}
+    result["spa_enabled"] = _spa_on(model)
+    result["backbone_gflops_dense"] = _dense_flops(model, image_size)
+    if traces:
+        result.update(selection_metrics(model, traces, image_size))
+    else:
+        result.update({"backbone_gflops_run": result["backbone_gflops_dense"], "flops_saving": 0.0,
+                       "keep_ratio": {"mean": 1.0, "p10": 1.0, "p50": 1.0, "p90": 1.0}})
+    if timing_batch:
+        images, _ = collate([dataset[i] for i in range(min(timing_batch, len(dataset)))])
+        timing: dict[str, Any] = {"batch": int(images.shape[0]), "threads": torch.get_num_threads()}
+        if result["spa_enabled"]:
+            timing["spa_ms_per_image"] = measure_latency(model, images, timing_repeats)
+        with spa_disabled(model):
+            timing["dense_ms_per_image"] = measure_latency(model, images, timing_repeats)
+        if "spa_ms_per_image" in timing:
+            timing["speedup"] = timing["dense_ms_per_image"] / timing["spa_ms_per_image"]
+        result["latency"] = timing
+    return result
+
+
+def _print_table(name: str, result: Mapping[str, Any]) -> None:
+    """The CLI's summary table (stdout)."""
+    rows = [
+        ("images", f"{result['num_images']}"),
+        ("AP50", f"{result['AP50']:.4f}"),
+        ("AP", f"{result['AP']:.4f}"),
+        ("keep ratio mean (p10/p50/p90)", "{mean:.3f} ({p10:.3f}/{p50:.3f}/{p90:.3f})".format(**result["keep_ratio"])),
+        ("backbone GFLOPs dense -> run", f"{result['backbone_gflops_dense']:.4f} -> {result['backbone_gflops_run']:.4f}"),
+        ("FLOP saving", f"{100 * result['flops_saving']:.1f}%"),
+    ]
+    latency = result.get("latency")
+    if latency:
+        spa = latency.get("spa_ms_per_image")
+        rows.append(("CPU ms/image dense | SPA", f"{latency['dense_ms_per_image']:.2f} | " + (f"{spa:.2f}" if spa else "-")))
+    for layer, stats in result.get("layers", {}).items():
+        rows.append((f"layer {layer} keep/P/R/IoU", "{keep_ratio:.3f} / {precision:.3f} / {recall:.3f} / {iou:.3f}".format(**stats)))
+    width = max(len(r[0]) for r in rows)
+    print(f"== {name} ==")
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """CLI: evaluate a checkpoint folder on a split of the data its config names."""
+    parser = argparse.ArgumentParser(prog="python -m spa_viz.evaluate", description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="checkpoint folder (or a name in checkpoints/)")
+    parser.add_argument("--split", default="test", choices=("train", "val", "test"))
+    parser.add_argument("--num", type=int, default=None, help="first N images of the split (default: all of it)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threshold", type=float, default=None, help="override the SPA keep threshold")
+    parser.add_argument("--no-timing", action="store_true", help="skip the wall-clock measurement")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--no-cache", action="store_true", help="regenerate digits instead of using the cache")
+    parser.add_argument("--json", type=Path, default=None, help="also write the metrics to this file")
+    parser.add_argument("--update-metrics", action="store_true",
+                        help="store the result as 'test' (and a fresh 'ci_subset') in the checkpoint's metrics.json "
+                             "and rewrite its model card; needs the whole test split")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = spa_viz.load(args.checkpoint) if not Path(args.checkpoint).is_dir() else load_checkpoint(args.checkpoint)
+    if not isinstance(model, Detector):
+        parser.error(f"{args.checkpoint} is not a detector checkpoint")
+    config = model.spa_viz_config
+    if args.threshold is not None:
+        spa_viz.configure(model, threshold=args.threshold)
+    if args.update_metrics and (args.split != "test" or args.num is not None or args.threshold is not None):
+        parser.error("--update-metrics evaluates the whole test split at the saved settings: drop --split/--num/--threshold")
+    image_size = int(config["image_size"])
+    dataset = load_split(config["data"], args.split, image_size, num=args.num, cache=False if args.no_cache else None)
+    result = evaluate(model, dataset, image_size, batch_size=args.batch_size,
+                      timing_batch=0 if args.no_timing else 32, progress=sys.stderr.isatty())
+    result["split"] = args.split
+    _print_table(f"{args.checkpoint} on {args.split}", result)
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    if args.update_metrics:
+        _update_metrics(model, Path(args.checkpoint) if Path(args.checkpoint).is_dir() else None, result, dataset)
+    return result
+
+
+def _update_metrics(model: Detector, folder: Path | None, result: dict[str, Any], dataset: Dataset) -> None:
+    """Replace 'test' and 'ci_subset' in a checkpoint's metrics.json and rebuild its model card."""
+    from spa_viz.models.zoo import checkpoints_dir
+    from spa_viz.train import model_card
+
+    folder = folder or checkpoints_dir() / model.spa_viz_config["name"]
+    path = folder / "metrics.json"
+    metrics = json.loads(path.read_text()) if path.is_file() else {}
+    num = int(metrics.get("ci_subset", {}).get("num", 32))
+    subset = [dataset[i] for i in range(min(num, len(dataset)))]
+    image_size = int(model.spa_viz_config["image_size"])
+    metrics["test"] = result
+    metrics["ci_subset"] = {"split": "test", "num": len(subset), **evaluate(model, subset, image_size, timing_batch=0)}
+    path.write_text(json.dumps(metrics, indent=2) + "\n")
+    (folder / "README.md").write_text(model_card(model.spa_viz_config, metrics, metrics.get("command", "")))
+    log.info("updated %s and the model card", path)
+
+
+if __name__ == "__main__":
+    main()
