@@ -1,0 +1,64 @@
+"""The SPA microscope: a Gradio app on top of spa_viz (``python -m app``; see app/README.md)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import gradio as gr
+from torch import nn
+
+from app.examples import Examples, build_examples
+from app.models import ModelRegistry
+from app.service import AnalysisService
+from app.settings import AppSettings, configure_torch
+from app.ui import CSS, THEME, build_ui
+
+__all__ = ["AnalysisService", "AppSettings", "create_app", "launch"]
+
+_log = logging.getLogger(__name__)
+
+
+def create_app(
+    settings: AppSettings, extra_models: dict[str, Callable[[], nn.Module]] | None = None
+) -> tuple[gr.Blocks, AnalysisService]:
+    """The Blocks app and its service; ``extra_models`` adds named model factories to the picker."""
+    configure_torch(settings)
+    examples: Examples | None
+    try:
+        examples = build_examples(settings.examples_dir)
+    except (ImportError, OSError) as err:  # examples come from optional packages; the app works without
+        _log.warning("no example images (%s)", err)
+        examples = None
+    registry = ModelRegistry(
+        settings.torch_device, settings.allow_dirs, settings.model_cache_size, extra_models, settings.default_model
+    )
+    service = AnalysisService(settings, registry, examples)
+    demo = build_ui(service, examples)
+    demo.queue(default_concurrency_limit=settings.concurrency, max_size=settings.queue_size)
+    return demo, service
+
+
+def launch(
+    settings: AppSettings,
+    *,
+    extra_models: dict[str, Callable[[], nn.Module]] | None = None,
+    block: bool = True,
+    **kwargs: object,
+) -> tuple[gr.Blocks, AnalysisService, str]:
+    """Build and serve the app; returns it with its local URL (``block=False`` returns at once)."""
+    demo, service = create_app(settings, extra_models)
+    allowed = [str(settings.examples_dir)]
+    _, url, _ = demo.launch(
+        server_name=settings.host,
+        server_port=settings.port,
+        share=settings.share,
+        max_file_size=settings.max_file_size,
+        allowed_paths=allowed,
+        prevent_thread_lock=not block,
+        theme=THEME,
+        css=CSS,
+        show_error=True,
+        **kwargs,
+    )
+    return demo, service, url

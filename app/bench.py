@@ -1,0 +1,276 @@
+"""Speed benchmark of the app (not a test): ``python -m app.bench [--json PATH]``.
+
+Measures, for the default model (or ``--model``) on this machine:
+
+* first analysis of one 224 px image: decode, preprocess, SPA forward, dense forward, every view
+  (the model is loaded and warmed up first; the caches are empty);
+* re-renders: threshold change (a new SPA forward; the dense pass is cached) and layer change
+  (no forward at all);
+* each attribution method on one image;
+* over HTTP, the layer slider of one client (server and transfer time, without file downloads);
+* a load test on loopback: the app in a subprocess on a free port, ``--clients`` gradio_client
+  clients each sending ``--requests`` analyses (cycling images, thresholds and layers, downloading
+  every output file), reporting failures, p50/p95 latency and the server's peak resident memory.
+
+Analyses run ``--repeats`` times with empty caches; the minimum wall-clock is the best estimate of
+the time on an idle machine (the 2 cores are shared), reported with the median and the median CPU
+seconds. Targets on the 2-core CPU: first analysis < 1.5 s, re-render < 0.5 s, attribution < 10 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from app.examples import build_examples
+from app.models import ModelRegistry
+from app.service import AnalysisService, SPASettings
+from app.settings import REPO_ROOT, AppSettings, configure_torch
+from spa_viz.analysis.attribution import METHODS
+
+_log = logging.getLogger("app.bench")
+TARGETS_S = {"first_analysis": 1.5, "threshold_rerender": 0.5, "layer_rerender": 0.5, "attribution": 10.0}
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[float, float]:
+    """(wall-clock, CPU) seconds of ``fn()``; CPU time sums all threads, so on an idle 2-core
+    machine wall ~ CPU / 2, and wall >> CPU / 2 means other processes took the cores."""
+    start, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - start, time.process_time() - cpu
+
+
+def _series(timings: Sequence[tuple[float, float]]) -> dict[str, float]:
+    """Min and median wall-clock (the min is the best estimate of the uncontended time) and median CPU."""
+    walls = [w for w, _ in timings]
+    return {
+        "min_wall_s": round(min(walls), 3),
+        "median_wall_s": round(statistics.median(walls), 3),
+        "median_cpu_s": round(statistics.median(c for _, c in timings), 3),
+    }
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def bench_service(model: str | None, repeats: int, threads: int) -> dict[str, Any]:
+    """In-process timings of the analysis service (no HTTP), each ``repeats`` times with empty caches."""
+    settings = AppSettings(default_model=model, threads=threads)
+    configure_torch(settings)
+    examples = build_examples(settings.examples_dir)
+    registry = ModelRegistry(settings.torch_device, settings.allow_dirs, settings.model_cache_size, None, model)
+    name = registry.default()
+    load_s, _ = _timed(lambda: registry.get(name))
+    entry = registry.get(name)
+    selector = "learned gate" if entry.trained_gates else "cls_attention"
+    spa = SPASettings(selector=selector, selector_amount=0.9)
+    moved = replace(spa, threshold=0.6, selector_amount=0.8)
+    photo, layers = examples.photos[0], entry.spa_layers
+    AnalysisService(settings, registry, examples).analyze([examples.photos[-1]], name, spa)  # warm-up allocations
+    first, layer, threshold = [], [], []
+    for r in range(repeats):
+        service = AnalysisService(settings, registry, examples)  # empty image, input and forward caches
+        first.append(_timed(lambda s=service: s.analyze([photo], name, spa)))
+        layer.append(
+            _timed(lambda s=service, r=r: s.analyze([photo], name, spa, layer=layers[1 + r % (len(layers) - 1)]))
+        )
+        threshold.append(_timed(lambda s=service: s.analyze([photo], name, moved)))
+    attribution = {}
+    for method in METHODS:
+        service = AnalysisService(settings, registry, examples)
+        service.analyze([photo], name, spa)
+        wall, cpu = _timed(lambda s=service, m=method: s.attribute([photo], name, spa, 0, m))
+        attribution[method] = {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2)}
+        _log.info("attribution %-21s %.2f s", method, wall)
+    return {
+        "model": name,
+        "task": entry.adapter.task,
+        "selector": selector,
+        "model_load_s": round(load_s, 2),
+        "repeats": repeats,
+        "first_analysis": _series(first),
+        "threshold_rerender": _series(threshold),
+        "layer_rerender": _series(layer),
+        "attribution": attribution,
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _wait_until_up(url: str, process: subprocess.Popen, timeout_s: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the app exited with code {process.returncode} before serving")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"the app did not answer at {url} within {timeout_s:.0f} s")
+
+
+def _http_layer_rerender(url: str, photo: Path, repeats: int = 5) -> list[tuple[float, float]]:
+    """One client moving the layer slider over HTTP: server time and transfer, not the file downloads
+    (a browser fetches the changed images in parallel)."""
+    from gradio_client import Client, handle_file
+
+    client = Client(url, verbose=False, download_files=False)
+    files = [handle_file(str(photo))]
+    client.predict(files=files, selector="learned gate", api_name="/analyze")
+    return [
+        _timed(lambda k=k: client.predict(files=files, selector="learned gate", layer=4 + k % 4, api_name="/analyze"))
+        for k in range(1, repeats + 1)
+    ]
+
+
+def load_test(model: str | None, clients: int, requests: int, threads: int) -> dict[str, Any]:
+    """``clients`` concurrent gradio_client clients x ``requests`` analyses against a launched app."""
+    from gradio_client import Client, handle_file
+
+    examples = build_examples(AppSettings().examples_dir)
+    port = _free_port()
+    command = [sys.executable, "-m", "app", "--port", str(port), "--threads", str(threads)]
+    command += ["--model", model] if model else []
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
+    process = subprocess.Popen(
+        command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    url = f"http://127.0.0.1:{port}/"
+    latencies: list[float] = []
+    failures: list[str] = []
+    peak_rss = [0.0]
+    done = threading.Event()
+    lock = threading.Lock()
+
+    def sample_memory() -> None:
+        while not done.wait(0.5):
+            peak_rss[0] = max(peak_rss[0], _rss_mb(process.pid))
+
+    def client_run(index: int) -> None:
+        client = Client(url, verbose=False)
+        for i in range(requests):
+            photo = examples.photos[(index + i) % len(examples.photos)]
+            threshold = (0.3, 0.5, 0.7)[(index + i) % 3]
+            start = time.perf_counter()
+            try:
+                client.predict(
+                    files=[handle_file(str(photo))],
+                    threshold=threshold,
+                    selector="learned gate",
+                    layer=4 + i % 4,
+                    api_name="/analyze",
+                )
+                with lock:
+                    latencies.append(time.perf_counter() - start)
+            except Exception as err:  # every failure is counted and reported
+                with lock:
+                    failures.append(f"client {index} request {i}: {type(err).__name__}: {err}")
+
+    try:
+        _wait_until_up(url, process, timeout_s=300)
+        http_layer = _http_layer_rerender(url, examples.photos[0])
+        rss_start = _rss_mb(process.pid)
+        sampler = threading.Thread(target=sample_memory, daemon=True)
+        sampler.start()
+        start = time.perf_counter()
+        threads = [threading.Thread(target=client_run, args=(i,)) for i in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        wall = time.perf_counter() - start
+        done.set()
+        sampler.join()
+        rss_end = _rss_mb(process.pid)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    return {
+        "clients": clients,
+        "requests_per_client": requests,
+        "succeeded": len(latencies),
+        "failed": len(failures),
+        "failures": failures[:5],
+        "p50_s": round(statistics.median(latencies), 3) if latencies else None,
+        "p95_s": round(_percentile(latencies, 0.95), 3) if latencies else None,
+        "max_s": round(max(latencies), 3) if latencies else None,
+        "wall_s": round(wall, 1),
+        "http_layer_rerender": {k: v for k, v in _series(http_layer).items() if "wall" in k},
+        "server_rss_mb": {"start": round(rss_start), "peak": round(peak_rss[0]), "end": round(rss_end)},
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(
+        prog="python -m app.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default=None, help="model to benchmark (default: the app's default)")
+    parser.add_argument("--repeats", type=int, default=5, help="repeats of each analysis timing (min and median)")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=10, help="analyses per client in the load test")
+    parser.add_argument(
+        "--threads", type=int, default=AppSettings.threads, help="torch threads, as python -m app --threads"
+    )
+    parser.add_argument("--skip-load-test", action="store_true")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("httpx", "gradio_client"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    result: dict[str, Any] = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": args.threads or torch.get_num_threads(),
+            "platform": platform.platform(),
+            "load_average": os.getloadavg(),
+            "cuda": torch.cuda.is_available(),
+        },
+        "targets_s": TARGETS_S,
+        "service": bench_service(args.model, args.repeats, args.threads),
+    }
+    if not args.skip_load_test:
+        result["load_test"] = load_test(args.model, args.clients, args.requests, args.threads)
+    result["machine"]["load_average_end"] = os.getloadavg()
+    _log.info("%s", json.dumps(result, indent=2))
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

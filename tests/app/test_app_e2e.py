@@ -1,0 +1,281 @@
+"""The app over HTTP, driven by gradio_client: analyses, live settings, bad inputs, other endpoints.
+
+Every bad input must give a clear message and leave the app serving: each bad case asserts the
+message and then that a good request still works.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+import spa_viz
+from app.examples import build_examples
+from app.settings import AppSettings
+from tests.app.conftest import TINY, Served, default_checkpoint_available, serve
+
+# gradio's queue uses pandas options that pandas 3 deprecates; not ours to fix
+pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")
+
+OUTPUTS = (
+    "status",
+    "stats",
+    "gate",
+    "kept",
+    "labels",
+    "labels_text",
+    "strip",
+    "layout",
+    "flops",
+    "histogram",
+    "predictions",
+    "gallery",
+    "summary",
+)
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return build_examples(AppSettings().examples_dir)
+
+
+@pytest.fixture(scope="module")
+def client(served: Served) -> Client:
+    return Client(served.url, verbose=False)
+
+
+def analyze(client: Client, files: list[Path | str], **settings) -> dict:
+    settings.setdefault("model", TINY)
+    settings.setdefault("selector", "learned gate")
+    result = client.predict(files=[handle_file(str(f)) for f in files], api_name="/analyze", **settings)
+    return dict(zip(OUTPUTS, result))
+
+
+def assert_good_request_works(client: Client, image: Path) -> None:
+    out = analyze(client, [image])
+    assert out["summary"]["images"] == [image.name]
+
+
+def test_analysis_returns_every_view(client: Client, examples) -> None:
+    photo = examples.photos[0]
+    out = analyze(client, [photo, examples.digits[0]], threshold=0.5, layer=5)
+    assert TINY in out["status"] and "random weights" in out["status"], "untrained models are labelled"
+    assert "Backbone FLOPs" in out["stats"] and "Wall-clock on cpu" in out["stats"]
+    for name in ("gate", "kept", "strip", "predictions"):
+        assert Image.open(out[name]).size[0] >= 448
+    summary = out["summary"]
+    assert summary["layer"] == 5 and summary["images"] == [photo.name, examples.digits[0].name]
+    assert summary["trace"]["batch_size"] == 2 and summary["latency_ms"]["dense"] > 0
+    layout = json.loads(out["layout"]["plot"])
+    assert "B′ =" in layout["layout"]["title"]["text"]
+    assert len(out["gallery"]) == 2
+
+
+def test_digit_example_has_selection_labels(client: Client, examples) -> None:
+    out = analyze(client, [examples.digits[1]])
+    metrics = out["summary"]["selection_labels"]
+    assert metrics["source"] == "object masks of the example"
+    assert set(metrics["per_layer"]["3"]) >= {"precision", "recall", "iou"}
+    assert out["labels"] is not None and "precision" in out["labels_text"]
+
+
+def test_threshold_changes_the_forward_and_layer_only_rerenders(client: Client, served: Served, examples) -> None:
+    photo = examples.photos[3]
+    low = analyze(client, [photo], threshold=0.3, layer=4)
+    high = analyze(client, [photo], threshold=0.7, layer=4)
+    ratio = lambda out: out["summary"]["trace"]["mean_keep_ratio"]  # noqa: E731
+    assert ratio(high) < ratio(low)
+    assert Path(low["kept"]).read_bytes() != Path(high["kept"]).read_bytes()
+    assert low["stats"] != high["stats"], "FLOP numbers follow the threshold"
+    forwards = served.service.forward_count
+    moved = analyze(client, [photo], threshold=0.7, layer=9, image_index=0)
+    assert served.service.forward_count == forwards, "moving the layer slider runs no forward pass"
+    assert moved["summary"]["layer"] == 9
+    container = analyze(client, [photo, examples.photos[4]], threshold=0.7, policy="container", container_len=49)
+    assert container["summary"]["trace"]["layers"][0]["row_len"] == 49
+
+
+def test_training_free_selector(client: Client, examples) -> None:
+    out = analyze(client, [examples.photos[0]], selector="feature_norm", selector_amount=0.25)
+    ratios = [layer["keep_ratio_per_image"][0] for layer in out["summary"]["trace"]["layers"]]
+    assert all(r == pytest.approx(49 / 196) for r in ratios)
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("text.png", "not an image file"),
+        ("empty.png", "empty (0 bytes)"),
+        ("truncated.png", "corrupt or truncated"),
+        ("huge.png", "megapixels is over the limit"),
+    ],
+)
+def test_bad_image_gives_a_message_and_the_app_keeps_serving(
+    client: Client, examples, tmp_path: Path, case: str, message: str
+) -> None:
+    if case == "text.png":
+        bad = _write(tmp_path / case, b"this is text, not a picture\n" * 10)
+    elif case == "empty.png":
+        bad = _write(tmp_path / case, b"")
+    elif case == "truncated.png":
+        data = Path(examples.digits[0]).read_bytes()
+        bad = _write(tmp_path / case, data[: len(data) // 3])
+    else:
+        bad = tmp_path / case
+        Image.new("1", (12000, 12000)).save(bad)  # 144 megapixels in a few kB
+    with pytest.raises(AppError, match=re.escape(message)):
+        analyze(client, [bad])
+    assert_good_request_works(client, examples.photos[0])
+
+
+def test_bad_file_in_a_batch_is_skipped_with_a_warning(client: Client, examples, tmp_path: Path) -> None:
+    bad = _write(tmp_path / "notes.txt", b"hello")
+    out = analyze(client, [bad, examples.photos[1]])
+    assert out["summary"]["images"] == [examples.photos[1].name]
+    assert "skipped notes.txt: not an image file" in out["status"]
+
+
+def test_unusual_image_modes_are_converted(client: Client, examples, tmp_path: Path) -> None:
+    rgba = tmp_path / "rgba.png"
+    Image.new("RGBA", (300, 200), (255, 0, 0, 100)).save(rgba)
+    palette = tmp_path / "palette.gif"
+    Image.new("P", (120, 90), 3).save(palette)
+    deep = tmp_path / "gray16.png"
+    Image.fromarray((np.arange(160 * 120).reshape(120, 160) * 3).astype(np.uint16)).save(deep)
+    rotated = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (160, 90), (0, 90, 200)).save(rotated, exif=exif)
+    out = analyze(client, [rgba, palette, deep, rotated])
+    assert len(out["summary"]["images"]) == 4
+    for note in (
+        "transparency composited on white",
+        "converted to RGB",
+        "reduced to 8 bits",
+        "rotated upright from its EXIF orientation",
+    ):
+        assert note in out["status"]
+
+
+def test_upload_over_the_size_limit_is_refused(client: Client, examples, tmp_path: Path) -> None:
+    noisy = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (1000, 1000, 3), dtype=np.uint8)).save(noisy)
+    assert noisy.stat().st_size > 2_000_000
+    with pytest.raises(Exception, match=r"(?i)size|large|413"):
+        analyze(client, [noisy])
+    assert_good_request_works(client, examples.photos[0])
+
+
+def test_model_sources_are_checked(client: Client, served: Served, examples, allow_dir: Path) -> None:
+    with pytest.raises(AppError, match="outside the folders this app may load from"):
+        client.predict(source="/etc", api_name="/load_model")
+    assert_good_request_works(client, examples.photos[0])
+
+    with pytest.raises(AppError, match=r"neither a checkpoint .* nor a timm model name"):
+        client.predict(source="no-such-model", api_name="/load_model")
+    with pytest.raises(AppError, match=r"does not exist|not a checkpoint folder"):
+        client.predict(source=str(allow_dir / "missing"), api_name="/load_model")
+
+    mismatched = allow_dir / "mismatched"
+    mismatched.mkdir()
+    import torch
+    from safetensors.torch import save_file
+
+    config = {
+        "format": "spa-viz/1",
+        "architecture": "timm_spa_vit",
+        "timm_name": "vit_tiny_patch16_224",
+        "spa": {"start_layer": 3},
+    }
+    (mismatched / "config.json").write_text(json.dumps(config))
+    save_file({"blocks.3.gate.proj.weight": torch.zeros(1, 7)}, str(mismatched / "model.safetensors"))
+    with pytest.raises(AppError, match=r"shape mismatch|missing tensors"):
+        analyze(client, [examples.photos[0]], model=str(mismatched))
+    assert_good_request_works(client, examples.photos[0])
+
+    info = client.predict(source="vit_tiny_patch16_224", api_name="/load_model")
+    assert info["model"] == "vit_tiny_patch16_224" and info["spa_layers"][0] == 3
+    assert info["trained_weights"] is False and "random weights" in info["badge"]
+
+
+def test_no_image_gives_a_message(client: Client, examples) -> None:
+    with pytest.raises(AppError, match="no image"):
+        client.predict(files=[], model=TINY, api_name="/analyze")
+    assert_good_request_works(client, examples.photos[0])
+
+
+def test_attribution_endpoint(client: Client, examples) -> None:
+    common = dict(files=[handle_file(str(examples.photos[0]))], model=TINY, selector="learned gate")
+    image, text = client.predict(**common, method="attention_rollout", api_name="/attribute")
+    assert Image.open(image).size[0] >= 448 and "Attention rollout" in text
+    image, text = client.predict(**common, method="feature_ablation", api_name="/attribute")
+    assert "Feature ablation" in text and "token_group" in text
+    with pytest.raises(AppError, match="not in the list of choices"):
+        client.predict(**common, method="gradcam", api_name="/attribute")
+    assert_good_request_works(client, examples.photos[0])
+
+
+def test_report_and_models_endpoints(client: Client, examples) -> None:
+    path = client.predict(files=[handle_file(str(examples.digits[0]))], model=TINY, layer=5, api_name="/report")
+    with zipfile.ZipFile(path) as archive:
+        names = set(archive.namelist())
+        summary = json.loads(archive.read("summary.json"))
+    assert {
+        "gate_scores.png",
+        "kept_tokens.png",
+        "selection_labels.png",
+        "all_layers.png",
+        "predictions.png",
+        "packed_layout.plotly.json",
+        "flops.plotly.json",
+        "kept_histogram.plotly.json",
+        "summary.json",
+    } <= names
+    assert summary["layer"] == 5 and summary["trace"]["layers"]
+    listing = client.predict(api_name="/models")
+    assert TINY in listing["models"] and "attention_rollout" in listing["attribution_methods"]
+
+
+@pytest.mark.skipif(
+    not default_checkpoint_available(), reason="the default real-photo checkpoint is not in checkpoints/"
+)
+def test_default_checkpoint_end_to_end(examples) -> None:
+    with serve(None) as app:
+        client = Client(app.url, verbose=False)
+        out = dict(zip(OUTPUTS, client.predict(files=[handle_file(str(examples.photos[0]))], api_name="/analyze")))
+        assert "task: saliency" in out["status"] and "trained gates" in out["status"]
+        assert out["summary"]["selection_labels"]["source"] == "dense teacher's saliency > 0.5"
+        assert out["summary"]["trace"]["mean_keep_ratio"] < 1.0
+
+
+DETECTORS = [
+    name for name in ("spa-vit-digits", "dense-vit-digits", "spa-vit-digits-noselect") if name in spa_viz.available()
+]
+
+
+@pytest.mark.skipif(not DETECTORS, reason="no digit detector checkpoint in checkpoints/")
+def test_detector_checkpoint_draws_boxes_and_labels(client: Client, examples) -> None:
+    out = analyze(client, [examples.digits[0]], model=DETECTORS[0])
+    assert "task: detection" in out["status"]
+    assert isinstance(out["summary"]["predictions"]["detections"], list)
+    assert out["summary"]["selection_labels"]["source"] == "object masks of the example"
+    _, text = client.predict(
+        files=[handle_file(str(examples.digits[0]))],
+        model=DETECTORS[0],
+        method="attention_rollout",
+        api_name="/attribute",
+    )
+    assert "detection" in text or "heat-map" in text

@@ -1,0 +1,93 @@
+"""A real browser (Debian chromium via the playwright client) uploads an image and moves the threshold.
+
+Checks that the kept-token mask and the FLOP numbers on the page change, and, when the default
+real-photo checkpoint ran, saves the screenshot used in the docs (docs/screenshots/app.png).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from app.examples import build_examples
+from app.models import DEFAULT_CHECKPOINT
+from app.settings import REPO_ROOT, AppSettings
+from tests.app.conftest import TINY, default_checkpoint_available, serve
+
+CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOT = REPO_ROOT / "docs" / "screenshots" / "app.png"
+FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+TIMEOUT_MS = 90_000
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.filterwarnings("ignore::Warning:gradio.queueing"),
+    pytest.mark.skipif(
+        not CHROMIUM.exists(), reason="needs Debian chromium at /usr/bin/chromium (apt-get install chromium)"
+    ),
+]
+
+
+def _shrink(path: Path) -> None:
+    """Keep the committed screenshot small: 1400 px wide, 256-colour palette."""
+    image = Image.open(path).convert("RGB")
+    if image.width > 1400:
+        image = image.resize((1400, round(image.height * 1400 / image.width)), Image.Resampling.LANCZOS)
+    image.quantize(256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+
+
+def test_upload_then_threshold_changes_mask_and_flops(tmp_path: Path) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    examples = build_examples(AppSettings().examples_dir)
+    real = default_checkpoint_available()
+    model = DEFAULT_CHECKPOINT if real else TINY
+    screenshot = SCREENSHOT if real else tmp_path / "app.png"  # only the real model's page goes into the docs
+    with serve(model) as app, sync_playwright() as playwright, tempfile.TemporaryDirectory() as profile:
+        browser = playwright.chromium.launch_persistent_context(
+            profile, executable_path=str(CHROMIUM), headless=True, args=FLAGS, viewport={"width": 1600, "height": 1100}
+        )
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(app.url)
+            status = page.locator("#status-box")
+            expect(status).to_contain_text("chelsea.jpg", timeout=TIMEOUT_MS)  # the page opens analysed
+
+            upload = examples.photos[2]  # coffee; uploading adds it to the batch
+            page.locator("input[type=file]").first.set_input_files(str(upload))
+            expect(status).to_contain_text(f"1: {upload.name}", timeout=TIMEOUT_MS)
+
+            threshold = page.locator("#threshold input[type=number]")
+            if threshold.is_disabled():  # untrained gates open on a training-free selector
+                page.locator("#selector input").click()
+                page.get_by_role("option", name="learned gate").click()
+                expect(threshold).to_be_enabled()
+            kept = page.locator("#kept-image img")
+            stats = page.locator("#stats")
+            expect(stats).to_contain_text("Backbone FLOPs")
+            page.wait_for_load_state("networkidle")
+            before_mask, before_stats = kept.get_attribute("src"), stats.inner_text()
+
+            threshold.fill("0.7")
+            threshold.press("Enter")
+            expect(kept).not_to_have_attribute("src", before_mask, timeout=TIMEOUT_MS)
+            expect(stats).not_to_have_text(before_stats, timeout=TIMEOUT_MS)
+            assert "Backbone FLOPs" in stats.inner_text()
+
+            page.wait_for_load_state("networkidle")
+            screenshot.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(screenshot), full_page=True)
+            _shrink(screenshot)
+        finally:
+            browser.close()
