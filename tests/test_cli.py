@@ -1,0 +1,159 @@
+"""``spa-viz analyze`` on a folder of good, corrupt and non-image files, and its overwrite guard."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from spa_viz.checkpoint import save_checkpoint
+from spa_viz.cli import main
+from spa_viz.models.zoo import build_timm_spa_vit
+
+GOOD = ("rgb", "rgba", "gray")
+#: a small random ViT-SPA checkpoint: 64 px input, 8 px patches, SPA in layers 1-3
+TINY = {
+    "architecture": "timm_spa_vit",
+    "timm_name": "vit_tiny_patch16_224",
+    "timm_kwargs": {"img_size": 64, "patch_size": 8, "embed_dim": 48, "depth": 4, "num_heads": 2, "num_classes": 7},
+    "spa": {"start_layer": 1},
+    "image_size": 64,
+    "class_names": [f"shape {i}" for i in range(7)],
+    "trained_gates": False,
+}
+
+
+@dataclass
+class Run:
+    code: int
+    messages: list[str]
+    stdout: str
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def run_cli(*argv: str) -> Run:
+    """``main(argv)`` with the CLI's log messages and stdout captured."""
+    handler = _Records()
+    logger = logging.getLogger("spa_viz.cli")
+    logger.addHandler(handler)
+    stdout = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(stdout):
+            code = main(list(argv))
+    finally:
+        logger.removeHandler(handler)
+    return Run(code, handler.messages, stdout.getvalue())
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("inputs")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)).save(folder / "rgb.png")
+    Image.fromarray(rng.integers(0, 256, (64, 64, 4), dtype=np.uint8), "RGBA").save(folder / "rgba.png")
+    Image.fromarray(rng.integers(0, 256, (50, 70), dtype=np.uint8), "L").save(folder / "gray.jpg")
+    (folder / "corrupt.jpg").write_bytes((folder / "gray.jpg").read_bytes()[:120])
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    folder = tmp_path_factory.mktemp("models") / "tiny"
+    return str(save_checkpoint(build_timm_spa_vit(TINY), folder, TINY))
+
+
+@pytest.fixture(scope="module")
+def out(inputs: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("runs") / "out"
+
+
+@pytest.fixture(scope="module")
+def first(inputs: Path, out: Path, model: str) -> Run:
+    return run_cli("analyze", str(inputs), "--model", model, "--out", str(out), "--threshold", "0.6")
+
+
+def test_folder_run_skips_bad_files_with_exit_code_1(first: Run, inputs: Path, out: Path) -> None:
+    assert first.code == 1
+    warnings = "\n".join(first.messages)
+    assert f"skipped {inputs / 'corrupt.jpg'}: corrupt image" in warnings
+    assert f"skipped {inputs / 'notes.txt'}: not an image" in warnings
+    assert "untrained gates" in warnings
+    assert first.stdout.strip() == f"spa-viz: analysed 3 image(s), skipped 2; results in {out}"
+
+
+def test_outputs_per_image(first: Run, out: Path) -> None:
+    run = json.loads((out / "summary.json").read_text())
+    assert sorted(a["output"] for a in run["analysed"]) == sorted(GOOD)
+    assert {Path(s["input"]).name: s["reason"].split(" (")[0] for s in run["skipped"]} == {
+        "corrupt.jpg": "corrupt image",
+        "notes.txt": "not an image",
+    }
+    assert run["spa"]["threshold"] == 0.6 and run["task"] == "classification"
+    assert run["skipped"] and all(s["reason"] for s in run["skipped"])
+    assert (out / "plotly.min.js").stat().st_size > 100_000
+    for name in GOOD:
+        summary = json.loads((out / name / "summary.json").read_text())
+        layers = [str(layer["layer"]) for layer in summary["trace"]["layers"]]
+        assert layers and list(summary["kept_counts"]) == layers
+        assert summary["flops"]["backbone_dense"] > 0 and summary["flops"]["backbone_run"] > 0
+        assert {"preprocess_s", "forward_s", "render_s"} <= set(summary["timings"])
+        assert summary["input_size"] == [64, 64]
+        assert summary["predictions"]["top5"][0]["label"].startswith("shape ")
+        assert sorted(summary["files"]) == sorted(p.name for p in (out / name).iterdir())
+        for layer in layers:
+            for kind in ("gate", "keep", "layout"):
+                with Image.open(out / name / f"{kind}_L{layer}.png") as picture:
+                    assert picture.mode == "RGB" and min(picture.size) > 50
+            html = (out / name / f"layout_L{layer}.html").read_text()
+            assert "../plotly.min.js" in html and "Packed batch" in html
+
+
+def test_refuses_to_overwrite_without_flag(first: Run, inputs: Path, out: Path, model: str) -> None:
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    again = run_cli("analyze", str(inputs / "rgb.png"), "--model", model, "--out", str(out))
+    assert again.code == 2
+    assert any("refusing to overwrite" in m and "--overwrite" in m for m in again.messages)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+def test_overwrite_flag_replaces_outputs(first: Run, inputs: Path, out: Path, model: str) -> None:
+    summary = out / "rgb" / "summary.json"
+    summary.write_text("{}")
+    again = run_cli("analyze", str(inputs / "rgb.png"), "--model", model, "--out", str(out), "--overwrite")
+    assert again.code == 0
+    assert "kept_counts" in json.loads(summary.read_text())
+
+
+def test_single_file_with_container_policy(tmp_path: Path, model: str) -> None:
+    Image.new("RGB", (40, 40), (10, 200, 30)).save(tmp_path / "green.jpg")
+    args = ["--policy", "container", "--container-len", "64", "--attribution", "rollout"]
+    run = run_cli("analyze", str(tmp_path / "green.jpg"), "--model", model, "--out", str(tmp_path / "o"), *args)
+    assert run.code == 0
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["spa"]["policy"] == "container"
+    summary = json.loads((tmp_path / "o" / "green" / "summary.json").read_text())
+    assert summary["attribution"]["method"] == "attention_rollout"
+    assert (tmp_path / "o" / "green" / "attribution.png").is_file()
+
+
+def test_usage_errors_exit_2(tmp_path: Path, model: str) -> None:
+    assert run_cli("analyze", str(tmp_path / "missing.png"), "--model", model, "--out", str(tmp_path / "o")).code == 2
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["analyze", str(tmp_path), "--model", model, "--out", str(tmp_path / "o"), "--policy", "rows"])
+    assert exit_info.value.code == 2
