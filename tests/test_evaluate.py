@@ -1,0 +1,92 @@
+"""Evaluation: COCO metrics on known cases, and every shipped checkpoint reproduces the metrics its
+metrics.json records for a fixed subset of the test split ("ci_subset")."""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+
+import pytest
+import torch
+
+import spa_viz
+from spa_viz.data.coco import InMemoryDetection
+from spa_viz.evaluate import Sample, _dense_flops, coco_metrics, digits_samples, embed_flops_missing, evaluate, main, spa_disabled
+from spa_viz.models.detector import Detector, build_spa_vit_detector
+from spa_viz.models.zoo import checkpoints_dir
+
+SHIPPED = ("dense-vit-digits", "spa-vit-digits", "spa-vit-digits-noselect", "spt-digits")
+#: Tolerances for re-running on another CPU (BLAS differences can flip a borderline score or gate).
+TOL = {"AP50": 0.02, "AP": 0.02, "keep": 0.01, "flops_saving": 0.01}
+
+
+def present() -> list[str]:
+    return [name for name in SHIPPED if (checkpoints_dir() / name / "metrics.json").is_file()]
+
+
+@cache
+def test_samples(seed: int, canvas: int, num: int) -> tuple[Sample, ...]:
+    return tuple(digits_samples("test", num, seed, canvas, cache=False))
+
+
+test_samples.__test__ = False  # a helper, not a test
+
+
+def test_coco_metrics_perfect_and_empty() -> None:
+    gt = {
+        "images": [{"id": 1, "height": 64, "width": 64}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 2, "bbox": [4, 4, 20, 30], "area": 600, "iscrowd": 0}],
+        "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
+    }
+    perfect = [{"image_id": 1, "category_id": 2, "score": 0.9, "bbox": [4, 4, 20, 30]}]
+    assert coco_metrics(gt, perfect) == pytest.approx({"AP": 1.0, "AP50": 1.0})
+    wrong_class = [{**perfect[0], "category_id": 1}]
+    assert coco_metrics(gt, wrong_class)["AP50"] == 0.0
+    assert coco_metrics(gt, []) == {"AP": 0.0, "AP50": 0.0}
+
+
+def test_dense_flops_count_the_conv_stem_like_torch() -> None:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    backbone = {"timm_name": "spa_vit_digits", "stem": [8, 16], "spa": {"start_layer": 1},
+                "timm_kwargs": {"img_size": 32, "patch_size": 4, "embed_dim": 16, "depth": 2, "num_heads": 2}}
+    model = build_spa_vit_detector({"architecture": "spa_vit_detector", "backbone": backbone,
+                                    "head": {"num_classes": 3}}).eval()
+    assert embed_flops_missing(model, 32) > 0
+    with spa_disabled(model), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model.backbone.forward_features(torch.zeros(1, 3, 32, 32))
+    assert _dense_flops(model, 32) * 1e9 == pytest.approx(counter.get_total_flops(), rel=1e-9)
+
+
+def test_the_shipped_checkpoints_are_there_and_small() -> None:
+    names = present()
+    assert {"dense-vit-digits", "spa-vit-digits", "spa-vit-digits-noselect"} <= set(names)
+    for name in names:
+        assert (checkpoints_dir() / name / "model.safetensors").stat().st_size < 20 * 2**20
+        assert "python -m spa_viz.train --config configs/" in (checkpoints_dir() / name / "README.md").read_text()
+
+
+@pytest.mark.parametrize("name", present())
+def test_ci_subset_reproduces_recorded_metrics(name: str) -> None:
+    model = spa_viz.load(name)
+    assert isinstance(model, Detector)
+    config = model.spa_viz_config
+    expected = json.loads((checkpoints_dir() / name / "metrics.json").read_text())["ci_subset"]
+    data = config["data"]
+    samples = test_samples(int(data["seed"]), int(data["canvas_size"]), int(expected["num"]))
+    dataset = InMemoryDetection(list(samples), int(config["image_size"]))
+    result = evaluate(model, dataset, int(config["image_size"]), timing_batch=0)
+    assert result["AP50"] == pytest.approx(expected["AP50"], abs=TOL["AP50"])
+    assert result["AP"] == pytest.approx(expected["AP"], abs=TOL["AP"])
+    assert result["keep_ratio"]["mean"] == pytest.approx(expected["keep_ratio"]["mean"], abs=TOL["keep"])
+    assert result["flops_saving"] == pytest.approx(expected["flops_saving"], abs=TOL["flops_saving"])
+    for layer, stats in expected.get("layers", {}).items():
+        assert result["layers"][layer]["keep_ratio"] == pytest.approx(stats["keep_ratio"], abs=TOL["keep"])
+
+
+@pytest.mark.skipif(not present(), reason="no shipped checkpoint")
+def test_cli_prints_a_table(capsys) -> None:
+    result = main(["--checkpoint", present()[0], "--num", "4", "--no-timing", "--no-cache"])
+    assert result["num_images"] == 4
+    assert "AP50" in capsys.readouterr().out
