@@ -376,9 +376,9 @@ def train(config: dict[str, Any], out: Path, *, resume: bool = False, overwrite:
         log.info("resumed from %s at epoch %d, batch %d", last, epoch, batch_done)
 
     wrapped: nn.Module = model
-    if world > 1:  # gates of a dense twin get no gradient: find_unused_parameters
+    if world > 1:  # the gates of a dense twin get no gradient
         wrapped = nn.parallel.DistributedDataParallel(
-            model, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=True
+            model, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=not spa_on
         )
     scaler = torch.amp.GradScaler(dev.type, enabled=dev.type == "cuda" and train_cfg["amp"] == "fp16")
     batch_size = int(train_cfg["batch_size"])
@@ -387,9 +387,10 @@ def train(config: dict[str, Any], out: Path, *, resume: bool = False, overwrite:
         raise TrainingError(f"{len(train_ds)} training images give no full batch of {batch_size} per rank")
     total_steps = int(train_cfg["epochs"]) * steps_per_epoch
     budget = train_cfg["minutes"]
-    log.info("%s: %d train images, %d steps/epoch, %d epochs, SPA %s, alpha %g, device %s, world %d",
-             config["name"], len(train_ds), steps_per_epoch, train_cfg["epochs"], "on" if spa_on else "off",
-             alpha, dev, world)
+    if rank == 0:
+        log.info("%s: %d train images, %d steps/epoch, %d epochs, SPA %s, alpha %g, device %s, world %d",
+                 config["name"], len(train_ds), steps_per_epoch, train_cfg["epochs"], "on" if spa_on else "off",
+                 alpha, dev, world)
 
     stopped_early = False
     lr = _lr_at(epoch * steps_per_epoch + batch_done, total_steps, train_cfg)
@@ -519,6 +520,8 @@ def model_card(config: Mapping[str, Any], metrics: Mapping[str, Any], command: s
         "",
         f"- architecture: `{config['architecture']}`, backbone `{backbone['timm_name']}` "
         f"{json.dumps(backbone.get('timm_kwargs', {}))}",
+        *([f"- patch embedding: conv stem of widths {backbone['stem']} (`ConvStemEmbed`) + 1x1 projection"]
+          if backbone.get("stem") else []),
         f"- SPA: enabled={spa.get('enabled')}, threshold={spa.get('threshold')}, policy={spa.get('policy')}, "
         f"start_layer={spa.get('start_layer', '(SPT stages)')}",
         f"- input {config['image_size']} px (letterboxed from the {config['data'].get('canvas_size', '?')} px "
