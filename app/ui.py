@@ -111,6 +111,11 @@ def _first_loadable(service: AnalysisService) -> tuple[LoadedModel, list[str]]:
     raise UserError("no model could be loaded:\n" + "\n".join(problems))
 
 
+def _output_image(label: str, elem_id: str | None = None) -> gr.Image:
+    """A read-only image view filled by the analysis (a rendered PNG path)."""
+    return gr.Image(label=label, type="filepath", elem_id=elem_id, interactive=False, show_label=False)
+
+
 def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
     """The Blocks app on top of ``service``; ``examples`` fill the example table."""
     registry = service.registry
@@ -319,35 +324,17 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
             with gr.Column(scale=3):
                 stats = gr.Markdown(elem_id="stats", label="Cost")
                 with gr.Row():
-                    gate = gr.Image(
-                        label="Gate scores",
-                        type="filepath",
-                        elem_id="gate-image",
-                        interactive=False,
-                        show_label=False,
-                    )
-                    kept = gr.Image(
-                        label="Kept tokens",
-                        type="filepath",
-                        elem_id="kept-image",
-                        interactive=False,
-                        show_label=False,
-                    )
-                    labels = gr.Image(
-                        label="Selection labels",
-                        type="filepath",
-                        elem_id="labels-image",
-                        interactive=False,
-                        show_label=False,
-                    )
+                    gate = _output_image("Gate scores", "gate-image")
+                    kept = _output_image("Kept tokens", "kept-image")
+                    labels = _output_image("Selection labels", "labels-image")
                 labels_text = gr.Markdown(label="Selection label metrics")
-                strip = gr.Image(label="All SPA layers", type="filepath", interactive=False, show_label=False)
+                strip = _output_image("All SPA layers")
                 layout = gr.Plot(label="Packed batch layout")
                 with gr.Row():
                     flops = gr.Plot(label="FLOPs per layer")
                     histogram = gr.Plot(label="Kept tokens per image")
                 with gr.Row():
-                    predictions = gr.Image(label="Predictions", type="filepath", interactive=False, show_label=False)
+                    predictions = _output_image("Predictions")
                     gallery = gr.Gallery(
                         label="The batch as the model sees it", columns=4, height=300, object_fit="contain"
                     )
@@ -355,9 +342,7 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
                     with gr.Row():
                         method = gr.Radio(list(METHODS), value="attention_rollout", label="Method")
                         attribute_button = gr.Button("Compute attribution", variant="primary")
-                    attribution_image = gr.Image(
-                        label="Attribution", type="filepath", interactive=False, show_label=False
-                    )
+                    attribution_image = _output_image("Attribution")
                     attribution_text = gr.Markdown(label="Attribution details")
                 with gr.Accordion("Report and raw numbers", open=False):
                     report_button = gr.Button("Build report (zip: PNG panels + figures + JSON)")

@@ -59,12 +59,24 @@ def architectures() -> list[str]:
     return sorted(_ARCHITECTURES)
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder so a crash never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+def _default_file_mode() -> int:
+    """The mode ``open()`` would give a new file (0o666 minus the umask); mkstemp uses 0o600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file in the same folder so a crash never leaves half a file.
+
+    ``write`` receives the temporary path; on success it replaces ``path`` with normal file
+    permissions, on failure the temporary file is removed and ``path`` is untouched.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, _default_file_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -95,12 +107,12 @@ def save_checkpoint(
     state = tensors if tensors is not None else model.state_dict()
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     full = {"format": FORMAT, **config, "tensors": {k: list(v.shape) for k, v in sorted(state.items())}}
-    _write_atomic(directory / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": FORMAT}))
-    _write_atomic(directory / "config.json", lambda p: p.write_text(json.dumps(full, indent=2) + "\n"))
+    write_atomic(directory / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": FORMAT}))
+    write_atomic(directory / "config.json", lambda p: p.write_text(json.dumps(full, indent=2) + "\n"))
     if metrics is not None:
-        _write_atomic(directory / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=2) + "\n"))
+        write_atomic(directory / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=2) + "\n"))
     if card is not None:
-        _write_atomic(directory / "README.md", lambda p: p.write_text(card))
+        write_atomic(directory / "README.md", lambda p: p.write_text(card))
     return directory
 
 

