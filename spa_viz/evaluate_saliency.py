@@ -7,7 +7,9 @@ SPA layer), and the SPA model's saliency map with the dense model's (MAE), and r
 FLOP saving and CPU latency. The dense teacher is the same model with SPA disabled.
 
 Selectors are scored twice: at *equal keep ratio* (each selector keeps, per photo and SPA layer,
-exactly as many tokens as the learned gate did) and at their own defaults.
+exactly as many tokens as the learned gate did) and at their own defaults. When the model has a
+stale-token refresher ([ours], :mod:`spa_viz.layers.refresh`), every row runs with it and the learned
+gate and the label oracle are also scored without it.
 """
 
 from __future__ import annotations
@@ -27,10 +29,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from spa_viz.analysis.trace import Trace, trace
+from spa_viz.analysis.trace import trace
 from spa_viz.data.photos import HELD_OUT, load_photo
 from spa_viz.models.img_focus import preprocess_image
-from spa_viz.models.spa_vit import configure, spa_blocks, spa_context
+from spa_viz.models.spa_vit import configure, spa_context
 from spa_viz.models.zoo import load
 from spa_viz.layers.config import SPAConfig
 from spa_viz.selection.selectors import SELECTORS, TokenSelector, install_selector, remove_selector, top_counts_mask
@@ -42,6 +44,8 @@ __all__ = [
     "LabelOracle",
     "dense",
     "evaluate",
+    "has_refresh",
+    "without_refresh",
     "evaluate_selection",
     "held_out_batch",
     "latency",
@@ -83,6 +87,23 @@ def dense(model: nn.Module) -> Iterator[nn.Module]:
         configure(model, enabled=was)
 
 
+def has_refresh(model: nn.Module) -> bool:
+    """Whether ``model``'s SPA backbone runs a stale-token refresher."""
+    return spa_context(model).refresh is not None
+
+
+@contextmanager
+def without_refresh(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` without its stale-token refresher inside the block (plain SPA), then restore it."""
+    ctx = spa_context(model)
+    saved = ctx.refresh
+    ctx.refresh = None
+    try:
+        yield model
+    finally:
+        ctx.refresh = saved
+
+
 def teacher_saliency(model: nn.Module, images: Tensor) -> Tensor:
     """(B, 1, H, W) saliency of the dense twin of ``model``."""
     with dense(model), torch.inference_mode():
@@ -115,15 +136,6 @@ class LabelOracle(TokenSelector):
         return top_counts_mask(scores, (scores > 0).sum(1).clamp(min=min(config.min_keep, scores.shape[1])))
 
 
-def _selector_flops(model: nn.Module, tr: Trace) -> int:
-    """FLOPs of the installed selectors' own scoring, which the core FLOP model does not count."""
-    total = 0
-    for block, layer in zip(spa_blocks(model), tr.layers):
-        if isinstance(block.gate, TokenSelector):
-            total += 2 * block.gate.macs_per_token * layer.keep.numel()
-    return total
-
-
 def evaluate_selection(model: nn.Module, image: Tensor, teacher: Tensor, labels: Tensor) -> dict[str, Any]:
     """Metrics of whatever gate or selector ``model`` runs, on one image (1, 3, H, W)."""
     with torch.inference_mode():
@@ -134,13 +146,12 @@ def evaluate_selection(model: nn.Module, image: Tensor, teacher: Tensor, labels:
     precision = hits / keep.sum(1).clamp(min=1)
     recall = torch.where(target.sum(1) > 0, hits / target.sum(1).clamp(min=1), 1.0)
     iou = torch.where((keep | target).sum(1) > 0, hits / (keep | target).sum(1).clamp(min=1), 1.0)
-    extra = _selector_flops(model, tr)
     return {
         "keep_ratio": tr.mean_keep_ratio,
         "keep_ratio_per_layer": {str(t.layer): float(t.keep_ratio[0]) for t in tr.layers},
         "kept_per_layer": [int(t.kept_counts[0]) for t in tr.layers],
         "saliency_mae": float((out.float() - teacher.float()).abs().mean()),
-        "backbone_saving": 1.0 - (tr.backbone_flops_run + extra) / tr.backbone_flops_dense,
+        "backbone_saving": 1.0 - tr.backbone_flops_run / tr.backbone_flops_dense,
         "precision": float(precision.mean()),
         "recall": float(recall.mean()),
         "iou": float(iou.mean()),
@@ -203,19 +214,30 @@ def latency(model: nn.Module, images: Tensor, batch_sizes: Sequence[int] = (1, 8
 def threshold_sweep(
     model: nn.Module, images: Tensor, teachers: Tensor, labels: Tensor, thresholds: Sequence[float]
 ) -> list[dict[str, float]]:
-    """Keep ratio, saliency MAE, FLOP saving and IoU of the learned gate at other inference thresholds."""
+    """Keep ratio, saliency MAE, FLOP saving and IoU of the learned gate at other inference thresholds.
+
+    With a refresher, ``saliency_mae_no_refresh`` and ``backbone_saving_no_refresh`` give the same
+    selection without it.
+    """
     config = spa_context(model).config
     original = config.threshold
+
+    def summary() -> dict[str, Any]:
+        return _summarize(
+            {str(i): evaluate_selection(model, images[i : i + 1], teachers[i : i + 1], labels[i : i + 1]) for i in range(len(images))}
+        )
+
     rows = []
     try:
         for threshold in thresholds:
             configure(model, threshold=threshold)
-            per_photo = {
-                str(i): evaluate_selection(model, images[i : i + 1], teachers[i : i + 1], labels[i : i + 1])
-                for i in range(len(images))
-            }
-            summary = _summarize(per_photo)
-            rows.append({"threshold": threshold, **{k: summary[k] for k in _AVERAGED}})
+            row = {"threshold": threshold, **{k: v for k, v in summary().items() if k in _AVERAGED}}
+            if has_refresh(model):
+                with without_refresh(model):
+                    plain = summary()
+                row["saliency_mae_no_refresh"] = plain["saliency_mae"]
+                row["backbone_saving_no_refresh"] = plain["backbone_saving"]
+            rows.append(row)
     finally:
         configure(model, threshold=original)
     return rows
@@ -243,6 +265,8 @@ def evaluate(
         "photos": list(names),
         "label_rule": f"{LABEL_REDUCE} of teacher saliency over a patch > {LABEL_THRESHOLD}",
         "label_ratio": float(labels.float().mean()),
+        "threshold": spa_context(model).config.threshold,
+        "refresh": has_refresh(model),
         "learned": _summarize(learned),
         "equal_keep": {},
         "default": {},
@@ -252,6 +276,12 @@ def evaluate(
         results["default"][name] = _run_selector(model, name, images, teachers, labels, names, None)
         results["default"][name]["params"] = SELECTORS[name].default_params
     results["label_oracle"] = _run_selector(model, LabelOracle, images, teachers, labels, names, None)
+    if results["refresh"]:
+        with without_refresh(model):
+            results["learned_no_refresh"] = _summarize(
+                {photo: evaluate_selection(model, images[i : i + 1], teachers[i : i + 1], labels[i : i + 1]) for i, photo in enumerate(names)}
+            )
+            results["label_oracle_no_refresh"] = _run_selector(model, LabelOracle, images, teachers, labels, names, None)
     if thresholds:
         results["threshold_sweep"] = threshold_sweep(model, images, teachers, labels, thresholds)
     if timing:
@@ -268,17 +298,23 @@ def _row(label: str, m: dict[str, Any]) -> str:
 
 def markdown_table(results: dict[str, Any]) -> str:
     """The comparison as a markdown table (means over photos and SPA layers) plus latency lines."""
+    refresh = results.get("refresh", False)
+    with_refresh = " + refresher" if refresh else ""
     lines = [
         "| selection | keep ratio | precision | recall | IoU | saliency MAE | backbone FLOP saving |",
         "|---|---|---|---|---|---|---|",
-        _row("learned gate (SPA)", results["learned"]),
+        _row(f"learned gate (SPA){with_refresh}", results["learned"]),
     ]
-    lines += [_row(f"{name}, equal keep", m) for name, m in results["equal_keep"].items()]
+    if refresh:
+        lines.append(_row("learned gate (SPA), no refresher", results["learned_no_refresh"]))
+    lines += [_row(f"{name}, equal keep{with_refresh}", m) for name, m in results["equal_keep"].items()]
     for name, m in results["default"].items():
         params = ", ".join(f"{k}={v}" for k, v in m["params"].items())
-        lines.append(_row(f"{name}, default ({params})", m))
+        lines.append(_row(f"{name}, default ({params}){with_refresh}", m))
     if "label_oracle" in results:
-        lines.append(_row("label oracle (keeps exactly the teacher labels; diagnostic)", results["label_oracle"]))
+        lines.append(_row(f"label oracle (keeps exactly the teacher labels; diagnostic){with_refresh}", results["label_oracle"]))
+    if refresh:
+        lines.append(_row("label oracle, no refresher", results["label_oracle_no_refresh"]))
     timing = results.get("latency")
     if timing:
         lines.append("")

@@ -4,7 +4,9 @@ FLOPs are ``2 x multiply-adds`` of the matrix products (what ``torch.utils.flop_
 norms, softmax and activations are not counted). For an SPA block we count the gate on every token
 (prefix tokens too, as the code scores them), the projections and the MLP on every packed slot (container padding included), and the
 attention scores of every row: ``L^2`` per row for the dense-row backends (``sdpa``, ``flex``),
-or the sum of squared same-image run lengths for ``varlen`` and ``reference``.
+or the sum of squared same-image run lengths for ``varlen`` and ``reference``. A stale-token
+refresher ([ours]) adds its two projections on every refreshed token and its class-token context
+projection once per image (:func:`refresh_flops`).
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ from timm.models import VisionTransformer
 from torch import Tensor, nn
 
 from spa_viz.layers.block import BlockCosts, BlockDecision
+from spa_viz.layers.refresh import RefreshDecision
 
 __all__ = [
     "LayerFlops",
     "dense_block_flops",
     "spa_block_flops",
     "layer_flops",
+    "refresh_flops",
     "static_flops",
     "paper_spa_flops",
     "paper_dense_flops",
@@ -104,6 +108,12 @@ def layer_flops(decision: BlockDecision) -> LayerFlops:
         per_image_run=per_image,
         padding=run - int(per_image.sum()),
     )
+
+
+def refresh_flops(decision: RefreshDecision) -> Tensor:
+    """(B,) FLOPs the stale-token refresher spent per image: its projections on each refreshed token,
+    plus its class-token context projection."""
+    return 2 * (decision.macs_per_token * decision.refreshed_counts + decision.macs_per_image)
 
 
 def static_flops(model: nn.Module, image_size: tuple[int, int]) -> int:

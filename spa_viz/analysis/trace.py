@@ -2,7 +2,8 @@
 
 ``out, tr = spa_viz.trace(model, images)`` runs the model once and returns its output plus a
 :class:`Trace`: for each SPA layer the fused scores, soft gate, keep mask, pack plan, kept counts,
-backend, and FLOPs dense vs as run. All tensors are on the CPU.
+backend, and FLOPs dense vs as run (a stale-token refresher's cost included). All tensors are on
+the CPU.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from spa_viz.analysis.flops import LayerFlops, layer_flops, static_flops
+from spa_viz.analysis.flops import LayerFlops, layer_flops, refresh_flops, static_flops
 from spa_viz.layers.block import BlockDecision, find_context
 from spa_viz.layers.packing import PackPlan
+from spa_viz.layers.refresh import RefreshDecision
 
 __all__ = ["LayerTrace", "Trace", "trace", "find_backbone"]
 
@@ -84,6 +86,13 @@ class Trace:
     image_size: tuple[int, int]
     batch_size: int
     static_flops: int
+    refresh: RefreshDecision | None = None
+    """What the stale-token refresher ([ours]) did, when one ran."""
+
+    @property
+    def refresh_flops(self) -> int:
+        """FLOPs of the stale-token refresher for the batch (0 without one); part of the run cost."""
+        return 0 if self.refresh is None else int(refresh_flops(self.refresh).sum())
 
     @property
     def backbone_flops_dense(self) -> int:
@@ -91,7 +100,7 @@ class Trace:
 
     @property
     def backbone_flops_run(self) -> int:
-        return self.static_flops * self.batch_size + sum(t.flops.run for t in self.layers)
+        return self.static_flops * self.batch_size + sum(t.flops.run for t in self.layers) + self.refresh_flops
 
     @property
     def backbone_saving(self) -> float:
@@ -114,7 +123,7 @@ class Trace:
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready summary of the whole trace."""
-        return {
+        summary = {
             "image_size": list(self.image_size),
             "batch_size": self.batch_size,
             "mean_keep_ratio": round(self.mean_keep_ratio, 4),
@@ -123,6 +132,9 @@ class Trace:
             "backbone_saving": round(self.backbone_saving, 4),
             "layers": [t.summary() for t in self.layers],
         }
+        if self.refresh is not None:
+            summary["refresh"] = {"refreshed_per_image": self.refresh.refreshed_counts.tolist(), "flops": self.refresh_flops}
+        return summary
 
 
 def find_backbone(model: nn.Module) -> nn.Module:
@@ -158,7 +170,7 @@ def trace(model: nn.Module, images: Tensor, *, grad: bool = False, **forward_kwa
     try:
         with torch.set_grad_enabled(grad):
             out = model(images, **forward_kwargs)
-        decisions = ctx.records
+        decisions, refresh = ctx.records, ctx.refresh_record
     finally:
         ctx.records = None
     image_size = (int(images.shape[-2]), int(images.shape[-1]))
@@ -167,4 +179,5 @@ def trace(model: nn.Module, images: Tensor, *, grad: bool = False, **forward_kwa
         image_size=image_size,
         batch_size=int(images.shape[0]),
         static_flops=static_flops(backbone, image_size),
+        refresh=refresh,
     )

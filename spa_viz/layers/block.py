@@ -12,7 +12,10 @@ gating.
 
 The blocks of one model share an :class:`SPAContext`: the per-forward state that carries the
 previous block's fused score (for max-fusion), the scores the selection loss needs, and, while
-tracing, a record of every decision.
+tracing, a record of every decision. When a stale-token refresher is attached (**[ours]**,
+:mod:`spa_viz.layers.refresh`), the context also counts per patch token how many SPA blocks skipped
+it, and the block at ``refresh_layer`` (the model's last block) runs the refresher on its output,
+so it runs once before the final norm in ``forward_features`` and ``forward_intermediates`` alike.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from spa_viz.layers.attention import packed_attention
 from spa_viz.layers.config import SPAConfig
 from spa_viz.layers.gate import fuse_scores, select_tokens
 from spa_viz.layers.packing import PackPlan, pack, plan_packing, unpack
+from spa_viz.layers.refresh import RefreshDecision, StaleTokenRefresh
 
 __all__ = [
     "BlockDecision",
@@ -62,8 +66,18 @@ class BlockCosts:
             qkv_macs=attn.qkv.weight.numel() + (attn_gate.weight.numel() if attn_gate is not None else 0),
             proj_macs=attn.proj.weight.numel(),
             mlp_macs=sum(m.weight.numel() for m in linears),
-            gate_macs=sum(m.weight.numel() for m in gate.modules() if isinstance(m, nn.Linear)) if gate else 0,
+            gate_macs=_gate_macs(gate),
         )
+
+
+def _gate_macs(gate: nn.Module | None) -> int:
+    """Scoring multiply-adds per token: a selector states its own, a learned gate is its linears."""
+    if gate is None:
+        return 0
+    stated = getattr(gate, "macs_per_token", None)
+    if stated is not None:
+        return int(stated)
+    return sum(m.weight.numel() for m in gate.modules() if isinstance(m, nn.Linear))
 
 
 @dataclass
@@ -94,6 +108,12 @@ class SPAContext:
     previous_grid: tuple[int, int] | None = None
     scores: list[tuple[int, tuple[int, int], Tensor]] = field(default_factory=list)
     records: list[BlockDecision] | None = None
+    refresh: StaleTokenRefresh | None = None
+    """Stale-token refresher run on the output of block ``refresh_layer`` ([ours]; None: off)."""
+    refresh_layer: int | None = None
+    skipped: Tensor | None = None
+    """(B, N) SPA blocks that did not select each patch token so far (counted while ``refresh`` is set)."""
+    refresh_record: RefreshDecision | None = None
 
     def begin(self, grid: tuple[int, int]) -> None:
         """Reset the per-forward state before the first block runs."""
@@ -101,6 +121,8 @@ class SPAContext:
         self.previous_scores = None
         self.previous_grid = None
         self.scores = []
+        self.skipped = None
+        self.refresh_record = None
 
 
 def packed_drop_path(y: Tensor, plan: PackPlan, module: nn.Module, training: bool) -> Tensor:
@@ -169,6 +191,16 @@ def spa_block_forward(block: nn.Module, x: Tensor, ctx: SPAContext, layer: int) 
                 costs=BlockCosts.of(block),
             )
         )
+    if ctx.refresh is not None:
+        skipped = (~keep_patch).to(torch.int32)
+        ctx.skipped = skipped if ctx.skipped is None else ctx.skipped + skipped
+        if layer == ctx.refresh_layer:
+            out = ctx.refresh(out, ctx.skipped, prefix)
+            if ctx.records is not None:
+                ran = bool((ctx.skipped > 0).any()) and ctx.refresh.uses_context(prefix)
+                ctx.refresh_record = RefreshDecision(
+                    ctx.skipped.cpu(), ctx.refresh.macs_per_token, ctx.refresh.macs_per_image if ran else 0
+                )
     return out
 
 

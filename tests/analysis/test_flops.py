@@ -57,3 +57,24 @@ def test_per_image_run_flops_add_up_with_padding() -> None:
 def test_paper_formulas() -> None:
     assert paper_dense_flops(196, 384) == 4 * 196 * 384**2 + 2 * 196**2 * 384
     assert paper_spa_flops(196, 384, rows=2, row_len=49) == 196 * 384 + 196 * 384**2 + 2 * (3 * 49 * 384**2 + 2 * 49**2 * 384)
+
+
+def test_selector_scoring_cost_is_counted() -> None:
+    """A training-free selector's own scoring MACs enter the run FLOPs (the learned gate's do too)."""
+    import timm
+
+    import spa_viz
+    from spa_viz.selection.selectors import install_selector
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=3).eval()
+    spa_viz.patch(model, start_layer=1)
+    images = torch.randn(2, 3, 64, 64)
+    install_selector(model, "random")
+    _, free = spa_viz.trace(model, images)
+    install_selector(model, "feature_norm")
+    _, costly = spa_viz.trace(model, images)
+    assert [int(layer.kept_counts.sum()) for layer in costly.layers] == [int(layer.kept_counts.sum()) for layer in free.layers]
+    dim, tokens = model.embed_dim, images.shape[0] * (1 + 4 * 4)
+    scoring = sum(2 * dim * tokens for _ in costly.layers)  # feature_norm: one pass over C per token
+    assert costly.backbone_flops_run - free.backbone_flops_run == scoring
