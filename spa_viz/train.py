@@ -22,7 +22,6 @@ import os
 import shlex
 import shutil
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -37,7 +36,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from spa_viz.checkpoint import CheckpointError, check_state_dict, load_checkpoint, save_checkpoint
+from spa_viz.checkpoint import CheckpointError, check_state_dict, load_checkpoint, save_checkpoint, write_atomic
 from spa_viz.data.coco import collate
 from spa_viz.evaluate import class_names, evaluate, load_split
 from spa_viz.layers.block import find_context
@@ -144,17 +143,6 @@ def _any_rank(flag: bool, device: torch.device, world: int) -> bool:
 
 
 # --------------------------------------------------------------------------------- resume state
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_resume_state(
     folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
 ) -> None:
@@ -167,10 +155,10 @@ def save_resume_state(
     tensors["rng.cpu"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    _atomic(folder / "model.safetensors", lambda p: save_file(weights, str(p)))
-    _atomic(folder / "optimizer.safetensors", lambda p: save_file(tensors, str(p)))
+    write_atomic(folder / "model.safetensors", lambda p: save_file(weights, str(p)))
+    write_atomic(folder / "optimizer.safetensors", lambda p: save_file(tensors, str(p)))
     full = {**state, "param_groups": opt["param_groups"]}
-    _atomic(folder / "state.json", lambda p: p.write_text(json.dumps(full, indent=1) + "\n"))
+    write_atomic(folder / "state.json", lambda p: p.write_text(json.dumps(full, indent=1) + "\n"))
 
 
 def load_resume_state(
@@ -359,7 +347,7 @@ def train(config: dict[str, Any], out: Path, *, resume: bool = False, overwrite:
     data_cfg = config["data"]
     augment = float(data_cfg.get("hflip", 0.0)) > 0
     train_ds = load_split(data_cfg, "train", image_size, train=True, select_grids=grids)
-    if not augment:
+    if not augment and data_cfg.get("kind", "digits") == "digits":  # COCO-format sets stream from disk
         train_ds = _materialise(train_ds, "prepare train")
     val_ds = _materialise(load_split(data_cfg, "val", image_size, num=train_cfg["val_num"], select_grids=grids), "prepare val")
     classes = class_names(data_cfg)

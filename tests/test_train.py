@@ -133,3 +133,46 @@ def test_bad_resume_state_or_config_fails_clearly(trained, tmp_path, capsys) -> 
     bad.write_text(json.dumps({**TINY, "train": {"lr": 1, "epocs": 2}}))
     with pytest.raises(TrainingError, match="epocs"):
         load_config(bad)
+
+
+def test_trains_on_coco_format_files(tmp_path) -> None:
+    """The path users take with their own data: COCO JSON + image folders, streamed from disk."""
+    from spa_viz.data.digits import DigitsConfig, write_split
+
+    digits = DigitsConfig.for_canvas(48)
+    files = {split: {"annotations": str(write_split(tmp_path / "coco", split, count, seed=1, config=digits)),
+                     "images": str(tmp_path / "coco" / split / "images")}
+             for split, count in (("train", 32), ("val", 8), ("test", 8))}
+    config = write_config(tmp_path, data={"kind": "coco", "hflip": 0.5, **files}, **{"train.epochs": 1})
+    metrics = main(["--config", str(config), "--out", str(tmp_path / "out")])
+    assert metrics["status"] == "complete" and metrics["test"]["num_images"] == 8
+    assert set(metrics["history"][0]["keep_ratio_train"]) == {"1"}
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["class_names"] == [str(d) for d in range(10)] and saved["data"]["kind"] == "coco"
+    load_checkpoint(tmp_path / "out")
+
+
+def test_example_coco_config_is_valid() -> None:
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "examples" / "spa-vit-coco.json")
+    assert config["data"]["kind"] == "coco" and config["train"]["workers"] == 8
+
+
+def test_torchrun_ddp_two_processes(tmp_path) -> None:
+    """Multi-GPU path on CPU: torchrun with 2 ranks (gloo) trains and rank 0 writes one checkpoint."""
+    import os
+    import subprocess
+    import sys
+
+    config = write_config(tmp_path, **{"train.epochs": 1, "train.batch_size": 8})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "spa_viz.train", "--config", str(config), "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "world 2" in result.stderr
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["status"] == "complete"
+    assert metrics["history"][0]["steps"] == 96 // (8 * 2)  # each rank takes its own half of the batches
+    load_checkpoint(tmp_path / "out")
