@@ -13,7 +13,12 @@ CELL_TIMEOUT_S = 120
 
 
 def test_notebooks_found() -> None:
-    assert [p.name for p in NOTEBOOKS] == ["01_selection_tour.ipynb", "02_packing.ipynb"]
+    assert [p.name for p in NOTEBOOKS] == [
+        "01_selection_tour.ipynb",
+        "02_packing.ipynb",
+        "03_training_and_ablation.ipynb",
+        "04_attribution.ipynb",
+    ]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
