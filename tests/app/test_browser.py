@@ -6,6 +6,7 @@ real-photo checkpoint ran, saves the screenshot used in the docs (docs/screensho
 
 from __future__ import annotations
 
+import re
 import tempfile
 from pathlib import Path
 
@@ -89,5 +90,38 @@ def test_upload_then_threshold_changes_mask_and_flops(tmp_path: Path) -> None:
             screenshot.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(screenshot), full_page=True)
             _shrink(screenshot)
+        finally:
+            browser.close()
+
+
+def test_digit_batch_shows_packing_across_images() -> None:
+    """The digits example batch on the shipped SPA detector: several images share the packed rows.
+
+    Saves the second docs screenshot (docs/screenshots/app-digits.png).
+    """
+    from playwright.sync_api import expect, sync_playwright
+
+    build_examples(AppSettings().examples_dir)
+    with serve("spa-vit-digits") as app, sync_playwright() as playwright, tempfile.TemporaryDirectory() as profile:
+        browser = playwright.chromium.launch_persistent_context(
+            profile, executable_path=str(CHROMIUM), headless=True, args=FLAGS, viewport={"width": 1600, "height": 1100}
+        )
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(app.url)
+            status = page.locator("#status-box")
+            expect(status).to_contain_text("spa-vit-digits", timeout=TIMEOUT_MS)
+            page.get_by_text("digits batch (boxes)").click()
+            expect(status).to_contain_text("3: digits", timeout=TIMEOUT_MS)
+            stats = page.locator("#stats")
+            expect(stats).to_contain_text("rows", timeout=TIMEOUT_MS)
+            rows = re.search(r"B\S* = (\d+) rows", stats.inner_text())
+            assert rows is not None, stats.inner_text()
+            assert int(rows.group(1)) < 4, "the 4 images' kept tokens should share fewer rows than images"
+            page.wait_for_load_state("networkidle")
+            shot = SCREENSHOT.with_name("app-digits.png")
+            page.screenshot(path=str(shot), full_page=True)
+            _shrink(shot)
         finally:
             browser.close()
