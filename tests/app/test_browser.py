@@ -6,9 +6,12 @@ real-photo checkpoint ran, saves the screenshot used in the docs (docs/screensho
 
 from __future__ import annotations
 
+import contextlib
 import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -47,13 +50,11 @@ def _shrink(path: Path) -> None:
     image.quantize(256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
 
 
-def test_upload_then_threshold_changes_mask_and_flops(tmp_path: Path) -> None:
-    from playwright.sync_api import expect, sync_playwright
+@contextlib.contextmanager
+def _app_page(model: str) -> Iterator[Any]:
+    """A headless chromium page on the app serving ``model`` (closed afterwards)."""
+    from playwright.sync_api import sync_playwright
 
-    examples = build_examples(AppSettings().examples_dir)
-    real = default_checkpoint_available()
-    model = DEFAULT_CHECKPOINT if real else TINY
-    screenshot = SCREENSHOT if real else tmp_path / "app.png"  # only the real model's page goes into the docs
     with serve(model) as app, sync_playwright() as playwright, tempfile.TemporaryDirectory() as profile:
         browser = playwright.chromium.launch_persistent_context(
             profile, executable_path=str(CHROMIUM), headless=True, args=FLAGS, viewport={"width": 1600, "height": 1100}
@@ -62,36 +63,47 @@ def test_upload_then_threshold_changes_mask_and_flops(tmp_path: Path) -> None:
             page = browser.new_page()
             page.set_default_timeout(TIMEOUT_MS)
             page.goto(app.url)
-            status = page.locator("#status-box")
-            expect(status).to_contain_text("chelsea.jpg", timeout=TIMEOUT_MS)  # the page opens analysed
-
-            upload = examples.photos[2]  # coffee; uploading adds it to the batch
-            page.locator("input[type=file]").first.set_input_files(str(upload))
-            expect(status).to_contain_text(f"1: {upload.name}", timeout=TIMEOUT_MS)
-
-            threshold = page.locator("#threshold input[type=number]")
-            if threshold.is_disabled():  # untrained gates open on a training-free selector
-                page.locator("#selector input").click()
-                page.get_by_role("option", name="learned gate").click()
-                expect(threshold).to_be_enabled()
-            kept = page.locator("#kept-image img")
-            stats = page.locator("#stats")
-            expect(stats).to_contain_text("Backbone FLOPs")
-            page.wait_for_load_state("networkidle")
-            before_mask, before_stats = kept.get_attribute("src"), stats.inner_text()
-
-            threshold.fill("0.7")
-            threshold.press("Enter")
-            expect(kept).not_to_have_attribute("src", before_mask, timeout=TIMEOUT_MS)
-            expect(stats).not_to_have_text(before_stats, timeout=TIMEOUT_MS)
-            assert "Backbone FLOPs" in stats.inner_text()
-
-            page.wait_for_load_state("networkidle")
-            screenshot.parent.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(screenshot), full_page=True)
-            _shrink(screenshot)
+            yield page
         finally:
             browser.close()
+
+
+def test_upload_then_threshold_changes_mask_and_flops(tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    examples = build_examples(AppSettings().examples_dir)
+    real = default_checkpoint_available()
+    model = DEFAULT_CHECKPOINT if real else TINY
+    screenshot = SCREENSHOT if real else tmp_path / "app.png"  # only the real model's page goes into the docs
+    with _app_page(model) as page:
+        status = page.locator("#status-box")
+        expect(status).to_contain_text("chelsea.jpg", timeout=TIMEOUT_MS)  # the page opens analysed
+
+        upload = examples.photos[2]  # coffee; uploading adds it to the batch
+        page.locator("input[type=file]").first.set_input_files(str(upload))
+        expect(status).to_contain_text(f"1: {upload.name}", timeout=TIMEOUT_MS)
+
+        threshold = page.locator("#threshold input[type=number]")
+        if threshold.is_disabled():  # untrained gates open on a training-free selector
+            page.locator("#selector input").click()
+            page.get_by_role("option", name="learned gate").click()
+            expect(threshold).to_be_enabled()
+        kept = page.locator("#kept-image img")
+        stats = page.locator("#stats")
+        expect(stats).to_contain_text("Backbone FLOPs")
+        page.wait_for_load_state("networkidle")
+        before_mask, before_stats = kept.get_attribute("src"), stats.inner_text()
+
+        threshold.fill("0.7")
+        threshold.press("Enter")
+        expect(kept).not_to_have_attribute("src", before_mask, timeout=TIMEOUT_MS)
+        expect(stats).not_to_have_text(before_stats, timeout=TIMEOUT_MS)
+        assert "Backbone FLOPs" in stats.inner_text()
+
+        page.wait_for_load_state("networkidle")
+        screenshot.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(screenshot), full_page=True)
+        _shrink(screenshot)
 
 
 def test_digit_batch_shows_packing_across_images() -> None:
@@ -99,29 +111,20 @@ def test_digit_batch_shows_packing_across_images() -> None:
 
     Saves the second docs screenshot (docs/screenshots/app-digits.png).
     """
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     build_examples(AppSettings().examples_dir)
-    with serve("spa-vit-digits") as app, sync_playwright() as playwright, tempfile.TemporaryDirectory() as profile:
-        browser = playwright.chromium.launch_persistent_context(
-            profile, executable_path=str(CHROMIUM), headless=True, args=FLAGS, viewport={"width": 1600, "height": 1100}
-        )
-        try:
-            page = browser.new_page()
-            page.set_default_timeout(TIMEOUT_MS)
-            page.goto(app.url)
-            status = page.locator("#status-box")
-            expect(status).to_contain_text("spa-vit-digits", timeout=TIMEOUT_MS)
-            page.get_by_text("digits batch (boxes)").click()
-            expect(status).to_contain_text("3: digits", timeout=TIMEOUT_MS)
-            stats = page.locator("#stats")
-            expect(stats).to_contain_text("rows", timeout=TIMEOUT_MS)
-            rows = re.search(r"B\S* = (\d+) rows", stats.inner_text())
-            assert rows is not None, stats.inner_text()
-            assert int(rows.group(1)) < 4, "the 4 images' kept tokens should share fewer rows than images"
-            page.wait_for_load_state("networkidle")
-            shot = SCREENSHOT.with_name("app-digits.png")
-            page.screenshot(path=str(shot), full_page=True)
-            _shrink(shot)
-        finally:
-            browser.close()
+    with _app_page("spa-vit-digits") as page:
+        status = page.locator("#status-box")
+        expect(status).to_contain_text("spa-vit-digits", timeout=TIMEOUT_MS)
+        page.get_by_text("digits batch (boxes)").click()
+        expect(status).to_contain_text("3: digits", timeout=TIMEOUT_MS)
+        stats = page.locator("#stats")
+        expect(stats).to_contain_text("rows", timeout=TIMEOUT_MS)
+        rows = re.search(r"B\S* = (\d+) rows", stats.inner_text())
+        assert rows is not None, stats.inner_text()
+        assert int(rows.group(1)) < 4, "the 4 images' kept tokens should share fewer rows than images"
+        page.wait_for_load_state("networkidle")
+        shot = SCREENSHOT.with_name("app-digits.png")
+        page.screenshot(path=str(shot), full_page=True)
+        _shrink(shot)
