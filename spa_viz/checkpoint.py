@@ -59,24 +59,18 @@ def architectures() -> list[str]:
     return sorted(_ARCHITECTURES)
 
 
-def _default_file_mode() -> int:
-    """The mode ``open()`` would give a new file (0o666 minus the umask); mkstemp uses 0o600."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     """Write through a temporary file in the same folder so a crash never leaves half a file.
 
-    ``write`` receives the temporary path; on success it replaces ``path`` with normal file
-    permissions, on failure the temporary file is removed and ``path`` is untouched.
+    ``write`` receives the temporary path; on success it replaces ``path`` with mode 0644 (mkstemp
+    creates 0600, and querying the umask would briefly change it for every thread), on failure the
+    temporary file is removed and ``path`` is untouched.
     """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(Path(tmp))
-        os.chmod(tmp, _default_file_mode())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -6,6 +6,8 @@ import pytest
 import torch
 from timm.models import VisionTransformer
 
+import spa_viz
+
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:
@@ -17,6 +19,16 @@ def tiny_vit(**overrides) -> VisionTransformer:
     settings = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=5)
     settings.update(overrides)
     return VisionTransformer(**settings).eval()
+
+
+def mixed_gate_tiny_vit() -> VisionTransformer:
+    """:func:`tiny_vit` with SPA from block 1 (containers of 6) and random gates, so each image keeps
+    a different mix of tokens."""
+    model = spa_viz.patch(tiny_vit(), 1, policy="container", container_len=6)
+    for block in spa_viz.spa_blocks(model):
+        torch.nn.init.normal_(block.gate.proj.weight, std=1.0)
+        torch.nn.init.zeros_(block.gate.proj.bias)
+    return model
 
 
 @pytest.fixture

@@ -375,26 +375,30 @@ def colorbar(
     return np.asarray(strip)
 
 
-def hstack(panels: Sequence[np.ndarray], gap: int = 6, fill: int = 255) -> np.ndarray:
-    """Panels side by side, top-aligned, padded to a common height."""
-    height = max(p.shape[0] for p in panels)
+def _stack(panels: Sequence[np.ndarray], axis: int, gap: int, fill: int) -> np.ndarray:
+    """Panels joined along ``axis`` (1: side by side, 0: stacked), padded at the end of the other axis."""
+    across = 1 - axis
+    size = max(p.shape[across] for p in panels)
     parts = []
     for i, p in enumerate(panels):
         if i:
-            parts.append(np.full((height, gap, 3), fill, np.uint8))
-        parts.append(np.pad(p, ((0, height - p.shape[0]), (0, 0), (0, 0)), constant_values=fill))
-    return np.concatenate(parts, axis=1)
+            gap_shape = [0, 0, 3]
+            gap_shape[axis], gap_shape[across] = gap, size
+            parts.append(np.full(gap_shape, fill, np.uint8))
+        padding = [(0, 0), (0, 0), (0, 0)]
+        padding[across] = (0, size - p.shape[across])
+        parts.append(np.pad(p, padding, constant_values=fill))
+    return np.concatenate(parts, axis=axis)
+
+
+def hstack(panels: Sequence[np.ndarray], gap: int = 6, fill: int = 255) -> np.ndarray:
+    """Panels side by side, top-aligned, padded to a common height."""
+    return _stack(panels, 1, gap, fill)
 
 
 def vstack(panels: Sequence[np.ndarray], gap: int = 6, fill: int = 255) -> np.ndarray:
     """Panels one above the other, left-aligned, padded to a common width."""
-    width = max(p.shape[1] for p in panels)
-    parts = []
-    for i, p in enumerate(panels):
-        if i:
-            parts.append(np.full((gap, width, 3), fill, np.uint8))
-        parts.append(np.pad(p, ((0, 0), (0, width - p.shape[1]), (0, 0)), constant_values=fill))
-    return np.concatenate(parts, axis=0)
+    return _stack(panels, 0, gap, fill)
 
 
 def layer_strip(

@@ -180,31 +180,13 @@ def digit_pool(split: str) -> np.ndarray:
     return pool
 
 
-@cache
 def background_image(name: str) -> np.ndarray:
-    """A background source as uint8 [H, W, 3], loaded from files inside installed packages."""
-    if name in ("china", "flower"):
-        from sklearn.datasets import load_sample_image
+    """A background source as read-only uint8 [H, W, 3], one of the offline photos of :mod:`spa_viz.data.photos`."""
+    from spa_viz.data.photos import load_photo  # photos imports this module for its composites
 
-        image = load_sample_image(f"{name}.jpg")
-    elif name == "grace_hopper":
-        from matplotlib.cbook import get_sample_data
-
-        image = np.asarray(Image.open(get_sample_data("grace_hopper.jpg", asfileobj=False)))
-    elif any(name in names for names in BACKGROUND_SPLITS.values()):
-        import skimage.data
-
-        image = getattr(skimage.data, name)()
-        if isinstance(image, tuple):  # stereo_motorcycle: (left, right, disparity)
-            image = image[0]
-    else:
+    if not any(name in names for names in BACKGROUND_SPLITS.values()):
         raise ValueError(f"unknown background {name!r}; use a name from BACKGROUND_SPLITS")
-    image = np.asarray(image, dtype=np.uint8)
-    if image.ndim == 2:
-        image = np.repeat(image[:, :, None], 3, axis=2)
-    image = np.ascontiguousarray(image[:, :, :3])
-    image.setflags(write=False)
-    return image
+    return load_photo(name)
 
 
 @cache

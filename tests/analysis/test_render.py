@@ -9,7 +9,7 @@ import torch
 import spa_viz
 from spa_viz.analysis import render
 from spa_viz.layers.packing import plan_packing
-from tests.conftest import tiny_vit
+from tests.conftest import mixed_gate_tiny_vit
 
 GREY = 200
 
@@ -27,10 +27,7 @@ def keep() -> torch.Tensor:
 
 @pytest.fixture
 def traced():
-    model = spa_viz.patch(tiny_vit(), 1, policy="container", container_len=6)
-    for block in spa_viz.spa_blocks(model):
-        torch.nn.init.normal_(block.gate.proj.weight, std=1.0)
-        torch.nn.init.zeros_(block.gate.proj.bias)
+    model = mixed_gate_tiny_vit()
     _, tr = spa_viz.trace(model, torch.randn(3, 3, 32, 32))
     return tr
 

@@ -4,15 +4,12 @@ import pytest
 import torch
 
 import spa_viz
-from tests.conftest import tiny_vit
+from tests.conftest import mixed_gate_tiny_vit, tiny_vit
 
 
 @pytest.fixture
 def traced():
-    model = spa_viz.patch(tiny_vit(), 1, policy="container", container_len=6)
-    for block in spa_viz.spa_blocks(model):
-        torch.nn.init.normal_(block.gate.proj.weight, std=1.0)
-        torch.nn.init.zeros_(block.gate.proj.bias)
+    model = mixed_gate_tiny_vit()
     images = torch.randn(3, 3, 32, 32)
     out, tr = spa_viz.trace(model, images)
     return model, images, out, tr
