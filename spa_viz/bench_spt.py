@@ -50,8 +50,15 @@ class FixedGate(nn.Module):
         nn.init.zeros_(self.proj.bias)
         self.register_buffer("logits", logits)
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        return self.proj(tokens).squeeze(-1) + self.logits
+    learned = True
+    name = "fixed"
+
+    @property
+    def macs_per_token(self) -> int:
+        return self.proj.weight.numel()
+
+    def forward(self, tokens: Tensor, num_prefix: int = 0) -> Tensor:
+        return self.proj(tokens).squeeze(-1)[:, num_prefix:] + self.logits
 
 
 def keep_maps(batch: int, grid4: tuple[int, int], grid3: tuple[int, int], ratio: float, seed: int = 0) -> tuple[Tensor, Tensor]:

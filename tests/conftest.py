@@ -8,6 +8,10 @@ from timm.models import VisionTransformer
 
 import spa_viz
 
+# Tests run as parallel xdist workers on a small CPU: one torch thread each, so no worker waits on
+# a core another process holds (oversubscribed OpenMP regions are orders of magnitude slower).
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:

@@ -1,48 +1,51 @@
-"""Analytic FLOP counts: dense blocks, and SPA blocks as our code actually runs them.
+"""Analytic compute counts: dense blocks, and SPA blocks as our code actually runs them.
 
-FLOPs are ``2 x multiply-adds`` of the matrix products (what ``torch.utils.flop_counter`` counts;
-norms, softmax and activations are not counted). For an SPA block we count the gate on every token
-(prefix tokens too, as the code scores them), the projections and the MLP on every packed slot (container padding included), and the
-attention scores of every row: ``L^2`` per row for the dense-row backends (``sdpa``, ``flex``),
-or the sum of squared same-image run lengths for ``varlen`` and ``reference``. A stale-token
-refresher ([ours]) adds its two projections on every refreshed token and its class-token context
-projection once per image (:func:`refresh_flops`).
+Units. Counts are **MACs** (multiply-adds of the matrix products), the unit of the SPA paper's and
+Swin's "FLOPs"/"GFLOPs"; every ``*_flops`` value is ``2 x MACs`` (what ``torch.utils.flop_counter``
+counts). Norms, softmax and activations are not counted.
+
+For an SPA block we count the gate (or a training-free selector's scoring) on every token, the
+projections and the MLP on every packed slot (container padding included), and the attention
+scores of every row: ``L^2`` per row for the dense-row backends (``sdpa``, ``flex``), or the sum of
+squared same-image run lengths for ``varlen`` and ``reference``.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
 from timm.models import VisionTransformer
+from timm.models.swin_transformer import PatchMerging
 from torch import Tensor, nn
 
 from spa_viz.layers.block import BlockCosts, BlockDecision
-from spa_viz.layers.refresh import RefreshDecision
+from spa_viz.models.spt import SPT, SPTBlock
 
 __all__ = [
-    "LayerFlops",
-    "dense_block_flops",
-    "spa_block_flops",
-    "layer_flops",
-    "refresh_flops",
-    "static_flops",
-    "paper_spa_flops",
-    "paper_dense_flops",
+    "LayerCost",
+    "dense_block_macs",
+    "embed_macs",
+    "layer_cost",
+    "paper_dense_macs",
+    "paper_spa_macs",
+    "spa_block_macs",
+    "static_macs",
 ]
 
 _DENSE_ROW_BACKENDS = ("sdpa", "flex")
 
 
-def dense_block_flops(costs: BlockCosts, tokens: int, batch: int = 1, window: int | None = None) -> int:
-    """A standard transformer block on ``tokens`` tokens per image, ``batch`` images.
+def dense_block_macs(costs: BlockCosts, tokens: int, batch: int = 1, window: int | None = None) -> int:
+    """MACs of a standard transformer block on ``tokens`` tokens per image, ``batch`` images.
 
     ``window``: tokens per attention window (Swin: each token attends ``window`` tokens);
     None means global attention.
     """
     linear = costs.qkv_macs + costs.proj_macs + costs.mlp_macs
     pairs = tokens * (tokens if window is None else window)
-    return 2 * batch * (tokens * linear + 2 * pairs * costs.attn_dim)
+    return batch * (tokens * linear + 2 * pairs * costs.attn_dim)
 
 
 def _score_pairs(decision: BlockDecision) -> Tensor:
@@ -55,8 +58,8 @@ def _score_pairs(decision: BlockDecision) -> Tensor:
     return pairs.index_add(0, segments[:, 3], segments[:, 2] ** 2)
 
 
-def spa_block_flops(decision: BlockDecision) -> int:
-    """One SPA block of a batch, as run: gate, packed projections/MLP (padding too), attention."""
+def spa_block_macs(decision: BlockDecision) -> int:
+    """MACs of one SPA block of a batch, as run: scoring, packed projections/MLP (padding too), attention."""
     costs, plan = decision.costs, decision.plan
     macs = plan.batch_size * plan.seq_len * costs.gate_macs
     macs += plan.num_slots * (costs.qkv_macs + costs.proj_macs)
@@ -68,80 +71,146 @@ def spa_block_flops(decision: BlockDecision) -> int:
         macs += plan.num_slots * costs.mlp_macs
     else:
         macs += plan.batch_size * plan.seq_len * costs.mlp_macs
-    return 2 * macs
+    return macs
 
 
 @dataclass(frozen=True)
-class LayerFlops:
-    """FLOPs of one SPA layer: dense vs as run, for the batch and per image.
+class LayerCost:
+    """Compute of one SPA layer: dense twin vs as run, for the batch and per image, in MACs.
 
-    Per-image run FLOPs leave out container padding, which belongs to no image; ``padding`` holds
-    what the padding cost (so ``run == per_image_run.sum() + padding``).
+    Per-image run MACs leave out container padding, which belongs to no image; ``padding_macs``
+    holds what the padding cost (so ``macs_run == per_image_macs_run.sum() + padding_macs``).
+    The ``*_flops`` properties are ``2 x`` the MACs.
     """
 
-    dense: int
-    run: int
-    per_image_dense: int
-    per_image_run: Tensor
-    padding: int
+    macs_dense: int
+    macs_run: int
+    per_image_macs_dense: int
+    per_image_macs_run: Tensor
+    padding_macs: int
+
+    @property
+    def flops_dense(self) -> int:
+        return 2 * self.macs_dense
+
+    @property
+    def flops_run(self) -> int:
+        return 2 * self.macs_run
 
     @property
     def saving(self) -> float:
-        return 1.0 - self.run / self.dense if self.dense else 0.0
+        """Share of the dense twin's compute this layer did not spend."""
+        return 1.0 - self.macs_run / self.macs_dense if self.macs_dense else 0.0
 
 
-def layer_flops(decision: BlockDecision) -> LayerFlops:
-    """Dense and run FLOPs of one traced SPA block."""
+def layer_cost(decision: BlockDecision) -> LayerCost:
+    """Dense and run MACs of one traced SPA block."""
     costs, plan = decision.costs, decision.plan
-    dense_one = dense_block_flops(costs, plan.seq_len, window=decision.dense_window)
-    run = spa_block_flops(decision)
+    dense_one = dense_block_macs(costs, plan.seq_len, window=decision.dense_window)
+    run = spa_block_macs(decision)
     per_token = costs.qkv_macs + costs.proj_macs + (costs.mlp_macs if decision.sparse_mlp else 0)
     per_image = plan.seq_len * costs.gate_macs + plan.kept_counts * per_token
     per_image = per_image + 2 * _score_pairs(decision) * costs.attn_dim
     if not decision.sparse_mlp:
         per_image = per_image + plan.seq_len * costs.mlp_macs
-    per_image = 2 * per_image
-    return LayerFlops(
-        dense=dense_one * plan.batch_size,
-        run=run,
-        per_image_dense=dense_one,
-        per_image_run=per_image,
-        padding=run - int(per_image.sum()),
+    return LayerCost(
+        macs_dense=dense_one * plan.batch_size,
+        macs_run=run,
+        per_image_macs_dense=dense_one,
+        per_image_macs_run=per_image,
+        padding_macs=run - int(per_image.sum()),
     )
 
 
-def refresh_flops(decision: RefreshDecision) -> Tensor:
-    """(B,) FLOPs the stale-token refresher spent per image: its projections on each refreshed token,
-    plus its class-token context projection."""
-    return 2 * (decision.macs_per_token * decision.refreshed_counts + decision.macs_per_image)
+_EMBED_MACS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]] = weakref.WeakKeyDictionary()
 
 
-def static_flops(model: nn.Module, image_size: tuple[int, int]) -> int:
-    """FLOPs per image of a backbone's parts that SPA does not change (embedding, dense blocks).
+def embed_macs(embed: nn.Module, image_size: tuple[int, int]) -> int:
+    """MACs per image of every convolution and linear layer of a patch embedding (a conv stem too).
 
-    Models other than timm's ViT provide ``spa_static_flops(image_size)`` themselves.
+    Measured once per module and image size by running it on a zero image with shape hooks; the input
+    channels are ``embed.in_chans`` when set (a conv stem), else ``embed.proj.in_channels``.
     """
-    custom = getattr(model, "spa_static_flops", None)
-    if callable(custom):
-        return int(custom(image_size))
-    if not isinstance(model, VisionTransformer):
-        raise ValueError(f"no FLOP model for {type(model).__name__}; give it a spa_static_flops(image_size) method")
+    cache = _EMBED_MACS.setdefault(embed, {})
+    key = tuple(image_size)
+    in_chans = getattr(embed, "in_chans", None) or embed.proj.in_channels
+    if key not in cache:
+        macs = 0
+
+        def count(module: nn.Module, _: tuple, out: Tensor) -> None:
+            nonlocal macs
+            if isinstance(module, nn.Conv2d):
+                macs += out.shape[-2] * out.shape[-1] * module.weight.numel()
+            else:
+                macs += out.numel() // out.shape[-1] * module.weight.numel()
+
+        hooks = [m.register_forward_hook(count) for m in embed.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        reference = next(embed.parameters())
+        try:
+            with torch.no_grad():
+                was_training = embed.training
+                embed.eval()
+                embed(torch.zeros(1, in_chans, *image_size, device=reference.device, dtype=reference.dtype))
+                embed.train(was_training)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        cache[key] = macs
+    return cache[key]
+
+
+def _vit_static_macs(model: VisionTransformer, image_size: tuple[int, int]) -> int:
     patch_h, patch_w = model.patch_embed.patch_size
-    grid = (image_size[0] // patch_h) * (image_size[1] // patch_w)
-    tokens = grid + model.num_prefix_tokens
-    proj = model.patch_embed.proj
-    flops = 2 * grid * proj.weight.numel()
+    tokens = (image_size[0] // patch_h) * (image_size[1] // patch_w) + model.num_prefix_tokens
+    macs = embed_macs(model.patch_embed, image_size)
     for block in model.blocks:
         if not hasattr(block, "spa_layer") or not block.spa_context.config.enabled:
-            flops += dense_block_flops(BlockCosts.of(block), tokens)
-    return flops
+            macs += dense_block_macs(BlockCosts.of(block), tokens)
+    return macs
 
 
-def paper_dense_flops(tokens: int, dim: int, batch: int = 1) -> int:
+def _spt_static_macs(model: SPT, image_size: tuple[int, int]) -> int:
+    """Embedding, Swin stages, patch merging, and SPA blocks when SPA is disabled (window attention on
+    the real tokens, ``4NC^2 + 2AN C`` for windows of A tokens, plus the MLP)."""
+    patch = model.config.patch_size
+    height, width = image_size[0] // patch, image_size[1] // patch
+    macs = embed_macs(model.patch_embed, image_size)
+    spa_on = model.spa_context.config.enabled
+    for stage in model.layers:
+        if isinstance(stage.downsample, PatchMerging):
+            height, width = -(-height // 2), -(-width // 2)
+            macs += height * width * stage.downsample.reduction.weight.numel()
+        for block in stage.blocks:
+            if isinstance(block, SPTBlock):
+                if spa_on:
+                    continue
+                window = block.window_area((height, width))
+            else:
+                window = block.window_area
+            macs += dense_block_macs(BlockCosts.of(block), height * width, window=window)
+    return macs
+
+
+def static_macs(model: nn.Module, image_size: tuple[int, int]) -> int:
+    """MACs per image of a backbone's parts that SPA does not change (embedding, dense blocks).
+
+    Knows timm's ViT and SPT; other backbones provide ``spa_static_macs(image_size)`` themselves.
+    """
+    custom = getattr(model, "spa_static_macs", None)
+    if callable(custom):
+        return int(custom(image_size))
+    if isinstance(model, SPT):
+        return _spt_static_macs(model, image_size)
+    if isinstance(model, VisionTransformer):
+        return _vit_static_macs(model, image_size)
+    raise ValueError(f"no MAC model for {type(model).__name__}; give it a spa_static_macs(image_size) method")
+
+
+def paper_dense_macs(tokens: int, dim: int, batch: int = 1) -> int:
     """The paper's dense MSA multiply-adds: ``B (4 N C^2 + 2 N^2 C)``."""
     return batch * (4 * tokens * dim**2 + 2 * tokens**2 * dim)
 
 
-def paper_spa_flops(tokens: int, dim: int, rows: int, row_len: int, batch: int = 1) -> int:
+def paper_spa_macs(tokens: int, dim: int, rows: int, row_len: int, batch: int = 1) -> int:
     """The paper's SPA MSA multiply-adds: ``B (N C + N C^2) + B' (3 L C^2 + 2 L^2 C)``."""
     return batch * (tokens * dim + tokens * dim**2) + rows * (3 * row_len * dim**2 + 2 * row_len**2 * dim)

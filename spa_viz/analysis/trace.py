@@ -1,9 +1,9 @@
 """A per-layer record of everything an SPA model decided for a batch: what the app and notebooks draw.
 
 ``out, tr = spa_viz.trace(model, images)`` runs the model once and returns its output plus a
-:class:`Trace`: for each SPA layer the fused scores, soft gate, keep mask, pack plan, kept counts,
-backend, and FLOPs dense vs as run (a stale-token refresher's cost included). All tensors are on
-the CPU.
+:class:`Trace`: for each SPA layer the gate's raw and fused scores, soft gate, keep mask, pack plan,
+kept counts, backend, and compute dense vs as run (MACs; FLOPs = 2 x MACs). All tensors are on the
+CPU.
 """
 
 from __future__ import annotations
@@ -14,30 +14,38 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from spa_viz.analysis.flops import LayerFlops, layer_flops, refresh_flops, static_flops
+from spa_viz.analysis.flops import LayerCost, layer_cost, static_macs
 from spa_viz.layers.block import BlockDecision, find_context
 from spa_viz.layers.packing import PackPlan
-from spa_viz.layers.refresh import RefreshDecision
 
 __all__ = ["LayerTrace", "Trace", "trace", "find_backbone"]
 
 
 @dataclass
 class LayerTrace:
-    """One SPA layer's decisions for a batch of B images on a (gh, gw) token grid."""
+    """One SPA layer's decisions for a batch of B images on a (gh, gw) token grid.
+
+    ``scores`` are what selection used (a learned gate's fused logits, or a selector's scores);
+    ``raw_scores`` the learned gate's own logits before fusion.
+    """
 
     layer: int
     grid: tuple[int, int]
     num_prefix: int
+    selector: str
+    learned: bool
+    fusion: str
+    raw_scores: Tensor
     scores: Tensor
     keep: Tensor
     plan: PackPlan
     backend: str
-    flops: LayerFlops
+    cost: LayerCost
+    reused_plan: bool = False
 
     @property
     def soft_gate(self) -> Tensor:
-        """(B, N) sigmoid of the fused scores: the factor soft gating multiplies tokens by."""
+        """(B, N) sigmoid of the fused scores: the factor soft gating scales kept tokens' branches by."""
         return torch.sigmoid(self.scores)
 
     @property
@@ -50,20 +58,22 @@ class LayerTrace:
         """(B,) share of patch tokens kept per image."""
         return self.kept_counts.float() / self.keep.shape[1]
 
-    def score_map(self, image: int = 0) -> Tensor:
-        """(gh, gw) fused logits of one image."""
-        return self.scores[image].reshape(self.grid)
+    def score_map(self, image: int = 0, raw: bool = False) -> Tensor:
+        """(gh, gw) selection scores (or the gate's raw logits) of one image."""
+        return (self.raw_scores if raw else self.scores)[image].reshape(self.grid)
 
     def keep_map(self, image: int = 0) -> Tensor:
         """(gh, gw) keep mask of one image."""
         return self.keep[image].reshape(self.grid)
 
     def summary(self) -> dict[str, Any]:
-        """JSON-ready numbers of this layer."""
-        plan = self.plan
+        """JSON-ready numbers of this layer (compute in MACs and FLOPs = 2 x MACs)."""
+        plan, cost = self.plan, self.cost
         return {
             "layer": self.layer,
             "grid": list(self.grid),
+            "selector": self.selector,
+            "fusion": self.fusion if self.learned else None,
             "backend": self.backend,
             "policy": plan.policy,
             "kept_per_image": self.kept_counts.tolist(),
@@ -71,41 +81,49 @@ class LayerTrace:
             "rows": plan.num_rows,
             "row_len": plan.row_len,
             "fill_ratio": round(plan.fill_ratio, 4),
-            "flops_dense": self.flops.dense,
-            "flops_run": self.flops.run,
-            "flops_padding": self.flops.padding,
-            "flops_saving": round(self.flops.saving, 4),
+            "reused_plan": self.reused_plan,
+            "macs_dense": cost.macs_dense,
+            "macs_run": cost.macs_run,
+            "macs_padding": cost.padding_macs,
+            "flops_dense": cost.flops_dense,
+            "flops_run": cost.flops_run,
+            "saving": round(cost.saving, 4),
         }
 
 
 @dataclass
 class Trace:
-    """Everything the SPA layers of a model decided for one batch, plus whole-backbone FLOPs."""
+    """Everything the SPA layers of a model decided for one batch, plus whole-backbone compute."""
 
     layers: list[LayerTrace]
     image_size: tuple[int, int]
     batch_size: int
-    static_flops: int
-    refresh: RefreshDecision | None = None
-    """What the stale-token refresher ([ours]) did, when one ran."""
+    static_macs: int
+    """MACs per image of the backbone parts SPA does not change (embedding, dense blocks)."""
 
     @property
-    def refresh_flops(self) -> int:
-        """FLOPs of the stale-token refresher for the batch (0 without one); part of the run cost."""
-        return 0 if self.refresh is None else int(refresh_flops(self.refresh).sum())
+    def backbone_macs_dense(self) -> int:
+        """Backbone MACs of the batch with every block dense (the dense twin)."""
+        return self.static_macs * self.batch_size + sum(t.cost.macs_dense for t in self.layers)
+
+    @property
+    def backbone_macs_run(self) -> int:
+        """Backbone MACs of the batch as SPA ran it."""
+        return self.static_macs * self.batch_size + sum(t.cost.macs_run for t in self.layers)
 
     @property
     def backbone_flops_dense(self) -> int:
-        return self.static_flops * self.batch_size + sum(t.flops.dense for t in self.layers)
+        return 2 * self.backbone_macs_dense
 
     @property
     def backbone_flops_run(self) -> int:
-        return self.static_flops * self.batch_size + sum(t.flops.run for t in self.layers) + self.refresh_flops
+        return 2 * self.backbone_macs_run
 
     @property
     def backbone_saving(self) -> float:
-        dense = self.backbone_flops_dense
-        return 1.0 - self.backbone_flops_run / dense if dense else 0.0
+        """Share of the dense twin's backbone compute SPA did not spend."""
+        dense = self.backbone_macs_dense
+        return 1.0 - self.backbone_macs_run / dense if dense else 0.0
 
     @property
     def mean_keep_ratio(self) -> float:
@@ -122,19 +140,19 @@ class Trace:
         raise ValueError(f"layer {index} is not an SPA layer; SPA layers: {[t.layer for t in self.layers]}")
 
     def summary(self) -> dict[str, Any]:
-        """JSON-ready summary of the whole trace."""
-        summary = {
+        """JSON-ready summary of the whole trace (MACs = multiply-adds, the paper's "FLOPs"; FLOPs = 2 x MACs)."""
+        return {
             "image_size": list(self.image_size),
             "batch_size": self.batch_size,
+            "units": "macs_* count multiply-adds (the SPA and Swin papers' 'FLOPs'); flops_* = 2 x macs_*",
             "mean_keep_ratio": round(self.mean_keep_ratio, 4),
+            "backbone_macs_dense": self.backbone_macs_dense,
+            "backbone_macs_run": self.backbone_macs_run,
             "backbone_flops_dense": self.backbone_flops_dense,
             "backbone_flops_run": self.backbone_flops_run,
             "backbone_saving": round(self.backbone_saving, 4),
             "layers": [t.summary() for t in self.layers],
         }
-        if self.refresh is not None:
-            summary["refresh"] = {"refreshed_per_image": self.refresh.refreshed_counts.tolist(), "flops": self.refresh_flops}
-        return summary
 
 
 def find_backbone(model: nn.Module) -> nn.Module:
@@ -151,11 +169,16 @@ def _layer_trace(decision: BlockDecision) -> LayerTrace:
         layer=decision.layer,
         grid=decision.grid,
         num_prefix=decision.num_prefix,
+        selector=decision.selector,
+        learned=decision.learned,
+        fusion=decision.fusion,
+        raw_scores=decision.raw_scores,
         scores=decision.scores,
         keep=decision.keep,
         plan=decision.plan,
         backend=decision.backend,
-        flops=layer_flops(decision),
+        cost=layer_cost(decision),
+        reused_plan=decision.reused_plan,
     )
 
 
@@ -170,7 +193,7 @@ def trace(model: nn.Module, images: Tensor, *, grad: bool = False, **forward_kwa
     try:
         with torch.set_grad_enabled(grad):
             out = model(images, **forward_kwargs)
-        decisions, refresh = ctx.records, ctx.refresh_record
+        decisions = ctx.records
     finally:
         ctx.records = None
     image_size = (int(images.shape[-2]), int(images.shape[-1]))
@@ -178,6 +201,5 @@ def trace(model: nn.Module, images: Tensor, *, grad: bool = False, **forward_kwa
         layers=[_layer_trace(d) for d in decisions],
         image_size=image_size,
         batch_size=int(images.shape[0]),
-        static_flops=static_flops(backbone, image_size),
-        refresh=refresh,
+        static_macs=static_macs(backbone, image_size),
     )

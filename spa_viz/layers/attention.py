@@ -4,8 +4,11 @@ The projections are those of an existing timm ``Attention`` module (``qkv``, ``q
 ``k_norm``, ``norm``, optional ``gate``, ``proj``), so a patched model keeps its weights. Only
 the attention kernel changes, through one of these backends:
 
-* ``sdpa``: dense rows + boolean block mask through ``F.scaled_dot_product_attention``. Forward
-  and backward on CPU and CUDA; the default.
+* ``sdpa``: ``F.scaled_dot_product_attention`` on the packed rows. Forward and backward on CPU and
+  CUDA; the default. A row holding one image's tokens runs without a mask (the fast kernel); rows
+  that mix images get the block mask, or, when the batch has at most ``SEGMENT_LOOP_MAX``
+  same-image runs (small batches), one unmasked call per run, which is faster on CPU than one
+  masked call (reported as ``sdpa_runs``).
 * ``flex``: FlexAttention with a block mask built from the plan. Backward needs CUDA.
 * ``varlen``: ``torch.nn.attention.varlen.varlen_attn`` over the same-image runs, no padding
   computed at all. CUDA only, half precision (fp32 inputs are cast to bf16 and back).
@@ -29,6 +32,8 @@ from spa_viz.layers.packing import PackPlan
 __all__ = ["BACKENDS", "resolve_backend", "packed_attention", "check_attention_module"]
 
 BACKENDS = ("auto", "sdpa", "flex", "varlen", "reference")
+SEGMENT_LOOP_MAX = 8
+"""Most same-image runs for which ``sdpa`` loops over runs instead of building a block mask."""
 _HALF = (torch.float16, torch.bfloat16)
 _log = logging.getLogger(__name__)
 
@@ -70,11 +75,32 @@ def check_attention_module(attn: nn.Module) -> None:
         )
 
 
-def _sdpa(q: Tensor, k: Tensor, v: Tensor, plan: PackPlan, scale: float, dropout: float, bias: Tensor | None) -> Tensor:
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, plan: PackPlan, scale: float, dropout: float, bias: Tensor | None) -> tuple[Tensor, str]:
+    """Packed SDPA: unmasked on single-image rows, per run for few mixed runs, else block-masked."""
+    if not plan.mixed_rows and not plan.has_padding:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scale), "sdpa"
+    segments = plan.segments
+    if plan.mixed_rows and segments.shape[0] <= SEGMENT_LOOP_MAX:
+        return _sdpa_runs(q, k, v, segments, scale, dropout, bias), "sdpa_runs"
     mask = plan.attention_mask
     if bias is not None:
         mask = torch.where(mask, bias.to(q.dtype), float("-inf"))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale), "sdpa"
+
+
+def _sdpa_runs(q: Tensor, k: Tensor, v: Tensor, segments: Tensor, scale: float, dropout: float, bias: Tensor | None) -> Tensor:
+    """One unmasked SDPA call per same-image run (row, start, length); padding outputs stay zero."""
+    out = torch.zeros_like(q)
+    for row, start, size, _ in segments.tolist():
+        part = slice(start, start + size)
+        run_bias = None
+        if bias is not None:
+            run_bias = bias[row if bias.shape[0] > 1 else 0, :, part, part].unsqueeze(0)
+        out[row : row + 1, :, part] = F.scaled_dot_product_attention(
+            q[row : row + 1, :, part], k[row : row + 1, :, part], v[row : row + 1, :, part],
+            attn_mask=run_bias, dropout_p=dropout, scale=scale,
+        )
+    return out
 
 
 def _flex(q: Tensor, k: Tensor, v: Tensor, plan: PackPlan, scale: float) -> Tensor:
@@ -162,7 +188,7 @@ def packed_attention(
     if attn_bias is not None and chosen in ("flex", "varlen"):
         raise ValueError(f"the {chosen} backend takes no attn_bias; use backend='sdpa' or 'reference'")
     if chosen == "sdpa":
-        out = _sdpa(q, k, v, plan, scale, dropout, attn_bias)
+        out, chosen = _sdpa(q, k, v, plan, scale, dropout, attn_bias)
     elif chosen == "flex":
         out = _flex(q, k, v, plan, scale)
     elif chosen == "varlen":

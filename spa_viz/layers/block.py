@@ -1,51 +1,70 @@
-"""The SPA block: gate -> select -> pack -> attend -> unpack, with timm ``Block`` semantics.
+"""The SPA kernel: gate -> fuse -> select -> pack -> attend -> unpack, shared by every backbone.
 
-A timm block is converted in place (ToMe-style): its class becomes a subclass whose ``forward``
-runs SPA, and a ``gate`` module is added, so its weights and state-dict keys stay as they were.
-Kept tokens go through ``norm1 -> attn -> ls1 -> drop_path`` and (with ``sparse_mlp``)
-``norm2 -> mlp -> ls2 -> drop_path`` on the packed rows only; unkept tokens pass unchanged.
+:func:`spa_block_forward` is the one SPA block forward. A backbone plugs into it through a
+:class:`TokenLayout`: how the kept tokens are ordered into packed rows and what attention adds on
+top of the same-image mask. A plain ViT uses :class:`RasterLayout` (raster order, global attention);
+SPT uses its window layout (Swin window order, relative position bias, shifted-window mask).
 
-``block.gate`` is a learned :class:`~spa_viz.layers.gate.TokenGate` or a training-free selector:
-a module called as ``gate(patch_tokens, prefix_tokens)`` that returns (B, N) scores and has a
-``select(scores, config) -> keep`` method; selector scores are neither fused nor used for soft
-gating.
+Per kept token, with ``m`` the gate factor (below)::
 
-The blocks of one model share an :class:`SPAContext`: the per-forward state that carries the
-previous block's fused score (for max-fusion), the scores the selection loss needs, and, while
-tracing, a record of every decision. When a stale-token refresher is attached (**[ours]**,
-:mod:`spa_viz.layers.refresh`), the context also counts per patch token how many SPA blocks skipped
-it, and the block at ``refresh_layer`` (the model's last block) runs the refresher on its output,
-so it runs once before the final norm in ``forward_features`` and ``forward_intermediates`` alike.
+    x' = x  + m * drop_path(ls1(attn(norm1(x))))        attention among kept tokens only
+    y  = x' + m * drop_path(ls2(mlp(norm2(x'))))         with sparse_mlp (default): kept tokens only
+
+and an unkept token passes unchanged (``y = x``). **[ours]** The gate factor ``m`` scales the
+*branch outputs*: a LayerNorm follows the block input, so a per-token scale of the input (where
+the paper writes ``sigmoid(s) * r``) would be normalised away and the task loss would never reach
+the gate. On the branch output ``m -> 0`` means exactly "this token skips the block", the hard
+decision SPA takes for unkept tokens, so the relaxation and the hard rule agree. ``m`` is
+``sigmoid(s)`` with soft gating, times the straight-through multiplier of the Gumbel-sigmoid in
+training (value 1, gradient of the noisy soft gate); with soft gating off in evaluation, ``m = 1``.
+With ``sparse_mlp=False`` the MLP runs on every token and is not gated.
+
+``block.gate`` is a learned :class:`~spa_viz.layers.gate.TokenGate` or a training-free selector;
+both follow one protocol: ``gate(tokens, num_prefix) -> (B, N) scores`` on the block input, a
+``learned`` flag (learned logits are fused, soft-gated and supervised by ``L_select``; selector
+scores are not), a ``name``, ``macs_per_token`` (scoring cost), and for selectors
+``select(scores, config) -> keep``.
+
+The blocks of one model share an :class:`SPAContext`: the per-forward state (the token grid, the
+fusion state, every gate's raw logit for ``L_select``, the last pack plan for reuse) and, while
+tracing, a :class:`BlockDecision` per block.
 """
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
 from spa_viz.layers.attention import packed_attention
 from spa_viz.layers.config import SPAConfig
-from spa_viz.layers.gate import fuse_scores, select_tokens
+from spa_viz.layers.gate import fuse_scores, pool_scores, select_tokens
 from spa_viz.layers.packing import PackPlan, pack, plan_packing, unpack
-from spa_viz.layers.refresh import RefreshDecision, StaleTokenRefresh
 
 __all__ = [
-    "BlockDecision",
     "BlockCosts",
-    "SPAContext",
+    "BlockDecision",
+    "GateOutput",
+    "RasterLayout",
     "SPABlockMixin",
+    "SPAContext",
+    "TokenLayout",
     "convert_block",
     "find_context",
     "packed_drop_path",
     "spa_block_forward",
+    "spa_blocks",
 ]
+
+Grid = tuple[int, int]
 
 
 @dataclass(frozen=True)
 class BlockCosts:
-    """Multiply-adds per token of a block's dense parts, read off its weights (for FLOP counts)."""
+    """Multiply-adds per token of a block's dense parts, read off its weights (for MAC counts)."""
 
     dim: int
     attn_dim: int
@@ -55,7 +74,7 @@ class BlockCosts:
     gate_macs: int
 
     @classmethod
-    def of(cls, block: nn.Module) -> "BlockCosts":
+    def of(cls, block: nn.Module) -> BlockCosts:
         attn = block.attn
         linears = [m for m in block.mlp.modules() if isinstance(m, nn.Linear)]
         gate = getattr(block, "gate", None)
@@ -66,27 +85,75 @@ class BlockCosts:
             qkv_macs=attn.qkv.weight.numel() + (attn_gate.weight.numel() if attn_gate is not None else 0),
             proj_macs=attn.proj.weight.numel(),
             mlp_macs=sum(m.weight.numel() for m in linears),
-            gate_macs=_gate_macs(gate),
+            gate_macs=0 if gate is None else int(gate.macs_per_token),
         )
 
 
-def _gate_macs(gate: nn.Module | None) -> int:
-    """Scoring multiply-adds per token: a selector states its own, a learned gate is its linears."""
-    if gate is None:
-        return 0
-    stated = getattr(gate, "macs_per_token", None)
-    if stated is not None:
-        return int(stated)
-    return sum(m.weight.numel() for m in gate.modules() if isinstance(m, nn.Linear))
+class TokenLayout(Protocol):
+    """How one SPA block orders kept tokens into rows and what its attention adds (a backbone hook).
+
+    ``key``: layouts with equal keys pack equal keep masks identically (so a plan can be reused).
+    ``dense_window``: tokens each token attends in the dense twin (Swin windows); None = global.
+    """
+
+    grid: Grid
+    key: Hashable
+    dense_window: int | None
+
+    def plan(self, keep: Tensor, config: SPAConfig) -> PackPlan:
+        """The pack plan of a (B, T) keep mask (prefix tokens first)."""
+        ...
+
+    def attention_bias(self, plan: PackPlan) -> Tensor | None:
+        """Additive bias broadcastable to (B', heads, L, L) on top of the same-image mask, or None."""
+        ...
+
+
+@dataclass(frozen=True)
+class RasterLayout:
+    """A plain ViT: tokens in raster order (prefix tokens first), global attention, no bias."""
+
+    grid: Grid
+    key: Hashable = "raster"
+    dense_window: int | None = None
+
+    def plan(self, keep: Tensor, config: SPAConfig) -> PackPlan:
+        return plan_packing(keep, config.policy, config.container_len)
+
+    def attention_bias(self, plan: PackPlan) -> Tensor | None:
+        return None
+
+
+@dataclass(frozen=True)
+class GateOutput:
+    """A learned gate's output in one forward: what ``L_select`` and the training logs read.
+
+    ``raw``: the gate's own logits (``L_select`` is applied to these); ``fused``: after fusion, what
+    selection used; ``keep``: the hard decision (detached). All (B, N) on the model's device.
+    """
+
+    layer: int
+    grid: Grid
+    raw: Tensor
+    fused: Tensor
+    keep: Tensor
 
 
 @dataclass
 class BlockDecision:
-    """What one SPA block decided in one forward pass (tensors on the CPU)."""
+    """What one SPA block decided in one forward pass (tensors on the CPU): the one decision record.
+
+    ``scores`` are what selection used (fused logits of a learned gate, a selector's scores);
+    ``raw_scores`` the learned gate's own logits before fusion (equal to ``scores`` for selectors).
+    """
 
     layer: int
-    grid: tuple[int, int]
+    grid: Grid
     num_prefix: int
+    selector: str
+    learned: bool
+    fusion: str
+    raw_scores: Tensor
     scores: Tensor
     keep: Tensor
     plan: PackPlan
@@ -94,7 +161,23 @@ class BlockDecision:
     sparse_mlp: bool
     costs: BlockCosts
     dense_window: int | None = None
-    """Tokens each token attends in the dense twin (Swin windows); None means global attention."""
+    reused_plan: bool = False
+
+
+@dataclass
+class _PackState:
+    """The last block's keep mask, plan and packed output, so an identical next decision reuses them."""
+
+    keep: Tensor
+    layout_key: Hashable
+    plan: PackPlan
+    packed_out: Tensor
+    output: Tensor
+
+    def holds_output_of(self, x: Tensor) -> bool:
+        """Whether ``x`` is (a same-shaped view of) the last block's output, unmodified since."""
+        out = self.output
+        return (x.data_ptr(), x.shape, x.stride(), x._version) == (out.data_ptr(), out.shape, out.stride(), out._version)
 
 
 @dataclass
@@ -103,26 +186,58 @@ class SPAContext:
 
     config: SPAConfig
     num_prefix: int
-    grid: tuple[int, int] = (0, 0)
-    previous_scores: Tensor | None = None
-    previous_grid: tuple[int, int] | None = None
-    scores: list[tuple[int, tuple[int, int], Tensor]] = field(default_factory=list)
+    grid: Grid = (0, 0)
+    gates: list[GateOutput] = field(default_factory=list)
     records: list[BlockDecision] | None = None
-    refresh: StaleTokenRefresh | None = None
-    """Stale-token refresher run on the output of block ``refresh_layer`` ([ours]; None: off)."""
-    refresh_layer: int | None = None
-    skipped: Tensor | None = None
-    """(B, N) SPA blocks that did not select each patch token so far (counted while ``refresh`` is set)."""
-    refresh_record: RefreshDecision | None = None
+    _stage_grid: Grid | None = None
+    _stage_input: Tensor | None = None
+    _last_fused: Tensor | None = None
+    _last_grid: Grid | None = None
+    _pack_state: _PackState | None = None
 
-    def begin(self, grid: tuple[int, int]) -> None:
+    def begin(self, grid: Grid) -> None:
         """Reset the per-forward state before the first block runs."""
         self.grid = tuple(grid)
-        self.previous_scores = None
-        self.previous_grid = None
-        self.scores = []
-        self.skipped = None
-        self.refresh_record = None
+        self.gates = []
+        self._stage_grid = self._stage_input = self._last_fused = self._last_grid = None
+        self._pack_state = None
+
+    def fuse(self, raw: Tensor, grid: Grid) -> Tensor:
+        """This block's selection score from its raw logits, by the config's fusion mode."""
+        mode = self.config.fusion
+        if mode == "none":
+            fused = raw
+        elif mode == "chain":
+            incoming = None if self._last_fused is None else pool_scores(self._last_fused, self._last_grid, grid)
+            fused = fuse_scores(raw, incoming)
+        else:
+            if self._stage_grid != tuple(grid):  # the first block of a stage takes the previous stage's score
+                self._stage_grid = tuple(grid)
+                self._stage_input = (
+                    None if self._last_fused is None else pool_scores(self._last_fused, self._last_grid, grid)
+                )
+            fused = fuse_scores(raw, self._stage_input)
+        self._last_fused, self._last_grid = fused, tuple(grid)
+        return fused
+
+    def pack(self, x: Tensor, keep: Tensor, layout: TokenLayout) -> tuple[PackPlan, Tensor, bool]:
+        """Plan and pack ``x`` (B, T, C) for ``keep`` (B, T); reuse the last plan and packed output when
+        the previous block kept the same tokens with the same layout and ``x`` is its output."""
+        state = self._pack_state
+        if (
+            state is not None
+            and state.layout_key == layout.key
+            and state.keep.shape == keep.shape
+            and torch.equal(state.keep, keep)
+        ):
+            packed = state.packed_out if state.holds_output_of(x) else pack(x, state.plan)
+            return state.plan, packed, True
+        plan = layout.plan(keep, self.config)
+        return plan, pack(x, plan), False
+
+    def remember(self, keep: Tensor, layout: TokenLayout, plan: PackPlan, packed_out: Tensor, out: Tensor) -> None:
+        """Keep this block's plan and packed output for the next block."""
+        self._pack_state = _PackState(keep, layout.key, plan, packed_out, out)
 
 
 def packed_drop_path(y: Tensor, plan: PackPlan, module: nn.Module, training: bool) -> Tensor:
@@ -137,85 +252,106 @@ def packed_drop_path(y: Tensor, plan: PackPlan, module: nn.Module, training: boo
     return y * scale[plan.slot_image.clamp(min=0)].unsqueeze(-1)
 
 
-def spa_block_forward(block: nn.Module, x: Tensor, ctx: SPAContext, layer: int) -> Tensor:
-    """One SPA block on tokens ``x`` (B, T, C) whose last ``T - num_prefix`` form ``ctx.grid``."""
+def _gate_factor(scores: Tensor, multiplier: Tensor | None, soft_gating: bool) -> Tensor | None:
+    """(B, N) factor ``m`` on the kept tokens' branches, or None when it is 1 everywhere."""
+    if soft_gating:
+        soft = torch.sigmoid(scores)
+        return soft if multiplier is None else soft * multiplier
+    return multiplier
+
+
+def _decide(block: nn.Module, x: Tensor, ctx: SPAContext, layer: int, grid: Grid) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """(raw scores, selection scores, patch keep mask, gate factor or None) of one block."""
+    cfg = ctx.config
+    gate = block.gate
+    raw = gate(x, ctx.num_prefix)
+    if not gate.learned:
+        return raw, raw, gate.select(raw, cfg), None
+    scores = ctx.fuse(raw, grid)
+    keep, multiplier = select_tokens(
+        scores, threshold=cfg.threshold, tau=cfg.tau, min_keep=cfg.min_keep, training=block.training
+    )
+    ctx.gates.append(GateOutput(layer, tuple(grid), raw, scores, keep))
+    return raw, scores, keep, _gate_factor(scores, multiplier, cfg.soft_gating)
+
+
+def spa_block_forward(block: nn.Module, x: Tensor, ctx: SPAContext, layer: int, layout: TokenLayout) -> Tensor:
+    """One SPA block on tokens ``x`` (B, T, C) whose last ``T - num_prefix`` form ``layout.grid``.
+
+    ``block`` has timm ``Block`` parts: ``gate``, ``norm1``, ``attn``, ``ls1``, ``drop_path1``,
+    ``norm2``, ``mlp``, ``ls2``, ``drop_path2``.
+    """
     cfg = ctx.config
     batch, seq_len, _ = x.shape
     prefix = ctx.num_prefix
-    if seq_len - prefix != ctx.grid[0] * ctx.grid[1]:
+    grid = tuple(layout.grid)
+    if seq_len - prefix != grid[0] * grid[1]:
         raise ValueError(
-            f"SPA block {layer} got {seq_len - prefix} patch tokens but the grid is {ctx.grid}; "
+            f"SPA block {layer} got {seq_len - prefix} patch tokens but the grid is {grid}; "
             "run the model through its own forward so the grid is set"
         )
-    gate = block.gate
-    custom_select = getattr(gate, "select", None)
-    if custom_select is None:
-        # scoring all tokens then slicing avoids copying the non-contiguous patch slice
-        scores = fuse_scores(gate(x)[:, prefix:], ctx.previous_scores, ctx.grid, ctx.previous_grid)
-        ctx.previous_scores, ctx.previous_grid = scores, ctx.grid
-        ctx.scores.append((layer, ctx.grid, scores))
-        keep_patch, straight_through = select_tokens(
-            scores, threshold=cfg.threshold, tau=cfg.tau, min_keep=cfg.min_keep, training=block.training
-        )
-    else:
-        scores = gate(x[:, prefix:], x[:, :prefix])
-        keep_patch = custom_select(scores, cfg)
-    keep = torch.cat([keep_patch.new_ones(batch, prefix), keep_patch], dim=1)
-    plan = plan_packing(keep, cfg.policy, cfg.container_len)
-    packed = pack(x, plan)
-    if custom_select is None and (cfg.soft_gating or block.training):
-        factor = straight_through * torch.sigmoid(scores) if cfg.soft_gating else straight_through
-        factor = torch.cat([factor.new_ones(batch, prefix), factor], dim=1).reshape(-1)
-        packed = packed * factor[plan.slot_source.clamp(min=0)].unsqueeze(-1)
+    raw, scores, keep_patch, factor = _decide(block, x, ctx, layer, grid)
+    keep = keep_patch if prefix == 0 else torch.cat([keep_patch.new_ones(batch, prefix), keep_patch], dim=1)
+    plan, packed, reused = ctx.pack(x, keep, layout)
+    packed_factor = None
+    if factor is not None:
+        full = factor if prefix == 0 else torch.cat([factor.new_ones(batch, prefix), factor], dim=1)
+        packed_factor = pack(full.unsqueeze(-1), plan)
 
-    attn_out, backend = packed_attention(block.attn, block.norm1(packed), plan, cfg.backend)
-    packed = packed + packed_drop_path(block.ls1(attn_out), plan, block.drop_path1, block.training)
+    attn_out, backend = packed_attention(
+        block.attn, block.norm1(packed), plan, cfg.backend, attn_bias=layout.attention_bias(plan)
+    )
+    branch = block.ls1(attn_out)
+    if packed_factor is not None:
+        branch = branch * packed_factor
+    packed = packed + packed_drop_path(branch, plan, block.drop_path1, block.training)
     if cfg.sparse_mlp:
-        mlp_out = block.ls2(block.mlp(block.norm2(packed)))
-        out = unpack(packed + packed_drop_path(mlp_out, plan, block.drop_path2, block.training), plan, x)
+        branch = block.ls2(block.mlp(block.norm2(packed)))
+        if packed_factor is not None:
+            branch = branch * packed_factor
+        packed = packed + packed_drop_path(branch, plan, block.drop_path2, block.training)
+        out = unpack(packed, plan, x)
     else:
         out = unpack(packed, plan, x)
         out = out + block.drop_path2(block.ls2(block.mlp(block.norm2(out))))
+    ctx.remember(keep, layout, plan, packed, out)
 
     if ctx.records is not None:
         ctx.records.append(
             BlockDecision(
                 layer=layer,
-                grid=ctx.grid,
+                grid=grid,
                 num_prefix=prefix,
+                selector=block.gate.name,
+                learned=bool(block.gate.learned),
+                fusion=cfg.fusion,
+                raw_scores=raw.detach().float().cpu(),
                 scores=scores.detach().float().cpu(),
                 keep=keep_patch.cpu(),
                 plan=plan.to("cpu"),
                 backend=backend,
                 sparse_mlp=cfg.sparse_mlp,
                 costs=BlockCosts.of(block),
+                dense_window=layout.dense_window,
+                reused_plan=reused,
             )
         )
-    if ctx.refresh is not None:
-        skipped = (~keep_patch).to(torch.int32)
-        ctx.skipped = skipped if ctx.skipped is None else ctx.skipped + skipped
-        if layer == ctx.refresh_layer:
-            out = ctx.refresh(out, ctx.skipped, prefix)
-            if ctx.records is not None:
-                ran = bool((ctx.skipped > 0).any()) and ctx.refresh.uses_context(prefix)
-                ctx.refresh_record = RefreshDecision(
-                    ctx.skipped.cpu(), ctx.refresh.macs_per_token, ctx.refresh.macs_per_image if ran else 0
-                )
     return out
 
 
 class SPABlockMixin:
-    """Mixed in front of a timm block class: ``forward`` runs SPA unless the config disables it."""
+    """Mixed in front of a timm ViT block class: ``forward`` runs SPA unless the config disables it."""
 
     spa_context: SPAContext
     spa_layer: int
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-        if not self.spa_context.config.enabled:
+        ctx = self.spa_context
+        if not ctx.config.enabled:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         if attn_mask is not None or is_causal:
             raise ValueError("SPA blocks build their own attention mask; do not pass attn_mask/is_causal")
-        return spa_block_forward(self, x, self.spa_context, self.spa_layer)
+        return spa_block_forward(self, x, ctx, self.spa_layer, RasterLayout(ctx.grid))
 
 
 _BLOCK_CLASSES: dict[type, type] = {}
@@ -223,7 +359,8 @@ _BLOCK_CLASSES: dict[type, type] = {}
 
 def convert_block(block: nn.Module, gate: nn.Module, ctx: SPAContext, layer: int) -> nn.Module:
     """Turn a timm ``Block`` into an SPA block in place (weights kept, ``gate`` added)."""
-    missing = [n for n in ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2") if not hasattr(block, n)]
+    parts = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
+    missing = [n for n in parts if not hasattr(block, n)]
     if missing:
         raise ValueError(f"{type(block).__name__} lacks {missing}: SPA converts timm Block-style blocks only")
     base = type(block)
@@ -244,3 +381,9 @@ def find_context(model: nn.Module) -> SPAContext:
         if isinstance(ctx, SPAContext):
             return ctx
     raise ValueError("this model has no SPA blocks; convert it with spa_viz.patch(model, start_layer)")
+
+
+def spa_blocks(model: nn.Module) -> list[nn.Module]:
+    """The SPA blocks of a model (or of its SPA backbone), in forward order."""
+    ctx = find_context(model)
+    return [m for m in model.modules() if getattr(m, "spa_context", None) is ctx and hasattr(m, "spa_layer")]

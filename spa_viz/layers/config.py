@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from spa_viz.layers.attention import BACKENDS
+from spa_viz.layers.gate import check_fusion
 from spa_viz.layers.packing import POLICIES
 
 __all__ = ["SPAConfig", "DEFAULT_CONTAINER_LEN"]
@@ -18,6 +19,10 @@ class SPAConfig:
     """What every SPA block of one model does; mutable so inference settings can change live.
 
     ``enabled=False`` makes every SPA block run its original dense computation (the dense twin).
+    ``fusion`` is how a gate's logit is fused with earlier scores (``"stage"``, ``"chain"``,
+    ``"none"``; see :mod:`spa_viz.layers.gate`). ``soft_gating`` scales the attention (and, with
+    ``sparse_mlp``, the MLP) branch of each kept token by ``sigmoid(s)``, so the task loss reaches
+    the gate (see :mod:`spa_viz.layers.block`).
     """
 
     start_layer: int = 0
@@ -30,6 +35,7 @@ class SPAConfig:
     soft_gating: bool = True
     backend: str = "auto"
     gate_init_bias: float = 3.0
+    fusion: str = "stage"
     enabled: bool = True
 
     def __post_init__(self) -> None:
@@ -37,6 +43,7 @@ class SPAConfig:
 
     def validate(self) -> None:
         """Raise ValueError with a fix for any out-of-range setting."""
+        check_fusion(self.fusion)
         if self.policy not in POLICIES:
             raise ValueError(f"unknown packing policy {self.policy!r}; choose one of {POLICIES}")
         if self.backend not in BACKENDS:

@@ -1,8 +1,18 @@
-"""Token gate: a per-token keep logit, fused across SPA blocks, and the keep decision.
+"""Token gate: a per-token keep logit, its fusion across scales, and the keep decision.
 
-The gate is deliberately cheap (one linear layer, C -> 1). Its logit is max-fused with the previous
-SPA block's fused logit so that a token selected earlier (or at a finer scale) stays selected, and
-the hard keep mask comes from a Gumbel-sigmoid with a straight-through gradient in training.
+The gate is deliberately cheap (one linear layer, C -> 1). How a block's own logit ``s_raw`` becomes
+the score it selects with is the *fusion mode* (``SPAConfig.fusion``):
+
+* ``"stage"`` (the paper's multi-scale fusion, the default): ``s = max(s_raw, pool(s_in))`` where
+  ``s_in`` is the last fused score of the *previous stage*, 2x2 max-pooled to this stage's grid;
+  every block of a stage fuses with that same ``s_in``. The first SPA stage (and a plain SPA-ViT,
+  which has one scale) has no ``s_in``, so there ``s = s_raw``.
+* ``"chain"`` **[ours, ablation]**: every block fuses with the previous block's fused score, so the
+  first gate is a floor for all later ones.
+* ``"none"``: ``s = s_raw`` everywhere.
+
+The hard keep mask comes from a Gumbel-sigmoid with a straight-through gradient in training and
+from the same rule without the noise in evaluation: ``sigmoid(s / tau) > threshold``.
 """
 
 from __future__ import annotations
@@ -13,7 +23,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["TokenGate", "fuse_scores", "select_tokens", "threshold_logit"]
+__all__ = [
+    "FUSION_MODES",
+    "TokenGate",
+    "check_fusion",
+    "fuse_scores",
+    "pool_scores",
+    "select_tokens",
+    "threshold_logit",
+]
+
+FUSION_MODES = ("stage", "chain", "none")
+
+Grid = tuple[int, int]
 
 
 class TokenGate(nn.Module):
@@ -21,7 +43,11 @@ class TokenGate(nn.Module):
 
     ``init_bias`` sets where training starts: a positive bias makes a freshly added gate keep
     (almost) everything, so converting a pretrained model does not destroy it before training.
+    The gate reads the block input (before ``norm1``), as the paper's ``s = W_g r + b_g``.
     """
+
+    learned = True
+    name = "learned"
 
     def __init__(self, dim: int, init_bias: float = 3.0) -> None:
         super().__init__()
@@ -29,48 +55,70 @@ class TokenGate(nn.Module):
         nn.init.trunc_normal_(self.proj.weight, std=0.02)
         nn.init.constant_(self.proj.bias, init_bias)
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        """Raw logits (B, N) for tokens (B, N, C)."""
-        return self.proj(tokens).squeeze(-1)
+    @property
+    def macs_per_token(self) -> int:
+        """Scoring multiply-adds per token."""
+        return self.proj.weight.numel()
+
+    def forward(self, tokens: Tensor, num_prefix: int = 0) -> Tensor:
+        """Raw logits (B, N) of the patch tokens of ``tokens`` (B, num_prefix + N, C)."""
+        # scoring all tokens then slicing avoids copying the non-contiguous patch slice
+        return self.proj(tokens).squeeze(-1)[:, num_prefix:]
 
 
-def fuse_scores(
-    scores: Tensor,
-    previous: Tensor | None,
-    grid: tuple[int, int],
-    previous_grid: tuple[int, int] | None = None,
-) -> Tensor:
-    """Element-wise max of this block's logits with the previous SPA block's fused logits.
+def check_fusion(mode: str) -> str:
+    """``mode`` if it is a fusion mode, else ValueError naming the allowed ones."""
+    if mode not in FUSION_MODES:
+        raise ValueError(f"unknown fusion mode {mode!r}; choose one of {FUSION_MODES}")
+    return mode
 
-    When the previous block ran at twice the resolution, its logits are first 2x2 max-pooled
-    (ceil mode, so odd grids keep their border tokens).
+
+def pool_scores(scores: Tensor, grid: Grid, target: Grid) -> Tensor:
+    """Scores (B, gh*gw) on ``grid`` brought to ``target``: unchanged if equal, 2x2 max-pooled if half.
+
+    Pooling uses ceil mode, so odd grids keep their border tokens (as Swin's padded patch merging).
     """
-    if previous is None:
+    if tuple(grid) == tuple(target):
         return scores
-    if previous_grid is not None and tuple(previous_grid) != tuple(grid):
-        b = previous.shape[0]
-        prev_map = previous.reshape(b, 1, *previous_grid)
-        prev_map = F.max_pool2d(prev_map, kernel_size=2, stride=2, ceil_mode=True)
-        if tuple(prev_map.shape[-2:]) != tuple(grid):
-            raise ValueError(
-                f"cannot fuse scores from grid {previous_grid} into grid {grid}: "
-                "only equal grids or a 2x downsampling are supported"
-            )
-        previous = prev_map.reshape(b, -1)
-    if previous.shape != scores.shape:
-        raise ValueError(f"previous scores {tuple(previous.shape)} do not match {tuple(scores.shape)}")
-    return torch.maximum(scores, previous)
+    batch = scores.shape[0]
+    pooled = F.max_pool2d(scores.reshape(batch, 1, *grid), kernel_size=2, stride=2, ceil_mode=True)
+    if tuple(pooled.shape[-2:]) != tuple(target):
+        raise ValueError(
+            f"cannot fuse scores from grid {tuple(grid)} into grid {tuple(target)}: "
+            "only equal grids or a 2x downsampling are supported"
+        )
+    return pooled.reshape(batch, -1)
 
 
-def threshold_logit(threshold: float) -> float:
-    """The logit equivalent of a probability threshold (+-inf at the ends, so 0 keeps all)."""
+def fuse_scores(scores: Tensor, incoming: Tensor | None) -> Tensor:
+    """Element-wise max of a block's logits with the incoming fused logits (already on its grid)."""
+    if incoming is None:
+        return scores
+    if incoming.shape != scores.shape:
+        raise ValueError(f"incoming scores {tuple(incoming.shape)} do not match {tuple(scores.shape)}")
+    return torch.maximum(scores, incoming)
+
+
+def threshold_logit(threshold: float, tau: float = 1.0) -> float:
+    """The logit ``s`` above which ``sigmoid(s / tau) > threshold`` (+-inf at the ends: 0 keeps all)."""
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must lie in [0, 1], got {threshold}")
+    if tau <= 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
     if threshold == 0.0:
         return -math.inf
     if threshold == 1.0:
         return math.inf
-    return math.log(threshold) - math.log1p(-threshold)
+    return tau * (math.log(threshold) - math.log1p(-threshold))
+
+
+def _ensure_min_keep(keep: Tensor, scores: Tensor, min_keep: int) -> Tensor:
+    """``keep`` plus, in images that keep fewer than ``min_keep``, their highest-scoring tokens."""
+    k = min(min_keep, scores.shape[1])
+    if k <= 0 or bool((keep.sum(1) >= k).all()):
+        return keep
+    top = scores.detach().topk(k, dim=1).indices
+    return keep.scatter(1, top, True)
 
 
 def select_tokens(
@@ -81,15 +129,16 @@ def select_tokens(
     min_keep: int = 1,
     training: bool = False,
     generator: torch.Generator | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Hard keep mask from fused logits, plus a straight-through multiplier for the gradient.
+) -> tuple[Tensor, Tensor | None]:
+    """Hard keep mask from fused logits, plus the straight-through multiplier in training.
 
-    Training: Gumbel-sigmoid (logistic noise, temperature ``tau``), ``soft > threshold``, and the
-    multiplier ``hard - soft.detach() + soft`` (value 1 on kept tokens, gradient of ``soft``).
-    Evaluation: ``sigmoid(scores) > threshold`` and a multiplier of ones.
-    Every image keeps at least ``min_keep`` tokens (its highest-scoring ones).
+    Training: Gumbel-sigmoid ``soft = sigmoid((scores + logistic noise) / tau)``, ``keep = soft >
+    threshold``, and the multiplier ``hard - soft.detach() + soft`` (value 1 on kept tokens,
+    gradient of ``soft``). Evaluation: the same rule without the noise, ``sigmoid(scores / tau) >
+    threshold``, and no multiplier (None). Every image keeps at least ``min_keep`` tokens (its
+    highest-scoring ones).
 
-    Returns ``(keep, multiplier)``, both (B, N); ``keep`` is bool.
+    Returns ``(keep, multiplier)``; ``keep`` is bool (B, N).
     """
     if scores.dim() != 2:
         raise ValueError(f"scores must be (B, N), got shape {tuple(scores.shape)}")
@@ -97,20 +146,12 @@ def select_tokens(
         raise ValueError(f"tau must be > 0, got {tau}")
     if min_keep < 0:
         raise ValueError(f"min_keep must be >= 0, got {min_keep}")
-    if training:
-        u = torch.rand(scores.shape, generator=generator, device=scores.device, dtype=scores.dtype)
-        u = u.clamp(1e-6, 1.0 - 1e-6)
-        soft = torch.sigmoid((scores + torch.log(u) - torch.log1p(-u)) / tau)
-        keep = soft > threshold
-    else:
-        keep = scores > threshold_logit(threshold)
-        soft = None
-    n = scores.shape[1]
-    k = min(min_keep, n)
-    if k > 0:
-        top = scores.detach().topk(k, dim=1).indices
-        keep = keep.scatter(1, top, True)
-    if soft is None:
-        return keep, torch.ones_like(scores)
+    if not training:
+        keep = scores > threshold_logit(threshold, tau)
+        return _ensure_min_keep(keep, scores, min_keep), None
+    u = torch.rand(scores.shape, generator=generator, device=scores.device, dtype=scores.dtype)
+    u = u.clamp(1e-6, 1.0 - 1e-6)
+    soft = torch.sigmoid((scores + torch.log(u) - torch.log1p(-u)) / tau)
+    keep = _ensure_min_keep(soft > threshold, scores, min_keep)
     hard = keep.to(scores.dtype)
     return keep, hard - soft.detach() + soft

@@ -9,11 +9,14 @@ Two policies:
 * ``image`` (after NaViT's Patch n' Pack): whole images are bin-packed first-fit-decreasing into
   rows of capacity ``max(L, largest image)``, so attention is exactly per image.
 
-A :class:`PackPlan` records where every packed slot comes from; it is what the app draws.
+A :class:`PackPlan` records where every packed slot comes from; it is what the app draws. Planning
+also notes, in plain Python, whether any row holds more than one image and whether any slot is
+padding, so attention can skip the mask (and its slower kernel) when a row is one image's tokens.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -30,6 +33,7 @@ class PackPlan:
     """Where each slot of the packed (rows x row_len) batch comes from.
 
     ``slot_source`` holds ``image * seq_len + token`` for every slot, or -1 for padding.
+    ``mixed_rows``: some row holds tokens of more than one image; ``has_padding``: some slot is empty.
     """
 
     policy: str
@@ -38,6 +42,8 @@ class PackPlan:
     row_len: int
     slot_source: Tensor
     kept_counts: Tensor
+    mixed_rows: bool = True
+    has_padding: bool = True
 
     @property
     def num_rows(self) -> int:
@@ -83,14 +89,25 @@ class PackPlan:
         return self.slot_source.reshape(-1)[self.valid_slots]
 
     @cached_property
-    def attention_mask(self) -> Tensor:
-        """(B', 1, L, L) bool: query may attend key (same image, same row; padding sees padding).
+    def gather_index(self) -> Tensor:
+        """(B' * L,) source index of every slot; padding reads token 0 of image 0 (then zeroed)."""
+        flat = self.slot_source.reshape(-1)
+        return flat.clamp(min=0) if self.has_padding else flat
 
-        Padding slots attend only to padding so that no query row is empty (SDPA would give NaN);
-        their outputs are dropped by :func:`unpack`.
+    @cached_property
+    def attention_mask(self) -> Tensor | None:
+        """Bool mask broadcastable to (B', heads, L, L): query may attend key; None if all may.
+
+        Rows mixing images get the full same-image mask (B', 1, L, L), where padding slots attend
+        only to padding so that no query row is empty (SDPA would give NaN); rows of one image with
+        padding get a key mask (B', 1, 1, L). Padding outputs are dropped by :func:`unpack`.
         """
-        seg = self.slot_image
-        return (seg[:, :, None] == seg[:, None, :]).unsqueeze(1)
+        if self.mixed_rows:
+            seg = self.slot_image
+            return (seg[:, :, None] == seg[:, None, :]).unsqueeze(1)
+        if self.has_padding:
+            return self.valid[:, None, None, :]
+        return None
 
     @cached_property
     def segments(self) -> Tensor:
@@ -108,7 +125,7 @@ class PackPlan:
         lengths = (run_ends - run_starts)[real]
         return torch.stack([starts // length, starts % length, lengths, flat[starts]], dim=1)
 
-    def to(self, device: torch.device | str) -> "PackPlan":
+    def to(self, device: torch.device | str) -> PackPlan:
         """A copy with its tensors on ``device``."""
         return PackPlan(
             self.policy,
@@ -117,6 +134,8 @@ class PackPlan:
             self.row_len,
             self.slot_source.to(device),
             self.kept_counts.to(device),
+            self.mixed_rows,
+            self.has_padding,
         )
 
 
@@ -138,11 +157,21 @@ def _first_fit_decreasing(counts: list[int], capacity: int) -> list[tuple[int, i
     return place
 
 
-def plan_packing(keep: Tensor, policy: str = "image", row_len: int | None = None) -> PackPlan:
+def plan_packing(
+    keep: Tensor,
+    policy: str = "image",
+    row_len: int | None = None,
+    *,
+    source_map: Tensor | None = None,
+    seq_len: int | None = None,
+) -> PackPlan:
     """Build the pack plan of a (B, T) boolean keep mask.
 
     ``row_len`` is the container length L for ``container`` (required) and the minimum row capacity
-    for ``image`` (default: the largest image's kept count).
+    for ``image`` (default: the largest image's kept count). Tokens are packed in ``keep``'s order;
+    ``source_map`` (B * T,) optionally maps each of those positions to the source index the slots
+    record (``image * seq_len + token``), for backbones that pack in another order than they store
+    (SPT packs in window order, stores raster order).
     """
     if keep.dim() != 2 or keep.dtype != torch.bool:
         raise ValueError(f"keep must be a (B, T) bool tensor, got {keep.dtype} {tuple(keep.shape)}")
@@ -150,23 +179,42 @@ def plan_packing(keep: Tensor, policy: str = "image", row_len: int | None = None
         raise ValueError(f"unknown packing policy {policy!r}; choose one of {POLICIES}")
     if row_len is not None and row_len < 1:
         raise ValueError(f"container length L must be >= 1, got {row_len}")
-    batch, seq_len = keep.shape
+    if policy == "container" and row_len is None:
+        raise ValueError("the container policy needs a container length L (row_len), e.g. 49")
+    batch, positions = keep.shape
     device = keep.device
     counts = keep.sum(1)
+    counts_list = counts.tolist()
+    total = sum(counts_list)
     sources = keep.reshape(-1).nonzero().squeeze(1)
-    total = sources.numel()
+    if source_map is not None:
+        if source_map.shape != (batch * positions,) or seq_len is None:
+            raise ValueError("source_map must be (B * T,) and comes with the stored seq_len")
+        sources = source_map[sources]
+    seq_len = positions if seq_len is None else seq_len
 
     if policy == "container":
-        if row_len is None:
-            raise ValueError("the container policy needs a container length L (row_len), e.g. 49")
         rows = max(-(-total // row_len), 1)
         length = row_len
+        ends = itertools.accumulate(counts_list)
+        mixed = any(end % length for end in list(ends)[:-1] if 0 < end < total)
+        has_padding = rows * length != total
+        if not has_padding:
+            return PackPlan(policy, batch, seq_len, length, sources.view(rows, length), counts, mixed, False)
         slots = torch.arange(total, device=device)
     else:
-        counts_list = counts.tolist()
         length = max(row_len or 0, max(counts_list, default=0), 1)
+        if batch == 1 and length == total:  # one image filling one row: the plan is its kept tokens
+            return PackPlan(policy, batch, seq_len, length, sources.view(1, length), counts, False, False)
         place = _first_fit_decreasing(counts_list, length)
         rows = max((r for r, _ in place), default=0) + 1
+        per_row = [0] * rows
+        filled = [0] * rows
+        for (row, _), count in zip(place, counts_list):
+            per_row[row] += count > 0
+            filled[row] += count
+        mixed = any(n > 1 for n in per_row)
+        has_padding = any(f != length for f in filled)
         start = torch.tensor([r * length + o for r, o in place], device=device, dtype=torch.long)
         first = torch.cumsum(counts, 0) - counts
         image = sources // seq_len
@@ -174,7 +222,7 @@ def plan_packing(keep: Tensor, policy: str = "image", row_len: int | None = None
 
     slot_source = torch.full((rows * length,), -1, dtype=torch.long, device=device)
     slot_source[slots] = sources
-    return PackPlan(policy, batch, seq_len, length, slot_source.view(rows, length), counts)
+    return PackPlan(policy, batch, seq_len, length, slot_source.view(rows, length), counts, mixed, has_padding)
 
 
 def pack(x: Tensor, plan: PackPlan) -> Tensor:
@@ -182,15 +230,20 @@ def pack(x: Tensor, plan: PackPlan) -> Tensor:
     batch, seq_len, dim = x.shape
     if (batch, seq_len) != (plan.batch_size, plan.seq_len):
         raise ValueError(f"x has shape {tuple(x.shape)} but the plan is for ({plan.batch_size}, {plan.seq_len}, C)")
-    flat = x.reshape(batch * seq_len, dim)
-    packed = flat.new_zeros(plan.num_slots, dim)
-    packed = packed.index_copy(0, plan.valid_slots, flat.index_select(0, plan.valid_sources))
-    return packed.view(plan.num_rows, plan.row_len, dim)
+    packed = x.reshape(batch * seq_len, dim).index_select(0, plan.gather_index)
+    packed = packed.view(plan.num_rows, plan.row_len, dim)
+    if plan.has_padding:
+        packed = packed.masked_fill(~plan.valid.unsqueeze(-1), 0.0)
+    return packed
 
 
 def unpack(packed: Tensor, plan: PackPlan, base: Tensor) -> Tensor:
     """Scatter packed tokens back into a copy of ``base`` (B, T, C); unkept tokens keep ``base``."""
     batch, seq_len, dim = base.shape
-    flat = packed.reshape(-1, dim).index_select(0, plan.valid_slots)
-    out = base.reshape(batch * seq_len, dim).index_copy(0, plan.valid_sources, flat)
+    flat = packed.reshape(-1, dim)
+    if plan.has_padding:
+        flat, sources = flat.index_select(0, plan.valid_slots), plan.valid_sources
+    else:
+        sources = plan.slot_source.reshape(-1)
+    out = base.reshape(batch * seq_len, dim).index_copy(0, sources, flat)
     return out.view(batch, seq_len, dim)

@@ -62,7 +62,7 @@ class ConvStemEmbed(PatchEmbed):
             raise ValueError(f"a conv stem needs a square power-of-two patch and one width per halving: "
                              f"patch {self.patch_size}, channels {list(channels)}")
         layers: list[nn.Module] = []
-        width = self.proj.in_channels
+        width = self.in_chans = self.proj.in_channels
         for out in channels:
             layers += [nn.Conv2d(width, out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
             width = out

@@ -13,12 +13,11 @@ from timm.models import VisionTransformer, register_model
 from torch import Tensor, nn
 
 from spa_viz.layers.attention import check_attention_module
-from spa_viz.layers.block import SPAContext, convert_block, find_context
+from spa_viz.layers.block import SPAContext, convert_block, find_context, spa_blocks
 from spa_viz.layers.config import SPAConfig
 from spa_viz.layers.gate import TokenGate
-from spa_viz.layers.refresh import StaleTokenRefresh
 
-__all__ = ["patch", "configure", "attach_refresh", "spa_context", "spa_blocks", "is_spa_model"]
+__all__ = ["patch", "configure", "spa_context", "spa_blocks", "is_spa_model"]
 
 
 class SPAModelMixin:
@@ -67,12 +66,6 @@ def spa_context(model: nn.Module) -> SPAContext:
     return find_context(model)
 
 
-def spa_blocks(model: nn.Module) -> list[nn.Module]:
-    """The SPA blocks of a model, in forward order."""
-    ctx = find_context(model)
-    return [m for m in model.modules() if getattr(m, "spa_context", None) is ctx and hasattr(m, "spa_layer")]
-
-
 def patch(
     model: VisionTransformer,
     start_layer: int,
@@ -85,7 +78,7 @@ def patch(
     """Convert a timm ``VisionTransformer`` in place so blocks ``start_layer..end`` are SPA blocks.
 
     Other ``settings`` are :class:`SPAConfig` fields (``tau``, ``min_keep``, ``sparse_mlp``,
-    ``soft_gating``, ``backend``, ``gate_init_bias``, ``enabled``). Returns the same model.
+    ``soft_gating``, ``backend``, ``gate_init_bias``, ``fusion``, ``enabled``). Returns the same model.
     """
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"spa_viz.patch takes a timm VisionTransformer, got {type(model).__name__}")
@@ -119,28 +112,6 @@ def configure(model: nn.Module, **changes: Any) -> SPAConfig:
         raise ValueError("start_layer is fixed when the model is patched; patch a fresh model instead")
     config.update(**changes)
     return config
-
-
-def attach_refresh(model: VisionTransformer, refresh: StaleTokenRefresh | None) -> None:
-    """Run ``refresh`` on the stale tokens after the last block, before the final norm ([ours]).
-
-    ``refresh`` (a :class:`~spa_viz.layers.refresh.StaleTokenRefresh`) becomes the submodule
-    ``spa_refresh`` of the patched ``model``, so its tensors are saved with it; ``None`` detaches it.
-    It runs inside the last SPA block (which must be the model's last block), so with SPA disabled
-    (the dense twin) it never runs.
-    """
-    if not is_spa_model(model):
-        raise ValueError("attach the refresher to the patched backbone itself (e.g. model.backbone)")
-    ctx = model.spa_context
-    if refresh is None:
-        model.spa_refresh = None
-        ctx.refresh, ctx.refresh_layer = None, None
-        return
-    last = spa_blocks(model)[-1]
-    if last is not model.blocks[-1]:
-        raise ValueError("the refresher runs after the last block, so the model's last block must be an SPA block")
-    model.spa_refresh = refresh
-    ctx.refresh, ctx.refresh_layer = refresh, last.spa_layer
 
 
 def _spa_vit(variant: str, pretrained: bool, start_layer: int, spa: dict[str, Any] | None, **kwargs: Any) -> VisionTransformer:

@@ -5,8 +5,9 @@ Layout: patch embedding at stride 4, four stages joined by patch merging. Stages
 :class:`SPTBlock` s, which keep Swin's weights and state-dict keys (``norm1``, ``attn`` with its
 ``relative_position_bias_table``, ``norm2``, ``mlp``) and add a ``gate``.
 
-An SPT block runs gate -> max-fusion -> select -> pack -> attend -> unpack like the core SPA block,
-with three Swin-specific choices that make "keep every token" reproduce Swin exactly:
+An SPT block runs the one SPA kernel (:func:`~spa_viz.layers.block.spa_block_forward`: gate -> fuse
+-> select -> pack -> attend -> unpack) through its :class:`SwinWindowLayout` hook, with three
+Swin-specific choices that make "keep every token" reproduce Swin exactly:
 
 * Tokens are packed in Swin's window-partition order (after the cyclic shift of M//2 on odd blocks),
   so with every token kept each container of L = M^2 slots is exactly one Swin window. The pack plan
@@ -16,6 +17,10 @@ with three Swin-specific choices that make "keep every token" reproduce Swin exa
   allows use the offset clamped to +-(M-1).
 * Shifted blocks add Swin's shifted-window region mask (-100 between tokens of different regions of
   the rolled map), so wrapped-around tokens never attend to each other.
+
+Scores fuse across stages (``fusion="stage"``, the default): every stage-4 block fuses its logit
+with the last fused score of stage 3, 2x2 max-pooled; stage-3 blocks (the first SPA stage) select
+with their own logits.
 
 Further **[ours]** choices: windows shrink to the grid when a stage's grid is smaller than M (as
 timm's Swin does at its construction size, here decided per forward from the actual grid) and the
@@ -44,12 +49,10 @@ from timm.models.swin_transformer import (
 )
 from torch import Tensor, nn
 
-from spa_viz.analysis.flops import dense_block_flops
-from spa_viz.layers.attention import packed_attention
-from spa_viz.layers.block import BlockCosts, BlockDecision, SPAContext, packed_drop_path
+from spa_viz.layers.block import SPAContext, spa_block_forward
 from spa_viz.layers.config import SPAConfig
-from spa_viz.layers.gate import TokenGate, fuse_scores, select_tokens
-from spa_viz.layers.packing import PackPlan, pack, plan_packing, unpack
+from spa_viz.layers.gate import TokenGate
+from spa_viz.layers.packing import PackPlan, plan_packing
 
 __all__ = [
     "SPTConfig",
@@ -143,19 +146,27 @@ class SPTConfig:
         return cls(**data)
 
 
+_PAIR_INDEX_MAX_TOKENS = 1024  # above this many tokens per image the (N, N) bias index is not cached
+
+
 @dataclass(frozen=True)
 class _WindowLayout:
-    """Swin's window partition of one (H, W) grid for one window and shift.
+    """Swin's window partition of one (H, W) grid for one window and shift, on one device.
 
     ``order``: raster token index at every window-order position of the rolled, padded map (-1 for
     window padding). ``region``: Swin's shift region of every window-order position;
-    ``token_region``: the same per raster token.
+    ``token_region``: the same per raster token. ``pair_index``:
+    for grids of at most ``_PAIR_INDEX_MAX_TOKENS`` tokens, the (N, N) row of the relative position
+    bias table for every pair of raster tokens, pointing one past the table (the region mask) for
+    pairs in different shift regions; None for larger grids.
     """
 
     order: Tensor
     region: Tensor
     token_region: Tensor
     shifted: bool
+    window_padding: bool
+    pair_index: Tensor | None
 
 
 def _bands(length: int, window: int, shift: int) -> Tensor:
@@ -167,8 +178,20 @@ def _bands(length: int, window: int, shift: int) -> Tensor:
     return band
 
 
-@functools.lru_cache(maxsize=128)
-def _window_layout_cpu(grid: Grid, window: Grid, shift: Grid) -> _WindowLayout:
+def _offset_index(rows: Tensor, cols: Tensor, window_size: int) -> Tensor:
+    """Row of the relative position bias table for every pair of (..., L) positions -> (..., L, L).
+
+    Offsets beyond a window (possible inside an SPA container) are clamped to +-(window_size - 1).
+    """
+    limit = window_size - 1
+    dy = (rows[..., :, None] - rows[..., None, :]).clamp(-limit, limit)
+    dx = (cols[..., :, None] - cols[..., None, :]).clamp(-limit, limit)
+    return (dy + limit) * (2 * window_size - 1) + dx + limit
+
+
+@functools.lru_cache(maxsize=256)
+def _window_layout(grid: Grid, window: Grid, shift: Grid, window_size: int, device: str) -> _WindowLayout:
+    """The (cached) window layout of a grid on ``device``."""
     height, width = grid
     (wh, ww), (sh, sw) = window, shift
     with torch.inference_mode(False):  # cached tensors must stay usable in autograd
@@ -184,39 +207,80 @@ def _window_layout_cpu(grid: Grid, window: Grid, shift: Grid) -> _WindowLayout:
         order, region = partition(index), partition(region)
         real = order >= 0
         token_region = torch.empty(height * width, dtype=torch.long).index_copy_(0, order[real], region[real])
-    return _WindowLayout(order, region, token_region, bool(sh or sw))
+        pair_index = None
+        if height * width <= _PAIR_INDEX_MAX_TOKENS:
+            tokens = torch.arange(height * width)
+            pair_index = _offset_index(tokens // width, tokens % width, window_size)
+            if sh or sw:
+                masked = token_region[:, None] != token_region[None, :]
+                pair_index = pair_index.masked_fill(masked, (2 * window_size - 1) ** 2)
+        return _WindowLayout(
+            order.to(device),
+            region.to(device),
+            token_region.to(device),
+            bool(sh or sw),
+            bool(pad_h or pad_w),
+            None if pair_index is None else pair_index.to(device),
+        )
 
 
-def _window_layout(grid: Grid, window: Grid, shift: Grid, device: torch.device) -> _WindowLayout:
-    """The (cached) window layout on ``device``."""
-    layout = _window_layout_cpu(tuple(grid), tuple(window), tuple(shift))
-    if device.type == "cpu":
-        return layout
-    return _WindowLayout(layout.order.to(device), layout.region.to(device), layout.token_region.to(device), layout.shifted)
-
-
-def _relative_bias(table: Tensor, rows: Tensor, cols: Tensor, window: int) -> Tensor:
-    """Swin's relative position bias between all pairs of (..., L) positions -> (..., heads, L, L).
-
-    Offsets beyond a window (possible inside an SPA container) are clamped to +-(window - 1).
-    """
-    limit = window - 1
-    dy = (rows[..., :, None] - rows[..., None, :]).clamp(-limit, limit)
-    dx = (cols[..., :, None] - cols[..., None, :]).clamp(-limit, limit)
-    index = (dy + limit) * (2 * window - 1) + dx + limit
-    return table[index].movedim(-1, -3)
+def _batch_order(layout: _WindowLayout, batch: int, tokens: int) -> Tensor:
+    """(B * P,) raster source index (image * N + token) of every window-order position of a batch."""
+    return (torch.arange(batch, device=layout.order.device)[:, None] * tokens + layout.order.clamp(min=0)).reshape(-1)
 
 
 def _raster_plan(keep: Tensor, layout: _WindowLayout, policy: str, row_len: int | None) -> PackPlan:
     """Pack plan in window order whose slots point at raster tokens (image * N + row * W + col)."""
     batch, tokens = keep.shape
     order = layout.order
-    window_plan = plan_packing(keep[:, order.clamp(min=0)] & (order >= 0), policy, row_len)
-    source = window_plan.slot_source
-    positions = order.numel()
-    raster = (source // positions) * tokens + order[source.clamp(min=0) % positions]
-    slot_source = torch.where(source >= 0, raster, -1)
-    return PackPlan(window_plan.policy, batch, tokens, window_plan.row_len, slot_source, window_plan.kept_counts)
+    window_keep = keep[:, order.clamp(min=0)] & (order >= 0) if layout.window_padding else keep[:, order]
+    return plan_packing(window_keep, policy, row_len, source_map=_batch_order(layout, batch, tokens), seq_len=tokens)
+
+
+@dataclass(frozen=True)
+class SwinWindowLayout:
+    """SPT's hook into the SPA kernel: Swin window order, relative position bias, shifted-window mask.
+
+    With every token kept, each container of L = M^2 slots is exactly one Swin window, so the
+    kernel reproduces Swin's (shifted) window attention.
+    """
+
+    grid: Grid
+    window: Grid
+    shift: Grid
+    window_size: int
+    bias_table: Tensor
+    container_len: int | None
+
+    @property
+    def key(self) -> tuple:
+        return ("swin", self.grid, self.window, self.shift, self.container_len)
+
+    @property
+    def dense_window(self) -> int:
+        return self.window[0] * self.window[1]
+
+    def _layout(self, device: torch.device) -> _WindowLayout:
+        return _window_layout(self.grid, self.window, self.shift, self.window_size, str(device))
+
+    def plan(self, keep: Tensor, config: SPAConfig) -> PackPlan:
+        return _raster_plan(keep, self._layout(keep.device), config.policy, self.container_len)
+
+    def attention_bias(self, plan: PackPlan) -> Tensor:
+        """(B', heads, L, L): Swin's relative position bias of every packed pair, -100 across shift regions."""
+        token = plan.slot_token.clamp(min=0) if plan.has_padding else plan.slot_source % plan.seq_len
+        table = self.bias_table
+        layout = self._layout(token.device)
+        if layout.pair_index is not None:
+            index = layout.pair_index[token[:, :, None], token[:, None, :]]
+            table = torch.cat([table, table.new_full((1, table.shape[1]), _REGION_MASK)])
+            return table[index].permute(0, 3, 1, 2)
+        width = self.grid[1]
+        bias = table[_offset_index(token // width, token % width, self.window_size)].permute(0, 3, 1, 2)
+        if layout.shifted:
+            region = layout.token_region[token]
+            bias = bias.masked_fill((region[:, :, None] != region[:, None, :]).unsqueeze(1), _REGION_MASK)
+        return bias
 
 
 class SPTWindowAttention(WindowAttention):
@@ -229,10 +293,11 @@ class SPTWindowAttention(WindowAttention):
 
 
 class SPTBlock(nn.Module):
-    """A Swin block that runs as an SPA block (or, with SPA disabled, as dense Swin window attention).
+    """A Swin block that runs the SPA kernel (or, with SPA disabled, dense Swin window attention).
 
     Takes and returns (B, H, W, C) maps like timm's ``SwinTransformerBlock``; ``shifted`` blocks use
-    the cyclic shift of M//2 where the grid is larger than the window.
+    the cyclic shift of M//2 where the grid is larger than the window. ``ls1``/``ls2`` are identities
+    (Swin has no layer scale) so the block has the parts :func:`spa_block_forward` expects.
     """
 
     def __init__(
@@ -256,9 +321,11 @@ class SPTBlock(nn.Module):
         self.spa_layer = layer
         self.norm1 = nn.LayerNorm(dim)
         self.attn = SPTWindowAttention(dim, num_heads=num_heads, window_size=window_size, qkv_bias=qkv_bias)
+        self.ls1 = nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU)
+        self.ls2 = nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.gate = TokenGate(dim, init_bias=gate_init_bias)
 
@@ -275,12 +342,22 @@ class SPTBlock(nn.Module):
         (wh, ww), _ = self.window_and_shift(grid)
         return wh * ww
 
+    def layout(self, grid: Grid) -> SwinWindowLayout:
+        """This block's token layout on ``grid`` (window order, bias, shift mask) for the SPA kernel."""
+        window, shift = self.window_and_shift(grid)
+        return SwinWindowLayout(
+            tuple(grid), window, shift, self.window_size, self.attn.relative_position_bias_table, self._container_len(window)
+        )
+
     def forward(self, x: Tensor) -> Tensor:
         batch, height, width, dim = x.shape
-        window, shift = self.window_and_shift((height, width))
-        if not self.spa_context.config.enabled:
+        ctx = self.spa_context
+        if not ctx.config.enabled:
+            window, shift = self.window_and_shift((height, width))
             return self._dense(x, window, shift)
-        out = self._spa(x.reshape(batch, height * width, dim), (height, width), window, shift)
+        ctx.grid = (height, width)
+        tokens = x.reshape(batch, height * width, dim)
+        out = spa_block_forward(self, tokens, ctx, self.spa_layer, self.layout((height, width)))
         return out.view(batch, height, width, dim)
 
     def _container_len(self, window: Grid) -> int | None:
@@ -288,55 +365,6 @@ class SPTBlock(nn.Module):
         if config.policy != "container" or config.container_len is None:
             return config.container_len
         return max(1, config.container_len * window[0] * window[1] // self.window_size**2)
-
-    def _spa(self, x: Tensor, grid: Grid, window: Grid, shift: Grid) -> Tensor:
-        """SPA on raster tokens (B, N, C): gate, fuse, select, pack in window order, attend, unpack."""
-        ctx = self.spa_context
-        cfg = ctx.config
-        ctx.grid = grid
-        scores = fuse_scores(self.gate(x), ctx.previous_scores, grid, ctx.previous_grid)
-        ctx.previous_scores, ctx.previous_grid = scores, grid
-        ctx.scores.append((self.spa_layer, grid, scores))
-        keep, straight_through = select_tokens(
-            scores, threshold=cfg.threshold, tau=cfg.tau, min_keep=cfg.min_keep, training=self.training
-        )
-        layout = _window_layout(grid, window, shift, x.device)
-        plan = _raster_plan(keep, layout, cfg.policy, self._container_len(window))
-        packed = pack(x, plan)
-        if cfg.soft_gating or self.training:
-            factor = straight_through * torch.sigmoid(scores) if cfg.soft_gating else straight_through
-            packed = packed * factor.reshape(-1)[plan.slot_source.clamp(min=0)].unsqueeze(-1)
-
-        token = plan.slot_token.clamp(min=0)
-        bias = _relative_bias(self.attn.relative_position_bias_table, token // grid[1], token % grid[1], self.window_size)
-        if layout.shifted:
-            region = layout.token_region[token]
-            bias = bias.masked_fill((region[:, :, None] != region[:, None, :]).unsqueeze(1), _REGION_MASK)
-        attn_out, backend = packed_attention(self.attn, self.norm1(packed), plan, cfg.backend, attn_bias=bias)
-        packed = packed + packed_drop_path(attn_out, plan, self.drop_path1, self.training)
-        if cfg.sparse_mlp:
-            mlp_out = self.mlp(self.norm2(packed))
-            out = unpack(packed + packed_drop_path(mlp_out, plan, self.drop_path2, self.training), plan, x)
-        else:
-            out = unpack(packed, plan, x)
-            out = out + self.drop_path2(self.mlp(self.norm2(out)))
-
-        if ctx.records is not None:
-            ctx.records.append(
-                BlockDecision(
-                    layer=self.spa_layer,
-                    grid=grid,
-                    num_prefix=0,
-                    scores=scores.detach().float().cpu(),
-                    keep=keep.cpu(),
-                    plan=plan.to("cpu"),
-                    backend=backend,
-                    sparse_mlp=cfg.sparse_mlp,
-                    costs=BlockCosts.of(self),
-                    dense_window=window[0] * window[1],
-                )
-            )
-        return out
 
     def _dense(self, x: Tensor, window: Grid, shift: Grid) -> Tensor:
         """The dense twin: Swin (shifted) window attention, window padding attended as in timm's Swin."""
@@ -350,9 +378,11 @@ class SPTBlock(nn.Module):
         windows = window_partition(y, window).view(batch, -1, wh * ww, dim)
 
         area = torch.arange(wh * ww, device=x.device)
-        bias = _relative_bias(self.attn.relative_position_bias_table, area // ww, area % ww, self.window_size)[None]
+        table = self.attn.relative_position_bias_table
+        bias = table[_offset_index(area // ww, area % ww, self.window_size)].permute(2, 0, 1)[None]
         if shifted:
-            region = _window_layout((height, width), window, shift, x.device).region.view(-1, wh * ww)
+            region = _window_layout((height, width), window, shift, self.window_size, str(x.device)).region
+            region = region.view(-1, wh * ww)
             bias = bias.masked_fill((region[:, :, None] != region[:, None, :]).unsqueeze(1), _REGION_MASK)
         attn = self.attn
         qkv = attn.qkv(windows).reshape(*windows.shape[:3], 3, attn.num_heads, -1).permute(3, 0, 1, 4, 2, 5)
@@ -562,30 +592,6 @@ class SPT(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
-
-    def spa_static_flops(self, image_size: tuple[int, int]) -> int:
-        """FLOPs per image of everything but the running SPA blocks: embedding, Swin stages, merging.
-
-        Dense blocks count window attention on the real tokens (``4NC^2 + 2AN C`` multiply-adds for
-        windows of A tokens, plus the MLP); with SPA disabled the SPA blocks count the same way.
-        """
-        patch = self.config.patch_size
-        height, width = image_size[0] // patch, image_size[1] // patch
-        flops = 2 * height * width * self.patch_embed.proj.weight.numel()
-        spa_on = self.spa_context.config.enabled
-        for stage in self.layers:
-            if isinstance(stage.downsample, PatchMerging):
-                height, width = -(-height // 2), -(-width // 2)
-                flops += 2 * height * width * stage.downsample.reduction.weight.numel()
-            for block in stage.blocks:
-                if isinstance(block, SPTBlock):
-                    if spa_on:
-                        continue
-                    window = block.window_area((height, width))
-                else:
-                    window = block.window_area
-                flops += dense_block_flops(BlockCosts.of(block), height * width, window=window)
-        return flops
 
 
 def _config_from_swin(swin: SwinTransformer) -> dict[str, Any]:

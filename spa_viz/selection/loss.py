@@ -1,7 +1,9 @@
-"""The selection loss L_select: BCE between each SPA block's fused score and its token labels.
+"""The selection loss L_select: BCE between each learned gate's own logit and its token labels.
 
 ``L = L_task + alpha * L_select``, with ``L_select`` summed over SPA blocks (alpha = 0.01 in the
-paper). Without it the gate drifts towards keeping almost everything.
+paper). **[ours]** The BCE reads each gate's raw logit, not the fused score: a max-fused score passes
+gradient only to the branch that won the max, so later gates would learn from a fraction of their
+tokens. Without ``L_select`` the paper's gate keeps far more tokens.
 """
 
 from __future__ import annotations
@@ -57,6 +59,6 @@ def selection_loss(
 def model_selection_loss(
     model: nn.Module, labels: Tensor | Mapping[Grid, Tensor], alpha: float = DEFAULT_ALPHA
 ) -> Tensor:
-    """:func:`selection_loss` on the scores the model's SPA blocks produced in its last forward."""
+    """:func:`selection_loss` on the raw logits the model's learned gates produced in its last forward."""
     ctx = find_context(model)
-    return selection_loss([(grid, score) for _, grid, score in ctx.scores], labels, alpha)
+    return selection_loss([(gate.grid, gate.raw) for gate in ctx.gates], labels, alpha)

@@ -1,10 +1,12 @@
 """Training-free token selectors: baselines that replace the learned SPA gate of any patched timm ViT.
 
-A selector plugs in as ``block.gate`` (the selector protocol of :mod:`spa_viz.layers.block`): it is
-called as ``selector(patch_tokens, prefix_tokens)`` on the block input and returns (B, N) scores, and
-``selector.select(scores, config)`` turns them into the keep mask. The block then packs, attends and
-traces exactly as with the learned gate. Selector scores are not fused across blocks, so each SPA
-block chooses afresh.
+A selector plugs in as ``block.gate`` (the one gate protocol of :mod:`spa_viz.layers.block`): it is
+called as ``selector(tokens, num_prefix)`` on the block input and returns (B, N) patch-token scores,
+``learned`` is False, and ``selector.select(scores, config)`` turns the scores into the keep mask.
+The block then packs, attends and traces exactly as with the learned gate. Selector scores are not
+fused across blocks, so each SPA block chooses afresh. The same selectors run on SPA-ViT and SPT;
+those that need a class token (``cls_attention``) are refused up front on models without one
+(:func:`applicable_selectors` lists what a model supports).
 
 Selectors (``SELECTORS``):
 
@@ -17,7 +19,8 @@ Selectors (``SELECTORS``):
   the same batch shape gives the same masks. Default: top-k by ``ratio``.
 * ``uniform_topk``: the paper's "uniform top-50%" baseline: exactly ``ceil(ratio * N)`` tokens per
   image, ranked by class-token attention (``score="cls_attention"``, the standard training-free
-  importance; EViT) or by ``score="feature_norm"``.
+  importance; EViT) or by ``score="feature_norm"``; the default ``score="auto"`` ranks by class-token
+  attention where the model has a class token and by feature norm where it has none (SPT).
 
 Every selector takes exactly one of ``ratio`` (keep ``ceil(ratio * N)`` highest-scoring tokens) or
 ``p`` (keep the smallest top set holding a share ``p`` of the total score), and keeps at least the
@@ -34,12 +37,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from spa_viz.layers.block import find_context, spa_blocks
 from spa_viz.layers.config import SPAConfig
-from spa_viz.models.spa_vit import spa_blocks
 
 __all__ = [
     "SELECTORS",
     "TokenSelector",
+    "applicable_selectors",
     "ClsAttentionSelector",
     "FeatureNormSelector",
     "RandomSelector",
@@ -85,6 +89,10 @@ class TokenSelector(nn.Module):
     """
 
     name = ""
+    learned = False
+    needs_class_token = False
+    amount = "ratio"
+    """The keep-amount parameter of the defaults: ``ratio`` (top-k share) or ``p`` (top score mass)."""
     default_params: dict[str, Any] = {"ratio": 0.5}
 
     def __init__(self, block: nn.Module, ratio: float | None = None, p: float | None = None) -> None:
@@ -110,10 +118,13 @@ class TokenSelector(nn.Module):
     def scores(self, patch_tokens: Tensor, prefix_tokens: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def forward(self, patch_tokens: Tensor, prefix_tokens: Tensor) -> Tensor:
-        """(B, N) non-negative scores of the patch tokens (no gradient: selection is discrete)."""
+    def forward(self, tokens: Tensor, num_prefix: int) -> Tensor:
+        """(B, N) non-negative scores of the patch tokens of ``tokens`` (B, num_prefix + N, C).
+
+        No gradient: selection is discrete.
+        """
         with torch.no_grad():
-            return self.scores(patch_tokens, prefix_tokens)
+            return self.scores(tokens[:, num_prefix:], tokens[:, :num_prefix])
 
     def select(self, scores: Tensor, config: SPAConfig) -> Tensor:
         """(B, N) bool keep mask: top ``ratio`` or top-``p`` mass, at least ``config.min_keep``."""
@@ -151,12 +162,9 @@ class ClsAttentionSelector(TokenSelector):
     """EViT-style: keep the patch tokens the class token attends to most (default top-p 0.9)."""
 
     name = "cls_attention"
+    needs_class_token = True
+    amount = "p"
     default_params = {"p": 0.9}
-
-    def __init__(self, block: nn.Module, ratio: float | None = None, p: float | None = None) -> None:
-        super().__init__(block, ratio, p)
-        if getattr(block, "spa_context", None) is not None and block.spa_context.num_prefix < 1:
-            raise ValueError("cls_attention needs a class token; use feature_norm or random for this model")
 
     @property
     def macs_per_token(self) -> int:
@@ -202,12 +210,16 @@ class UniformTopKSelector(TokenSelector):
     """The paper's uniform baseline: exactly ``ceil(ratio * N)`` tokens per image (default 50%)."""
 
     name = "uniform_topk"
-    _SCORES = ("cls_attention", "feature_norm")
+    SCORES = ("auto", "cls_attention", "feature_norm")
 
-    def __init__(self, block: nn.Module, ratio: float | None = 0.5, score: str = "cls_attention") -> None:
+    def __init__(self, block: nn.Module, ratio: float | None = 0.5, score: str = "auto") -> None:
         super().__init__(block, ratio=ratio)
-        if score not in self._SCORES:
-            raise ValueError(f"uniform_topk ranks by one of {self._SCORES}, got score={score!r}")
+        if score not in self.SCORES:
+            raise ValueError(f"uniform_topk ranks by one of {self.SCORES}, got score={score!r}")
+        if score == "auto":
+            score = "cls_attention" if block.spa_context.num_prefix > 0 else "feature_norm"
+        if score == "cls_attention" and block.spa_context.num_prefix < 1:
+            raise ValueError("uniform_topk with score='cls_attention' needs a class token; use score='feature_norm'")
         self.score = score
         ranker = ClsAttentionSelector if score == "cls_attention" else FeatureNormSelector
         self.ranker = ranker(block, ratio=ratio)
@@ -226,6 +238,12 @@ class UniformTopKSelector(TokenSelector):
 SELECTORS: dict[str, type[TokenSelector]] = {
     cls.name: cls for cls in (ClsAttentionSelector, FeatureNormSelector, RandomSelector, UniformTopKSelector)
 }
+
+
+def applicable_selectors(model: nn.Module) -> list[str]:
+    """Names of the selectors that can run on ``model`` (those needing a class token only where it has one)."""
+    has_class_token = find_context(model).num_prefix > 0
+    return [name for name, cls in SELECTORS.items() if has_class_token or not cls.needs_class_token]
 
 
 def installed_selector(model: nn.Module) -> str | None:
@@ -248,6 +266,11 @@ def install_selector(model: nn.Module, name: str | type[TokenSelector], **params
         cls = SELECTORS[name]
     else:
         raise ValueError(f"unknown selector {name!r}; choose one of {sorted(SELECTORS)}")
+    if cls.needs_class_token and find_context(model).num_prefix < 1:
+        raise ValueError(
+            f"selector {cls.name!r} needs a class token and this model has none; "
+            f"selectors that apply: {applicable_selectors(model)}"
+        )
     settings = dict(params) if {"ratio", "p"} & set(params) else {**cls.default_params, **params}
     blocks = spa_blocks(model)
     selectors = []

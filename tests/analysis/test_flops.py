@@ -4,7 +4,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import spa_viz
-from spa_viz.analysis.flops import paper_dense_flops, paper_spa_flops
+from spa_viz.analysis.flops import paper_dense_macs, paper_spa_macs
 from tests.conftest import tiny_vit
 
 
@@ -43,20 +43,46 @@ def test_packed_count_matches_torch_flop_counter(policy, row_len, backend, spars
     assert tr.backbone_flops_run < tr.backbone_flops_dense
 
 
-def test_per_image_run_flops_add_up_with_padding() -> None:
+def test_per_image_run_macs_add_up_with_padding() -> None:
     model = spa_viz.patch(tiny_vit(), 0, policy="container", container_len=5)
     _randomize_gates(model)
     _, tr = spa_viz.trace(model, torch.randn(4, 3, 32, 32))
     for layer in tr.layers:
-        flops = layer.flops
-        assert flops.run == int(flops.per_image_run.sum()) + flops.padding
-        assert flops.padding >= 0
-        assert flops.dense == flops.per_image_dense * 4
+        cost = layer.cost
+        assert cost.macs_run == int(cost.per_image_macs_run.sum()) + cost.padding_macs
+        assert cost.padding_macs >= 0
+        assert cost.macs_dense == cost.per_image_macs_dense * 4
+        assert cost.flops_run == 2 * cost.macs_run and cost.flops_dense == 2 * cost.macs_dense
+
+
+def test_units_are_named_and_flops_are_twice_the_macs() -> None:
+    model = spa_viz.patch(tiny_vit(), 1)
+    _randomize_gates(model)
+    _, tr = spa_viz.trace(model, torch.randn(2, 3, 32, 32))
+    summary = tr.summary()
+    assert summary["backbone_flops_dense"] == 2 * summary["backbone_macs_dense"]
+    assert summary["backbone_flops_run"] == 2 * summary["backbone_macs_run"]
+    assert "multiply-adds" in summary["units"]
+    for layer in summary["layers"]:
+        assert layer["flops_run"] == 2 * layer["macs_run"]
+
+
+def test_conv_stem_embedding_is_counted() -> None:
+    """A convolutional patch embedding (conv stem) enters the static count by its real convolutions."""
+    from spa_viz.analysis.flops import embed_macs
+    from spa_viz.models.detector import ConvStemEmbed
+
+    embed = ConvStemEmbed(img_size=32, patch_size=8, in_chans=3, embed_dim=16, channels=(4, 8, 16))
+    expected = 16 * 16 * 4 * 3 * 9 + 8 * 8 * 8 * 4 * 9 + 4 * 4 * 16 * 8 * 9 + 4 * 4 * 16 * 16
+    assert embed_macs(embed, (32, 32)) == expected
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
+        embed.eval()(torch.zeros(1, 3, 32, 32))
+    assert 2 * expected == counter.get_total_flops()
 
 
 def test_paper_formulas() -> None:
-    assert paper_dense_flops(196, 384) == 4 * 196 * 384**2 + 2 * 196**2 * 384
-    assert paper_spa_flops(196, 384, rows=2, row_len=49) == 196 * 384 + 196 * 384**2 + 2 * (3 * 49 * 384**2 + 2 * 49**2 * 384)
+    assert paper_dense_macs(196, 384) == 4 * 196 * 384**2 + 2 * 196**2 * 384
+    assert paper_spa_macs(196, 384, rows=2, row_len=49) == 196 * 384 + 196 * 384**2 + 2 * (3 * 49 * 384**2 + 2 * 49**2 * 384)
 
 
 def test_selector_scoring_cost_is_counted() -> None:

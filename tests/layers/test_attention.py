@@ -44,8 +44,42 @@ def test_image_policy_backends_match_per_image_attention(backend: str, qk_norm: 
         packed, ran = packed_attention(attn, pack(x, plan), plan, backend)
         out = unpack(packed, plan, torch.zeros_like(x))
         ref = _per_image_reference(attn, x, keep)
-    assert ran == backend
+    assert ran == ("sdpa_runs" if backend == "sdpa" else backend), "5 same-image runs: sdpa loops over them"
     assert torch.allclose(out[keep], ref[keep], atol=1e-5)
+
+
+@pytest.mark.parametrize("policy, row_len", [("image", None), ("container", 7), ("container", 23)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_sdpa_paths_agree(monkeypatch, policy: str, row_len: int | None, with_bias: bool) -> None:
+    """The unmasked per-run loop, the block-masked call and the reference loop give the same output."""
+    import spa_viz.layers.attention as attention
+
+    attn, x, keep, plan = _setup(policy, row_len)
+    bias = torch.randn(plan.num_rows, 4, plan.row_len, plan.row_len) if with_bias else None
+    outputs = {}
+    with torch.no_grad():
+        for loop_max, name in ((1000, "sdpa_runs"), (0, "sdpa")):
+            monkeypatch.setattr(attention, "SEGMENT_LOOP_MAX", loop_max)
+            out, ran = packed_attention(attn, pack(x, plan), plan, "sdpa", attn_bias=bias)
+            assert ran == name
+            outputs[name] = unpack(out, plan, torch.zeros_like(x))
+        ref, _ = packed_attention(attn, pack(x, plan), plan, "reference", attn_bias=bias)
+        ref = unpack(ref, plan, torch.zeros_like(x))
+    assert torch.allclose(outputs["sdpa_runs"][keep], ref[keep], atol=1e-5)
+    assert torch.allclose(outputs["sdpa"][keep], ref[keep], atol=1e-5)
+
+
+def test_single_image_rows_need_no_mask() -> None:
+    keep = torch.rand(1, 30) < 0.5
+    keep[0, 0] = True
+    plan = plan_packing(keep, "image")
+    assert not plan.mixed_rows and not plan.has_padding and plan.attention_mask is None
+    plan = plan_packing(keep, "image", row_len=40)
+    assert not plan.mixed_rows and plan.has_padding and plan.attention_mask.shape == (1, 1, 1, 40)
+    two = plan_packing(torch.ones(2, 6, dtype=torch.bool), "container", 6)
+    assert not two.mixed_rows and not two.has_padding and two.attention_mask is None
+    shared = plan_packing(torch.ones(2, 6, dtype=torch.bool), "container", 4)
+    assert shared.mixed_rows and shared.attention_mask.shape == (3, 1, 4, 4)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -3,12 +3,12 @@ import math
 import pytest
 import torch
 
-from spa_viz.layers.gate import TokenGate, fuse_scores, select_tokens, threshold_logit
+from spa_viz.layers.gate import TokenGate, fuse_scores, pool_scores, select_tokens, threshold_logit
 
 
 def test_gate_shape_and_init_keeps_everything() -> None:
     gate = TokenGate(16, init_bias=3.0)
-    scores = gate(torch.randn(2, 10, 16))
+    scores = gate(torch.randn(2, 11, 16), num_prefix=1)
     assert scores.shape == (2, 10)
     keep, _ = select_tokens(scores, threshold=0.5)
     assert keep.all()
@@ -16,28 +16,28 @@ def test_gate_shape_and_init_keeps_everything() -> None:
 
 def test_fusion_is_elementwise_max() -> None:
     a, b = torch.randn(2, 6), torch.randn(2, 6)
-    fused = fuse_scores(a, b, (2, 3), (2, 3))
-    assert torch.equal(fused, torch.maximum(a, b))
-    assert fuse_scores(a, None, (2, 3)) is a
+    assert torch.equal(fuse_scores(a, b), torch.maximum(a, b))
+    assert fuse_scores(a, None) is a
 
 
-def test_fusion_pools_2x2_when_resolution_halves() -> None:
+def test_pooling_is_2x2_max_when_resolution_halves() -> None:
     fine = torch.arange(16.0).reshape(1, 16)
-    coarse = torch.full((1, 4), -100.0)
-    fused = fuse_scores(coarse, fine, (2, 2), (4, 4))
-    assert fused.tolist() == [[5.0, 7.0, 13.0, 15.0]]
+    assert pool_scores(fine, (4, 4), (2, 2)).tolist() == [[5.0, 7.0, 13.0, 15.0]]
+    assert pool_scores(fine, (4, 4), (4, 4)) is fine
+    odd = torch.arange(9.0).reshape(1, 9)
+    assert pool_scores(odd, (3, 3), (2, 2)).tolist() == [[4.0, 5.0, 7.0, 8.0]], "ceil mode keeps the border"
 
 
-def test_fusion_rejects_unrelated_grids() -> None:
+def test_pooling_rejects_unrelated_grids() -> None:
     with pytest.raises(ValueError, match="2x downsampling"):
-        fuse_scores(torch.zeros(1, 4), torch.zeros(1, 64), (2, 2), (8, 8))
+        pool_scores(torch.zeros(1, 64), (8, 8), (2, 2))
 
 
 def test_eval_selection_is_deterministic_threshold() -> None:
     scores = torch.tensor([[-2.0, -0.1, 0.1, 3.0]])
     keep, mult = select_tokens(scores, threshold=0.5, min_keep=0)
     assert keep.tolist() == [[False, False, True, True]]
-    assert torch.equal(mult, torch.ones_like(scores))
+    assert mult is None
     keep, _ = select_tokens(scores, threshold=torch.sigmoid(torch.tensor(2.0)).item(), min_keep=0)
     assert keep.tolist() == [[False, False, False, True]]
 
@@ -86,3 +86,21 @@ def test_bad_settings_raise(kwargs) -> None:
 def test_bad_rank_raises() -> None:
     with pytest.raises(ValueError, match=r"\(B, N\)"):
         select_tokens(torch.zeros(3))
+
+
+@pytest.mark.parametrize("tau", [0.25, 0.5, 2.0, 4.0])
+@pytest.mark.parametrize("threshold", [0.3, 0.5, 0.7])
+def test_eval_rule_is_the_noise_free_training_rule(tau: float, threshold: float) -> None:
+    """Evaluation keeps sigmoid(s / tau) > t: the training rule with zero noise (u = 1/2), not sigmoid(s) > t."""
+    scores = torch.linspace(-6, 6, 241).unsqueeze(0)
+    keep, _ = select_tokens(scores, threshold=threshold, tau=tau, min_keep=0)
+    assert torch.equal(keep, torch.sigmoid(scores / tau) > threshold)
+    # the training path with its noise at the median (logit(u) = 0) takes the same decisions
+    half = torch.Generator()
+    u_half = torch.full_like(scores, 0.5)
+    soft = torch.sigmoid((scores + torch.log(u_half) - torch.log1p(-u_half)) / tau)
+    assert torch.equal(keep, soft > threshold)
+    if threshold != 0.5:
+        assert not torch.equal(keep, torch.sigmoid(scores) > threshold), "tau must matter away from t = 0.5"
+    assert threshold_logit(threshold, tau) == pytest.approx(tau * math.log(threshold / (1 - threshold)))
+    del half

@@ -65,7 +65,7 @@ def test_unkept_tokens_pass_unchanged(images) -> None:
     spa_viz.spa_context(model).begin((4, 4))
     with torch.no_grad():
         out = block(tokens)
-    keep = spa_viz.spa_context(model).scores[0][2] > 0
+    keep = spa_viz.spa_context(model).gates[0].keep
     assert 0 < int(keep.sum()) < keep.numel()
     patches_in, patches_out = tokens[:, 1:], out[:, 1:]
     assert torch.equal(patches_out[~keep], patches_in[~keep])
@@ -82,7 +82,9 @@ def test_dense_mlp_option_updates_unkept_tokens(images) -> None:
 
 
 def test_gradients_reach_every_gate_through_the_task_loss(images) -> None:
-    model = spa_viz.patch(tiny_vit(drop_path_rate=0.1), 1, threshold=0.5).train()
+    """Soft gating scales the kept tokens' branch outputs, so a task loss that reads the patch tokens
+    (here average pooling) reaches every gate without L_select."""
+    model = spa_viz.patch(tiny_vit(drop_path_rate=0.1, global_pool="avg"), 1, threshold=0.5).train()
     for block in spa_viz.spa_blocks(model):
         torch.nn.init.zeros_(block.gate.proj.bias)
     model(images).logsumexp(-1).sum().backward()

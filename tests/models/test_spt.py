@@ -13,7 +13,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import spa_viz
-from spa_viz.analysis.flops import dense_block_flops
+from spa_viz.analysis.flops import dense_block_macs, static_macs
 from spa_viz.bench_spt import force_keep_ratio
 from spa_viz.layers.attention import packed_attention
 from spa_viz.layers.block import BlockCosts
@@ -80,7 +80,7 @@ def test_container_attention_matches_reference_backend(policy: str) -> None:
     images = torch.randn(3, 3, 96, 96)
     with torch.no_grad():
         fast = model.forward_pyramid(images)
-        kept = torch.cat([(s > 0).float().flatten() for _, _, s in model.spa_context.scores]).mean()
+        kept = torch.cat([g.keep.float().flatten() for g in model.spa_context.gates]).mean()
         spa_viz.configure(model, backend="reference")
         ref = model.forward_pyramid(images)
     assert 0.2 < kept < 0.8
@@ -163,7 +163,7 @@ def test_gates_get_gradients_and_selection_loss_covers_both_stages() -> None:
     grids = [(8, 8), (4, 4)]
     labels = dict(zip(grids, multiscale_labels(targets, (128, 128), grids), strict=True))
     features = model.forward_features(images)
-    assert sorted({grid for _, grid, _ in model.spa_context.scores}) == sorted(grids)
+    assert sorted({g.grid for g in model.spa_context.gates}) == sorted(grids)
     loss_select = spa_viz.model_selection_loss(model, labels)
     (features.mean() + loss_select).backward()
     assert torch.isfinite(loss_select) and loss_select > 0
@@ -173,15 +173,38 @@ def test_gates_get_gradients_and_selection_loss_covers_both_stages() -> None:
         assert block.attn.relative_position_bias_table.grad is not None
 
 
-def test_scores_max_fuse_across_stage_boundary(digits: SPT) -> None:
+def test_stage_fusion_hands_the_last_stage3_score_to_every_stage4_block(digits: SPT) -> None:
+    """fusion="stage": stage 3 (the first SPA stage) selects with its own logits; each stage-4 block
+    fuses with the same 2x2-pooled last fused score of stage 3, never with the block before it."""
     model = digits
+    _random_gates(model)
     with torch.no_grad():
         model(torch.randn(2, 3, 128, 128))
-    scores = model.spa_context.scores
-    (_, _, last3), (_, grid4, first4) = scores[1], scores[2]
-    pooled = torch.nn.functional.max_pool2d(last3.view(2, 1, 8, 8), 2).view(2, -1)
-    assert grid4 == (4, 4)
-    assert (first4 >= pooled).all() and (scores[1][2] >= scores[0][2]).all()
+    gates = model.spa_context.gates
+    assert [g.grid for g in gates] == [(8, 8), (8, 8), (4, 4), (4, 4)]
+    assert all(torch.equal(g.fused, g.raw) for g in gates[:2])
+    incoming = torch.nn.functional.max_pool2d(gates[1].fused.view(2, 1, 8, 8), 2).view(2, -1)
+    for gate in gates[2:]:
+        assert torch.equal(gate.fused, torch.maximum(gate.raw, incoming))
+    assert not torch.equal(gates[3].fused, torch.maximum(gates[3].raw, gates[2].fused)), "no chaining inside a stage"
+
+
+@pytest.mark.parametrize("mode", ["chain", "none"])
+def test_other_fusion_modes(digits: SPT, mode: str) -> None:
+    model = digits
+    _random_gates(model)
+    spa_viz.configure(model, fusion=mode)
+    with torch.no_grad():
+        model(torch.randn(2, 3, 128, 128))
+    gates = model.spa_context.gates
+    if mode == "none":
+        assert all(torch.equal(g.fused, g.raw) for g in gates)
+        return
+    assert torch.equal(gates[0].fused, gates[0].raw)
+    assert torch.equal(gates[1].fused, torch.maximum(gates[1].raw, gates[0].fused))
+    pooled = torch.nn.functional.max_pool2d(gates[1].fused.view(2, 1, 8, 8), 2).view(2, -1)
+    assert torch.equal(gates[2].fused, torch.maximum(gates[2].raw, pooled))
+    assert torch.equal(gates[3].fused, torch.maximum(gates[3].raw, gates[2].fused))
 
 
 def test_create_model_presets() -> None:
@@ -231,7 +254,7 @@ def test_trace_records_raster_order_and_flops() -> None:
     record = tr.layers[0]
     assert record.grid == (8, 8)
     with torch.no_grad():
-        raster_scores = first.gate(inputs[0].flatten(1, 2))  # (B, H*W) in raster order
+        raster_scores = first.gate(inputs[0].flatten(1, 2), 0)  # (B, H*W) in raster order
     assert torch.allclose(record.scores, raster_scores, atol=1e-6)
     assert torch.equal(record.keep, raster_scores > 0) and 0.2 < record.keep.float().mean() < 0.8
     assert record.plan.row_len == 16 and record.plan.policy == "container"
@@ -240,8 +263,8 @@ def test_trace_records_raster_order_and_flops() -> None:
 
     for t, block in zip(tr.layers, model.spa_blocks(), strict=True):
         tokens = t.grid[0] * t.grid[1]
-        dense = dense_block_flops(BlockCosts.of(block), tokens, 2, window=block.window_area(t.grid))
-        assert t.flops.dense == dense
+        dense = dense_block_macs(BlockCosts.of(block), tokens, 2, window=block.window_area(t.grid))
+        assert t.cost.macs_dense == dense
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model.forward_features(images)
     assert counter.get_total_flops() == tr.backbone_flops_run
@@ -267,7 +290,7 @@ def test_spt_block_attributes(digits: SPT) -> None:
     assert spa_viz.spa_context(model) is ctx and ctx.num_prefix == 0
     for block in spa_viz.spa_blocks(model):
         assert isinstance(block, SPTBlock) and block.spa_context is ctx
-    assert model.spa_static_flops((128, 128)) > 0
+    assert 0 < static_macs(model, (128, 128))
 
 
 def test_bench_forces_keep_ratio_in_both_stages() -> None:
