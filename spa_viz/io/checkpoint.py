@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from spa_viz.io.files import write_atomic, write_text_atomic
 
 __all__ = [
     "FORMAT",
@@ -32,6 +32,8 @@ __all__ = [
     "read_config",
     "check_state_dict",
     "load_torch_weights",
+    "checkpoint_config",
+    "set_checkpoint_config",
 ]
 
 FORMAT = "spa-viz/1"
@@ -39,6 +41,7 @@ _log = logging.getLogger(__name__)
 
 Builder = Callable[[dict[str, Any]], nn.Module]
 _ARCHITECTURES: dict[str, Builder] = {}
+_CONFIG_ATTRIBUTE = "spa_viz_config"
 
 
 class CheckpointError(ValueError):
@@ -57,24 +60,6 @@ def register_architecture(name: str) -> Callable[[Builder], Builder]:
 
 def architectures() -> list[str]:
     return sorted(_ARCHITECTURES)
-
-
-def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder so a crash never leaves half a file.
-
-    ``write`` receives the temporary path; on success it replaces ``path`` with mode 0644 (mkstemp
-    creates 0600, and querying the umask would briefly change it for every thread), on failure the
-    temporary file is removed and ``path`` is untouched.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def save_checkpoint(
@@ -102,11 +87,11 @@ def save_checkpoint(
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     full = {"format": FORMAT, **config, "tensors": {k: list(v.shape) for k, v in sorted(state.items())}}
     write_atomic(directory / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": FORMAT}))
-    write_atomic(directory / "config.json", lambda p: p.write_text(json.dumps(full, indent=2) + "\n"))
+    write_text_atomic(directory / "config.json", json.dumps(full, indent=2) + "\n")
     if metrics is not None:
-        write_atomic(directory / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=2) + "\n"))
+        write_text_atomic(directory / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     if card is not None:
-        write_atomic(directory / "README.md", lambda p: p.write_text(card))
+        write_text_atomic(directory / "README.md", card)
     return directory
 
 
@@ -171,8 +156,19 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
     model = _ARCHITECTURES[config["architecture"]](config)
     check_state_dict(model.state_dict(), state, partial=bool(config.get("partial")), source=str(weights))
     model.load_state_dict(state, strict=not config.get("partial"))
-    model.spa_viz_config = config
+    set_checkpoint_config(model, config)
     return model.to(device).eval()
+
+
+def checkpoint_config(model: nn.Module) -> dict[str, Any]:
+    """A copy of the ``config.json`` ``model`` was loaded from (what ``spa_viz.load`` recorded);
+    ``{}`` for a model built in code."""
+    return dict(getattr(model, _CONFIG_ATTRIBUTE, None) or {})
+
+
+def set_checkpoint_config(model: nn.Module, config: dict[str, Any]) -> None:
+    """Record ``config`` as the description of ``model`` (read back with :func:`checkpoint_config`)."""
+    setattr(model, _CONFIG_ATTRIBUTE, dict(config))
 
 
 def load_torch_weights(path: str | Path) -> dict[str, torch.Tensor]:
