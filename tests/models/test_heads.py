@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import spa_viz
-from spa_viz.checkpoint import load_checkpoint, save_checkpoint
-from spa_viz.models.detector import Detector, build_spa_vit_detector, build_spt_detector, keep_ratios
-from spa_viz.models.heads import (
+from spa_viz.io.checkpoint import load_checkpoint, save_checkpoint
+from spa_viz.models.detection.detector import Detector, build_spa_vit_detector, build_spt_detector, keep_ratios
+from spa_viz.models.detection.heads import (
     CenterNetHead,
     LightFPN,
     MultiLabelHead,

@@ -32,9 +32,9 @@ from timm.models import VisionTransformer
 from torch import Tensor, nn
 
 import spa_viz.models.spt  # noqa: F401  (registers the spt_* timm models)
-from spa_viz.checkpoint import register_architecture
+from spa_viz.io.checkpoint import register_architecture
 from spa_viz.layers.block import find_context
-from spa_viz.models.heads import CenterNetHead, Detections, LightFPN, centernet_loss, decode_centernet
+from spa_viz.models.detection.heads import CenterNetHead, Detections, LightFPN, centernet_loss, decode_centernet
 from spa_viz.models.spa_vit import is_spa_model, patch
 from spa_viz.selection.labels import multiscale_labels
 from spa_viz.selection.loss import model_selection_loss
