@@ -13,190 +13,51 @@ the ``data`` section of the checkpoint's config.json (generated digits, or a COC
 from __future__ import annotations
 
 import argparse
-import contextlib
-import hashlib
-import io
 import json
 import logging
-import os
-import statistics
 import sys
-import tempfile
-import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+from timm.models import VisionTransformer
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-import spa_viz
-from spa_viz.checkpoint import load_checkpoint
-from spa_viz.data.coco import CocoDetection, InMemoryDetection, collate
-from spa_viz.data.digits import CATEGORIES, DigitsConfig, generate_split
-from spa_viz.models.detector import Detector
-from spa_viz.layers.block import find_context
+from spa_viz.analysis.flops import dense_block_flops, static_flops
+from spa_viz.analysis.metrics import SelectionCounts, coco_ap
+from spa_viz.analysis.trace import Trace, find_backbone, trace
+from spa_viz.data.coco import collate
+from spa_viz.data.splits import data_config, load_split
+from spa_viz.io.checkpoint import checkpoint_config, load_checkpoint
+from spa_viz.io.files import write_text_atomic
+from spa_viz.io.timer import median_seconds
+from spa_viz.layers.block import BlockCosts, find_context
+from spa_viz.models.detection import Detector
+from spa_viz.models.spa_vit import configure
+from spa_viz.models.twin import dense_twin
+from spa_viz.models.zoo import checkpoints_dir, load
+from spa_viz.recipes.detection.card import model_card
+from spa_viz.viz.tables import markdown_table
 
 __all__ = [
-    "CACHE_ENV_VAR",
-    "Sample",
-    "coco_metrics",
-    "digits_samples",
+    "dense_flops",
+    "embed_flops_missing",
     "evaluate",
-    "load_split",
     "main",
     "measure_latency",
     "predict",
-    "spa_disabled",
+    "selection_metrics",
 ]
 
 log = logging.getLogger(__name__)
-
-CACHE_ENV_VAR = "SPA_VIZ_CACHE"
-_CACHE_VERSION = 1
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One in-memory detection image (what ``InMemoryDetection`` reads)."""
-
-    image: np.ndarray  # uint8 [H, W, 3]
-    boxes: np.ndarray  # float32 [K, 4] xyxy
-    labels: np.ndarray  # int64 [K]
-    masks: np.ndarray  # bool [K, H, W]
-
-
-def _cache_root() -> Path:
-    return Path(os.environ.get(CACHE_ENV_VAR, Path.home() / ".cache" / "spa_viz")) / "digits"
-
-
-def _cache_key(split: str, seed: int, config: DigitsConfig) -> str:
-    blob = json.dumps({"v": _CACHE_VERSION, "split": split, "seed": seed, "config": asdict(config)}, sort_keys=True)
-    return f"{split}-seed{seed}-{hashlib.sha1(blob.encode()).hexdigest()[:12]}"
-
-
-def _save_cache(path: Path, samples: Sequence[Sample]) -> None:
-    """Write samples to one .npz (masks bit-packed), atomically."""
-    masks = [s.masks.reshape(len(s.masks), -1) for s in samples]
-    arrays = {
-        "images": np.stack([s.image for s in samples]),
-        "counts": np.array([len(s.boxes) for s in samples], dtype=np.int64),
-        "boxes": np.concatenate([s.boxes.reshape(-1, 4) for s in samples]).astype(np.float32),
-        "labels": np.concatenate([s.labels for s in samples]).astype(np.int64),
-        "masks": np.packbits(np.concatenate(masks), axis=1),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
-    os.close(fd)
-    try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _load_cache(path: Path, num: int) -> list[Sample]:
-    with np.load(path) as data:
-        images, counts = data["images"][:num], data["counts"]
-        starts = np.concatenate([[0], np.cumsum(counts)])
-        height, width = images.shape[1:3]
-        masks = np.unpackbits(data["masks"][: starts[num]], axis=1, count=height * width).astype(bool)
-        boxes, labels = data["boxes"], data["labels"]
-    return [
-        Sample(images[i], boxes[starts[i] : starts[i + 1]], labels[starts[i] : starts[i + 1]],
-               masks[starts[i] : starts[i + 1]].reshape(-1, height, width))
-        for i in range(num)
-    ]
-
-
-def digits_samples(split: str, num: int, seed: int, canvas_size: int = 128, cache: bool = False) -> list[Sample]:
-    """The first ``num`` images of a cluttered-digits split (image i depends only on seed, split, i).
-
-    With ``cache``, generated images are kept in ``$SPA_VIZ_CACHE/digits`` (default
-    ``~/.cache/spa_viz/digits``) and any cached prefix at least ``num`` long is reused: generating
-    is slow on a small CPU and the result is deterministic.
-    """
-    config = DigitsConfig.for_canvas(canvas_size)
-    key = _cache_key(split, seed, config)
-    if cache:
-        root = _cache_root()
-        for path in sorted(root.glob(f"{key}-n*.npz")) if root.is_dir() else []:
-            if int(path.stem.rsplit("-n", 1)[1]) >= num:
-                log.info("digits/%s: %d images from cache %s", split, num, path)
-                return _load_cache(path, num)
-    samples = [Sample(s.image, s.boxes, s.labels, s.masks) for s in generate_split(split, num, seed, config=config, progress=sys.stderr.isatty())]
-    if cache and num > 0:
-        _save_cache(_cache_root() / f"{key}-n{num}.npz", samples)
-    return samples
-
-
-def load_split(
-    data: Mapping[str, Any],
-    split: str,
-    image_size: int,
-    *,
-    num: int | None = None,
-    train: bool = False,
-    select_grids: Sequence[tuple[int, int]] | None = None,
-    cache: bool | None = None,
-) -> Dataset:
-    """The dataset a config's ``data`` section describes, letterboxed to ``image_size``.
-
-    ``data["kind"]`` is ``digits`` (``seed``, ``canvas_size``, image counts per split, ``cache``)
-    or ``coco`` (``{split: {"annotations": FILE, "images": DIR}}``). ``num`` takes the first
-    ``num`` images; ``train`` turns on the random flip with ``data["hflip"]`` (default 0: digits
-    are not mirror-symmetric).
-    """
-    kind = data.get("kind", "digits")
-    hflip = float(data.get("hflip", 0.0))
-    if kind == "digits":
-        count = int(data[split]) if num is None else num
-        samples = digits_samples(
-            split, count, int(data.get("seed", 0)), int(data.get("canvas_size", 128)),
-            bool(data.get("cache", False)) if cache is None else cache,
-        )
-        return InMemoryDetection(samples, image_size, train=train and hflip > 0, select_grids=select_grids, hflip_prob=hflip)
-    if kind == "coco":
-        if split not in data:
-            raise ValueError(f"data section has no {split!r} entry with annotations and images")
-        dataset = CocoDetection(
-            data[split]["annotations"], data[split]["images"], image_size, train=train and hflip > 0,
-            with_masks=bool(data.get("with_masks", True)), select_grids=select_grids, hflip_prob=hflip,
-        )
-        if num is not None:
-            return torch.utils.data.Subset(dataset, range(min(num, len(dataset))))
-        return dataset
-    raise ValueError(f"unknown data kind {kind!r}; use 'digits' or 'coco'")
-
-
-def class_names(data: Mapping[str, Any]) -> list[str]:
-    """Class names of a data section (digits: "0".."9"; COCO: read from the train annotations)."""
-    if data.get("kind", "digits") == "digits":
-        return [c["name"] for c in CATEGORIES]
-    coco = json.loads(Path(data["train"]["annotations"]).read_text())
-    return [str(c["name"]) for c in sorted(coco["categories"], key=lambda c: c["id"])]
 
 
 def _batches(dataset: Dataset, batch_size: int) -> Iterator[tuple[Tensor, list[dict[str, Any]]]]:
     for start in range(0, len(dataset), batch_size):
         yield collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-
-
-@contextlib.contextmanager
-def spa_disabled(model: nn.Module) -> Iterator[None]:
-    """Run ``model`` as its dense twin inside the block (SPA blocks compute densely)."""
-    config = find_context(model).config
-    enabled = config.enabled
-    config.update(enabled=False)
-    try:
-        yield
-    finally:
-        config.update(enabled=enabled)
 
 
 def _to_original(boxes: Tensor, target: Mapping[str, Any], image_size: int) -> Tensor:
@@ -217,12 +78,12 @@ def predict(
     images_gt: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
     detections: list[dict[str, Any]] = []
-    traces: list[Any] = []
+    traces: list[tuple[Trace, list[dict[str, Any]]]] = []
     batches = _batches(dataset, batch_size)
     total = -(-len(dataset) // batch_size)
     for images, targets in tqdm(batches, total=total, desc="evaluate", disable=not progress):
         if traced:
-            outputs, tr = spa_viz.trace(model, images)
+            outputs, tr = trace(model, images)
             traces.append((tr, targets))
         else:
             with torch.no_grad():
@@ -243,25 +104,6 @@ def predict(
     return gt, detections, traces
 
 
-def coco_metrics(gt: dict[str, Any], detections: list[dict[str, Any]]) -> dict[str, float]:
-    """COCO box AP (0.50:0.95) and AP50 via pycocotools (0 when there is no detection)."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    if not detections or not gt["annotations"]:
-        return {"AP": 0.0, "AP50": 0.0}
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_gt = COCO()
-        coco_gt.dataset = gt
-        coco_gt.createIndex()
-        coco_dt = coco_gt.loadRes(detections)
-        evaluator = COCOeval(coco_gt, coco_dt, "bbox")
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-    return {"AP": float(evaluator.stats[0]), "AP50": float(evaluator.stats[1])}
-
-
 def _spa_on(model: nn.Module) -> bool:
     try:
         return find_context(model).config.enabled
@@ -269,24 +111,20 @@ def _spa_on(model: nn.Module) -> bool:
         return False
 
 
-def selection_metrics(model: Detector, traces: Sequence[Any], image_size: int) -> dict[str, Any]:
-    """Per SPA layer: keep ratio, precision / recall / IoU of the keep mask vs the labels; FLOPs
-    (trace's backbone count plus :func:`embed_flops_missing`)."""
-    per_layer: dict[int, dict[str, float]] = {}
+def selection_metrics(model: Detector, traces: Sequence[tuple[Trace, list[dict[str, Any]]]], image_size: int) -> dict[str, Any]:
+    """Per SPA layer: keep ratio, label share, and precision / recall / IoU of the keep mask against the
+    labels, pooled over the split (:class:`SelectionCounts` summed); FLOPs (trace's backbone count
+    plus :func:`embed_flops_missing`)."""
+    per_layer: dict[int, SelectionCounts] = {}
     per_image_keep: list[Tensor] = []
     flops_dense = flops_run = images = 0
     for tr, targets in traces:
         labels = model.selection_labels(targets, (image_size, image_size))
         ratios = []
         for layer in tr.layers:
-            keep, truth = layer.keep, labels[tuple(layer.grid)].bool()
-            stats = per_layer.setdefault(layer.layer, {"tp": 0, "fp": 0, "fn": 0, "kept": 0, "tokens": 0, "positives": 0})
-            stats["tp"] += int((keep & truth).sum())
-            stats["fp"] += int((keep & ~truth).sum())
-            stats["fn"] += int((~keep & truth).sum())
-            stats["kept"] += int(keep.sum())
-            stats["positives"] += int(truth.sum())
-            stats["tokens"] += keep.numel()
+            counts = SelectionCounts.of(layer.keep, labels[tuple(layer.grid)].bool())
+            pooled = SelectionCounts(counts.tp.sum(), counts.fp.sum(), counts.fn.sum(), counts.tn.sum())
+            per_layer[layer.layer] = per_layer[layer.layer] + pooled if layer.layer in per_layer else pooled
             ratios.append(layer.keep_ratio)
         if ratios:
             per_image_keep.append(torch.stack(ratios).mean(0))
@@ -297,13 +135,13 @@ def selection_metrics(model: Detector, traces: Sequence[Any], image_size: int) -
     flops_dense, flops_run = flops_dense + extra, flops_run + extra
     layers = {
         str(layer): {
-            "keep_ratio": s["kept"] / s["tokens"],
-            "label_ratio": s["positives"] / s["tokens"],
-            "precision": s["tp"] / max(s["tp"] + s["fp"], 1),
-            "recall": s["tp"] / max(s["tp"] + s["fn"], 1),
-            "iou": s["tp"] / max(s["tp"] + s["fp"] + s["fn"], 1),
+            "keep_ratio": int(c.kept) / int(c.tokens),
+            "label_ratio": int(c.positives) / int(c.tokens),
+            "precision": float(c.precision),
+            "recall": float(c.recall),
+            "iou": float(c.iou),
         }
-        for layer, s in sorted(per_layer.items())
+        for layer, c in sorted(per_layer.items())
     }
     keep = torch.cat(per_image_keep) if per_image_keep else torch.ones(1)
     quantiles = torch.quantile(keep, torch.tensor([0.1, 0.5, 0.9])).tolist()
@@ -323,11 +161,6 @@ def embed_flops_missing(model: Detector, image_size: int) -> int:
     Measured as (all convs of ``patch_embed``, by shape) minus what the core count gives the
     embedding, so the sum stays right if the core count learns about stems. 0 for SPT.
     """
-    from spa_viz.analysis.flops import dense_block_flops, static_flops
-    from spa_viz.analysis.trace import find_backbone
-    from spa_viz.layers.block import BlockCosts
-    from timm.models import VisionTransformer
-
     backbone = find_backbone(model)
     if not isinstance(backbone, VisionTransformer):
         return 0
@@ -343,18 +176,15 @@ def embed_flops_missing(model: Detector, image_size: int) -> int:
     embed = sum(2 * positions * conv.weight.numel() for conv, positions in shapes)
     patch_h, patch_w = backbone.patch_embed.patch_size
     tokens = (image_size // patch_h) * (image_size // patch_w) + backbone.num_prefix_tokens
-    with spa_disabled(model):
+    with dense_twin(model):
         counted = static_flops(backbone, (image_size, image_size))
     counted -= sum(dense_block_flops(BlockCosts.of(block), tokens) for block in backbone.blocks)
     return max(0, embed - counted)
 
 
-def _dense_flops(model: Detector, image_size: int) -> float:
+def dense_flops(model: Detector, image_size: int) -> float:
     """Backbone GFLOPs per image with every block dense (SPA disabled), conv stem included."""
-    from spa_viz.analysis.flops import static_flops
-    from spa_viz.analysis.trace import find_backbone
-
-    with spa_disabled(model):
+    with dense_twin(model):
         counted = static_flops(find_backbone(model), (image_size, image_size))
     return (counted + embed_flops_missing(model, image_size)) / 1e9
 
@@ -362,14 +192,9 @@ def _dense_flops(model: Detector, image_size: int) -> float:
 def measure_latency(model: nn.Module, images: Tensor, repeats: int = 5) -> float:
     """Median wall-clock milliseconds per image of ``model(images)`` in eval mode, after one warm-up."""
     model.eval()
-    times = []
     with torch.no_grad():
-        for i in range(repeats + 1):
-            start = time.perf_counter()
-            model(images)
-            if i:
-                times.append(time.perf_counter() - start)
-    return 1000.0 * statistics.median(times) / images.shape[0]
+        seconds = median_seconds({"model": lambda: model(images)}, repeats, warmup=1, device=images.device)["model"]
+    return 1000.0 * seconds / images.shape[0]
 
 
 def evaluate(
@@ -384,9 +209,9 @@ def evaluate(
 ) -> dict[str, Any]:
     """All metrics of ``model`` on ``dataset`` (see the module docstring); timing skipped if ``timing_batch`` is 0."""
     gt, detections, traces = predict(model, dataset, image_size, batch_size, progress)
-    result: dict[str, Any] = {"num_images": len(dataset), **coco_metrics(gt, detections)}
+    result: dict[str, Any] = {"num_images": len(dataset), **coco_ap(gt, detections)}
     result["spa_enabled"] = _spa_on(model)
-    result["backbone_gflops_dense"] = _dense_flops(model, image_size)
+    result["backbone_gflops_dense"] = dense_flops(model, image_size)
     if traces:
         result.update(selection_metrics(model, traces, image_size))
     else:
@@ -397,7 +222,7 @@ def evaluate(
         timing: dict[str, Any] = {"batch": int(images.shape[0]), "threads": torch.get_num_threads()}
         if result["spa_enabled"]:
             timing["spa_ms_per_image"] = measure_latency(model, images, timing_repeats)
-        with spa_disabled(model):
+        with dense_twin(model):
             timing["dense_ms_per_image"] = measure_latency(model, images, timing_repeats)
         if "spa_ms_per_image" in timing:
             timing["speedup"] = timing["dense_ms_per_image"] / timing["spa_ms_per_image"]
@@ -405,8 +230,8 @@ def evaluate(
     return result
 
 
-def _print_table(name: str, result: Mapping[str, Any]) -> None:
-    """The CLI's summary table (stdout)."""
+def summary_table(result: dict[str, Any]) -> str:
+    """The CLI's summary of :func:`evaluate` as a two-column markdown table."""
     rows = [
         ("images", f"{result['num_images']}"),
         ("AP50", f"{result['AP50']:.4f}"),
@@ -418,13 +243,10 @@ def _print_table(name: str, result: Mapping[str, Any]) -> None:
     latency = result.get("latency")
     if latency:
         spa = latency.get("spa_ms_per_image")
-        rows.append(("CPU ms/image dense | SPA", f"{latency['dense_ms_per_image']:.2f} | " + (f"{spa:.2f}" if spa else "-")))
+        rows.append(("CPU ms/image dense / SPA", f"{latency['dense_ms_per_image']:.2f} / " + (f"{spa:.2f}" if spa else "-")))
     for layer, stats in result.get("layers", {}).items():
         rows.append((f"layer {layer} keep/P/R/IoU", "{keep_ratio:.3f} / {precision:.3f} / {recall:.3f} / {iou:.3f}".format(**stats)))
-    width = max(len(r[0]) for r in rows)
-    print(f"== {name} ==")
-    for key, value in rows:
-        print(f"{key:<{width}}  {value}")
+    return markdown_table(["metric", "value"], rows)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -446,20 +268,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = spa_viz.load(args.checkpoint) if not Path(args.checkpoint).is_dir() else load_checkpoint(args.checkpoint)
+    model = load(args.checkpoint) if not Path(args.checkpoint).is_dir() else load_checkpoint(args.checkpoint)
     if not isinstance(model, Detector):
         parser.error(f"{args.checkpoint} is not a detector checkpoint")
-    config = model.spa_viz_config
+    config = checkpoint_config(model)
     if args.threshold is not None:
-        spa_viz.configure(model, threshold=args.threshold)
+        configure(model, threshold=args.threshold)
     if args.update_metrics and (args.split != "test" or args.num is not None or args.threshold is not None):
         parser.error("--update-metrics evaluates the whole test split at the saved settings: drop --split/--num/--threshold")
     image_size = int(config["image_size"])
-    dataset = load_split(config["data"], args.split, image_size, num=args.num, cache=False if args.no_cache else None)
+    dataset = load_split(data_config(config["data"]), args.split, image_size, num=args.num, cache=False if args.no_cache else None)
     result = evaluate(model, dataset, image_size, batch_size=args.batch_size,
                       timing_batch=0 if args.no_timing else 32, progress=sys.stderr.isatty())
     result["split"] = args.split
-    _print_table(f"{args.checkpoint} on {args.split}", result)
+    print(f"## {args.checkpoint} on {args.split}\n\n{summary_table(result)}")
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     if args.update_metrics:
@@ -469,19 +291,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def _update_metrics(model: Detector, folder: Path | None, result: dict[str, Any], dataset: Dataset) -> None:
     """Replace 'test' and 'ci_subset' in a checkpoint's metrics.json and rebuild its model card."""
-    from spa_viz.models.zoo import checkpoints_dir
-    from spa_viz.train import model_card
-
-    folder = folder or checkpoints_dir() / model.spa_viz_config["name"]
+    config = checkpoint_config(model)
+    folder = folder or checkpoints_dir() / config["name"]
     path = folder / "metrics.json"
     metrics = json.loads(path.read_text()) if path.is_file() else {}
     num = int(metrics.get("ci_subset", {}).get("num", 32))
     subset = [dataset[i] for i in range(min(num, len(dataset)))]
-    image_size = int(model.spa_viz_config["image_size"])
+    image_size = int(config["image_size"])
     metrics["test"] = result
     metrics["ci_subset"] = {"split": "test", "num": len(subset), **evaluate(model, subset, image_size, timing_batch=0)}
-    path.write_text(json.dumps(metrics, indent=2) + "\n")
-    (folder / "README.md").write_text(model_card(model.spa_viz_config, metrics, metrics.get("command", "")))
+    write_text_atomic(path, json.dumps(metrics, indent=2) + "\n")
+    write_text_atomic(folder / "README.md", model_card(config, metrics, metrics.get("command", "")))
     log.info("updated %s and the model card", path)
 
 

@@ -7,9 +7,9 @@ SPA layer), and the SPA model's saliency map with the dense model's (MAE), and r
 FLOP saving and CPU latency. The dense teacher is the same model with SPA disabled.
 
 Selectors are scored twice: at *equal keep ratio* (each selector keeps, per photo and SPA layer,
-exactly as many tokens as the learned gate did) and at their own defaults. When the model has a
-stale-token refresher ([ours], :mod:`spa_viz.layers.refresh`), every row runs with it and the learned
-gate and the label oracle are also scored without it.
+exactly as many tokens as the learned gate did) and at their own defaults. Precision, recall and
+IoU follow the rule of :mod:`spa_viz.analysis.metrics`, per photo (means over SPA layers), then
+averaged over photos.
 """
 
 from __future__ import annotations
@@ -18,95 +18,49 @@ import argparse
 import json
 import logging
 import statistics
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from spa_viz.analysis.metrics import SelectionCounts
 from spa_viz.analysis.trace import trace
 from spa_viz.data.photos import HELD_OUT, load_photo
-from spa_viz.models.img_focus import preprocess_image
-from spa_viz.models.spa_vit import configure, spa_context
-from spa_viz.models.zoo import load
+from spa_viz.io.files import write_text_atomic
+from spa_viz.io.timer import median_seconds
 from spa_viz.layers.config import SPAConfig
+from spa_viz.models.saliency import preprocess_image
+from spa_viz.models.saliency.labels import LABEL_REDUCE, SALIENT, saliency_labels
+from spa_viz.models.spa_vit import configure, spa_context
+from spa_viz.models.twin import dense_twin
+from spa_viz.models.zoo import load
 from spa_viz.selection.selectors import SELECTORS, TokenSelector, install_selector, remove_selector, top_counts_mask
+from spa_viz.viz.tables import markdown_table
 
 __all__ = [
     "CHECKPOINT",
-    "LABEL_REDUCE",
-    "LABEL_THRESHOLD",
     "LabelOracle",
-    "dense",
     "evaluate",
-    "has_refresh",
-    "without_refresh",
     "evaluate_selection",
     "held_out_batch",
     "latency",
-    "markdown_table",
-    "saliency_labels",
+    "main",
+    "results_table",
     "teacher_saliency",
     "threshold_sweep",
-    "main",
 ]
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "spa-dinov2-s14-saliency"
-#: A token is salient when the teacher's saliency somewhere in its 14x14 patch exceeds 0.5: the
-#: max (not the mean) favours recall, as the paper does for its selection labels (any object pixel).
-LABEL_THRESHOLD = 0.5
-LABEL_REDUCE = "max"
-
-
-def saliency_labels(
-    saliency: Tensor, patch: int = 14, threshold: float = LABEL_THRESHOLD, reduce: str = LABEL_REDUCE
-) -> Tensor:
-    """(B, gh*gw) bool token labels from (B, 1, H, W) saliency: max (or mean) over a patch > threshold."""
-    if reduce not in ("max", "mean"):
-        raise ValueError(f"reduce must be 'max' or 'mean', got {reduce!r}")
-    pool = F.max_pool2d if reduce == "max" else F.avg_pool2d
-    return (pool(saliency.float(), patch) > threshold).flatten(1)
-
-
-@contextmanager
-def dense(model: nn.Module) -> Iterator[nn.Module]:
-    """Run ``model`` as its dense twin (SPA disabled) inside the block, then restore the setting."""
-    config = spa_context(model).config
-    was = config.enabled
-    configure(model, enabled=False)
-    try:
-        yield model
-    finally:
-        configure(model, enabled=was)
-
-
-def has_refresh(model: nn.Module) -> bool:
-    """Whether ``model``'s SPA backbone runs a stale-token refresher."""
-    return spa_context(model).refresh is not None
-
-
-@contextmanager
-def without_refresh(model: nn.Module) -> Iterator[nn.Module]:
-    """Run ``model`` without its stale-token refresher inside the block (plain SPA), then restore it."""
-    ctx = spa_context(model)
-    saved = ctx.refresh
-    ctx.refresh = None
-    try:
-        yield model
-    finally:
-        ctx.refresh = saved
 
 
 def teacher_saliency(model: nn.Module, images: Tensor) -> Tensor:
     """(B, 1, H, W) saliency of the dense twin of ``model``."""
-    with dense(model), torch.inference_mode():
+    with dense_twin(model), torch.inference_mode():
         return model(images)
 
 
@@ -141,20 +95,16 @@ def evaluate_selection(model: nn.Module, image: Tensor, teacher: Tensor, labels:
     with torch.inference_mode():
         out, tr = trace(model, image)
     keep = torch.stack([layer.keep[0] for layer in tr.layers])  # (layers, N)
-    target = labels.reshape(1, -1).expand_as(keep)
-    hits = (keep & target).sum(1).float()
-    precision = hits / keep.sum(1).clamp(min=1)
-    recall = torch.where(target.sum(1) > 0, hits / target.sum(1).clamp(min=1), 1.0)
-    iou = torch.where((keep | target).sum(1) > 0, hits / (keep | target).sum(1).clamp(min=1), 1.0)
+    counts = SelectionCounts.of(keep, labels.reshape(1, -1))  # one entry per SPA layer
     return {
         "keep_ratio": tr.mean_keep_ratio,
         "keep_ratio_per_layer": {str(t.layer): float(t.keep_ratio[0]) for t in tr.layers},
         "kept_per_layer": [int(t.kept_counts[0]) for t in tr.layers],
         "saliency_mae": float((out.float() - teacher.float()).abs().mean()),
         "backbone_saving": 1.0 - tr.backbone_flops_run / tr.backbone_flops_dense,
-        "precision": float(precision.mean()),
-        "recall": float(recall.mean()),
-        "iou": float(iou.mean()),
+        "precision": float(counts.precision.mean()),
+        "recall": float(counts.recall.mean()),
+        "iou": float(counts.iou.mean()),
     }
 
 
@@ -192,19 +142,13 @@ def latency(model: nn.Module, images: Tensor, batch_sizes: Sequence[int] = (1, 8
     """
 
     def timed(batch: Tensor) -> float:
-        times = []
-        for run in range(repeats + 1):
-            start = time.perf_counter()
-            with torch.inference_mode():
-                model(batch)
-            if run:
-                times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
+        with torch.inference_mode():
+            return 1e3 * median_seconds({"model": lambda: model(batch)}, repeats, warmup=1, device=batch.device)["model"]
 
     result: dict[str, Any] = {"repeats": repeats, "threads": torch.get_num_threads(), "device": str(images.device)}
     for size in batch_sizes:
         batch = images[torch.arange(size) % len(images)]
-        with dense(model):
+        with dense_twin(model):
             dense_ms = timed(batch)
         spa_ms = timed(batch)
         result[f"batch_{size}"] = {"dense_ms": dense_ms, "spa_ms": spa_ms, "speedup": dense_ms / spa_ms}
@@ -214,11 +158,7 @@ def latency(model: nn.Module, images: Tensor, batch_sizes: Sequence[int] = (1, 8
 def threshold_sweep(
     model: nn.Module, images: Tensor, teachers: Tensor, labels: Tensor, thresholds: Sequence[float]
 ) -> list[dict[str, float]]:
-    """Keep ratio, saliency MAE, FLOP saving and IoU of the learned gate at other inference thresholds.
-
-    With a refresher, ``saliency_mae_no_refresh`` and ``backbone_saving_no_refresh`` give the same
-    selection without it.
-    """
+    """Keep ratio, saliency MAE, FLOP saving and IoU of the learned gate at other inference thresholds."""
     config = spa_context(model).config
     original = config.threshold
 
@@ -231,13 +171,7 @@ def threshold_sweep(
     try:
         for threshold in thresholds:
             configure(model, threshold=threshold)
-            row = {"threshold": threshold, **{k: v for k, v in summary().items() if k in _AVERAGED}}
-            if has_refresh(model):
-                with without_refresh(model):
-                    plain = summary()
-                row["saliency_mae_no_refresh"] = plain["saliency_mae"]
-                row["backbone_saving_no_refresh"] = plain["backbone_saving"]
-            rows.append(row)
+            rows.append({"threshold": threshold, **{k: v for k, v in summary().items() if k in _AVERAGED}})
     finally:
         configure(model, threshold=original)
     return rows
@@ -263,10 +197,9 @@ def evaluate(
     }
     results: dict[str, Any] = {
         "photos": list(names),
-        "label_rule": f"{LABEL_REDUCE} of teacher saliency over a patch > {LABEL_THRESHOLD}",
+        "label_rule": f"{LABEL_REDUCE} of teacher saliency over a patch > {SALIENT}",
         "label_ratio": float(labels.float().mean()),
         "threshold": spa_context(model).config.threshold,
-        "refresh": has_refresh(model),
         "learned": _summarize(learned),
         "equal_keep": {},
         "default": {},
@@ -276,12 +209,6 @@ def evaluate(
         results["default"][name] = _run_selector(model, name, images, teachers, labels, names, None)
         results["default"][name]["params"] = SELECTORS[name].default_params
     results["label_oracle"] = _run_selector(model, LabelOracle, images, teachers, labels, names, None)
-    if results["refresh"]:
-        with without_refresh(model):
-            results["learned_no_refresh"] = _summarize(
-                {photo: evaluate_selection(model, images[i : i + 1], teachers[i : i + 1], labels[i : i + 1]) for i, photo in enumerate(names)}
-            )
-            results["label_oracle_no_refresh"] = _run_selector(model, LabelOracle, images, teachers, labels, names, None)
     if thresholds:
         results["threshold_sweep"] = threshold_sweep(model, images, teachers, labels, thresholds)
     if timing:
@@ -289,43 +216,41 @@ def evaluate(
     return results
 
 
-def _row(label: str, m: dict[str, Any]) -> str:
-    return (
-        f"| {label} | {m['keep_ratio']:.3f} | {m['precision']:.3f} | {m['recall']:.3f} | {m['iou']:.3f} "
-        f"| {m['saliency_mae']:.4f} | {m['backbone_saving']:.3f} |"
-    )
-
-
-def markdown_table(results: dict[str, Any]) -> str:
-    """The comparison as a markdown table (means over photos and SPA layers) plus latency lines."""
-    refresh = results.get("refresh", False)
-    with_refresh = " + refresher" if refresh else ""
-    lines = [
-        "| selection | keep ratio | precision | recall | IoU | saliency MAE | backbone FLOP saving |",
-        "|---|---|---|---|---|---|---|",
-        _row(f"learned gate (SPA){with_refresh}", results["learned"]),
+def _cells(label: str, m: dict[str, Any]) -> list[str]:
+    return [
+        label,
+        f"{m['keep_ratio']:.3f}",
+        f"{m['precision']:.3f}",
+        f"{m['recall']:.3f}",
+        f"{m['iou']:.3f}",
+        f"{m['saliency_mae']:.4f}",
+        f"{m['backbone_saving']:.3f}",
     ]
-    if refresh:
-        lines.append(_row("learned gate (SPA), no refresher", results["learned_no_refresh"]))
-    lines += [_row(f"{name}, equal keep{with_refresh}", m) for name, m in results["equal_keep"].items()]
+
+
+def results_table(results: dict[str, Any]) -> str:
+    """The comparison as a markdown table (means over photos and SPA layers) plus the latency table."""
+    rows = [_cells("learned gate (SPA)", results["learned"])]
+    rows += [_cells(f"{name}, equal keep", m) for name, m in results["equal_keep"].items()]
     for name, m in results["default"].items():
         params = ", ".join(f"{k}={v}" for k, v in m["params"].items())
-        lines.append(_row(f"{name}, default ({params}){with_refresh}", m))
+        rows.append(_cells(f"{name}, default ({params})", m))
     if "label_oracle" in results:
-        lines.append(_row(f"label oracle (keeps exactly the teacher labels; diagnostic){with_refresh}", results["label_oracle"]))
-    if refresh:
-        lines.append(_row("label oracle, no refresher", results["label_oracle_no_refresh"]))
+        rows.append(_cells("label oracle (keeps exactly the teacher labels; diagnostic)", results["label_oracle"]))
+    header = ["selection", "keep ratio", "precision", "recall", "IoU", "saliency MAE", "backbone FLOP saving"]
+    text = markdown_table(header, rows)
     timing = results.get("latency")
     if timing:
-        lines.append("")
-        lines.append(f"CPU latency, full model, median of {timing['repeats']} ({timing['threads']} threads):")
-        lines.append("")
-        lines.append("| batch | dense ms | SPA ms | speed-up |")
-        lines.append("|---|---|---|---|")
-        for key, value in timing.items():
-            if key.startswith("batch_"):
-                lines.append(f"| {key[6:]} | {value['dense_ms']:.0f} | {value['spa_ms']:.0f} | {value['speedup']:.2f}x |")
-    return "\n".join(lines)
+        runs = [
+            [key[6:], f"{value['dense_ms']:.0f}", f"{value['spa_ms']:.0f}", f"{value['speedup']:.2f}x"]
+            for key, value in timing.items()
+            if key.startswith("batch_")
+        ]
+        text += (
+            f"\n\nCPU latency, full model, median of {timing['repeats']} ({timing['threads']} threads):\n\n"
+            + markdown_table(["batch", "dense ms", "SPA ms", "speed-up"], runs)
+        )
+    return text
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -343,9 +268,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         parser.error(f"{unknown} are not held-out photos; choose from {list(HELD_OUT)}")
     model = load(args.checkpoint, device=args.device)
     results = evaluate(model, args.photos, timing=not args.no_timing, repeats=args.repeats)
-    print(markdown_table(results))
+    print(results_table(results))
     if args.out is not None:
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        write_text_atomic(args.out, json.dumps(results, indent=2) + "\n")
         log.info("wrote %s", args.out)
     return results
 
