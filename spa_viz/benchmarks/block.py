@@ -1,6 +1,7 @@
 """Per-block benchmark: dense ViT block vs masked selection vs pad-to-max vs SPA packing.
 
-Run ``python -m spa_viz.bench`` (``--quick`` for a short run, ``--json PATH`` to save results).
+Run ``spa-viz bench block`` or ``python -m spa_viz.bench`` (``--quick`` for a short run, ``--json PATH``
+to save results).
 One transformer block of ViT-S width (dim 384, 6 heads, MLP 4x, 196 patch tokens + 1 class token)
 runs in these ways on the same weights and the same inputs:
 
@@ -39,8 +40,9 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import timm
 import torch
@@ -49,9 +51,11 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from spa_viz.analysis.flops import dense_block_flops, spa_block_flops
+from spa_viz.io.timer import stopwatch
 from spa_viz.layers.block import BlockCosts, SPAContext, convert_block
 from spa_viz.layers.config import SPAConfig
 from spa_viz.layers.gate import TokenGate
+from spa_viz.viz.tables import markdown_table
 
 __all__ = [
     "CLOCKS",
@@ -292,7 +296,7 @@ CLOCKS = ("wall", "cpu")
 
 
 class RunTimer:
-    """Times one run, guarded against other processes.
+    """Times one run with :func:`~spa_viz.io.timer.stopwatch`, guarded against other processes.
 
     ``clock="wall"``: ``perf_counter`` (synchronizing CUDA), the default. ``clock="cpu"``: this
     process's CPU time (``process_time``), which time slices taken by other processes do not inflate;
@@ -349,14 +353,10 @@ class RunTimer:
             if self.guarded:
                 self._wait_idle()
             mark = (_machine_busy_seconds() or 0.0, time.process_time())
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            start = time.perf_counter()
-            step()
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            elapsed = time.perf_counter() - start
-            measured = time.process_time() - mark[1] if self.clock == "cpu" else elapsed
+            with stopwatch(self.device) as timing:
+                step()
+            elapsed = timing.wall
+            measured = timing.cpu if self.clock == "cpu" else elapsed
             disturbed = self.guarded and self._others(mark) > max(self.threshold * elapsed, 3 / _CLOCK_TICKS)
             if not disturbed or self.remaining <= 0:
                 return 1000.0 * measured, disturbed
@@ -499,18 +499,27 @@ def format_table(results: Sequence[Measurement]) -> str:
     """A markdown table per (mode, batch)."""
     parts: list[str] = []
     groups = sorted({(m.mode, m.batch) for m in results}, key=lambda g: (MODES.index(g[0]), -g[1]))
+    header = ["keep", "kept", "variant", "time ms", "GFLOPs", "speed-up", "FLOP ratio", "realized", "layout"]
+    align = ["right", "right", "left", "right", "right", "right", "right", "right", "left"]
     for mode, batch in groups:
         busy = sum(m.disturbed_runs for m in results if (m.mode, m.batch, m.variant) == (mode, batch, "dense"))
         parts.append(f"\n### {mode}, batch {batch} (timed runs disturbed by other processes: {busy})\n")
-        parts.append("| keep | kept | variant | time ms | GFLOPs | speed-up | FLOP ratio | realized | layout |")
-        parts.append("|---:|---:|:---|---:|---:|---:|---:|---:|:---|")
-        for m in results:
-            if (m.mode, m.batch) != (mode, batch):
-                continue
-            parts.append(
-                f"| {m.keep:.1f} | {m.keep_real:.3f} | {m.variant} | {m.time_ms:.2f} | {m.flops / 1e9:.3f} | "
-                f"{m.speedup:.2f} | {m.flop_ratio:.2f} | {m.realized_fraction:.2f} | {m.layout} |"
-            )
+        rows = [
+            [
+                f"{m.keep:.1f}",
+                f"{m.keep_real:.3f}",
+                m.variant,
+                f"{m.time_ms:.2f}",
+                f"{m.flops / 1e9:.3f}",
+                f"{m.speedup:.2f}",
+                f"{m.flop_ratio:.2f}",
+                f"{m.realized_fraction:.2f}",
+                m.layout,
+            ]
+            for m in results
+            if (m.mode, m.batch) == (mode, batch)
+        ]
+        parts.append(markdown_table(header, rows, align))
     return "\n".join(parts)
 
 
@@ -606,8 +615,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _log.warning("--clock cpu sums the CPU time of %d threads; use --threads 1", torch.get_num_threads())
     _log.info("config %s", config)
     _log.info("environment %s", env)
-    started = time.perf_counter()
-    results = run_benchmark(config, progress=not args.no_progress)
+    with stopwatch() as timing:
+        results = run_benchmark(config, progress=not args.no_progress)
     checks = check_targets(results)
     print(f"\n## SPA per-block benchmark (dim {config.dim}, {config.heads} heads, {config.tokens} tokens, "
           f"device {config.device}, {env['torch_threads']} threads, {config.clock} clock, torch {env['torch']})")
@@ -615,7 +624,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n## Targets (batch 32)\n")
     for check in checks:
         print(f"- {check.verdict}: {check.name}: {check.detail}")
-    elapsed = time.perf_counter() - started
+    elapsed = timing.wall
     _log.info("benchmark took %.1f s", elapsed)
     if args.json:
         payload = {

@@ -1,6 +1,6 @@
 """Benchmark on the CPU: SPT vs a dense Swin of the same depth and width.
 
-``python -m spa_viz.bench_spt [--quick] [--json PATH]``
+``spa-viz bench spt [--quick] [--json PATH]`` (or ``python -m spa_viz.bench_spt``)
 
 The dense baseline is timm's own ``SwinTransformer`` (``swin_tiny_patch4_window7_224`` widths, no
 pretrained weights); the SPT is :func:`spt_from_swin` of it, so both share every weight. The keep
@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -31,7 +30,9 @@ import torch
 from torch import Tensor, nn
 
 from spa_viz.analysis.trace import trace
+from spa_viz.io.timer import median_seconds
 from spa_viz.models.spt import SPT, SPTBlock, spt_from_swin
+from spa_viz.viz.tables import markdown_table
 
 _log = logging.getLogger(__name__)
 
@@ -87,20 +88,6 @@ def force_keep_ratio(spt: SPT, batch: int, image_size: tuple[int, int], ratio: f
             block.gate = FixedGate(block.gate.proj.in_features, logits.clone())
 
 
-def paired_median_times(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int) -> dict[str, float]:
-    """Median wall time (s) of each function; repeats alternate between them so load drift hits all alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
 def _late_stages(model: nn.Module, features: Tensor) -> Tensor:
     """Stages 3-4 of a Swin or SPT on stage-2 features (SPA state reset first)."""
     ctx = getattr(model, "spa_context", None)
@@ -129,7 +116,7 @@ def _timings(models: dict[str, nn.Module], images: Tensor, features: Tensor, rep
                 forward = (lambda m=model: _late_stages(m, features)) if part == "late" else (lambda m=model: m.forward_features(images))
                 fns[name] = _train_step(model, forward) if mode == "train" else forward
             with torch.set_grad_enabled(mode == "train"):
-                measured = paired_median_times(fns, repeats, warmup)
+                measured = median_seconds(fns, repeats, warmup)
             out.update({f"{name}_{mode}_{part}": 1000 * t for name, t in measured.items()})
     for model in models.values():
         model.eval()
@@ -218,14 +205,20 @@ def run(
 
 def markdown(report: dict[str, Any]) -> str:
     """The results as a markdown table (times in ms: dense Swin / SPT; realized fraction in brackets)."""
-    lines = [
+    title = (
         f"SPT-T vs dense Swin-T (timm), batch {report['batch']} at {report['image_size']} px, "
         f"{report['threads']} threads, median of {report['repeats']} "
-        + ("(dense and SPT runs alternate)" if report["paired"] else "(dense timed once)"),
-        "",
-        "| keep s3/s4 | fill | s3-4 GFLOPs dense/SPA | s3-4 infer ms | s3-4 train ms "
-        "| backbone GFLOPs dense/SPA | backbone infer ms | backbone train ms |",
-        "|---" * 8 + "|",
+        + ("(dense and SPT runs alternate)" if report["paired"] else "(dense timed once)")
+    )
+    header = [
+        "keep s3/s4",
+        "fill",
+        "s3-4 GFLOPs dense/SPA",
+        "s3-4 infer ms",
+        "s3-4 train ms",
+        "backbone GFLOPs dense/SPA",
+        "backbone infer ms",
+        "backbone train ms",
     ]
 
     def cell(r: dict[str, Any], key: str) -> str:
@@ -234,19 +227,24 @@ def markdown(report: dict[str, Any]) -> str:
             f"{r[f'{key}_speedup']:.2f}x ({r[f'{key}_realized']:.2f})"
         )
 
-    for r in report["rows"]:
-        lines.append(
-            f"| {r['keep_stage3']:.2f}/{r['keep_stage4']:.2f} | {r['fill']:.2f} "
-            f"| {r['late_dense'] / 1e9:.1f} / {r['late_run'] / 1e9:.1f} "
-            f"| {cell(r, 'infer_late')} | {cell(r, 'train_late')} "
-            f"| {r['all_dense'] / 1e9:.1f} / {r['all_run'] / 1e9:.1f} "
-            f"| {cell(r, 'infer_all')} | {cell(r, 'train_all')} |"
-        )
-    return "\n".join(lines)
+    rows = [
+        [
+            f"{r['keep_stage3']:.2f}/{r['keep_stage4']:.2f}",
+            f"{r['fill']:.2f}",
+            f"{r['late_dense'] / 1e9:.1f} / {r['late_run'] / 1e9:.1f}",
+            cell(r, "infer_late"),
+            cell(r, "train_late"),
+            f"{r['all_dense'] / 1e9:.1f} / {r['all_run'] / 1e9:.1f}",
+            cell(r, "infer_all"),
+            cell(r, "train_all"),
+        ]
+        for r in report["rows"]
+    ]
+    return f"{title}\n\n{markdown_table(header, rows)}"
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m spa_viz.bench_spt", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--quick", action="store_true", help="4 keep ratios, batch 8, 3 repeats, dense timed once (< 3 min on 2 cores)"
     )
