@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup app test test-slow bench bench-quick notebooks clean-venv
+.PHONY: setup app lint format test test-slow bench bench-quick notebooks clean-venv
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,17 +19,25 @@ setup: $(STAMP)
 app: $(STAMP)
 	$(PY) -m app $(APP_ARGS)
 
-test: $(STAMP)
+lint: $(STAMP)  # ruff (pinned in requirements.txt, configured in pyproject.toml): lint, then the format check
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP)
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+test: lint
 	$(PY) -m pytest -n 2 --timeout 900 $(PYTEST_ARGS)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -n 2 --timeout 3600 -m slow $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(PY) -m spa_viz.bench
+	$(PY) -m spa_viz.cli bench block
 
 bench-quick: $(STAMP)
-	$(PY) -m spa_viz.bench --quick
+	$(PY) -m spa_viz.cli bench block --quick
 
 notebooks: $(STAMP)  # JupyterLab is optional (not needed by the tests, which run the notebooks headless)
 	$(PY) -c "import jupyterlab" 2>/dev/null || $(PY) -m pip install -q jupyterlab

@@ -38,10 +38,11 @@ from typing import Any
 import torch
 
 from app.examples import build_examples
-from app.models import ModelRegistry
+from app.models import LEARNED_GATE, ModelRegistry
 from app.service import AnalysisService, SPASettings
 from app.settings import REPO_ROOT, AppSettings, configure_torch
 from spa_viz.analysis.attribution import METHODS
+from spa_viz.io.timer import stopwatch
 
 _log = logging.getLogger("app.bench")
 TARGETS_S = {"first_analysis": 1.5, "threshold_rerender": 0.5, "layer_rerender": 0.5, "attribution": 10.0}
@@ -50,9 +51,9 @@ TARGETS_S = {"first_analysis": 1.5, "threshold_rerender": 0.5, "layer_rerender":
 def _timed(fn: Callable[[], Any]) -> tuple[float, float]:
     """(wall-clock, CPU) seconds of ``fn()``; CPU time sums all threads, so on an idle 2-core
     machine wall ~ CPU / 2, and wall >> CPU / 2 means other processes took the cores."""
-    start, cpu = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - start, time.process_time() - cpu
+    with stopwatch() as timing:
+        fn()
+    return timing.wall, timing.cpu
 
 
 def _series(timings: Sequence[tuple[float, float]]) -> dict[str, float]:
@@ -79,7 +80,7 @@ def bench_service(model: str | None, repeats: int, threads: int) -> dict[str, An
     name = registry.default()
     load_s, _ = _timed(lambda: registry.get(name))
     entry = registry.get(name)
-    selector = "learned gate" if entry.trained_gates else "cls_attention"
+    selector = None if entry.trained_gates else "cls_attention"
     spa = SPASettings(selector=selector, selector_amount=0.9)
     moved = replace(spa, threshold=0.6, selector_amount=0.8)
     photo, layers = examples.photos[0], entry.spa_layers
@@ -102,7 +103,7 @@ def bench_service(model: str | None, repeats: int, threads: int) -> dict[str, An
     return {
         "model": name,
         "task": entry.adapter.task,
-        "selector": selector,
+        "selector": selector or LEARNED_GATE,
         "model_load_s": round(load_s, 2),
         "repeats": repeats,
         "first_analysis": _series(first),
@@ -148,9 +149,9 @@ def _http_layer_rerender(url: str, photo: Path, repeats: int = 5) -> list[tuple[
 
     client = Client(url, verbose=False, download_files=False)
     files = [handle_file(str(photo))]
-    client.predict(files=files, selector="learned gate", api_name="/analyze")
+    client.predict(files=files, selector=LEARNED_GATE, api_name="/analyze")
     return [
-        _timed(lambda k=k: client.predict(files=files, selector="learned gate", layer=4 + k % 4, api_name="/analyze"))
+        _timed(lambda k=k: client.predict(files=files, selector=LEARNED_GATE, layer=4 + k % 4, api_name="/analyze"))
         for k in range(1, repeats + 1)
     ]
 
@@ -183,20 +184,21 @@ def load_test(model: str | None, clients: int, requests: int, threads: int) -> d
         for i in range(requests):
             photo = examples.photos[(index + i) % len(examples.photos)]
             threshold = (0.3, 0.5, 0.7)[(index + i) % 3]
-            start = time.perf_counter()
             try:
-                client.predict(
-                    files=[handle_file(str(photo))],
-                    threshold=threshold,
-                    selector="learned gate",
-                    layer=4 + i % 4,
-                    api_name="/analyze",
-                )
-                with lock:
-                    latencies.append(time.perf_counter() - start)
+                with stopwatch() as timing:
+                    client.predict(
+                        files=[handle_file(str(photo))],
+                        threshold=threshold,
+                        selector=LEARNED_GATE,
+                        layer=4 + i % 4,
+                        api_name="/analyze",
+                    )
             except Exception as err:  # every failure is counted and reported
                 with lock:
                     failures.append(f"client {index} request {i}: {type(err).__name__}: {err}")
+            else:
+                with lock:
+                    latencies.append(timing.wall)
 
     try:
         _wait_until_up(url, process, timeout_s=300)
@@ -204,13 +206,13 @@ def load_test(model: str | None, clients: int, requests: int, threads: int) -> d
         rss_start = _rss_mb(process.pid)
         sampler = threading.Thread(target=sample_memory, daemon=True)
         sampler.start()
-        start = time.perf_counter()
         threads = [threading.Thread(target=client_run, args=(i,)) for i in range(clients)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        wall = time.perf_counter() - start
+        with stopwatch() as run:
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        wall = run.wall
         done.set()
         sampler.join()
         rss_end = _rss_mb(process.pid)

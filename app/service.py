@@ -17,7 +17,6 @@ import logging
 import shutil
 import tempfile
 import threading
-import time
 import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
@@ -34,18 +33,19 @@ from torch import Tensor
 
 import spa_viz
 from app.examples import Examples
-from app.images import ImageInputError, InputImage, load_image
-from app.models import LEARNED_GATE, LoadedModel, ModelError, ModelRegistry, selector_names
+from app.models import LoadedModel, ModelError, ModelRegistry, selector_amount, selector_names
 from app.settings import AppSettings
-from spa_viz.analysis import attribution, render
+from spa_viz.analysis import attribution
+from spa_viz.analysis.metrics import SelectionCounts
 from spa_viz.analysis.trace import LayerTrace, Trace
-from spa_viz.checkpoint import CheckpointError
+from spa_viz.io.checkpoint import CheckpointError
+from spa_viz.io.images import ImageInputError, InputImage, load_image
+from spa_viz.io.timer import stopwatch
+from spa_viz.models.saliency.labels import SALIENT
+from spa_viz.models.twin import dense_twin
 from spa_viz.selection.labels import labels_from_masks
-
-try:  # training-free selectors are optional: the app offers them when the library has them
-    from spa_viz.selection import selectors as _selectors
-except ImportError:
-    _selectors = None
+from spa_viz.selection.selectors import SELECTORS, install_selector, remove_selector
+from spa_viz.viz import figures, panels
 
 __all__ = ["Analysis", "AnalysisService", "AttributionView", "SPASettings", "UserError"]
 
@@ -85,21 +85,22 @@ class LRUCache(Generic[K, V]):
 
 @dataclass(frozen=True)
 class SPASettings:
-    """The inference settings that change an SPA forward pass."""
+    """The inference settings that change an SPA forward pass.
 
-    selector: str = LEARNED_GATE
-    selector_amount: float = 0.5  # keep ratio (or attention mass p for cls_attention)
+    ``selector`` None runs the model's learned gates (with ``threshold``); a name of
+    :data:`~spa_viz.selection.selectors.SELECTORS` runs that training-free selector, keeping
+    ``selector_amount`` (its ratio or p, see :func:`app.models.selector_amount`).
+    """
+
+    selector: str | None = None
+    selector_amount: float = 0.5
     threshold: float = 0.5
     policy: str = "image"
     container_len: int = 49
 
     def key(self) -> tuple[Any, ...]:
         """Cache key: only what matters for the chosen selector and policy."""
-        gate = (
-            (LEARNED_GATE, round(self.threshold, 4))
-            if self.selector == LEARNED_GATE
-            else (self.selector, round(self.selector_amount, 4))
-        )
+        gate = (None, round(self.threshold, 4)) if self.selector is None else (self.selector, round(self.selector_amount, 4))
         return (*gate, self.policy, self.container_len if self.policy == "container" else None)
 
 
@@ -130,7 +131,7 @@ class _Sparse(_Dense):
     """An SPA forward pass, with its trace and its FLOP figure (the same for every layer and image)."""
 
     trace: Trace
-    flops_figure: go.Figure | None = None
+    macs_figure: go.Figure | None = None
 
 
 @dataclass
@@ -266,15 +267,14 @@ class AnalysisService:
 
     def _apply(self, entry: LoadedModel, spa: SPASettings) -> None:
         """Put ``spa`` into the model (caller holds ``entry.lock``)."""
-        if spa.selector == LEARNED_GATE:
-            if _selectors is not None:
-                _selectors.remove_selector(entry.model)
-        elif _selectors is None or spa.selector not in _selectors.SELECTORS:
-            raise UserError(f"unknown selector {spa.selector!r}; this installation offers {selector_names()}")
+        if spa.selector is None:
+            remove_selector(entry.model)
+        elif spa.selector not in SELECTORS:
+            raise UserError(f"unknown selector {spa.selector!r}; this app offers {selector_names()}")
         else:
-            amount_name = "p" if "p" in _selectors.SELECTORS[spa.selector].default_params else "ratio"
+            amount = selector_amount(spa.selector)
             try:
-                _selectors.install_selector(entry.model, spa.selector, **{amount_name: float(spa.selector_amount)})
+                install_selector(entry.model, spa.selector, **{amount.param: float(spa.selector_amount)})
             except ValueError as err:
                 raise UserError(f"selector {spa.selector}: {err}") from err
         container = int(spa.container_len) if spa.policy == "container" else None
@@ -284,10 +284,6 @@ class AnalysisService:
             )
         except ValueError as err:
             raise UserError(f"invalid SPA setting: {err}") from err
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
     def _spa_forward(self, entry: LoadedModel, batch: _Prepared, spa: SPASettings) -> _Sparse:
         key = (entry.key, batch.digests, spa.key())
@@ -300,13 +296,10 @@ class AnalysisService:
                 return cached
             self._apply(entry, spa)
             x = batch.inputs.to(self.device)
-            self._sync()
-            start = time.perf_counter()
-            output, record = spa_viz.trace(entry.model, x)
-            self._sync()
-            seconds = time.perf_counter() - start
+            with stopwatch(self.device) as timing:
+                output, record = spa_viz.trace(entry.model, x)
             self.forward_count += 1
-        return self._spa.put(key, _Sparse(_to_cpu(output), seconds, record))
+        return self._spa.put(key, _Sparse(_to_cpu(output), timing.wall, record))
 
     def _dense_forward(self, entry: LoadedModel, batch: _Prepared) -> _Dense:
         key = (entry.key, batch.digests)
@@ -317,19 +310,11 @@ class AnalysisService:
             cached = self._dense.get(key)
             if cached is not None:
                 return cached
-            spa_viz.configure(entry.model, enabled=False)
-            try:
-                x = batch.inputs.to(self.device)
-                self._sync()
-                start = time.perf_counter()
-                with torch.no_grad():
-                    output = entry.model(x)
-                self._sync()
-                seconds = time.perf_counter() - start
-            finally:
-                spa_viz.configure(entry.model, enabled=True)
+            x = batch.inputs.to(self.device)
+            with dense_twin(entry.model), torch.no_grad(), stopwatch(self.device) as timing:
+                output = entry.model(x)
             self.forward_count += 1
-        return self._dense.put(key, _Dense(_to_cpu(output), seconds))
+        return self._dense.put(key, _Dense(_to_cpu(output), timing.wall))
 
     # ------------------------------------------------------------------------------ analysis
 
@@ -347,7 +332,7 @@ class AnalysisService:
             return entry.adapter.map_masks(masks), "object masks of the example"
         teacher = entry.adapter.teacher_mask(dense.output, index)
         if teacher is not None:
-            return teacher, "dense teacher's saliency > 0.5"
+            return teacher, f"dense teacher's saliency > {SALIENT:g}"
         return None, ""
 
     def _selection_labels(
@@ -371,15 +356,6 @@ class AnalysisService:
         chosen = layers[0] if layer is None else min(layers, key=lambda candidate: abs(candidate - int(layer)))
         return record.layer(chosen)
 
-    @staticmethod
-    def _score_view(record: LayerTrace, index: int, learned: bool) -> Tensor:
-        """Gate values to draw in [0, 1]: the soft gate, or selector scores min-max normalized."""
-        if learned:
-            return record.soft_gate[index].reshape(record.grid)
-        scores = record.scores[index].float()
-        low, high = scores.min(), scores.max()
-        return ((scores - low) / (high - low).clamp(min=1e-12)).reshape(record.grid)
-
     def analyze(
         self,
         paths: Sequence[str | Path] | None,
@@ -396,44 +372,12 @@ class AnalysisService:
         trace = forward.trace
         record = self._pick_layer(trace, layer)
         index = min(max(int(image_index), 0), len(batch.images) - 1)
-        learned = spa.selector == LEARNED_GATE
+        learned = spa.selector is None
         display = batch.displays[index]
         name = batch.images[index].name
-        width = display.shape[1]
 
-        gate_values = self._score_view(record, index, learned)
-        threshold = spa.threshold if learned else None
-        gate = render.score_overlay(display, gate_values, threshold=threshold)
-        if learned:
-            gate = render.add_title(
-                gate,
-                f"Gate score · layer {record.layer}",
-                f"sigmoid of the fused score; white outline: > {spa.threshold:.2f}",
-            )
-            gate = render.vstack([gate, render.colorbar(width, 0.0, 1.0, "soft gate", marker=spa.threshold)], gap=0)
-        else:
-            gate = render.add_title(
-                gate, f"{spa.selector} scores · layer {record.layer}", "min-max normalized per image"
-            )
-            gate = render.vstack([gate, render.colorbar(width, 0.0, 1.0, "selector score (normalized)")], gap=0)
-
-        keep = record.keep_map(index)
-        kept_n, total = int(keep.sum()), keep.numel()
-        kept = render.add_title(
-            render.keep_overlay(display, keep),
-            f"Kept tokens · layer {record.layer}",
-            f"{kept_n} of {total} ({kept_n / total:.0%}) · {name}",
-        )
-        kept = render.vstack(
-            [
-                kept,
-                render.legend(
-                    width, [(render.KEPT_COLOR, "kept (outline)"), (render.DROPPED_COLOR, "dropped (dimmed)")]
-                ),
-            ],
-            gap=0,
-        )
-
+        gate = panels.gate_panel(display, record, index, spa.threshold if learned else None, spa.selector)
+        kept = panels.kept_panel(display, record, index, name)
         found = self._selection_labels(entry, batch, dense, index, [t.grid for t in trace.layers])
         metrics_by_layer: dict[int, dict[str, float]] = {}
         labels_img = None
@@ -444,50 +388,27 @@ class AnalysisService:
         if found is not None:
             source, by_grid = found
             for t in trace.layers:
-                metrics_by_layer[t.layer] = render.selection_metrics(t.keep[index], by_grid[t.grid]).to_dict()
-            labels = by_grid[record.grid].reshape(record.grid)
+                metrics_by_layer[t.layer] = SelectionCounts.of(t.keep[index], by_grid[t.grid]).to_dict()
             m = metrics_by_layer[record.layer]
-            labels_img = render.add_title(
-                render.selection_overlay(display, keep, labels),
-                f"Selection labels vs kept · layer {record.layer}",
-                f"precision {m['precision']:.2f} · recall {m['recall']:.2f} · IoU {m['iou']:.2f}",
-            )
-            labels_img = render.vstack(
-                [
-                    labels_img,
-                    render.legend(
-                        width,
-                        [
-                            (render.TP_COLOR, "kept, labelled"),
-                            (render.FP_COLOR, "kept, not labelled"),
-                            (render.FN_COLOR, "dropped, labelled"),
-                        ],
-                    ),
-                ],
-                gap=0,
-            )
+            labels_img = panels.labels_panel(display, record, index, by_grid[record.grid])
             labels_text = (
                 f"**Selection labels** ({source}) at layer {record.layer}: precision **{m['precision']:.2f}**, "
                 f"recall **{m['recall']:.2f}**, IoU **{m['iou']:.2f}** (TP {m['tp']}, FP {m['fp']}, FN {m['fn']}). "
                 "White outline: label-positive tokens."
             )
 
-        strip = render.add_title(
-            render.layer_strip(display, trace.layers, index, highlight=record.layer),
-            f"Every SPA layer · {name}",
-            "kept tokens per layer (red frame: the layer shown above)",
-        )
+        strip = panels.strip_panel(display, trace.layers, index, name, highlight=record.layer)
         predictions = entry.adapter.draw(display, forward.output, index)
 
         names = [f"{i}: {im.name}" for i, im in enumerate(batch.images)]
         scores = record.soft_gate if learned else record.scores
-        layout = render.packed_layout_figure(
+        layout = figures.packed_layout_figure(
             record.plan, grid=record.grid, num_prefix=record.num_prefix, scores=scores, image_names=names
         )
-        if forward.flops_figure is None:
-            forward.flops_figure = render.flops_figure(trace)
-        flops = forward.flops_figure
-        histogram = render.kept_histogram_figure(trace, record.layer)
+        if forward.macs_figure is None:
+            forward.macs_figure = figures.macs_figure(trace)
+        flops = forward.macs_figure
+        histogram = figures.kept_histogram_figure(trace, record.layer)
 
         saving_t = 1.0 - forward.seconds / dense.seconds if dense.seconds else 0.0
         stats = (
@@ -578,21 +499,8 @@ class AnalysisService:
                     raise UserError(f"{method} failed on this model: {err}") from err
             self._attributions.put(key, result)
         title = method.replace("_", " ").capitalize()
-        image = render.add_title(
-            render.attribution_overlay(batch.displays[index], result.maps[0]),
-            f"{title} · {batch.images[index].name}",
-            f"explains: {described}",
-        )
-        width = image.shape[1]
-        image = render.vstack(
-            [
-                image,
-                render.legend(
-                    width,
-                    [(render.OKABE_ITO["vermillion"], "raises the output"), (render.OKABE_ITO["blue"], "lowers it")],
-                ),
-            ],
-            gap=0,
+        image = panels.attribution_panel(
+            batch.displays[index], result.maps[0], f"{title} · {batch.images[index].name}", described
         )
         settings = ", ".join(f"{k} {v}" for k, v in result.settings.items())
         text = f"**{title}** of {described}: {result.seconds:.1f} s on {self.device.type}" + (

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from spa_viz.io.paths import cache_dir
+
 __all__ = ["ALLOW_ENV_VAR", "REPO_ROOT", "AppSettings", "configure_torch", "resolve_device"]
 
 #: Extra folders (os.pathsep-separated) users may load checkpoints from, besides checkpoints/.
@@ -55,7 +57,7 @@ class AppSettings:
     queue_size: int = 64  # waiting events before new ones are refused
     attribution_budget_s: float = 8.0  # fitted from the measured forward time; under the 10 s target
     display_size: int = 448  # side of the large overlays
-    examples_dir: Path = REPO_ROOT / ".cache" / "app_examples"
+    examples_dir: Path = field(default_factory=lambda: cache_dir("app_examples"))
 
     @property
     def torch_device(self) -> torch.device:

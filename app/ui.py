@@ -27,6 +27,7 @@ from PIL import Image
 
 from app.examples import Examples
 from app.models import LEARNED_GATE, LoadedModel, selector_names
+from app.models import selector_amount as amount_of
 from app.service import AnalysisService, SPASettings, UserError
 from spa_viz.analysis.attribution import METHODS
 from spa_viz.layers.packing import POLICIES
@@ -127,16 +128,15 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
     first_selector = (
         "cls_attention" if not default_entry.trained_gates and "cls_attention" in selectors else LEARNED_GATE
     )
+    first_amount = amount_of(first_selector) if first_selector != LEARNED_GATE else None
     png = PanelFiles()
     photo_paths = [str(p) for p in examples.photos] if examples else []
     digit_paths = [str(p) for p in examples.digits] if examples else []
 
-    def spa_settings(
-        selector: str, selector_amount: float, threshold: float, policy: str, container_len: float
-    ) -> SPASettings:
-        return SPASettings(
-            selector or LEARNED_GATE, float(selector_amount), float(threshold), policy or "image", int(container_len)
-        )
+    def spa_settings(selector: str, amount: float, threshold: float, policy: str, container_len: float) -> SPASettings:
+        """The API's arguments -> :class:`SPASettings` (the picker's "learned gate" label is selector None)."""
+        chosen = None if selector in (None, "", LEARNED_GATE) else selector
+        return SPASettings(chosen, float(amount), float(threshold), policy or "image", int(container_len))
 
     def analyze(
         files: list[str] | None,
@@ -252,12 +252,10 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
         }
 
     def selector_controls(selector: str) -> tuple[Any, Any]:
-        learned = selector == LEARNED_GATE
-        p_based = selector == "cls_attention"
-        label = "Attention mass to keep (p)" if p_based else "Share of tokens to keep (ratio)"
-        return gr.Slider(interactive=learned), gr.Slider(
-            visible=not learned, label=label, value=0.9 if p_based else 0.5
-        )
+        if selector in (None, "", LEARNED_GATE):
+            return gr.Slider(interactive=True), gr.Slider(visible=False)
+        amount = amount_of(selector)
+        return gr.Slider(interactive=False), gr.Slider(visible=True, label=amount.label, value=amount.default)
 
     with gr.Blocks(title="SPA microscope") as demo:
         gr.Markdown(INTRO)
@@ -291,13 +289,13 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
                     choices=selectors, value=first_selector, label="Token selector", elem_id="selector"
                 )
                 learned = first_selector == LEARNED_GATE
-                selector_amount = gr.Slider(
+                amount = gr.Slider(
                     0.05,
                     1.0,
-                    value=0.5 if learned else 0.9,
+                    value=first_amount.default if first_amount else 0.5,
                     step=0.05,
                     visible=not learned,
-                    label="Share of tokens to keep (ratio)" if learned else "Attention mass to keep (p)",
+                    label=first_amount.label if first_amount else "Amount to keep",
                 )
                 threshold = gr.Slider(
                     0.0,
@@ -349,7 +347,7 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
                     report_file = gr.File(label="Report")
                     summary = gr.JSON(label="Trace summary")
 
-        settings_inputs = [files, model, selector, selector_amount, threshold, policy, container_len]
+        settings_inputs = [files, model, selector, amount, threshold, policy, container_len]
         view_outputs = [
             status,
             stats,
@@ -370,7 +368,7 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
                 files.change,
                 model.change,
                 selector.change,
-                selector_amount.change,
+                amount.change,
                 threshold.change,
                 policy.change,
                 container_len.change,
@@ -385,7 +383,7 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
             trigger_mode="always_last",
         )
         selector.change(
-            selector_controls, [selector], [threshold, selector_amount], api_visibility="private", queue=False
+            selector_controls, [selector], [threshold, amount], api_visibility="private", queue=False
         )
         gr.on(
             triggers=[load_button.click, source.submit],

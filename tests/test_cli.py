@@ -1,4 +1,5 @@
-"""``spa-viz analyze`` on a folder of good, corrupt and non-image files, and its overwrite guard."""
+"""``spa-viz``: ``analyze`` on a folder of good, corrupt and non-image files, its overwrite guard and default
+model; the other commands run the recipes; the ``python -m`` aliases are the moved modules."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import contextlib
 import io
 import json
 import logging
+import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,8 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spa_viz.checkpoint import save_checkpoint
+import spa_viz
 from spa_viz.cli import main
+from spa_viz.io.checkpoint import save_checkpoint
 from spa_viz.models.zoo import build_timm_spa_vit
 
 GOOD = ("rgb", "rgba", "gray")
@@ -111,7 +116,7 @@ def test_outputs_per_image(first: Run, out: Path) -> None:
         summary = json.loads((out / name / "summary.json").read_text())
         layers = [str(layer["layer"]) for layer in summary["trace"]["layers"]]
         assert layers and list(summary["kept_counts"]) == layers
-        assert summary["flops"]["backbone_dense"] > 0 and summary["flops"]["backbone_run"] > 0
+        assert summary["compute"]["backbone_macs_dense"] > 0 and summary["compute"]["backbone_macs_run"] > 0
         assert {"preprocess_s", "forward_s", "render_s"} <= set(summary["timings"])
         assert summary["input_size"] == [64, 64]
         assert summary["predictions"]["top5"][0]["label"].startswith("shape ")
@@ -157,3 +162,41 @@ def test_usage_errors_exit_2(tmp_path: Path, model: str) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["analyze", str(tmp_path), "--model", model, "--out", str(tmp_path / "o"), "--policy", "rows"])
     assert exit_info.value.code == 2
+
+
+def test_analyze_opens_on_the_apps_default_model(tmp_path: Path, model: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    shipped = tmp_path / "checkpoints"
+    shutil.copytree(model, shipped / "spa-vit-digits")  # stands in for the shipped default
+    monkeypatch.setenv("SPA_VIZ_CHECKPOINTS", str(shipped))
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(tmp_path / "red.png")
+    run = run_cli("analyze", str(tmp_path / "red.png"), "--out", str(tmp_path / "o"))
+    assert run.code == 0
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["model"] == "spa-vit-digits"
+
+
+def test_train_evaluate_and_bench_run_the_recipes(capsys: pytest.CaptureFixture[str]) -> None:
+    if "spa-vit-digits" not in spa_viz.available():
+        pytest.skip("the shipped spa-vit-digits checkpoint is not here")
+    assert main(["evaluate", "detection", "--checkpoint", "spa-vit-digits", "--num", "2", "--no-timing", "--no-cache"]) == 0
+    assert "| AP50 |" in capsys.readouterr().out
+    for command in (["train", "saliency", "--help"], ["bench", "spt", "--help"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(command)
+        assert exit_info.value.code == 0
+    assert "--select-steps" in capsys.readouterr().out
+
+
+def test_python_m_aliases_are_the_moved_modules() -> None:
+    import spa_viz.bench
+    import spa_viz.checkpoint
+    import spa_viz.evaluate
+    import spa_viz.train
+    from spa_viz.benchmarks import block
+    from spa_viz.io import checkpoint
+    from spa_viz.recipes.detection import evaluate, train
+
+    assert spa_viz.train is train and spa_viz.evaluate is evaluate
+    assert spa_viz.checkpoint is checkpoint and spa_viz.bench is block
+    for alias in ("spa_viz.train_saliency", "spa_viz.evaluate_saliency", "spa_viz.bench_spt"):
+        result = subprocess.run([sys.executable, "-m", alias, "--help"], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0 and "usage: python -m " + alias in result.stdout, result.stderr[-2000:]

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spa_viz.analysis.trace import find_backbone, trace
+from spa_viz.io.timer import stopwatch
 from spa_viz.models.spa_vit import is_spa_model
 
 __all__ = ["METHODS", "Attribution", "Progress", "attention_rollout", "attribute", "patch_size_of"]
@@ -239,10 +239,9 @@ def attention_rollout(model: nn.Module, images: Tensor, progress: Progress | Non
 
 def _forward_seconds(model: nn.Module, images: Tensor, target: Target) -> float:
     """Wall-clock seconds of one ``target(model(images))`` without gradients."""
-    start = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), stopwatch(images.device) as timing:
         target(model(images))
-    return time.perf_counter() - start
+    return timing.wall
 
 
 def _fit_budget(method: str, grid: tuple[int, int], budget_s: float, forward_s: float, batch: int) -> dict[str, int]:
@@ -291,40 +290,42 @@ def attribute(
         raise ValueError(f"unknown attribution method {method!r}; choose one of {METHODS}")
     patch = patch_size if patch_size is not None else patch_size_of(model)
     grid = _grid(images, patch)
-    start = time.perf_counter()
     was_training = model.training
     model.eval()
     try:
         if method == "attention_rollout":
-            return Attribution(method, attention_rollout(model, images, progress), time.perf_counter() - start)
-        needs_fit = n_steps is None if method == "integrated_gradients" else token_group is None
-        if needs_fit:
-            forward_s = forward_seconds if forward_seconds is not None else _forward_seconds(model, images, target)
-            fitted = _fit_budget(method, grid, budget_s, forward_s, images.shape[0])
-        else:
-            fitted = {}
-        if method == "integrated_gradients":
-            steps = n_steps if n_steps is not None else fitted["n_steps"]
-            batch = fitted.get("internal_batch_size", min(steps * images.shape[0], 16))
-            forward = _CountingForward(
-                model, target, math.ceil(steps * images.shape[0] / batch), progress, "integrated gradients"
-            )
-            maps = _integrated_gradients(forward, images, patch, steps, batch)
-            settings: dict[str, Any] = {"n_steps": steps, "internal_batch_size": batch}
-        else:
-            group = token_group if token_group is not None else fitted["token_group"]
-            if method == "feature_ablation":
-                evals = math.ceil(grid[0] / group) * math.ceil(grid[1] / group)
-                run = _feature_ablation
+            with stopwatch(images.device) as timing:
+                maps = attention_rollout(model, images, progress)
+            return Attribution(method, maps, timing.wall)
+        with stopwatch(images.device) as timing:
+            needs_fit = n_steps is None if method == "integrated_gradients" else token_group is None
+            if needs_fit:
+                forward_s = forward_seconds if forward_seconds is not None else _forward_seconds(model, images, target)
+                fitted = _fit_budget(method, grid, budget_s, forward_s, images.shape[0])
             else:
-                evals = _occlusion_evals(grid, group)
-                run = _occlusion
-            calls = math.ceil(evals / perturbations_per_eval) + 1
-            forward = _CountingForward(model, target, calls, progress, method.replace("_", " "))
-            maps = run(forward, images, patch, group, perturbations_per_eval)
-            settings = {"token_group": group, "evaluations": evals, "perturbations_per_eval": perturbations_per_eval}
+                fitted = {}
+            if method == "integrated_gradients":
+                steps = n_steps if n_steps is not None else fitted["n_steps"]
+                batch = fitted.get("internal_batch_size", min(steps * images.shape[0], 16))
+                forward = _CountingForward(
+                    model, target, math.ceil(steps * images.shape[0] / batch), progress, "integrated gradients"
+                )
+                maps = _integrated_gradients(forward, images, patch, steps, batch)
+                settings: dict[str, Any] = {"n_steps": steps, "internal_batch_size": batch}
+            else:
+                group = token_group if token_group is not None else fitted["token_group"]
+                if method == "feature_ablation":
+                    evals = math.ceil(grid[0] / group) * math.ceil(grid[1] / group)
+                    run = _feature_ablation
+                else:
+                    evals = _occlusion_evals(grid, group)
+                    run = _occlusion
+                calls = math.ceil(evals / perturbations_per_eval) + 1
+                forward = _CountingForward(model, target, calls, progress, method.replace("_", " "))
+                maps = run(forward, images, patch, group, perturbations_per_eval)
+                settings = {"token_group": group, "evaluations": evals, "perturbations_per_eval": perturbations_per_eval}
     finally:
         model.train(was_training)
-    seconds = time.perf_counter() - start
+    seconds = timing.wall
     _log.info("%s attribution of %d image(s) took %.2f s (%s)", method, images.shape[0], seconds, settings)
     return Attribution(method, maps.detach().float().cpu(), seconds, settings | {"baseline": "zeros"})

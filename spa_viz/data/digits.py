@@ -33,6 +33,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from spa_viz.data.photos import load_photo, resize_square
+
 __all__ = [
     "BACKGROUND_SPLITS",
     "CATEGORIES",
@@ -40,6 +42,7 @@ __all__ = [
     "DigitSample",
     "DigitsConfig",
     "background_image",
+    "digit_composites",
     "digit_pool",
     "generate_split",
     "iter_split",
@@ -182,8 +185,6 @@ def digit_pool(split: str) -> np.ndarray:
 
 def background_image(name: str) -> np.ndarray:
     """A background source as read-only uint8 [H, W, 3], one of the offline photos of :mod:`spa_viz.data.photos`."""
-    from spa_viz.data.photos import load_photo  # photos imports this module for its composites
-
     if not any(name in names for names in BACKGROUND_SPLITS.values()):
         raise ValueError(f"unknown background {name!r}; use a name from BACKGROUND_SPLITS")
     return load_photo(name)
@@ -445,6 +446,12 @@ def generate_split(
     """Generate ``num_images`` samples of ``split`` in memory (canvas 128 px unless configured)."""
     samples = iter_split(split, num_images, seed, canvas_size, config)
     return list(tqdm(samples, total=num_images, desc=f"digits/{split}", disable=not progress))
+
+
+def digit_composites(num_images: int, seed: int, size: int = 224) -> list[np.ndarray]:
+    """Images of the *train* split (128 px canvas) resized to ``size`` square: extra training images
+    for the saliency gates (their backgrounds never show a held-out photo)."""
+    return [resize_square(sample.image, size) for sample in generate_split("train", num_images, seed)]
 
 
 def _file_name(split: str, index: int) -> str:

@@ -3,9 +3,8 @@
 Why: spa-viz must train and evaluate its real-photo model offline. The photos come from
 scikit-image (``skimage.data``), scikit-learn (``load_sample_image``), matplotlib's sample data and
 gradio's bundled media assets; nothing is downloaded. :data:`HELD_OUT` names the evaluation photos:
-they are never trained on, not even augmented. The cluttered-digit composites used as extra training
-images come from the digits generator's *train* split, whose backgrounds exclude every held-out
-photo (:data:`spa_viz.data.digits.BACKGROUND_SPLITS`).
+they are never trained on, not even augmented (the digits generator's *train* backgrounds exclude
+them too: :data:`spa_viz.data.digits.BACKGROUND_SPLITS`).
 """
 
 from __future__ import annotations
@@ -24,11 +23,9 @@ __all__ = [
     "TRAIN_PHOTOS",
     "AugmentConfig",
     "augment",
-    "digit_composites",
     "held_out_photos",
     "load_photo",
     "resize_square",
-    "training_images",
 ]
 
 #: Every photo name and where it comes from.
@@ -178,34 +175,3 @@ def augment(image: np.ndarray, rng: np.random.Generator, config: AugmentConfig =
     ):
         view = enhancer(view).enhance(float(rng.uniform(1 - amount, 1 + amount)))
     return np.asarray(view)
-
-
-def digit_composites(num_images: int, seed: int, size: int = 224) -> list[np.ndarray]:
-    """Cluttered-digit images of the digits *train* split (128 px canvas) resized to ``size``."""
-    from spa_viz.data.digits import generate_split
-
-    return [resize_square(sample.image, size) for sample in generate_split("train", num_images, seed)]
-
-
-def training_images(
-    views_per_photo: int,
-    num_digits: int,
-    seed: int,
-    config: AugmentConfig = AugmentConfig(),
-) -> list[tuple[str, np.ndarray]]:
-    """``(source, image)`` pairs: augmented views of every training photo, then digit composites.
-
-    View ``i`` of photo ``p`` depends only on ``(seed, p's index in PHOTOS, i)``; held-out photos are
-    never touched.
-    """
-    if views_per_photo < 0 or num_digits < 0:
-        raise ValueError("views_per_photo and num_digits must be >= 0")
-    names = list(PHOTOS)
-    images = []
-    for name in TRAIN_PHOTOS:
-        photo = load_photo(name)
-        for view in range(views_per_photo):
-            rng = np.random.default_rng([seed, names.index(name), view])
-            images.append((name, augment(photo, rng, config)))
-    images += [("digits", image) for image in digit_composites(num_digits, seed, config.size)]
-    return images

@@ -53,6 +53,7 @@ from spa_viz.layers.block import SPAContext, spa_block_forward
 from spa_viz.layers.config import SPAConfig
 from spa_viz.layers.gate import TokenGate
 from spa_viz.layers.packing import PackPlan, plan_packing
+from spa_viz.selection.labels import TokenGrid
 
 __all__ = [
     "SPTConfig",
@@ -582,6 +583,21 @@ class SPT(nn.Module):
         if intermediates_only:
             return intermediates
         return self.norm(x) if len(stages) == len(self.layers) else x, intermediates
+
+    def token_grids(self, image_size: tuple[int, int]) -> list[TokenGrid]:
+        """Every stage's token grid and pixel stride for an input of ``image_size`` (patch merging pads
+        odd grids at the bottom/right, so a grid may cover a padded image: ceil halving)."""
+        patch = self.config.patch_size
+        if image_size[0] % patch or image_size[1] % patch:
+            raise ValueError(f"image size {tuple(image_size)} is not a multiple of the patch size {patch}")
+        grid = (image_size[0] // patch, image_size[1] // patch)
+        grids = []
+        for stage in range(len(self.layers)):
+            if stage > 0:
+                grid = (-(-grid[0] // 2), -(-grid[1] // 2))
+            stride = patch * 2**stage
+            grids.append(TokenGrid(grid, (stride, stride)))
+        return grids
 
     def forward_pyramid(self, x: Tensor) -> list[Tensor]:
         """One NCHW map per stage (strides 4, 8, 16, 32) for dense heads."""

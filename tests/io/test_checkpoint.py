@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import spa_viz
-from spa_viz.checkpoint import CheckpointError, load_checkpoint, load_torch_weights, save_checkpoint
+from spa_viz.io.checkpoint import CheckpointError, load_checkpoint, load_torch_weights, save_checkpoint
 from spa_viz.models.zoo import build_timm_spa_vit
 
 CONFIG = {

@@ -11,8 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from spa_viz.checkpoint import CheckpointError, load_checkpoint
-from spa_viz.train import TrainingError, load_config, main
+from spa_viz.io.checkpoint import CheckpointError, load_checkpoint
+from spa_viz.recipes.detection.config import TrainingError, load_config
+from spa_viz.recipes.detection.train import main
 
 TINY = {
     "name": "tiny",
@@ -153,8 +154,8 @@ def test_trains_on_coco_format_files(tmp_path) -> None:
 
 
 def test_example_coco_config_is_valid() -> None:
-    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "examples" / "spa-vit-coco.json")
-    assert config["data"]["kind"] == "coco" and config["train"]["workers"] == 8
+    config = load_config(Path(__file__).resolve().parents[2] / "configs" / "examples" / "spa-vit-coco.json")
+    assert config.data.kind == "coco" and config.train.workers == 8 and config.data.train.images == "data/my_coco/train"
 
 
 def test_torchrun_ddp_two_processes(tmp_path) -> None:

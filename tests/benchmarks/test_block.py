@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from spa_viz import bench
+from spa_viz.benchmarks import block as bench
 
 TINY = bench.BenchConfig(
     dim=64,

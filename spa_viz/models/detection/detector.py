@@ -32,11 +32,11 @@ from timm.models import VisionTransformer
 from torch import Tensor, nn
 
 import spa_viz.models.spt  # noqa: F401  (registers the spt_* timm models)
-from spa_viz.checkpoint import register_architecture
+from spa_viz.io.checkpoint import register_architecture
 from spa_viz.layers.block import find_context
-from spa_viz.models.heads import CenterNetHead, Detections, LightFPN, centernet_loss, decode_centernet
+from spa_viz.models.detection.heads import CenterNetHead, Detections, LightFPN, centernet_loss, decode_centernet
 from spa_viz.models.spa_vit import is_spa_model, patch
-from spa_viz.selection.labels import multiscale_labels
+from spa_viz.selection.labels import TokenGrid, multiscale_labels
 from spa_viz.selection.loss import model_selection_loss
 
 __all__ = ["ConvStemEmbed", "Detector", "build_spa_vit_detector", "build_spt_detector", "keep_ratios"]
@@ -159,21 +159,13 @@ class Detector(nn.Module):
         """Per image ``(boxes xyxy input pixels, scores, labels)``, at most ``top_k`` each."""
         return decode_centernet(outputs, self.stride, top_k=self.top_k, threshold=threshold)
 
-    def selection_grids(self, image_size: tuple[int, int]) -> list[Grid]:
-        """Token grids of the backbone's SPA blocks for an input of ``image_size`` (distinct, in order)."""
+    def selection_grids(self, image_size: tuple[int, int]) -> list[TokenGrid]:
+        """Token grids (shape and pixel stride) of the backbone's SPA stages for an input of ``image_size``."""
         height, width = image_size
         if self.neck is None:
             patch_h, patch_w = self.backbone.patch_embed.patch_size
-            return [(height // patch_h, width // patch_w)]
-        cfg = self.backbone.config
-        grid = (height // cfg.patch_size, width // cfg.patch_size)
-        grids = []
-        for stage in range(len(cfg.depths)):
-            if stage > 0:
-                grid = (-(-grid[0] // 2), -(-grid[1] // 2))
-            if stage >= cfg.spa_start_stage - 1:
-                grids.append(grid)
-        return grids
+            return [TokenGrid((height // patch_h, width // patch_w), (patch_h, patch_w))]
+        return self.backbone.token_grids(image_size)[self.backbone.config.spa_start_stage - 1 :]
 
     def selection_labels(self, targets: Sequence[Mapping[str, Any]], image_size: tuple[int, int]) -> dict[Grid, Tensor]:
         """Selection labels per SPA grid: the targets' ``select_labels`` when present, else from masks/boxes."""
@@ -184,7 +176,7 @@ class Detector(nn.Module):
             per_grid = [torch.stack([t["select_labels"][i] for t in targets]) for i in range(len(grids))]
         else:
             per_grid = multiscale_labels(targets, image_size, grids)
-        return dict(zip(grids, per_grid))
+        return {grid.shape: labels for grid, labels in zip(grids, per_grid)}
 
     def selection_loss(
         self, targets: Sequence[Mapping[str, Any]], image_size: tuple[int, int], alpha: float
@@ -206,10 +198,9 @@ class Detector(nn.Module):
         return spec
 
 
-def keep_ratios(model: nn.Module, threshold: float) -> list[tuple[int, float]]:
-    """(layer, share of patch tokens with ``sigmoid(score) > threshold``) of the last forward, per SPA block."""
-    ctx = find_context(model)
-    return [(layer, float((torch.sigmoid(s.detach().float()) > threshold).float().mean())) for layer, _, s in ctx.scores]
+def keep_ratios(model: nn.Module) -> list[tuple[int, float]]:
+    """(layer, share of patch tokens kept) of the last forward, per learned SPA gate."""
+    return [(gate.layer, float(gate.keep.float().mean())) for gate in find_context(model).gates]
 
 
 def _head_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:

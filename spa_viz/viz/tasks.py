@@ -14,13 +14,14 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor, nn
 
-from spa_viz.analysis import render
 from spa_viz.analysis.trace import find_backbone
-from spa_viz.data.coco import DetectionTransform
-from spa_viz.models.img_focus import IMAGENET_MEAN, IMAGENET_STD, preprocess_image
+from spa_viz.data.transforms import DetectionTransform
+from spa_viz.io.checkpoint import checkpoint_config
+from spa_viz.io.images import IMAGENET_MEAN, IMAGENET_STD, denormalize, resize_normalize
+from spa_viz.models.saliency.labels import SALIENT, salient
+from spa_viz.viz import overlays
 
 __all__ = ["ClassificationTask", "DetectionTask", "SaliencyTask", "TaskAdapter", "adapter_for"]
 
@@ -43,9 +44,7 @@ class TaskAdapter:
 
     def preprocess(self, pixels: np.ndarray) -> Tensor:
         """RGB uint8 (H, W, 3) -> normalized float (3, h, w) model input."""
-        image = Image.fromarray(pixels).resize(self.input_size[::-1], Image.Resampling.BICUBIC)
-        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        return ((x - torch.tensor(self.mean).view(3, 1, 1)) / torch.tensor(self.std).view(3, 1, 1)).contiguous()
+        return resize_normalize(pixels, self.input_size, self.mean, self.std)
 
     def map_masks(self, masks: np.ndarray) -> Tensor:
         """Object masks (K, H, W) in the uploaded image's pixels -> their union (h, w) in the input."""
@@ -54,9 +53,7 @@ class TaskAdapter:
 
     def display(self, x: Tensor) -> np.ndarray:
         """The model input (3, h, w) back as the RGB uint8 picture the model saw."""
-        mean, std = torch.tensor(self.mean).view(3, 1, 1), torch.tensor(self.std).view(3, 1, 1)
-        pixels = ((x.detach().float().cpu() * std + mean).clamp(0, 1) * 255).round().byte()
-        return pixels.permute(1, 2, 0).numpy()
+        return denormalize(x, self.mean, self.std)
 
     def predictions(self, output: Any, index: int) -> dict[str, Any]:
         """JSON-ready predictions of image ``index``."""
@@ -76,41 +73,38 @@ class TaskAdapter:
 
 
 class SaliencyTask(TaskAdapter):
-    """Saliency models (B, 1, H, W) in [0, 1]; the dense twin's map > 0.5 is the teacher label."""
+    """Saliency models (B, 1, H, W) in [0, 1]; the dense twin's salient pixels are the teacher label."""
 
     task = "saliency"
-
-    def preprocess(self, pixels: np.ndarray) -> Tensor:
-        return preprocess_image(pixels, self.input_size[0])
 
     def predictions(self, output: Tensor, index: int) -> dict[str, Any]:
         sal = output[index, 0]
         return {
             "saliency_mean": round(float(sal.mean()), 4),
-            "salient_share": round(float((sal > 0.5).float().mean()), 4),
+            "salient_share": round(float(salient(sal).float().mean()), 4),
         }
 
     def draw(self, display: np.ndarray, output: Tensor, index: int) -> np.ndarray:
         sal = output[index, 0].float().cpu().numpy()
-        return render.add_title(
-            render.saliency_overlay(display, sal),
+        return overlays.add_title(
+            overlays.saliency_overlay(display, sal),
             "Predicted saliency",
-            f"{(sal > 0.5).mean():.0%} of pixels > 0.5 (white contour)",
+            f"{salient(sal).mean():.0%} of pixels > {SALIENT:g} (white contour)",
         )
 
     def target(self, output: Tensor, index: int) -> tuple[Target, str]:
-        region = output[index : index + 1, 0] > 0.5
+        region = salient(output[index : index + 1, 0])
         if not bool(region.any()):
-            return (lambda out: out.flatten(1).sum(1)), "sum of the whole saliency map (nothing > 0.5)"
+            return (lambda out: out.flatten(1).sum(1)), f"sum of the whole saliency map (nothing > {SALIENT:g})"
         area = int(region.sum())
 
         def score(out: Tensor) -> Tensor:
             return (out[:, 0] * region.to(out.device)).flatten(1).sum(1)
 
-        return score, f"sum of predicted saliency over the salient region ({area} px > 0.5)"
+        return score, f"sum of predicted saliency over the salient region ({area} px > {SALIENT:g})"
 
     def teacher_mask(self, dense_output: Tensor, index: int) -> Tensor:
-        return dense_output[index, 0].float().cpu() > 0.5
+        return salient(dense_output[index, 0].float().cpu())
 
 
 class DetectionTask(TaskAdapter):
@@ -160,8 +154,8 @@ class DetectionTask(TaskAdapter):
     def draw(self, display: np.ndarray, output: dict[str, Tensor], index: int) -> np.ndarray:
         boxes, scores, labels = self._detections(output, index)
         scale = display.shape[1] / self.input_size[1]
-        drawn = render.draw_detections(display, boxes, labels, scores, self.class_names, scale=scale)
-        return render.add_title(drawn, f"Detections (score > {self.min_score:g})", f"{len(scores)} found")
+        drawn = overlays.draw_detections(display, boxes, labels, scores, self.class_names, scale=scale)
+        return overlays.add_title(drawn, f"Detections (score > {self.min_score:g})", f"{len(scores)} found")
 
     def target(self, output: dict[str, Tensor], index: int) -> tuple[Target, str]:
         boxes, scores, labels = self._detections(output, index)
@@ -216,7 +210,7 @@ class ClassificationTask(TaskAdapter):
     def draw(self, display: np.ndarray, output: Tensor, index: int) -> np.ndarray:
         top = self._top(output, index, 3)
         lines = " · ".join(f"{n} {p:.0%}" for n, p in top[1:])
-        return render.add_title(display, f"Top-1: {top[0][0]} ({top[0][1]:.0%})", lines or None)
+        return overlays.add_title(display, f"Top-1: {top[0][0]} ({top[0][1]:.0%})", lines or None)
 
     def target(self, output: Tensor, index: int) -> tuple[Target, str]:
         label = int(output[index].argmax())
@@ -227,8 +221,12 @@ _BY_ARCHITECTURE = {"img_focus_spa": SaliencyTask, "spa_vit_detector": Detection
 _BY_TASK = {cls.task: cls for cls in (SaliencyTask, DetectionTask, ClassificationTask)}
 
 
-def adapter_for(model: nn.Module, config: dict[str, Any]) -> TaskAdapter:
-    """The adapter of a loaded model, from its config's ``task`` / ``architecture`` or its shape."""
+def adapter_for(model: nn.Module, config: dict[str, Any] | None = None) -> TaskAdapter:
+    """The adapter of a loaded model, from its config's ``task`` / ``architecture`` or its shape.
+
+    ``config`` defaults to the config.json the model was loaded from (:func:`checkpoint_config`).
+    """
+    config = checkpoint_config(model) if config is None else config
     task = config.get("task")
     if task is not None:
         if task not in _BY_TASK:

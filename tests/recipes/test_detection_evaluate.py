@@ -1,4 +1,4 @@
-"""Evaluation: COCO metrics on known cases, and every shipped checkpoint reproduces the metrics its
+"""Detection evaluation: FLOPs with a conv stem, and every shipped checkpoint reproduces the metrics its
 metrics.json records for a fixed subset of the test split ("ci_subset")."""
 
 from __future__ import annotations
@@ -11,13 +11,16 @@ import torch
 
 import spa_viz
 from spa_viz.data.coco import InMemoryDetection
-from spa_viz.evaluate import Sample, _dense_flops, coco_metrics, digits_samples, embed_flops_missing, evaluate, main, spa_disabled
-from spa_viz.models.detector import Detector, build_spa_vit_detector
+from spa_viz.data.splits import Sample, digits_samples
+from spa_viz.io.checkpoint import checkpoint_config
+from spa_viz.models.detection import Detector, build_spa_vit_detector
+from spa_viz.models.twin import dense_twin
 from spa_viz.models.zoo import checkpoints_dir
+from spa_viz.recipes.detection.evaluate import dense_gmacs, evaluate, main
 
 SHIPPED = ("dense-vit-digits", "spa-vit-digits", "spa-vit-digits-noselect", "spt-digits")
 #: Tolerances for re-running on another CPU (BLAS differences can flip a borderline score or gate).
-TOL = {"AP50": 0.02, "AP": 0.02, "keep": 0.01, "flops_saving": 0.01}
+TOL = {"AP50": 0.02, "AP": 0.02, "keep": 0.01, "mac_saving": 0.01}
 
 
 def present() -> list[str]:
@@ -32,20 +35,7 @@ def test_samples(seed: int, canvas: int, num: int) -> tuple[Sample, ...]:
 test_samples.__test__ = False  # a helper, not a test
 
 
-def test_coco_metrics_perfect_and_empty() -> None:
-    gt = {
-        "images": [{"id": 1, "height": 64, "width": 64}],
-        "annotations": [{"id": 1, "image_id": 1, "category_id": 2, "bbox": [4, 4, 20, 30], "area": 600, "iscrowd": 0}],
-        "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
-    }
-    perfect = [{"image_id": 1, "category_id": 2, "score": 0.9, "bbox": [4, 4, 20, 30]}]
-    assert coco_metrics(gt, perfect) == pytest.approx({"AP": 1.0, "AP50": 1.0})
-    wrong_class = [{**perfect[0], "category_id": 1}]
-    assert coco_metrics(gt, wrong_class)["AP50"] == 0.0
-    assert coco_metrics(gt, []) == {"AP": 0.0, "AP50": 0.0}
-
-
-def test_dense_flops_count_the_conv_stem_like_torch() -> None:
+def test_dense_macs_count_the_conv_stem_like_torch() -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -53,10 +43,9 @@ def test_dense_flops_count_the_conv_stem_like_torch() -> None:
                 "timm_kwargs": {"img_size": 32, "patch_size": 4, "embed_dim": 16, "depth": 2, "num_heads": 2}}
     model = build_spa_vit_detector({"architecture": "spa_vit_detector", "backbone": backbone,
                                     "head": {"num_classes": 3}}).eval()
-    assert embed_flops_missing(model, 32) > 0
-    with spa_disabled(model), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+    with dense_twin(model), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model.backbone.forward_features(torch.zeros(1, 3, 32, 32))
-    assert _dense_flops(model, 32) * 1e9 == pytest.approx(counter.get_total_flops(), rel=1e-9)
+    assert 2 * dense_gmacs(model, 32) * 1e9 == pytest.approx(counter.get_total_flops(), rel=1e-9)
 
 
 def test_the_shipped_checkpoints_are_there_and_small() -> None:
@@ -71,7 +60,7 @@ def test_the_shipped_checkpoints_are_there_and_small() -> None:
 def test_ci_subset_reproduces_recorded_metrics(name: str) -> None:
     model = spa_viz.load(name)
     assert isinstance(model, Detector)
-    config = model.spa_viz_config
+    config = checkpoint_config(model)
     expected = json.loads((checkpoints_dir() / name / "metrics.json").read_text())["ci_subset"]
     data = config["data"]
     samples = test_samples(int(data["seed"]), int(data["canvas_size"]), int(expected["num"]))
@@ -80,7 +69,7 @@ def test_ci_subset_reproduces_recorded_metrics(name: str) -> None:
     assert result["AP50"] == pytest.approx(expected["AP50"], abs=TOL["AP50"])
     assert result["AP"] == pytest.approx(expected["AP"], abs=TOL["AP"])
     assert result["keep_ratio"]["mean"] == pytest.approx(expected["keep_ratio"]["mean"], abs=TOL["keep"])
-    assert result["flops_saving"] == pytest.approx(expected["flops_saving"], abs=TOL["flops_saving"])
+    assert result["mac_saving"] == pytest.approx(expected["mac_saving"], abs=TOL["mac_saving"])
     for layer, stats in expected.get("layers", {}).items():
         assert result["layers"][layer]["keep_ratio"] == pytest.approx(stats["keep_ratio"], abs=TOL["keep"])
 

@@ -1,0 +1,102 @@
+"""The model card (README.md) of a detection checkpoint: ``cards/detection*.md`` filled from its
+config.json and metrics.json."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from spa_viz.recipes.cards import fmt, render_card
+from spa_viz.viz.tables import markdown_table
+
+__all__ = ["model_card"]
+
+
+def _results(test: Mapping[str, Any]) -> str:
+    keep, latency = test["keep_ratio"], test.get("latency", {})
+    header = [
+        "AP50",
+        "AP",
+        "keep ratio mean (p10/p50/p90)",
+        "backbone GMACs dense -> run",
+        "MAC saving",
+        "ms/img dense",
+        "ms/img SPA",
+    ]
+    row = [
+        f"{test['AP50']:.4f}",
+        f"{test['AP']:.4f}",
+        f"{keep['mean']:.3f} ({keep['p10']:.3f}/{keep['p50']:.3f}/{keep['p90']:.3f})",
+        f"{test['backbone_gmacs_dense']:.4f} -> {test['backbone_gmacs_run']:.4f}",
+        f"{100 * test['mac_saving']:.1f}%",
+        fmt(latency.get("dense_ms_per_image"), 2),
+        fmt(latency.get("spa_ms_per_image"), 2),
+    ]
+    layers = ""
+    if test.get("layers"):
+        rows = [
+            [k, f"{v['keep_ratio']:.3f}", f"{v['label_ratio']:.3f}", f"{v['precision']:.3f}", f"{v['recall']:.3f}", f"{v['iou']:.3f}"]
+            for k, v in test["layers"].items()
+        ]
+        table = markdown_table(["layer", "keep", "label share", "precision", "recall", "IoU"], rows)
+        layers = render_card("detection_layers", {"table": table}) + "\n"
+    fields = {
+        "num_images": test["num_images"],
+        "table": markdown_table(header, [row]),
+        "layers": layers,
+        "batch": latency.get("batch"),
+        "threads": latency.get("threads"),
+        "device": latency.get("device", "cpu"),
+    }
+    return render_card("detection_results", fields) + "\n"
+
+
+def _learning_curve(history: list[Mapping[str, Any]]) -> str:
+    rows = []
+    for h in history:
+        keep_train = h.get("keep_ratio_train") or {}
+        mean_keep = sum(keep_train.values()) / len(keep_train) if keep_train else None
+        rows.append([
+            f"{h['epoch']}{'' if h['complete'] else ' (part)'}",
+            fmt(h.get("loss_task")),
+            fmt(h.get("loss_select")),
+            fmt(mean_keep),
+            fmt(h.get("val_AP50")),
+            fmt(h.get("val_keep_ratio")),
+            fmt(h.get("elapsed_min"), 1),
+        ])
+    header = ["epoch", "L_task", "L_select", "train keep", "val AP50", "val keep", "min"]
+    return render_card("detection_curve", {"table": markdown_table(header, rows)}) + "\n"
+
+
+def model_card(config: Mapping[str, Any], metrics: Mapping[str, Any], command: str) -> str:
+    """README.md of a detection checkpoint: what it is, how it was made (exact command), what it scores.
+
+    ``config`` is the checkpoint's config.json, ``metrics`` its metrics.json.
+    """
+    backbone = config["backbone"]
+    spa = backbone.get("spa") or backbone.get("timm_kwargs", {}).get("spa", {})
+    stem = backbone.get("stem")
+    fields = {
+        "name": config["name"],
+        "description": config.get("description") or "",
+        "command": command or f"python -m spa_viz.train --config configs/{config['name']}.json",
+        "architecture": config["architecture"],
+        "timm_name": backbone["timm_name"],
+        "timm_kwargs": json.dumps(backbone.get("timm_kwargs", {})),
+        "stem": f"- patch embedding: conv stem of widths {stem} (`ConvStemEmbed`) + 1x1 projection\n" if stem else "",
+        "enabled": spa.get("enabled"),
+        "threshold": spa.get("threshold"),
+        "policy": spa.get("policy"),
+        "start_layer": spa.get("start_layer", "(SPT stages)"),
+        "image_size": config["image_size"],
+        "canvas_size": config["data"].get("canvas_size", "?"),
+        "init_from": config.get("init_from") or "scratch (random init)",
+        "recipe": json.dumps(config["train"]),
+        "data": json.dumps(config["data"]),
+        "results": _results(metrics["test"]) if metrics.get("test") else "",
+        "learning_curve": _learning_curve(metrics["history"]) if metrics.get("history") else "",
+        "status": metrics.get("status"),
+    }
+    return render_card("detection", fields)

@@ -1,0 +1,116 @@
+"""A detection training recipe as typed dataclasses, read strictly from the JSON files in ``configs/``.
+
+The JSON keys are the dataclass fields (a misspelt key fails with the known ones); missing keys take
+the defaults below. ``model`` is the checkpoint architecture config (``architecture``, ``backbone``,
+``head``) and is checked by the detector builders; ``data`` is :class:`~spa_viz.data.splits.DigitsData`
+or :class:`~spa_viz.data.splits.CocoData`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from spa_viz.data.splits import DataConfig, DigitsData, data_config
+from spa_viz.io.config import ConfigError, from_dict, to_dict
+
+__all__ = ["AMP", "ARCHITECTURES", "EvalSettings", "Recipe", "TrainSettings", "TrainingError", "load_config"]
+
+#: Mixed-precision modes of ``train.amp`` (CUDA only; the CPU always runs float32).
+AMP = ("bf16", "fp16", "none")
+#: The detector architectures a recipe may name (``model.architecture``).
+ARCHITECTURES = ("spa_vit_detector", "spt_detector")
+
+
+class TrainingError(ValueError):
+    """A config, output folder or resume state that cannot be used; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """The optimisation: AdamW with warm-up + cosine decay, ``L = L_task + alpha * L_select``."""
+
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    alpha: float = 0.01  # weight of the selection loss
+    gate_lr_scale: float = 1.0  # learning-rate factor of the SPA gates (fresh gates on a trained backbone move fast)
+    grad_clip: float = 1.0  # 0: off
+    amp: str = "bf16"
+    minutes: float | None = None  # time budget; the run stops early (and evaluates) past it
+    val_num: int = 300  # validation images after every epoch
+    log_every: int = 25
+    threads: int | None = None  # torch CPU threads (None: torch's choice)
+    workers: int = 0  # DataLoader worker processes
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """The final evaluation: the fixed CI subset size and the CPU latency measurement."""
+
+    ci_num: int = 32
+    timing_batch: int = 32
+    timing_repeats: int = 5
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One training run: what to build, on which data, how to train and evaluate it."""
+
+    name: str | None = None
+    description: str = ""
+    out: str | None = None  # output folder (default: checkpoints/<name>)
+    seed: int = 0
+    image_size: int = 96
+    init_from: str | None = None  # checkpoint folder to start from (weights must match)
+    model: dict[str, Any] | None = None
+    data: DataConfig = field(default_factory=DigitsData)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe as JSON (what resume states record and the resume check compares)."""
+        return to_dict(self)
+
+
+#: Recipe fields that must match for ``--resume`` to continue a run.
+RESUME_KEYS = ("model", "data", "image_size", "seed", "init_from")
+
+
+def _apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"train.minutes": 5, "seed": 1}`` applied to the raw JSON object (dotted keys go one level deep)."""
+    raw = copy.deepcopy(raw)
+    for key, value in overrides.items():
+        section, _, name = key.rpartition(".")
+        (raw.setdefault(section, {}) if section else raw)[name] = value
+    return raw
+
+
+def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Recipe:
+    """The recipe in the JSON file ``path`` (with ``overrides``), validated; TrainingError says what is wrong."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise TrainingError(f"cannot read config {path}: {err}") from err
+    if not isinstance(raw, dict):
+        raise TrainingError(f"{path} must hold a JSON object")
+    raw = _apply_overrides(raw, overrides or {})
+    try:
+        if isinstance(raw.get("data"), Mapping):
+            raw["data"] = data_config(raw["data"], where=f"{path}: data")
+        recipe = from_dict(Recipe, raw, where=str(path))
+    except ConfigError as err:
+        raise TrainingError(str(err)) from err
+    if not recipe.model or recipe.model.get("architecture") not in ARCHITECTURES:
+        raise TrainingError(f"{path}: model.architecture must be one of {list(ARCHITECTURES)}")
+    if recipe.train.amp not in AMP:
+        raise TrainingError(f"{path}: train.amp must be one of {list(AMP)}, got {recipe.train.amp!r}")
+    return recipe if recipe.name else replace(recipe, name=path.stem)

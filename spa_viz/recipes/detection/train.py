@@ -1,0 +1,431 @@
+"""Train an SPA detector from a JSON config: ``python -m spa_viz.train --config configs/NAME.json``.
+
+Loss: ``L = L_task + alpha * L_select`` (CenterNet loss + the BCE of every SPA block's fused score
+against selection labels made from the masks, or boxes, at that block's token grid). The output
+folder receives, after every epoch, a loadable checkpoint (``model.safetensors`` + ``config.json``
++ ``metrics.json`` with the learning curves + ``README.md`` model card) and a ``last/`` resume
+state (weights, optimizer tensors and RNG state in safetensors, the rest in JSON; no pickle).
+At the end the model is evaluated on the test split (:mod:`spa_viz.recipes.detection.evaluate`).
+
+Runs on the CPU by default; on CUDA with bf16 autocast; on several GPUs with
+``torchrun --nproc_per_node N -m spa_viz.train --config ...`` (DDP, enabled by torchrun's env vars).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import shlex
+import shutil
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from spa_viz.data.coco import collate
+from spa_viz.data.splits import class_names, load_split
+from spa_viz.io.checkpoint import CheckpointError, check_state_dict, load_checkpoint, save_checkpoint
+from spa_viz.io.files import OutputExistsError, refuse_overwrite, write_atomic, write_text_atomic
+from spa_viz.models.detection import Detector, build_spa_vit_detector, build_spt_detector, keep_ratios
+from spa_viz.models.spa_vit import spa_context
+from spa_viz.recipes.detection.card import model_card
+from spa_viz.recipes.detection.config import RESUME_KEYS, Recipe, TrainingError, TrainSettings, load_config
+from spa_viz.recipes.detection.evaluate import evaluate
+from spa_viz.recipes.meters import RunningMeans
+from spa_viz.recipes.schedule import cosine_schedule
+from spa_viz.selection.loss import model_selection_loss
+
+__all__ = ["BUILDERS", "TrainingError", "build_model", "load_config", "main", "train"]
+
+log = logging.getLogger(__name__)
+
+BUILDERS: dict[str, Callable[[dict[str, Any]], Detector]] = {
+    "spa_vit_detector": build_spa_vit_detector,
+    "spt_detector": build_spt_detector,
+}
+
+
+def build_model(config: Recipe) -> Detector:
+    """The detector of a recipe (weights from ``init_from`` when given).
+
+    The gates of a source whose SPA was disabled (a dense twin) were never trained: they are not
+    copied, so the new gates start as the recipe's ``gate_init_bias`` says.
+    """
+    model = BUILDERS[config.model["architecture"]](copy.deepcopy(config.model))
+    source = config.init_from
+    if source:
+        loaded = load_checkpoint(source)
+        state = loaded.state_dict()
+        check_state_dict(model.state_dict(), state, source=str(source))
+        if not spa_context(loaded).config.enabled:
+            state = {k: v for k, v in state.items() if ".gate." not in k}
+        missing = model.load_state_dict(state, strict=False).missing_keys
+        if any(".gate." not in k for k in missing):
+            raise TrainingError(f"{source} lacks {[k for k in missing if '.gate.' not in k][:5]}")
+        log.info("initialised from %s%s", source, " (fresh gates: the source is a dense twin)" if missing else "")
+    return model
+
+
+# ------------------------------------------------------------------------------------ distributed
+def _init_distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank); starts the process group when torchrun set WORLD_SIZE > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _any_rank(flag: bool, device: torch.device, world: int) -> bool:
+    """True if ``flag`` is set on any rank (so all ranks stop together)."""
+    if world == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+# --------------------------------------------------------------------------------- resume state
+def save_resume_state(
+    folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> None:
+    """``folder/{model,optimizer}.safetensors`` + ``state.json``: everything to continue training."""
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    tensors = {f"state.{pid}.{name}": t.detach().contiguous().cpu() for pid, entry in opt["state"].items()
+               for name, t in entry.items()}
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    write_atomic(folder / "model.safetensors", lambda p: save_file(weights, str(p)))
+    write_atomic(folder / "optimizer.safetensors", lambda p: save_file(tensors, str(p)))
+    full = {**state, "param_groups": opt["param_groups"]}
+    write_text_atomic(folder / "state.json", json.dumps(full, indent=1) + "\n")
+
+
+def load_resume_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config: Recipe) -> dict[str, Any]:
+    """Restore model, optimizer and RNG from :func:`save_resume_state`; return the JSON state."""
+    try:
+        state = json.loads((folder / "state.json").read_text())
+        weights = load_file(str(folder / "model.safetensors"))
+        tensors = load_file(str(folder / "optimizer.safetensors"))
+    except (OSError, json.JSONDecodeError, SafetensorError, ValueError) as err:
+        raise TrainingError(f"cannot resume from {folder}: the state is missing or corrupt ({err}); "
+                            "start again with --overwrite") from err
+    saved, current = state.get("config", {}), config.to_dict()
+    changed = [k for k in RESUME_KEYS if saved.get(k) != current[k]]
+    if changed:
+        raise TrainingError(f"cannot resume from {folder}: the config changed in {changed}; "
+                            "use the config it was started with, or start again with --overwrite")
+    check_state_dict(model.state_dict(), weights, source=str(folder / "model.safetensors"))
+    model.load_state_dict(weights)
+    per_param: dict[int, dict[str, Tensor]] = defaultdict(dict)
+    for key, tensor in tensors.items():
+        if key.startswith("state."):
+            _, pid, name = key.split(".", 2)
+            per_param[int(pid)][name] = tensor
+    try:
+        optimizer.load_state_dict({"state": dict(per_param), "param_groups": state["param_groups"]})
+    except (KeyError, ValueError) as err:
+        raise TrainingError(f"cannot resume from {folder}: optimizer state does not fit ({err})") from err
+    torch.set_rng_state(tensors["rng.cpu"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    return state
+
+
+# ------------------------------------------------------------------------------------ training
+def _param_groups(model: nn.Module, weight_decay: float, gate_lr_scale: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay on matrices and convolutions; none on norms, biases, embeddings; SPA gates
+    apart, with their own learning-rate scale (fresh gates on a trained backbone must move fast)."""
+    groups: dict[str, list[nn.Parameter]] = {"decay": [], "no_decay": [], "gate": []}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if ".gate." in f".{name}":
+            groups["gate"].append(param)
+        elif param.ndim < 2 or name.endswith(("pos_embed", "cls_token", "relative_position_bias_table")):
+            groups["no_decay"].append(param)
+        else:
+            groups["decay"].append(param)
+    settings = {"decay": (weight_decay, 1.0), "no_decay": (0.0, 1.0), "gate": (0.0, gate_lr_scale)}
+    return [{"params": groups[k], "weight_decay": wd, "lr_scale": scale} for k, (wd, scale) in settings.items() if groups[k]]
+
+
+def _lr_at(step: int, total: int, settings: TrainSettings) -> float:
+    """Linear warm-up, then cosine decay from ``lr`` to ``min_lr`` at ``total`` steps."""
+    return cosine_schedule(step, total, settings.lr, settings.min_lr, settings.warmup_steps)
+
+
+def _epoch_batches(size: int, batch: int, epoch: int, seed: int, rank: int, world: int) -> list[list[int]]:
+    """This rank's batches of one epoch: a seeded permutation, sharded, incomplete batches dropped."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(size, generator=generator)[rank::world].tolist()
+    return [order[i : i + batch] for i in range(0, len(order) - batch + 1, batch)]
+
+
+def _materialise(dataset: Dataset, desc: str) -> list[tuple[Tensor, dict[str, Any]]]:
+    """Transform every sample once (no random augmentation), dropping masks once labels exist."""
+    items = []
+    for i in tqdm(range(len(dataset)), desc=desc, disable=None):
+        image, target = dataset[i]
+        if "select_labels" in target:
+            target.pop("masks", None)
+        items.append((image, target))
+    return items
+
+
+def _autocast(device: torch.device, amp: str) -> Any:
+    enabled = device.type == "cuda" and amp != "none"
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16, enabled=enabled)
+
+
+def _checkpoint_config(model: Detector, config: Recipe, classes: list[str]) -> dict[str, Any]:
+    """What goes into config.json: the architecture, and the recipe and data that made the weights."""
+    recipe = config.to_dict()
+    return {
+        **model.architecture_config(),
+        **{key: recipe[key] for key in ("name", "description", "image_size")},
+        "class_names": classes,
+        **{key: recipe[key] for key in ("data", "train", "seed", "init_from")},
+    }
+
+
+def _prepare_output(out: Path, resume: bool, overwrite: bool) -> None:
+    """Check the output folder against --resume / --overwrite; clear an old resume state on overwrite."""
+    last = out / "last"
+    if resume and not (last / "state.json").is_file():
+        raise TrainingError(f"--resume: {last} holds no resume state; start without --resume")
+    if not resume and not overwrite:
+        try:
+            refuse_overwrite([out / "model.safetensors", last], where=out)
+        except OutputExistsError as err:
+            raise TrainingError(f"{err} (or --resume to continue)") from err
+    if not resume:
+        shutil.rmtree(last, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _train_step(model: Detector, wrapped: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                images: Tensor, targets: list[dict[str, Any]], settings: TrainSettings, image_size: int,
+                alpha: float | None) -> dict[str, float | None]:
+    """One optimisation step of ``L_task + alpha * L_select`` (no L_select when ``alpha`` is None: SPA off).
+
+    Returns the unweighted losses for logging (``loss_select`` is the sum of BCEs over SPA blocks).
+    """
+    with _autocast(images.device, settings.amp):
+        outputs = wrapped(images)
+    losses = model.loss(outputs, targets)
+    total, select = losses["task"], None
+    if alpha is not None:
+        labels = model.selection_labels(targets, (image_size, image_size))
+        select = model_selection_loss(model, {g: t.to(images.device) for g, t in labels.items()}, 1.0)
+        total = total + alpha * select
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(total).backward()
+    if settings.grad_clip:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return {"loss_task": losses["task"].item(), "loss_heatmap": losses["heatmap"].item(),
+            "loss_size": losses["size"].item(), "loss_offset": losses["offset"].item(),
+            "loss_select": None if select is None else select.item()}
+
+
+def train(config: Recipe, out: Path, *, resume: bool = False, overwrite: bool = False,
+          command: str = "", device: str = "auto") -> dict[str, Any]:
+    """Train as ``config`` says, writing checkpoints to ``out``; returns the final metrics."""
+    rank, world, local_rank = _init_distributed()
+    if device == "auto":
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    settings = config.train
+    if settings.threads:
+        torch.set_num_threads(int(settings.threads))
+    last = out / "last"
+    if rank == 0:
+        _prepare_output(out, resume, overwrite)
+
+    torch.manual_seed(config.seed)
+    model = build_model(config).to(dev)
+    image_size = int(config.image_size)
+    grids = model.selection_grids((image_size, image_size))
+    spa = spa_context(model).config
+    spa_on = spa.enabled
+    alpha = float(settings.alpha)
+
+    data_start = time.perf_counter()
+    data = config.data
+    train_ds = load_split(data, "train", image_size, train=True, select_grids=grids)
+    if data.hflip <= 0 and data.kind == "digits":  # COCO-format sets stream from disk
+        train_ds = _materialise(train_ds, "prepare train")
+    val_ds = _materialise(load_split(data, "val", image_size, num=settings.val_num, select_grids=grids), "prepare val")
+    classes = class_names(data)
+    data_minutes = (time.perf_counter() - data_start) / 60
+
+    optimizer = torch.optim.AdamW(
+        _param_groups(model, settings.weight_decay, float(settings.gate_lr_scale)), lr=settings.lr
+    )
+    history: list[dict[str, Any]] = []
+    epoch, batch_done, elapsed = 0, 0, 0.0
+    if resume:
+        state = load_resume_state(last, model, optimizer, config)
+        epoch, batch_done, elapsed, history = state["epoch"], state["batch"], state["elapsed_s"], state["history"]
+        log.info("resumed from %s at epoch %d, batch %d", last, epoch, batch_done)
+
+    wrapped: nn.Module = model
+    if world > 1:  # the gates of a dense twin get no gradient
+        wrapped = nn.parallel.DistributedDataParallel(
+            model, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=not spa_on
+        )
+    scaler = torch.amp.GradScaler(dev.type, enabled=dev.type == "cuda" and settings.amp == "fp16")
+    batch_size = int(settings.batch_size)
+    epochs = int(settings.epochs)
+    steps_per_epoch = len(_epoch_batches(len(train_ds), batch_size, 0, config.seed, rank, world))
+    if steps_per_epoch == 0:
+        raise TrainingError(f"{len(train_ds)} training images give no full batch of {batch_size} per rank")
+    total_steps = epochs * steps_per_epoch
+    budget = settings.minutes
+    if rank == 0:
+        log.info("%s: %d train images, %d steps/epoch, %d epochs, SPA %s, alpha %g, device %s, world %d",
+                 config.name, len(train_ds), steps_per_epoch, epochs, "on" if spa_on else "off", alpha, dev, world)
+
+    stopped_early = False
+    lr = _lr_at(epoch * steps_per_epoch + batch_done, total_steps, settings)
+    clock = time.perf_counter() - elapsed
+    while epoch < epochs and not stopped_early:
+        wrapped.train()
+        batches = _epoch_batches(len(train_ds), batch_size, epoch, config.seed, rank, world)[batch_done:]
+        loader = DataLoader(train_ds, batch_sampler=batches, collate_fn=collate, num_workers=int(settings.workers))
+        averages = RunningMeans()
+        bar = tqdm(loader, total=len(batches), desc=f"epoch {epoch + 1}/{epochs}", disable=None if rank == 0 else True)
+        for images, targets in bar:
+            step = epoch * steps_per_epoch + batch_done
+            lr = _lr_at(step, total_steps, settings)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group["lr_scale"]
+            values = _train_step(model, wrapped, optimizer, scaler, images.to(dev, non_blocking=True), targets,
+                                 settings, image_size, alpha if spa_on else None)
+            batch_done += 1
+            ratios = keep_ratios(model) if spa_on else []
+            averages.add(**values, **{f"keep_{layer}": r for layer, r in ratios})
+            if rank == 0:
+                means = averages.means()
+                bar.set_postfix(task=f"{means['loss_task']:.3f}",
+                                select=f"{means['loss_select']:.3f}" if spa_on else "-",
+                                keep=f"{sum(r for _, r in ratios) / len(ratios):.2f}" if ratios else "-")
+                if batch_done % int(settings.log_every) == 0:
+                    log.info("epoch %d step %d/%d lr %.2e L_task %.4f L_select %s keep %s", epoch + 1, batch_done,
+                             steps_per_epoch, lr, means["loss_task"],
+                             f"{means['loss_select']:.4f}" if spa_on else "-",
+                             " ".join(f"L{k[5:]}={v:.3f}" for k, v in means.items() if k.startswith("keep_")) or "-")
+            over_budget = budget is not None and time.perf_counter() - clock > 60 * float(budget)
+            if _any_rank(over_budget, dev, world):
+                stopped_early = batch_done < steps_per_epoch or epoch + 1 < epochs
+                break
+        bar.close()
+        epoch_done = batch_done >= steps_per_epoch
+        means = averages.means()
+        entry: dict[str, Any] = {
+            "epoch": epoch + 1, "steps": batch_done, "complete": epoch_done, "lr": lr,
+            **{k: v for k, v in means.items() if not k.startswith("keep_")},
+            "keep_ratio_train": {k[5:]: v for k, v in means.items() if k.startswith("keep_")},
+        }
+        if epoch_done:
+            epoch, batch_done = epoch + 1, 0
+        if rank == 0:
+            val = evaluate(model, val_ds, image_size, timing_batch=0)
+            entry.update(val_AP50=val["AP50"], val_AP=val["AP"], val_keep_ratio=val["keep_ratio"]["mean"],
+                         val_mac_saving=val["mac_saving"], elapsed_min=(time.perf_counter() - clock) / 60)
+            history.append(entry)
+            log.info("epoch %d: L_task %.4f L_select %s val AP50 %.4f AP %.4f keep %.3f (%.1f min)", entry["epoch"],
+                     entry["loss_task"], f"{entry['loss_select']:.4f}" if spa_on else "-", val["AP50"], val["AP"],
+                     val["keep_ratio"]["mean"], entry["elapsed_min"])
+            ckpt_config = _checkpoint_config(model, config, classes)
+            state = {"epoch": epoch, "batch": batch_done, "elapsed_s": time.perf_counter() - clock,
+                     "history": history, "config": config.to_dict()}
+            save_resume_state(last, model, optimizer, state)
+            metrics = {"status": "training", "command": command, "history": history}
+            save_checkpoint(model, out, ckpt_config, metrics=metrics,
+                            card=model_card(ckpt_config, metrics, command), overwrite=True)
+        if world > 1:
+            dist.barrier()
+
+    metrics: dict[str, Any] = {}
+    if rank == 0:
+        metrics = _final_metrics(model, config, history, image_size, grids, stopped_early,
+                                 (time.perf_counter() - clock) / 60, data_minutes)
+        metrics["command"] = command
+        ckpt_config = _checkpoint_config(model, config, classes)
+        save_checkpoint(model, out, ckpt_config, metrics=metrics, card=model_card(ckpt_config, metrics, command),
+                        overwrite=True)
+        log.info("wrote %s", out)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return metrics
+
+
+def _final_metrics(model: Detector, config: Recipe, history: list[dict[str, Any]], image_size: int,
+                   grids: Sequence[tuple[int, int]], stopped_early: bool, train_minutes: float,
+                   data_minutes: float) -> dict[str, Any]:
+    """Test-split metrics (with CPU timing), the fixed CI subset, and the learning curves."""
+    model = model.cpu().eval()
+    settings = config.eval
+    test = load_split(config.data, "test", image_size, select_grids=grids)
+    result = evaluate(model, test, image_size, timing_batch=int(settings.timing_batch),
+                      timing_repeats=int(settings.timing_repeats), progress=sys.stderr.isatty())
+    ci = evaluate(model, load_split(config.data, "test", image_size, num=int(settings.ci_num)), image_size,
+                  timing_batch=0)
+    return {
+        "status": "stopped early (time budget)" if stopped_early else "complete",
+        "split": "test",
+        "test": result,
+        "ci_subset": {"split": "test", "num": int(settings.ci_num), **ci},
+        "history": history,
+        "train_minutes": train_minutes,
+        "data_minutes": data_minutes,
+        "machine": {"device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__},
+    }
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """CLI entry point (``spa-viz train detection`` and ``python -m spa_viz.train``)."""
+    parser = argparse.ArgumentParser(prog="python -m spa_viz.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", type=Path, required=True, help="JSON config (see configs/)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: config 'out' or checkpoints/NAME)")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/last")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in OUT")
+    parser.add_argument("--minutes", type=float, default=None, help="training time budget (stops early, then evaluates)")
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides = {k: v for k, v in {"train.minutes": args.minutes, "train.epochs": args.epochs,
+                                    "seed": args.seed}.items() if v is not None}
+    try:
+        config = load_config(args.config, overrides)
+        out = args.out or Path(config.out or Path("checkpoints") / config.name)
+        command = "python -m spa_viz.train " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+        return train(config, out, resume=args.resume, overwrite=args.overwrite, command=command, device=args.device)
+    except (TrainingError, CheckpointError) as err:
+        parser.exit(2, f"error: {err}\n")

@@ -1,0 +1,142 @@
+"""The panels a reader sees: titled overlays with their legends, composed once for every front end.
+
+The app (:mod:`app.service`) and ``spa-viz analyze`` build their pictures from these functions,
+so a gate map, a keep mask or an attribution looks the same in the browser, in the files the CLI
+writes and in the notebooks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageDraw
+from torch import Tensor
+
+from spa_viz.analysis.metrics import SelectionCounts
+from spa_viz.analysis.trace import LayerTrace
+from spa_viz.viz import overlays
+from spa_viz.viz.style import (
+    DROPPED_COLOR,
+    FN_COLOR,
+    FP_COLOR,
+    KEPT_COLOR,
+    OKABE_ITO,
+    PADDING_COLOR,
+    TP_COLOR,
+    image_color,
+)
+
+__all__ = [
+    "attribution_panel",
+    "gate_panel",
+    "gate_values",
+    "kept_panel",
+    "labels_panel",
+    "layout_panel",
+    "strip_panel",
+]
+
+
+def gate_values(record: LayerTrace, index: int, learned: bool) -> Tensor:
+    """(gh, gw) values to draw in [0, 1]: the soft gate of a learned gate, or selector scores min-max normalized."""
+    if learned:
+        return record.soft_gate[index].reshape(record.grid)
+    scores = record.scores[index].float()
+    low, high = scores.min(), scores.max()
+    return ((scores - low) / (high - low).clamp(min=1e-12)).reshape(record.grid)
+
+
+def gate_panel(display: np.ndarray, record: LayerTrace, index: int, threshold: float | None, selector: str | None = None) -> np.ndarray:
+    """Gate scores of image ``index`` at one layer, titled, with a colour bar.
+
+    ``selector`` None: the learned gate (soft gate, tokens above ``threshold`` outlined); otherwise
+    the name of the training-free selector whose scores the record holds.
+    """
+    width = display.shape[1]
+    learned = selector is None
+    picture = overlays.score_overlay(display, gate_values(record, index, learned), threshold=threshold if learned else None)
+    if learned:
+        outline = f"; white outline: > {threshold:.2f}" if threshold is not None else ""
+        picture = overlays.add_title(picture, f"Gate score · layer {record.layer}", f"sigmoid of the fused score{outline}")
+        bar = overlays.colorbar(width, 0.0, 1.0, "soft gate", marker=threshold)
+    else:
+        picture = overlays.add_title(picture, f"{selector} scores · layer {record.layer}", "min-max normalized per image")
+        bar = overlays.colorbar(width, 0.0, 1.0, "selector score (normalized)")
+    return overlays.vstack([picture, bar], gap=0)
+
+
+def kept_panel(display: np.ndarray, record: LayerTrace, index: int, name: str) -> np.ndarray:
+    """Kept tokens of image ``index`` (``name``) at one layer: dropped ones dimmed, with a legend."""
+    keep = record.keep_map(index)
+    kept, total = int(keep.sum()), keep.numel()
+    picture = overlays.add_title(
+        overlays.keep_overlay(display, keep),
+        f"Kept tokens · layer {record.layer}",
+        f"{kept} of {total} ({kept / total:.0%}) · {name}",
+    )
+    legend = overlays.legend(display.shape[1], [(KEPT_COLOR, "kept (outline)"), (DROPPED_COLOR, "dropped (dimmed)")])
+    return overlays.vstack([picture, legend], gap=0)
+
+
+def labels_panel(display: np.ndarray, record: LayerTrace, index: int, labels: Tensor) -> np.ndarray:
+    """Kept tokens vs selection ``labels`` (N,) of image ``index``: hits, false keeps and misses, with the scores."""
+    counts = SelectionCounts.of(record.keep[index], labels)
+    picture = overlays.add_title(
+        overlays.selection_overlay(display, record.keep_map(index), labels.reshape(record.grid)),
+        f"Selection labels vs kept · layer {record.layer}",
+        f"precision {float(counts.precision):.2f} · recall {float(counts.recall):.2f} · IoU {float(counts.iou):.2f}",
+    )
+    legend = overlays.legend(
+        display.shape[1],
+        [(TP_COLOR, "kept, labelled"), (FP_COLOR, "kept, not labelled"), (FN_COLOR, "dropped, labelled")],
+    )
+    return overlays.vstack([picture, legend], gap=0)
+
+
+def strip_panel(display: np.ndarray, layers: list[LayerTrace], index: int, name: str, highlight: int | None = None) -> np.ndarray:
+    """Kept tokens of image ``index`` at every SPA layer, the ``highlight`` layer framed."""
+    return overlays.add_title(
+        overlays.layer_strip(display, layers, index, highlight=highlight),
+        f"Every SPA layer · {name}",
+        "kept tokens per layer (red frame: the layer shown above)",
+    )
+
+
+def attribution_panel(display: np.ndarray, values: Tensor | np.ndarray, title: str, explains: str) -> np.ndarray:
+    """A per-token attribution map over the image, titled with what it explains, with a legend."""
+    picture = overlays.add_title(overlays.attribution_overlay(display, values), title, f"explains: {explains}")
+    legend = overlays.legend(
+        display.shape[1], [(OKABE_ITO["vermillion"], "raises the output"), (OKABE_ITO["blue"], "lowers it")]
+    )
+    return overlays.vstack([picture, legend], gap=0)
+
+
+def layout_panel(record: LayerTrace, cell: int = 14, min_width: int = 360) -> np.ndarray:
+    """The packed layout of one SPA layer as a picture, in the colours of ``packed_layout_figure``.
+
+    One row per packed row, one cell per slot coloured by its image; padding crossed out, prefix
+    tokens dotted. For files, where an interactive figure cannot go.
+    """
+    plan = record.plan
+    slot_image, slot_token = plan.slot_image.numpy(), plan.slot_token.numpy()
+    rows, length = slot_image.shape
+    canvas = Image.new("RGB", (length * cell + 2, rows * (cell + 3) + 2), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for r in range(rows):
+        for c in range(length):
+            x0, y0 = 1 + c * cell, 1 + r * (cell + 3)
+            box = [x0, y0, x0 + cell - 2, y0 + cell - 1]
+            image = int(slot_image[r, c])
+            draw.rectangle(box, fill=PADDING_COLOR if image < 0 else image_color(image))
+            if image < 0:
+                draw.line(box, fill=(68, 68, 68), width=2)
+                draw.line([box[0], box[3], box[2], box[1]], fill=(68, 68, 68), width=2)
+            elif slot_token[r, c] < record.num_prefix:
+                draw.ellipse([x0 + 3, y0 + 3, x0 + cell - 5, y0 + cell - 4], fill=(255, 255, 255), outline=(0, 0, 0))
+    subtitle = (
+        f"{rows} row(s) x {length} slots · fill {plan.fill_ratio:.1%} · "
+        f"{plan.num_slots - plan.num_kept} padding slots (crossed) · prefix tokens dotted"
+    )
+    picture = np.asarray(canvas)
+    if picture.shape[1] < min_width:
+        picture = np.pad(picture, ((0, 0), (0, min_width - picture.shape[1]), (0, 0)), constant_values=255)
+    return overlays.add_title(picture, f"Packed batch · layer {record.layer} · {plan.policy} policy", subtitle)
