@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup app lint format test test-slow bench bench-quick notebooks clean-venv
+.PHONY: setup app lint format test test-slow test-timm bench bench-quick notebooks clean-venv
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ test: lint
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -n 2 --timeout 3600 -m slow $(PYTEST_ARGS)
+	$(MAKE) test-timm
+
+# timm's own tests/test_models.py on the spa_vit_*/spt_* presets; fetches the timm sdist once into .cache/
+test-timm: $(STAMP)
+	$(PY) -m tests.timm_upstream $(TIMM_TEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m spa_viz.cli bench block

@@ -221,8 +221,9 @@ class SPAContext:
         return fused
 
     def pack(self, x: Tensor, keep: Tensor, layout: TokenLayout) -> tuple[PackPlan, Tensor, bool]:
-        """Plan and pack ``x`` (B, T, C) for ``keep`` (B, T); reuse the last plan and packed output when
-        the previous block kept the same tokens with the same layout and ``x`` is its output."""
+        """Plan and pack ``x`` (B, T, C) for ``keep`` (B, T); reuse the last plan when the previous block
+        kept the same tokens with the same layout, and (in inference) its packed output when ``x`` is
+        that block's output."""
         state = self._pack_state
         if (
             state is not None
@@ -230,8 +231,10 @@ class SPAContext:
             and state.keep.shape == keep.shape
             and torch.equal(state.keep, keep)
         ):
-            packed = state.packed_out if state.holds_output_of(x) else pack(x, state.plan)
-            return state.plan, packed, True
+            # the packed output itself is reused only without autograd: under activation checkpointing a
+            # re-run must build its own graph from ``x``
+            reuse = not torch.is_grad_enabled() and state.holds_output_of(x)
+            return state.plan, state.packed_out if reuse else pack(x, state.plan), True
         plan = layout.plan(keep, self.config)
         return plan, pack(x, plan), False
 

@@ -9,15 +9,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from timm.models import VisionTransformer, register_model
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
+from timm.models import VisionTransformer, build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 from torch import Tensor, nn
 
 from spa_viz.layers.attention import check_attention_module
 from spa_viz.layers.block import SPAContext, convert_block, find_context, spa_blocks
 from spa_viz.layers.config import SPAConfig
 from spa_viz.layers.gate import TokenGate
+from spa_viz.models.timm_contract import dense_on_meta, set_spa_grad_checkpointing
 
-__all__ = ["patch", "configure", "spa_context", "spa_blocks", "is_spa_model"]
+__all__ = ["SPAVisionTransformer", "patch", "configure", "spa_context", "spa_blocks", "is_spa_model"]
 
 
 class SPAModelMixin:
@@ -47,14 +51,35 @@ class SPAModelMixin:
 
     def forward_features(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         self._spa_begin(x)
-        return super().forward_features(x, *args, **kwargs)
+        with dense_on_meta(self.spa_context, x):
+            return super().forward_features(x, *args, **kwargs)
 
     def forward_intermediates(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
         self._spa_begin(x)
-        return super().forward_intermediates(x, *args, **kwargs)
+        with dense_on_meta(self.spa_context, x):
+            return super().forward_intermediates(x, *args, **kwargs)
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's activation checkpointing; SPA blocks re-run on the context state their first run saw."""
+        set_spa_grad_checkpointing(self, self.spa_context, spa_blocks(self), enable)
+        super().set_grad_checkpointing(enable)
 
 
-_MODEL_CLASSES: dict[type, type] = {}
+class SPAVisionTransformer(SPAModelMixin, VisionTransformer):
+    """A timm ``VisionTransformer`` with SPA blocks from ``start_layer`` on, built as one (the presets).
+
+    ``spa`` holds the :func:`patch` settings; everything else goes to ``VisionTransformer``. Being
+    the model class itself, timm's builder can load ViT weights into it and wrap it for
+    ``features_only``. :func:`patch` turns existing ViTs into this class too.
+    """
+
+    def __init__(self, start_layer: int, spa: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        patch(self, start_layer, **(spa or {}))
+
+
+_MODEL_CLASSES: dict[type, type] = {VisionTransformer: SPAVisionTransformer, SPAVisionTransformer: SPAVisionTransformer}
 
 
 def is_spa_model(model: nn.Module) -> bool:
@@ -114,36 +139,107 @@ def configure(model: nn.Module, **changes: Any) -> SPAConfig:
     return config
 
 
-def _spa_vit(variant: str, pretrained: bool, start_layer: int, spa: dict[str, Any] | None, **kwargs: Any) -> VisionTransformer:
-    import timm
+def _vit_cfg(hub_id: str | None, **overrides: Any) -> dict[str, Any]:
+    """A ``pretrained_cfg``: timm's ViT weights ``hub_id`` (its gates start fresh), 224 px by default."""
+    defaults = dict(
+        input_size=(3, 224, 224),
+        fixed_input_size=True,
+        interpolation="bicubic",
+        crop_pct=0.9,
+        mean=IMAGENET_INCEPTION_MEAN,
+        std=IMAGENET_INCEPTION_STD,
+        num_classes=1000,
+        pool_size=None,
+        first_conv="patch_embed.proj",
+        classifier="head",
+        paper_ids="arXiv:2410.23608",
+    )
+    return {**defaults, "hf_hub_id": hub_id, **overrides}
 
-    model = timm.create_model(variant, pretrained=pretrained, **kwargs)
-    return patch(model, start_layer, **(spa or {}))
+
+default_cfgs = generate_default_cfgs(
+    {
+        "spa_vit_tiny_patch16_224.augreg_in21k_ft_in1k": _vit_cfg(
+            "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k", license="apache-2.0"
+        ),
+        "spa_vit_small_patch16_224.augreg_in21k_ft_in1k": _vit_cfg(
+            "timm/vit_small_patch16_224.augreg_in21k_ft_in1k", license="apache-2.0"
+        ),
+        "spa_vit_base_patch16_224.augreg2_in21k_ft_in1k": _vit_cfg(
+            "timm/vit_base_patch16_224.augreg2_in21k_ft_in1k", license="apache-2.0"
+        ),
+        "spa_vit_small_patch14_dinov2.lvd142m": _vit_cfg(
+            "timm/vit_small_patch14_dinov2.lvd142m",
+            crop_pct=1.0,
+            mean=IMAGENET_DEFAULT_MEAN,
+            std=IMAGENET_DEFAULT_STD,
+            num_classes=0,
+            license="apache-2.0",
+        ),
+        "spa_vit_digits": _vit_cfg(
+            None,
+            input_size=(3, 128, 128),
+            mean=IMAGENET_DEFAULT_MEAN,
+            std=IMAGENET_DEFAULT_STD,
+            num_classes=0,
+            notes=("no hub weights: train it (spa-viz train) or load a checkpoint with spa_viz.load",),
+        ),
+    }
+)
+
+
+def _filter_vit_weights(state_dict: dict[str, Tensor], model: SPAVisionTransformer) -> dict[str, Tensor]:
+    """timm's ViT checkpoint conversion, plus the model's own fresh gates (ViT weights have none)."""
+    state = vit_checkpoint_filter_fn(state_dict, model)
+    for key, value in model.state_dict().items():
+        if key not in state and ".gate." in key:
+            state[key] = value
+    return state
+
+
+def _spa_vit(
+    variant: str, pretrained: bool, start_layer: int, spa: dict[str, Any] | None, **kwargs: Any
+) -> SPAVisionTransformer:
+    """Build a preset through timm's builder (pretrained_cfg, ViT weights, ``features_only``)."""
+    out_indices = kwargs.pop("out_indices", 3)
+    return build_model_with_cfg(
+        SPAVisionTransformer,
+        variant,
+        pretrained,
+        pretrained_filter_fn=_filter_vit_weights,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        start_layer=start_layer,
+        spa=spa,
+        **kwargs,
+    )
 
 
 @register_model
 def spa_vit_tiny_patch16_224(pretrained: bool = False, start_layer: int = 3, spa: dict | None = None, **kwargs: Any) -> VisionTransformer:
     """ViT-Ti/16 with SPA blocks from layer 3 (``pretrained=True`` fetches timm's ViT weights)."""
-    return _spa_vit("vit_tiny_patch16_224", pretrained, start_layer, spa, **kwargs)
+    model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3)
+    return _spa_vit("spa_vit_tiny_patch16_224", pretrained, start_layer, spa, **{**model_args, **kwargs})
 
 
 @register_model
 def spa_vit_small_patch16_224(pretrained: bool = False, start_layer: int = 3, spa: dict | None = None, **kwargs: Any) -> VisionTransformer:
     """ViT-S/16 with SPA blocks from layer 3."""
-    return _spa_vit("vit_small_patch16_224", pretrained, start_layer, spa, **kwargs)
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)
+    return _spa_vit("spa_vit_small_patch16_224", pretrained, start_layer, spa, **{**model_args, **kwargs})
 
 
 @register_model
 def spa_vit_base_patch16_224(pretrained: bool = False, start_layer: int = 3, spa: dict | None = None, **kwargs: Any) -> VisionTransformer:
     """ViT-B/16 with SPA blocks from layer 3."""
-    return _spa_vit("vit_base_patch16_224", pretrained, start_layer, spa, **kwargs)
+    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
+    return _spa_vit("spa_vit_base_patch16_224", pretrained, start_layer, spa, **{**model_args, **kwargs})
 
 
 @register_model
 def spa_vit_small_patch14_dinov2(pretrained: bool = False, start_layer: int = 4, spa: dict | None = None, **kwargs: Any) -> VisionTransformer:
     """DINOv2 ViT-S/14 (layer scale, 224 input by default) with SPA blocks from layer 4."""
-    kwargs.setdefault("img_size", 224)
-    return _spa_vit("vit_small_patch14_dinov2", pretrained, start_layer, spa, **kwargs)
+    model_args = dict(img_size=224, patch_size=14, embed_dim=384, depth=12, num_heads=6, init_values=1e-5)
+    return _spa_vit("spa_vit_small_patch14_dinov2", pretrained, start_layer, spa, **{**model_args, **kwargs})
 
 
 @register_model
@@ -151,9 +247,5 @@ def spa_vit_digits(pretrained: bool = False, start_layer: int = 2, spa: dict | N
     """A small ViT for 128 px cluttered-digit images (patch 8, dim 192, depth 8) that trains on a CPU."""
     if pretrained:
         raise ValueError("spa_vit_digits has no hub weights; load a trained checkpoint with spa_viz.load")
-    for timm_only in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-        kwargs.pop(timm_only, None)
-    defaults = dict(img_size=128, patch_size=8, embed_dim=192, depth=8, num_heads=3, mlp_ratio=4.0, num_classes=0)
-    model = VisionTransformer(**{**defaults, **kwargs})
-    return patch(model, start_layer, **(spa or {}))
-
+    model_args = dict(img_size=128, patch_size=8, embed_dim=192, depth=8, num_heads=3, mlp_ratio=4.0, num_classes=0)
+    return _spa_vit("spa_vit_digits", pretrained, start_layer, spa, **{**model_args, **kwargs})

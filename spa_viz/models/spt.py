@@ -31,13 +31,23 @@ sizes that need window padding the dense twin, like Swin, also attends to the ze
 from __future__ import annotations
 
 import functools
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import ClassifierHead, DropPath, Mlp, PatchEmbed, calculate_drop_path_rates, trunc_normal_
-from timm.models import register_model
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import (
+    ClassifierHead,
+    DropPath,
+    Mlp,
+    PatchEmbed,
+    calculate_drop_path_rates,
+    get_device_dtype,
+    trunc_normal_,
+)
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models.swin_transformer import (
     PatchMerging,
@@ -53,6 +63,7 @@ from spa_viz.layers.block import SPAContext, spa_block_forward
 from spa_viz.layers.config import SPAConfig
 from spa_viz.layers.gate import TokenGate
 from spa_viz.layers.packing import PackPlan, plan_packing
+from spa_viz.models.timm_contract import dense_on_meta, set_spa_grad_checkpointing
 from spa_viz.selection.labels import TokenGrid
 
 __all__ = [
@@ -65,7 +76,6 @@ __all__ = [
 ]
 
 _REGION_MASK = -100.0  # Swin's additive mask between shifted-window regions
-_TIMM_ENTRY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 
 Grid = tuple[int, int]
 
@@ -448,6 +458,9 @@ class SPT(nn.Module):
     4, 8, 16, 32 with every token present.
     """
 
+    output_fmt = "NHWC"  # of forward_features, as timm's Swin
+    grad_checkpointing = False
+
     def __init__(self, config: SPTConfig | None = None, **settings: Any) -> None:
         super().__init__()
         cfg = SPTConfig.from_dict({**(config.to_dict() if config else {}), **settings})
@@ -529,10 +542,53 @@ class SPT(nn.Module):
         """Parameters timm's optimizer factory exempts from weight decay (Swin's bias tables)."""
         return {name for name, _ in self.named_parameters() if "relative_position_bias_table" in name}
 
+    @property
+    def in_chans(self) -> int:
+        return self.config.in_chans
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Parameter groups for layer-wise learning rates: the stem, then stage by stage (or block by block)."""
+        return dict(
+            stem=r"^patch_embed",
+            blocks=r"^layers\.(\d+)"
+            if coarse
+            else [(r"^layers\.(\d+)\.downsample", (0,)), (r"^layers\.(\d+)\.\w+\.(\d+)", None), (r"^norm", (99999,))],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing block by block; SPA blocks re-run on the context state their first run saw."""
+        set_spa_grad_checkpointing(self, self.spa_context, self.spa_blocks(), enable)
+        self.grad_checkpointing = enable
+        for stage in self.layers:
+            if isinstance(stage, SwinTransformerStage):
+                stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the classifier head (e.g. ``num_classes=0`` for a headless backbone)."""
         self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool)
+        self.head.reset(num_classes, pool_type=global_pool, in_features=self.num_features, **get_device_dtype(self))
+        self.head_hidden_size = self.head.num_features
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the stages after the last of ``indices`` (timm's ``features_only`` does); return the indices kept."""
+        take, last = feature_take_indices(len(self.layers), indices)
+        prune_end = last < len(self.layers) - 1
+        if prune_norm or prune_end:
+            self.norm = nn.Identity()  # the final norm belongs to the last stage's width
+        self.layers = self.layers[: last + 1]
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[last]["num_chs"]
+        if prune_head or prune_end:
+            self.reset_classifier(0, "")
+        return take
 
     def spa_blocks(self) -> list[SPTBlock]:
         """The SPA blocks in forward order."""
@@ -555,9 +611,20 @@ class SPT(nn.Module):
         self.spa_context.begin(tuple(x.shape[1:3]))
         return x
 
+    def _run_stage(self, stage: nn.Module, x: Tensor) -> Tensor:
+        """One stage; with grad checkpointing an SPA stage runs as SPTStage.forward does, block by block
+        under non-reentrant checkpoints (Swin stages checkpoint their own blocks)."""
+        if self.grad_checkpointing and isinstance(stage, SPTStage) and not torch.jit.is_scripting():
+            return checkpoint_seq(stage.blocks, stage.downsample(x), use_reentrant=False)
+        return stage(x)
+
     def forward_features(self, x: Tensor) -> Tensor:
         """Final (B, H/32, W/32, C) map after the last norm (NHWC, as timm's Swin)."""
-        return self.norm(self.layers(self._embed(x)))
+        with dense_on_meta(self.spa_context, x):
+            x = self._embed(x)
+            for stage in self.layers:
+                x = self._run_stage(stage, x)
+            return self.norm(x)
 
     def forward_intermediates(
         self,
@@ -572,14 +639,15 @@ class SPT(nn.Module):
         if output_fmt != "NCHW":
             raise ValueError(f"SPT returns intermediates as NCHW, got output_fmt={output_fmt!r}")
         take, last = feature_take_indices(len(self.layers), indices)
-        x = self._embed(x)
         stages = self.layers[: last + 1] if stop_early or intermediates_only else self.layers
         intermediates = []
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take:
-                y = self.norm(x) if norm and i == len(self.layers) - 1 else x
-                intermediates.append(y.permute(0, 3, 1, 2).contiguous())
+        with dense_on_meta(self.spa_context, x):
+            x = self._embed(x)
+            for i, stage in enumerate(stages):
+                x = self._run_stage(stage, x)
+                if i in take:
+                    y = self.norm(x) if norm and i == len(self.layers) - 1 else x
+                    intermediates.append(y.permute(0, 3, 1, 2).contiguous())
         if intermediates_only:
             return intermediates
         return self.norm(x) if len(stages) == len(self.layers) else x, intermediates
@@ -680,16 +748,69 @@ _PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 
+_SWIN_WEIGHTS_HOWTO = (
+    "start from ImageNet Swin weights with spt_from_swin(timm.create_model('swin_tiny_patch4_window7_224', "
+    "pretrained=True)) (swin_small_/swin_base_patch4_window7_224 for spt_small/spt_base; add plus4=True for "
+    "the _plus4 presets)"
+)
+
+
+def _spt_cfg(**overrides: Any) -> dict[str, Any]:
+    """A ``pretrained_cfg`` without weights (224 px ImageNet-style input by default)."""
+    defaults = dict(
+        input_size=(3, 224, 224),
+        pool_size=(7, 7),
+        interpolation="bicubic",
+        crop_pct=0.9,
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+        num_classes=1000,
+        first_conv="patch_embed.proj",
+        classifier="head.fc",
+        paper_ids="arXiv:2410.23608",
+        notes=("no hub weights: " + _SWIN_WEIGHTS_HOWTO,),
+    )
+    return {**defaults, **overrides}
+
+
+default_cfgs = generate_default_cfgs(
+    {
+        **{name: _spt_cfg() for name in ("spt_tiny", "spt_small", "spt_base")},
+        **{f"{name}_plus4": _spt_cfg() for name in ("spt_tiny", "spt_small", "spt_base")},
+        "spt_digits": _spt_cfg(
+            input_size=(3, 128, 128),
+            pool_size=(4, 4),
+            num_classes=0,
+            notes=("no hub weights: train it (spa-viz train) or load the spt-digits checkpoint with spa_viz.load",),
+        ),
+    }
+)
+
+_CONFIG_FIELDS = frozenset(f.name for f in fields(SPTConfig))
+
+
+def _build_spt(device: torch.device | str | None = None, dtype: torch.dtype | None = None, **settings: Any) -> SPT:
+    """An SPT from :class:`SPTConfig` fields, created on ``device`` in ``dtype`` (timm's factory arguments)."""
+    unknown = sorted(set(settings) - _CONFIG_FIELDS)
+    if unknown:
+        raise TypeError(f"SPT got unexpected arguments {unknown}; it takes the SPTConfig fields {sorted(_CONFIG_FIELDS)}")
+    with torch.device(device) if device is not None else nullcontext():
+        model = SPT(SPTConfig(**settings))
+    return model if dtype is None else model.to(dtype=dtype)
+
 
 def _create(name: str, preset: str, pretrained: bool, plus4: bool, kwargs: dict[str, Any]) -> SPT:
+    """Build a preset through timm's builder (pretrained_cfg, ``features_only`` via forward_intermediates)."""
     if pretrained:
-        raise ValueError(
-            f"{name} has no hub weights; start from Swin weights with "
-            "spt_from_swin(timm.create_model('swin_tiny_patch4_window7_224', pretrained=True))"
-        )
-    for key in _TIMM_ENTRY_KWARGS:
-        kwargs.pop(key, None)
-    return SPT(SPTConfig(**{**_PRESETS[preset], "plus4": plus4, **kwargs}))
+        raise ValueError(f"{name} has no hub weights; {_SWIN_WEIGHTS_HOWTO}")
+    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
+    return build_model_with_cfg(
+        _build_spt,
+        name,
+        pretrained,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        **{**_PRESETS[preset], "plus4": plus4, **kwargs},
+    )
 
 
 @register_model
