@@ -579,6 +579,64 @@ def _write_shard(path: Path, tensors: dict[str, Tensor], key: str, start: int, c
     write_atomic(path, lambda p: save_file({k: v.contiguous() for k, v in tensors.items()}, str(p), metadata=metadata))
 
 
+def _object_view(
+    spec: dict[str, Any], seed: int, backgrounds: dict[str, Image.Image], objects: dict[str, Image.Image], config: ViewConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """A second-check view: object ``spec["pasted"]`` on a random crop of a random background."""
+    rng = _rng(seed, "object", _code(spec["pasted"]))
+    names = sorted(backgrounds)
+    background = names[int(rng.integers(len(names)))]
+    view = photos.augment(np.asarray(backgrounds[background]), rng, config.background)
+    image, mask, params = paste_object(view, np.asarray(objects[spec["pasted"]]), rng, config.object_area)
+    spec.update(photo=background, params=params)
+    return image, mask
+
+
+def _compute_shard(
+    chunk: list[dict[str, Any]],
+    split: str,
+    work: dict[str, Image.Image],
+    objects: dict[str, Image.Image] | None,
+    donors: _Donors,
+    config: ViewConfig,
+    seed: int,
+    teacher: Teacher,
+) -> dict[str, Tensor]:
+    """Pixels and teacher outputs of the views of ``chunk``.
+
+    Copy-paste views come last in a split's plan and need the teacher's map of every plain view,
+    so the teacher labels the chunk's other views first, then the copy-paste views are cut.
+    """
+    images: list[np.ndarray | None] = [None] * len(chunk)
+    maps: list[Tensor | None] = [None] * len(chunk)
+    labels: list[Tensor | None] = [None] * len(chunk)
+    masks = []
+    phases = ([i for i, s in enumerate(chunk) if s["kind"] != "paste"], [i for i, s in enumerate(chunk) if s["kind"] == "paste"])
+    for phase in phases:
+        if not phase:
+            continue
+        for i in tqdm(phase, desc=f"{split} views", unit="view", leave=False):
+            if chunk[i]["kind"] == "object":
+                images[i], mask = _object_view(chunk[i], seed, work, objects or {}, config)
+                masks.append(mask)
+            else:
+                images[i] = _make_view(chunk[i], split, seed, work, donors, config)
+        saliency, tokens = _teacher_outputs(np.stack([images[i] for i in phase]), teacher, desc=f"teacher {split}")
+        for row, i in enumerate(phase):
+            maps[i], labels[i] = saliency[row], tokens[row]
+            if chunk[i]["kind"] == "plain":
+                donors.add(chunk[i]["photo"], images[i], saliency[row, 0].float().numpy())
+    tensors = {"images": torch.from_numpy(np.stack(images)), "saliency": torch.stack(maps), "labels": torch.stack(labels)}
+    if masks:
+        from spa_viz.selection.labels import labels_from_masks
+
+        object_mask = torch.from_numpy(np.stack(masks))
+        grid = (config.size // PATCH_SIZE,) * 2
+        tensors["object_mask"] = object_mask
+        tensors["object_tokens"] = torch.stack([labels_from_masks(m, grid) for m in object_mask])
+    return tensors
+
+
 def build_views(
     split: str,
     work: dict[str, Image.Image],
@@ -594,16 +652,16 @@ def build_views(
     ``work``: the split's photos (for ``second_check``: its backgrounds) by id; ``objects``: the
     second check's RGBA objects by id. A shard already on disk with this ``key`` is read back.
     """
-    threshold = _label_rule()["threshold"]
     if split == "second_check":
         if not objects:
             raise CorpusError("the second check needs objects")
         specs = [{"kind": "object", "photo": "", "pasted": o, "index": 0} for o in sorted(objects)]
     else:
         specs = _plan(split, sorted(work), config)
-    donors = _Donors(config, threshold)
+    donors = _Donors(config, _label_rule()["threshold"])
     shards = []
-    for number, (start, end) in enumerate(_shard_ranges(len(specs))):
+    ranges = _shard_ranges(len(specs))
+    for number, (start, end) in enumerate(tqdm(ranges, desc=f"{split} shards", unit="shard")):
         path = directory / f"{split}-{number:03d}.safetensors"
         chunk = specs[start:end]
         stored = _read_shard(path, key, start, end - start)
@@ -611,35 +669,13 @@ def build_views(
             tensors = stored[0]
             for spec, done in zip(chunk, stored[1]):
                 spec.update(done)
+            for spec, image, saliency in zip(chunk, tensors["images"], tensors["saliency"]):
+                if spec["kind"] == "plain":
+                    donors.add(spec["photo"], image.numpy(), saliency[0].float().numpy())
             log.info("reusing %s (%d views)", path.name, end - start)
         else:
-            images, masks = [], []
-            for spec in tqdm(chunk, desc=f"{split} views {start}-{end}", unit="view", leave=False):
-                if spec["kind"] == "object":
-                    rng = _rng(seed, "object", _code(spec["pasted"]))
-                    backgrounds = sorted(work)
-                    background = backgrounds[int(rng.integers(len(backgrounds)))]
-                    view = photos.augment(np.asarray(work[background]), rng, config.background)
-                    image, mask, params = paste_object(view, np.asarray(objects[spec["pasted"]]), rng, config.object_area)
-                    spec.update(photo=background, params=params)
-                    masks.append(mask)
-                else:
-                    image = _make_view(spec, split, seed, work, donors, config)
-                images.append(image)
-            stacked = np.stack(images)
-            saliency, labels = _teacher_outputs(stacked, teacher, desc=f"teacher {split} {start}-{end}")
-            tensors = {"images": torch.from_numpy(stacked), "saliency": saliency, "labels": labels}
-            if masks:
-                from spa_viz.selection.labels import labels_from_masks
-
-                object_mask = torch.from_numpy(np.stack(masks))
-                grid = (config.size // PATCH_SIZE,) * 2
-                tensors["object_mask"] = object_mask
-                tensors["object_tokens"] = torch.stack([labels_from_masks(m, grid) for m in object_mask])
+            tensors = _compute_shard(chunk, split, work, objects, donors, config, seed, teacher)
             _write_shard(path, tensors, key, start, end - start, chunk)
-        for spec, image, saliency in zip(chunk, tensors["images"], tensors["saliency"]):
-            if spec["kind"] == "plain":
-                donors.add(spec["photo"], image.numpy(), saliency[0].float().numpy())
         shards.append({"file": path.name, "split": split, "start": start, "count": end - start})
     for number, spec in enumerate(specs):
         spec["view_id"] = f"{split}/{number:05d}"

@@ -110,15 +110,14 @@ def _refusing_teacher(x: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """A tiny corpus built twice with seed 0 and once with seed 1, shards of 4 views."""
+    """A tiny corpus built with seed 0 in shards of 4 views (a) and in one shard per split (b:
+    plain and copy-paste views share a shard), and with seed 1 (c)."""
     roots = {name: tmp_path_factory.mktemp(name) for name in ("a", "b", "c")}
+    dirs = {"b": pc.prepare(0, CONFIG, roots["b"], stub_teacher, _candidates())}
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(pc, "SHARD_SIZE", 4)
-        dirs = {
-            "a": pc.prepare(0, CONFIG, roots["a"], stub_teacher, _candidates()),
-            "b": pc.prepare(0, CONFIG, roots["b"], stub_teacher, _candidates()),
-            "c": pc.prepare(1, CONFIG, roots["c"], stub_teacher, _candidates()),
-        }
+        dirs["a"] = pc.prepare(0, CONFIG, roots["a"], stub_teacher, _candidates())
+        dirs["c"] = pc.prepare(1, CONFIG, roots["c"], stub_teacher, _candidates())
     return roots, dirs
 
 
@@ -126,10 +125,9 @@ def _index(directory) -> dict:
     return json.loads((directory / "index.json").read_text())
 
 
-def _shard_tensors(directory) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return {f"{p.name}/{k}": v for p in sorted(directory.glob("*.safetensors")) for k, v in load_file(p).items()}
+def _columns(root, seed: int = 0) -> dict[str, torch.Tensor]:
+    views = [pc.load_views(split, seed, CONFIG, root) for split in pc.SPLITS] + [pc.second_check(seed, CONFIG, root)]
+    return {f"{v.split}/{name}": column for v in views for name, column in v.tensors().items()}
 
 
 # ----- filter, hash, splits -----------------------------------------------------------------------
@@ -255,9 +253,10 @@ def test_check_index_catches_leaks(corpus, leak) -> None:
 
 
 def test_views_are_deterministic_for_a_seed(corpus) -> None:
-    _, dirs = corpus
-    first, again, other = (_shard_tensors(dirs[k]) for k in "abc")
-    assert first.keys() == again.keys() and len(first) > 10
+    roots, dirs = corpus
+    assert len(list(dirs["a"].glob("*.safetensors"))) > len(list(dirs["b"].glob("*.safetensors"))) == 4
+    first, again = _columns(roots["a"]), _columns(roots["b"])  # same seed, other sharding: same views
+    assert first.keys() == again.keys() and len(first) == 3 * 3 + 5
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert _index(dirs["a"])["views"] == _index(dirs["b"])["views"]
     assert dirs["a"].name != dirs["c"].name
@@ -310,9 +309,7 @@ def test_prepare_reuses_the_cache(corpus, tmp_path) -> None:
     (resumed_root / dirs["b"].name).mkdir(parents=True)
     for path in dirs["b"].glob("*.safetensors"):
         (resumed_root / dirs["b"].name / path.name).write_bytes(path.read_bytes())
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(pc, "SHARD_SIZE", 4)
-        resumed = pc.prepare(0, CONFIG, resumed_root, _refusing_teacher, _candidates())
+    resumed = pc.prepare(0, CONFIG, resumed_root, _refusing_teacher, _candidates())
     assert _index(resumed)["views"] == _index(dirs["b"])["views"]
 
 
