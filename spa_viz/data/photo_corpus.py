@@ -23,8 +23,14 @@
 
 Everything lands in ``$SPA_VIZ_CACHE/photo_corpus`` (default ``~/.cache/spa_viz/photo_corpus``):
 the .deb files and their unpacked trees, and per seed and configuration a folder with
-``index.json`` (photos with provenance, splits, views, packages) and safetensors shards. Re-running
-reuses what is there. Read it with :func:`load_views`, :func:`second_check` and :func:`provenance`.
+``index.json`` (photos with provenance, splits, views, packages) and safetensors shards (uint8
+images, float16 maps, bool labels; the labels come from the teacher's float32 map). Re-running
+reuses what is there, shard by shard. Read it with :func:`load_views`, :func:`second_check` and
+:func:`provenance`::
+
+    train = load_views("train")            # View(image, saliency, labels, meta) per item
+    test = load_views("test", kinds=("plain",))   # each held-out photo once, whole
+    check = second_check()                 # MaskedView(..., object_mask, object_tokens, meta)
 """
 
 from __future__ import annotations
@@ -890,23 +896,27 @@ class MaskedView(NamedTuple):
 
 
 class ViewSet(Dataset):
-    """The cached views of one split, read lazily from the safetensors shards.
+    """The cached views of one split (optionally of some kinds only), read lazily from the shards.
 
     ``dataset[i]`` is a :class:`View` (``second_check``: :class:`MaskedView`); :meth:`tensors` gives
     whole columns at once (uint8 images, float16 maps, ...) for code that batches itself.
     """
 
-    def __init__(self, directory: Path, split: str, index: dict[str, Any]) -> None:
+    def __init__(self, directory: Path, split: str, index: dict[str, Any], kinds: Sequence[str] | None = None) -> None:
         if split not in CORPUS_SPLITS:
             raise ValueError(f"unknown split {split!r}; use one of {CORPUS_SPLITS}")
+        known = ("plain", "augment", "paste", "object")
+        if kinds is not None and not set(kinds) <= set(known):
+            raise ValueError(f"unknown view kinds {sorted(set(kinds) - set(known))}; use some of {known}")
         self.directory = directory
         self.split = split
         self.specs: list[dict[str, Any]] = index["views"][split]
+        self.rows = [i for i, spec in enumerate(self.specs) if kinds is None or spec["kind"] in kinds]
         self.shards = [s for s in index["shards"] if s["split"] == split]
         self._handles: dict[str, Any] = {}
 
     def __len__(self) -> int:
-        return len(self.specs)
+        return len(self.rows)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_handles": {}}  # file handles stay in the process that opened them
@@ -918,38 +928,42 @@ class ViewSet(Dataset):
             self._handles[file] = safe_open(str(self.directory / file), framework="pt")
         return self._handles[file]
 
-    def _locate(self, i: int) -> tuple[Any, int]:
+    def _row(self, i: int) -> int:
         if not -len(self) <= i < len(self):
             raise IndexError(f"view {i} out of range for {len(self)} views")
-        i %= len(self)
+        return self.rows[i]
+
+    def _locate(self, row: int) -> tuple[Any, int]:
         for shard in self.shards:
-            if shard["start"] <= i < shard["start"] + shard["count"]:
-                return self._handle(shard["file"]), i - shard["start"]
-        raise CorpusError(f"no shard holds view {i} of split {self.split!r}")
+            if shard["start"] <= row < shard["start"] + shard["count"]:
+                return self._handle(shard["file"]), row - shard["start"]
+        raise CorpusError(f"no shard holds view {row} of split {self.split!r}")
 
     def meta(self, i: int) -> dict[str, Any]:
         """Flat metadata of view ``i`` (strings and ints only, so DataLoader batches collate)."""
-        spec = self.specs[i]
+        spec = self.specs[self._row(i)]
         return {k: spec[k] for k in ("view_id", "kind", "photo", "pasted", "index")} | {"split": self.split}
 
     def __getitem__(self, i: int) -> View | MaskedView:
-        handle, row = self._locate(i)
+        handle, row = self._locate(self._row(i))
         image = to_model_input(handle.get_slice("images")[row : row + 1])[0]
         saliency = handle.get_slice("saliency")[row].float()
         labels = handle.get_slice("labels")[row]
         if self.split == "second_check":
             mask, tokens = handle.get_slice("object_mask")[row], handle.get_slice("object_tokens")[row]
-            return MaskedView(image, saliency, labels, mask, tokens, self.meta(i % len(self)))
-        return View(image, saliency, labels, self.meta(i % len(self)))
+            return MaskedView(image, saliency, labels, mask, tokens, self.meta(i))
+        return View(image, saliency, labels, self.meta(i))
 
     def tensors(self) -> dict[str, Tensor]:
-        """Every column of the split concatenated in view order (``images`` uint8 (N, H, W, 3) ...)."""
+        """Every column of these views in order (``images`` uint8 (N, H, W, 3), ``saliency`` float16
+        (N, 1, H, W), ``labels`` bool (N, tokens); second check: ``object_mask``, ``object_tokens``)."""
         columns: dict[str, list[Tensor]] = {}
         for shard in self.shards:
             handle = self._handle(shard["file"])
             for name in handle.keys():
                 columns.setdefault(name, []).append(handle.get_tensor(name))
-        return {name: torch.cat(parts) for name, parts in columns.items()}
+        rows = torch.tensor(self.rows, dtype=torch.long)
+        return {name: torch.cat(parts)[rows] for name, parts in columns.items()}
 
 
 def _load_index(seed: int, config: ViewConfig | None, root: Path | str | None) -> tuple[Path, dict[str, Any]]:
@@ -964,12 +978,22 @@ def _load_index(seed: int, config: ViewConfig | None, root: Path | str | None) -
     return directory, index
 
 
-def load_views(split: str, seed: int = 0, config: ViewConfig | None = None, root: Path | str | None = None) -> ViewSet:
-    """The cached views of ``split`` (train, val or test) as a :class:`ViewSet` of :class:`View`."""
+def load_views(
+    split: str,
+    seed: int = 0,
+    config: ViewConfig | None = None,
+    root: Path | str | None = None,
+    kinds: Sequence[str] | None = None,
+) -> ViewSet:
+    """The cached views of ``split`` (train, val or test) as a :class:`ViewSet` of :class:`View`.
+
+    ``kinds`` keeps some view kinds only, e.g. ``("plain",)``: each held-out photo once, whole, as
+    the app shows it.
+    """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; use one of {SPLITS} (or second_check())")
     directory, index = _load_index(seed, config, root)
-    return ViewSet(directory, split, index)
+    return ViewSet(directory, split, index, kinds)
 
 
 def second_check(seed: int = 0, config: ViewConfig | None = None, root: Path | str | None = None) -> ViewSet:

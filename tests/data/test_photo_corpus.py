@@ -286,6 +286,13 @@ def test_views_round_trip_through_the_cache(corpus) -> None:
         assert view.meta["view_id"] == f"train/{i:05d}" and view.meta["split"] == "train"
     batch = next(iter(torch.utils.data.DataLoader(train, batch_size=4)))
     assert batch.image.shape == (4, 3, 224, 224) and len(batch.meta["photo"]) == 4
+    plain = pc.load_views("train", 0, CONFIG, roots["a"], kinds=("plain",))
+    rows = [i for i, spec in enumerate(index["views"]["train"]) if spec["kind"] == "plain"]
+    assert len(plain) == 5 and {plain.meta(i)["kind"] for i in range(len(plain))} == {"plain"}
+    assert torch.equal(plain.tensors()["images"], columns["images"][rows])
+    assert torch.equal(plain[-1].image, train[rows[-1]].image)
+    with pytest.raises(ValueError, match="kinds"):
+        pc.load_views("train", 0, CONFIG, roots["a"], kinds=("crop",))
 
 
 def test_second_check_has_exact_object_masks(corpus) -> None:
