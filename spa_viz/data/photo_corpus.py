@@ -169,7 +169,7 @@ def photo_rejection(image: Image.Image, min_side: int = MIN_SIDE) -> str | None:
             return "transparent pixels (a cut-out or sprite, not a photo)"
     share = _flat_share(_thumbnail(image.convert("RGB")))
     if share > MAX_FLAT_SHARE:
-        return f"flat colours ({share:.0%} of pixels in 16 colours: drawing or render)"
+        return f"flat colours (16 colours cover {share:.0%} of the pixels besides the main one: drawing or logo)"
     return None
 
 
@@ -193,7 +193,7 @@ def object_rejection(image: Image.Image, min_side: int = 64) -> str | None:
         return "opaque pixels fill under 10% of their box (thin or scattered shape)"
     share = _flat_share(rgba[..., :3][opaque][:, None, :])
     if share > MAX_FLAT_SHARE:
-        return f"flat colours ({share:.0%} of object pixels in 16 colours: drawing or render)"
+        return f"flat colours (16 colours cover {share:.0%} of the object besides its main one: drawing or logo)"
     return None
 
 
@@ -232,7 +232,7 @@ def _colour_thumb(image: Image.Image) -> np.ndarray:
 
 @dataclass
 class PhotoRecord:
-    """One kept photo (or object) with its provenance; ``split`` is set for the group representative."""
+    """One kept photo (or object) with its provenance, its split, and the files merged into it."""
 
     id: str
     package: str
