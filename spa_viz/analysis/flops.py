@@ -5,9 +5,10 @@ Swin's "FLOPs"/"GFLOPs"; every ``*_flops`` value is ``2 x MACs`` (what ``torch.u
 counts). Norms, softmax and activations are not counted.
 
 For an SPA block we count the gate (or a training-free selector's scoring) on every token, the
-projections and the MLP on every packed slot (container padding included), and the attention
-scores of every row: ``L^2`` per row for the dense-row backends (``sdpa``, ``flex``), or the sum of
-squared same-image run lengths for ``varlen`` and ``reference``.
+projections and the MLP on the kept tokens (the kernel runs them flat, without padding), and the
+attention scores as the kernel computed them: ``L^2`` per padded row for the row kernels (``sdpa``
+on rows, ``flex``; the padding's share is reported apart), or the sum of squared same-image run
+lengths for ``sdpa_runs``, ``varlen`` and ``reference``.
 """
 
 from __future__ import annotations
@@ -59,16 +60,16 @@ def _score_pairs(decision: BlockDecision) -> Tensor:
 
 
 def spa_block_macs(decision: BlockDecision) -> int:
-    """MACs of one SPA block of a batch, as run: scoring, packed projections/MLP (padding too), attention."""
+    """MACs of one SPA block of a batch, as run: scoring, projections/MLP on the kept tokens, attention."""
     costs, plan = decision.costs, decision.plan
     macs = plan.batch_size * plan.seq_len * costs.gate_macs
-    macs += plan.num_slots * (costs.qkv_macs + costs.proj_macs)
+    macs += plan.num_kept * (costs.qkv_macs + costs.proj_macs)
     if decision.backend in _DENSE_ROW_BACKENDS:
         macs += 2 * plan.num_rows * plan.row_len**2 * costs.attn_dim
     else:
         macs += 2 * int(_score_pairs(decision).sum()) * costs.attn_dim
     if decision.sparse_mlp:
-        macs += plan.num_slots * costs.mlp_macs
+        macs += plan.num_kept * costs.mlp_macs
     else:
         macs += plan.batch_size * plan.seq_len * costs.mlp_macs
     return macs
@@ -78,8 +79,8 @@ def spa_block_macs(decision: BlockDecision) -> int:
 class LayerCost:
     """Compute of one SPA layer: dense twin vs as run, for the batch and per image, in MACs.
 
-    Per-image run MACs leave out container padding, which belongs to no image; ``padding_macs``
-    holds what the padding cost (so ``macs_run == per_image_macs_run.sum() + padding_macs``).
+    Per-image run MACs leave out the attention over row padding, which belongs to no image;
+    ``padding_macs`` holds what it cost (so ``macs_run == per_image_macs_run.sum() + padding_macs``).
     The ``*_flops`` properties are ``2 x`` the MACs.
     """
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import platform
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -25,13 +24,13 @@ import torch
 from torch import Tensor, nn
 
 from spa_viz.analysis.trace import find_backbone, trace
+from spa_viz.io.timer import median_seconds
 from spa_viz.layers.block import find_context
+from spa_viz.models.twin import dense_twin
 
-__all__ = ["BackboneResult", "CLOCKS", "TARGETS", "bench_backbone", "environment", "format_backbone_table", "time_pair"]
+__all__ = ["BackboneResult", "TARGETS", "bench_backbone", "environment", "format_backbone_table"]
 
 _log = logging.getLogger(__name__)
-
-CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 
 TARGETS: dict[str, dict[int, float]] = {"spa-vit-digits": {1: 0.8, 4: 0.85, 32: 0.9}}
 """Realized-fraction targets per checkpoint and batch size (issue 11); SPT's target is a speed-up > 1
@@ -77,33 +76,15 @@ class BackboneResult:
         }
 
 
-def time_pair(
-    spa: Callable[[], Any], dense: Callable[[], Any], repeats: int, warmup: int = 3, clock: str = "wall"
-) -> tuple[float, float]:
-    """Median seconds of ``spa`` and ``dense``, run alternately ``repeats`` times after ``warmup`` each."""
-    if clock not in CLOCKS:
-        raise ValueError(f"unknown clock {clock!r}; choose one of {sorted(CLOCKS)}")
-    now = CLOCKS[clock]
-    for _ in range(warmup):
-        spa()
-        dense()
-    spa_times, dense_times = [], []
-    for i in range(repeats):
-        order = ((spa, spa_times), (dense, dense_times)) if i % 2 == 0 else ((dense, dense_times), (spa, spa_times))
-        for fn, times in order:
-            start = now()
-            fn()
-            times.append(now() - start)
-    return statistics.median(spa_times), statistics.median(dense_times)
-
-
-def _runner(backbone: nn.Module, images: Tensor, spa_on: bool) -> Callable[[], Any]:
-    config = find_context(backbone).config
+def _forward(backbone: nn.Module, images: Tensor, dense: bool) -> Callable[[], Any]:
+    """``forward_features`` of ``images`` without autograd, as SPA or as the dense twin."""
 
     def run() -> Any:
-        config.enabled = spa_on
         with torch.inference_mode():
-            return backbone.forward_features(images)
+            if not dense:
+                return backbone.forward_features(images)
+            with dense_twin(backbone):
+                return backbone.forward_features(images)
 
     return run
 
@@ -114,7 +95,6 @@ def bench_backbone(
     images: Tensor,
     batches: Sequence[int] = (1, 4, 32),
     repeats: int = 40,
-    clock: str = "wall",
 ) -> list[BackboneResult]:
     """Time the SPA backbone of ``model`` against its dense twin on ``images`` (at least max(batches)).
 
@@ -127,42 +107,38 @@ def bench_backbone(
     if images.shape[0] < max(batches):
         raise ValueError(f"need {max(batches)} images for batch {max(batches)}, got {images.shape[0]}")
     results = []
-    try:
-        for batch in batches:
-            groups = [images[i : i + 1] for i in range(min(4, images.shape[0]))] if batch == 1 else [images[:batch]]
-            spa_total = dense_total = 0.0
-            macs_dense = macs_run = 0
-            kept = []
-            for group in groups:
-                config.enabled = True
-                _, tr = trace(backbone, group)
-                macs_dense += tr.backbone_macs_dense
-                macs_run += tr.backbone_macs_run
-                kept.append(tr.mean_keep_ratio)
-                spa_s, dense_s = time_pair(
-                    _runner(backbone, group, True), _runner(backbone, group, False), repeats, clock=clock
-                )
-                spa_total += spa_s
-                dense_total += dense_s
-            result = BackboneResult(
-                name, batch, 1e3 * dense_total, 1e3 * spa_total, macs_dense, macs_run, statistics.fmean(kept), repeats
+    for batch in batches:
+        groups = [images[i : i + 1] for i in range(min(4, images.shape[0]))] if batch == 1 else [images[:batch]]
+        spa_total = dense_total = 0.0
+        macs_dense = macs_run = 0
+        kept = []
+        for group in groups:
+            _, tr = trace(backbone, group)
+            macs_dense += tr.backbone_macs_dense
+            macs_run += tr.backbone_macs_run
+            kept.append(tr.mean_keep_ratio)
+            seconds = median_seconds(
+                {"spa": _forward(backbone, group, False), "dense": _forward(backbone, group, True)}, repeats, warmup=3
             )
-            _log.info(
-                "%s batch %d: dense %.2f ms, SPA %.2f ms, speed-up %.2fx, MAC ratio %.2fx, realized %.2f",
-                name, batch, result.dense_ms, result.spa_ms, result.speedup, result.mac_ratio, result.realized,
-            )
-            results.append(result)
-    finally:
-        config.enabled = True
+            spa_total += seconds["spa"]
+            dense_total += seconds["dense"]
+        result = BackboneResult(
+            name, batch, 1e3 * dense_total, 1e3 * spa_total, macs_dense, macs_run, statistics.fmean(kept), repeats
+        )
+        _log.info(
+            "%s batch %d: dense %.2f ms, SPA %.2f ms, speed-up %.2fx, MAC ratio %.2fx, realized %.2f",
+            name, batch, result.dense_ms, result.spa_ms, result.speedup, result.mac_ratio, result.realized,
+        )
+        results.append(result)
     return results
 
 
-def environment(threads: int, clock: str) -> dict[str, Any]:
+def environment(threads: int) -> dict[str, Any]:
     """What the numbers were measured on."""
     return {
         "torch": torch.__version__,
         "threads": threads,
-        "clock": clock,
+        "clock": "wall (median of alternating runs)",
         "device": "cpu",
         "processor": platform.processor() or platform.machine(),
     }

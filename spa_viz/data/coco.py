@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 
 from spa_viz.data.transforms import DetectionTransform, Target
 from spa_viz.io.images import IMAGENET_MEAN, IMAGENET_STD
-from spa_viz.selection.labels import multiscale_labels
+from spa_viz.selection.labels import TokenGrid, multiscale_labels
 
 __all__ = [
     "CocoDetection",
@@ -65,10 +65,12 @@ class _DetectionDataset(Dataset):
     """Shared __getitem__: load a raw sample, transform it, optionally add selection labels."""
 
     def __init__(
-        self, transform: DetectionTransform, select_grids: Sequence[tuple[int, int]] | None
+        self, transform: DetectionTransform, select_grids: Sequence[TokenGrid | tuple[int, int]] | None
     ) -> None:
         self.transform = transform
-        self.select_grids = None if select_grids is None else [tuple(g) for g in select_grids]
+        self.select_grids = (
+            None if select_grids is None else [g if isinstance(g, TokenGrid) else tuple(g) for g in select_grids]
+        )
 
     def _raw(self, index: int) -> tuple[Tensor, Target]:
         """uint8 [3, H, W] image and target in original pixels."""
@@ -121,7 +123,7 @@ class CocoDetection(_DetectionDataset):
         size: int,
         train: bool = False,
         with_masks: bool = True,
-        select_grids: Sequence[tuple[int, int]] | None = None,
+        select_grids: Sequence[TokenGrid | tuple[int, int]] | None = None,
         hflip_prob: float = 0.5,
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
@@ -237,7 +239,7 @@ class InMemoryDetection(_DetectionDataset):
         samples: Sequence[DetectionSample],
         size: int,
         train: bool = False,
-        select_grids: Sequence[tuple[int, int]] | None = None,
+        select_grids: Sequence[TokenGrid | tuple[int, int]] | None = None,
         hflip_prob: float = 0.5,
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,

@@ -27,6 +27,7 @@ from spa_viz.data.digits import CATEGORIES, DigitsConfig, generate_split
 from spa_viz.io.config import ConfigError, from_dict
 from spa_viz.io.files import write_atomic
 from spa_viz.io.paths import cache_dir
+from spa_viz.selection.labels import TokenGrid
 
 __all__ = [
     "CocoData",
@@ -171,7 +172,7 @@ def load_split(
     *,
     num: int | None = None,
     train: bool = False,
-    select_grids: Sequence[tuple[int, int]] | None = None,
+    select_grids: Sequence[TokenGrid | tuple[int, int]] | None = None,
     cache: bool | None = None,
 ) -> Dataset:
     """The dataset ``data`` describes for ``split``, letterboxed to ``image_size``.

@@ -1,21 +1,25 @@
-"""Multi-head self-attention over packed rows, restricted to same-image tokens.
+"""Multi-head self-attention over the packed kept tokens, restricted to same-image tokens.
 
+The kept tokens arrive *flat*: (n, C), the non-padding slots of a :class:`PackPlan` in slot order
+(:func:`~spa_viz.layers.packing.gather_kept`). Projections (and, in the block, the MLP) run on these
+n tokens only, so container padding costs nothing there; only the attention kernel sees the rows.
 The projections are those of an existing timm ``Attention`` module (``qkv``, ``q_norm``,
-``k_norm``, ``norm``, optional ``gate``, ``proj``), so a patched model keeps its weights. Only
-the attention kernel changes, through one of these backends:
+``k_norm``, ``norm``, optional ``gate``, ``proj``), so a patched model keeps its weights. The
+kernel is one of these backends:
 
-* ``sdpa``: ``F.scaled_dot_product_attention`` on the packed rows. Forward and backward on CPU and
-  CUDA; the default. A row holding one image's tokens runs without a mask (the fast kernel); rows
-  that mix images get the block mask, or, when the batch has at most ``SEGMENT_LOOP_MAX``
-  same-image runs (small batches), one unmasked call per run, which is faster on CPU than one
-  masked call (reported as ``sdpa_runs``).
-* ``flex``: FlexAttention with a block mask built from the plan. Backward needs CUDA.
-* ``varlen``: ``torch.nn.attention.varlen.varlen_attn`` over the same-image runs, no padding
-  computed at all. CUDA only, half precision (fp32 inputs are cast to bf16 and back).
-* ``reference``: a plain loop over (row, image) runs; slow, exact, used by the tests.
+* ``sdpa``: ``F.scaled_dot_product_attention``. Forward and backward on CPU and CUDA; the default.
+  Where the batch has at most ``SEGMENT_LOOP_MAX`` same-image runs (small batches), it runs one
+  unmasked call per run on the flat tokens (reported as ``sdpa_runs``: no mask, no padding, the
+  fast kernel); otherwise it scatters the tokens into the plan's padded rows and runs one call with
+  the block mask, or with none where every row is one image without padding (reported as ``sdpa``).
+* ``flex``: FlexAttention on the padded rows with a block mask built from the plan. Backward needs CUDA.
+* ``varlen``: ``torch.nn.attention.varlen.varlen_attn`` over the same-image runs of the flat
+  tokens. CUDA only, half precision (fp32 inputs are cast to bf16 and back).
+* ``reference``: a plain loop over the runs; slow, exact, used by the tests.
 
-An optional additive ``attn_bias`` (e.g. Swin's relative position bias and shifted-window mask, as
-SPT uses) is added to the scores on top of the same-image mask; ``sdpa`` and ``reference`` take it.
+An optional additive ``attn_bias`` (B', heads, L, L) over the plan's slots (e.g. Swin's relative
+position bias and shifted-window mask, as SPT uses) is added to the scores on top of the same-image
+mask; ``sdpa`` and ``reference`` take it.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from torch import Tensor, nn
 
 from spa_viz.layers.packing import PackPlan
 
-__all__ = ["BACKENDS", "resolve_backend", "packed_attention", "check_attention_module"]
+__all__ = ["BACKENDS", "SEGMENT_LOOP_MAX", "resolve_backend", "packed_attention", "check_attention_module"]
 
 BACKENDS = ("auto", "sdpa", "flex", "varlen", "reference")
 SEGMENT_LOOP_MAX = 8
@@ -75,32 +79,53 @@ def check_attention_module(attn: nn.Module) -> None:
         )
 
 
-def _sdpa(q: Tensor, k: Tensor, v: Tensor, plan: PackPlan, scale: float, dropout: float, bias: Tensor | None) -> tuple[Tensor, str]:
-    """Packed SDPA: unmasked on single-image rows, per run for few mixed runs, else block-masked."""
-    if not plan.mixed_rows and not plan.has_padding:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scale), "sdpa"
-    segments = plan.segments
-    if plan.mixed_rows and segments.shape[0] <= SEGMENT_LOOP_MAX:
-        return _sdpa_runs(q, k, v, segments, scale, dropout, bias), "sdpa_runs"
+def _run_bias(bias: Tensor | None, row: int, start: int, size: int) -> Tensor | None:
+    """The (1, heads, size, size) block of a slot bias for one run."""
+    if bias is None:
+        return None
+    part = slice(start, start + size)
+    return bias[row if bias.shape[0] > 1 else 0, :, part, part].unsqueeze(0)
+
+
+def _sdpa_runs(q: Tensor, k: Tensor, v: Tensor, plan: PackPlan, scale: float, dropout: float, bias: Tensor | None) -> Tensor:
+    """One unmasked SDPA call per same-image run of the flat (n, heads, d) tokens."""
+    runs = plan.runs
+    if len(runs) == 1 and bias is None:
+        heads_first = [t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)]
+        return F.scaled_dot_product_attention(*heads_first, dropout_p=dropout, scale=scale)[0].transpose(0, 1)
+    out = torch.empty_like(q)
+    for flat, row, start, size in runs:
+        part = slice(flat, flat + size)
+        heads_first = [t[part].transpose(0, 1).unsqueeze(0) for t in (q, k, v)]
+        attended = F.scaled_dot_product_attention(
+            *heads_first, attn_mask=_run_bias(bias, row, start, size), dropout_p=dropout, scale=scale
+        )
+        out[part] = attended[0].transpose(0, 1)
+    return out
+
+
+def _to_rows(t: Tensor, plan: PackPlan) -> Tensor:
+    """Flat (n, heads, d) tokens -> padded rows (B', heads, L, d) (padding zero)."""
+    _, heads, dim = t.shape
+    rows = t.new_zeros(plan.num_slots, heads, dim).index_copy(0, plan.valid_slots, t)
+    return rows.view(plan.num_rows, plan.row_len, heads, dim).transpose(1, 2)
+
+
+def _from_rows(t: Tensor, plan: PackPlan) -> Tensor:
+    """Padded rows (B', heads, L, d) -> flat (n, heads, d) tokens."""
+    rows, heads, length, dim = t.shape
+    return t.transpose(1, 2).reshape(rows * length, heads, dim).index_select(0, plan.valid_slots)
+
+
+def _sdpa_rows(q: Tensor, k: Tensor, v: Tensor, plan: PackPlan, scale: float, dropout: float, bias: Tensor | None) -> Tensor:
+    """One block-masked SDPA call over the plan's padded rows."""
     mask = plan.attention_mask
     if bias is not None:
-        mask = torch.where(mask, bias.to(q.dtype), float("-inf"))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale), "sdpa"
-
-
-def _sdpa_runs(q: Tensor, k: Tensor, v: Tensor, segments: Tensor, scale: float, dropout: float, bias: Tensor | None) -> Tensor:
-    """One unmasked SDPA call per same-image run (row, start, length); padding outputs stay zero."""
-    out = torch.zeros_like(q)
-    for row, start, size, _ in segments.tolist():
-        part = slice(start, start + size)
-        run_bias = None
-        if bias is not None:
-            run_bias = bias[row if bias.shape[0] > 1 else 0, :, part, part].unsqueeze(0)
-        out[row : row + 1, :, part] = F.scaled_dot_product_attention(
-            q[row : row + 1, :, part], k[row : row + 1, :, part], v[row : row + 1, :, part],
-            attn_mask=run_bias, dropout_p=dropout, scale=scale,
-        )
-    return out
+        mask = bias.to(q.dtype) if mask is None else torch.where(mask, bias.to(q.dtype), float("-inf"))
+    out = F.scaled_dot_product_attention(
+        _to_rows(q, plan), _to_rows(k, plan), _to_rows(v, plan), attn_mask=mask, dropout_p=dropout, scale=scale
+    )
+    return _from_rows(out, plan)
 
 
 def _flex(q: Tensor, k: Tensor, v: Tensor, plan: PackPlan, scale: float) -> Tensor:
@@ -111,74 +136,61 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, plan: PackPlan, scale: float) -> Tens
     def same_image(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return seg[b, q_idx] == seg[b, kv_idx]
 
-    rows, _, length, _ = q.shape
+    rows = plan.num_rows
+    length = plan.row_len
     block_mask = create_block_mask(same_image, rows, None, length, length, device=q.device)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-        return flex_attention(q, k, v, block_mask=block_mask, scale=scale)
-
-
-def _cumulative_runs(plan: PackPlan, device: torch.device) -> tuple[Tensor, int]:
-    """Cumulative same-image run lengths (int32) over the valid slots, and the longest run."""
-    lengths = plan.segments[:, 2]
-    cu = torch.zeros(lengths.numel() + 1, dtype=torch.int32, device=device)
-    cu[1:] = torch.cumsum(lengths, 0).to(torch.int32)
-    return cu, int(lengths.max())
+        out = flex_attention(_to_rows(q, plan), _to_rows(k, plan), _to_rows(v, plan), block_mask=block_mask, scale=scale)
+    return _from_rows(out, plan)
 
 
 def _varlen(q: Tensor, k: Tensor, v: Tensor, plan: PackPlan, scale: float) -> Tensor:
     from torch.nn.attention.varlen import varlen_attn
 
-    rows, heads, length, head_dim = q.shape
     dtype = q.dtype
     work = dtype if dtype in _HALF else torch.bfloat16
     if work != dtype:
         _log.debug("varlen attention runs in bf16; casting %s inputs", dtype)
-
-    def flat(t: Tensor) -> Tensor:
-        t = t.transpose(1, 2).reshape(rows * length, heads, head_dim)
-        return t.index_select(0, plan.valid_slots).to(work).contiguous()
-
-    cu, longest = _cumulative_runs(plan, q.device)
-    out = varlen_attn(flat(q), flat(k), flat(v), cu, cu, longest, longest, scale=scale)
-    full = out.new_zeros(rows * length, heads, head_dim).index_copy(0, plan.valid_slots, out)
-    return full.view(rows, length, heads, head_dim).transpose(1, 2).to(dtype)
+    lengths = [size for _, _, _, size in plan.runs]
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=q.device)
+    cu[1:] = torch.tensor(lengths, device=q.device).cumsum(0).to(torch.int32)
+    longest = max(lengths)
+    out = varlen_attn(*(t.to(work).contiguous() for t in (q, k, v)), cu, cu, longest, longest, scale=scale)
+    return out.to(dtype)
 
 
 def _reference(q: Tensor, k: Tensor, v: Tensor, plan: PackPlan, scale: float, bias: Tensor | None) -> Tensor:
-    rows, heads, length, head_dim = q.shape
-    if bias is not None:
-        bias = torch.broadcast_to(bias.to(q.dtype), (rows, heads, length, length))
-    pieces, slots = [], []
-    for row, start, size, _ in plan.segments.tolist():
-        sl = slice(start, start + size)
-        logits = q[row, :, sl] @ k[row, :, sl].transpose(-2, -1) * scale
-        if bias is not None:
-            logits = logits + bias[row, :, sl, sl]
-        weights = logits.softmax(-1)
-        pieces.append((weights @ v[row, :, sl]).transpose(0, 1))
-        slots.append(torch.arange(row * length + start, row * length + start + size, device=q.device))
-    out = q.new_zeros(rows * length, heads, head_dim)
-    out = out.index_copy(0, torch.cat(slots), torch.cat(pieces))
-    return out.view(rows, length, heads, head_dim).transpose(1, 2)
+    out = torch.empty_like(q)
+    for flat, row, start, size in plan.runs:
+        part = slice(flat, flat + size)
+        qs, ks, vs = (t[part].transpose(0, 1) for t in (q, k, v))  # (heads, size, d)
+        logits = qs @ ks.transpose(-2, -1) * scale
+        run_bias = _run_bias(bias, row, start, size)
+        if run_bias is not None:
+            logits = logits + run_bias[0].to(q.dtype)
+        out[part] = (logits.softmax(-1) @ vs).transpose(0, 1)
+    return out
 
 
 def packed_attention(
     attn: nn.Module, x: Tensor, plan: PackPlan, backend: str = "auto", *, attn_bias: Tensor | None = None
 ) -> tuple[Tensor, str]:
-    """Run ``attn``'s projections on packed rows ``x`` (B', L, C) with same-image attention.
+    """Run ``attn``'s projections on the flat kept tokens ``x`` (n, C) with same-image attention.
 
-    ``attn_bias``: optional additive float bias broadcastable to (B', heads, L, L), added to the
-    scaled scores in addition to the same-image mask (``sdpa`` and ``reference`` only; ``auto``
-    then picks ``sdpa``).
-    Returns the output (B', L, C_out) and the name of the backend that ran.
+    ``attn_bias``: optional additive float bias broadcastable to (B', heads, L, L) over the plan's
+    slots, added to the scaled scores in addition to the same-image mask (``sdpa`` and ``reference``
+    only; ``auto`` then picks ``sdpa``).
+    Returns the output (n, C_out) and the name of the kernel that ran (``sdpa_runs``, ``sdpa``,
+    ``flex``, ``varlen`` or ``reference``).
     """
-    rows, length, _ = x.shape
+    tokens = x.shape[0]
+    if tokens != plan.num_kept:
+        raise ValueError(f"x holds {tokens} tokens but the plan keeps {plan.num_kept}; pass gather_kept(x, plan)")
     heads = attn.num_heads
     head_dim = getattr(attn, "head_dim", attn.qkv.out_features // (3 * heads))
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    qkv = attn.qkv(x).reshape(rows, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
+    q, k, v = attn.qkv(x).view(tokens, 3, heads, head_dim).unbind(1)
     q, k = attn.q_norm(q), attn.k_norm(k)
     scale = getattr(attn, "scale", head_dim**-0.5)
     dropout = attn.attn_drop.p if attn.training and hasattr(attn, "attn_drop") else 0.0
@@ -188,14 +200,17 @@ def packed_attention(
     if attn_bias is not None and chosen in ("flex", "varlen"):
         raise ValueError(f"the {chosen} backend takes no attn_bias; use backend='sdpa' or 'reference'")
     if chosen == "sdpa":
-        out, chosen = _sdpa(q, k, v, plan, scale, dropout, attn_bias)
+        if len(plan.runs) <= SEGMENT_LOOP_MAX:
+            out, chosen = _sdpa_runs(q, k, v, plan, scale, dropout, attn_bias), "sdpa_runs"
+        else:
+            out = _sdpa_rows(q, k, v, plan, scale, dropout, attn_bias)
     elif chosen == "flex":
         out = _flex(q, k, v, plan, scale)
     elif chosen == "varlen":
         out = _varlen(q, k, v, plan, scale)
     else:
         out = _reference(q, k, v, plan, scale, attn_bias)
-    out = out.transpose(1, 2).reshape(rows, length, heads * head_dim)
+    out = out.reshape(tokens, heads * head_dim)
     out = attn.norm(out) if hasattr(attn, "norm") else out
     if gate is not None:
         out = out * gate

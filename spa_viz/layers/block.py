@@ -5,6 +5,8 @@
 top of the same-image mask. A plain ViT uses :class:`RasterLayout` (raster order, global attention);
 SPT uses its window layout (Swin window order, relative position bias, shifted-window mask).
 
+The kept tokens run *flat*, (n, C) in slot order (:func:`~spa_viz.layers.packing.gather_kept`):
+norms, projections and the MLP see no padding; only the attention kernel uses the plan's rows.
 Per kept token, with ``m`` the gate factor (below)::
 
     x' = x  + m * drop_path(ls1(attn(norm1(x))))        attention among kept tokens only
@@ -37,12 +39,13 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spa_viz.layers.attention import packed_attention
 from spa_viz.layers.config import SPAConfig
-from spa_viz.layers.gate import fuse_scores, pool_scores, select_tokens
-from spa_viz.layers.packing import PackPlan, pack, plan_packing, unpack
+from spa_viz.layers.gate import ensure_min_keep, fuse_scores, gumbel_keep, pool_scores, straight_through
+from spa_viz.layers.packing import PackPlan, gather_kept, plan_packing, scatter_kept
 
 __all__ = [
     "BlockCosts",
@@ -100,8 +103,8 @@ class TokenLayout(Protocol):
     key: Hashable
     dense_window: int | None
 
-    def plan(self, keep: Tensor, config: SPAConfig) -> PackPlan:
-        """The pack plan of a (B, T) keep mask (prefix tokens first)."""
+    def plan(self, keep: Tensor, config: SPAConfig, counts: list[int] | None = None) -> PackPlan:
+        """The pack plan of a (B, T) keep mask (prefix tokens first); ``counts``: its row sums, if known."""
         ...
 
     def attention_bias(self, plan: PackPlan) -> Tensor | None:
@@ -117,8 +120,8 @@ class RasterLayout:
     key: Hashable = "raster"
     dense_window: int | None = None
 
-    def plan(self, keep: Tensor, config: SPAConfig) -> PackPlan:
-        return plan_packing(keep, config.policy, config.container_len)
+    def plan(self, keep: Tensor, config: SPAConfig, counts: list[int] | None = None) -> PackPlan:
+        return plan_packing(keep, config.policy, config.container_len, counts=counts)
 
     def attention_bias(self, plan: PackPlan) -> Tensor | None:
         return None
@@ -166,17 +169,22 @@ class BlockDecision:
 
 @dataclass
 class _PackState:
-    """The last block's keep mask, plan and packed output, so an identical next decision reuses them."""
+    """The last block's keep mask, plan and kept output tokens, so an identical next decision reuses them."""
 
     keep: Tensor
     layout_key: Hashable
     plan: PackPlan
     packed_out: Tensor
+    """(n, C) the last block's kept tokens after the block."""
     output: Tensor
 
     def holds_output_of(self, x: Tensor) -> bool:
         """Whether ``x`` is (a same-shaped view of) the last block's output, unmodified since."""
         out = self.output
+        if x is out:
+            return True
+        if x.is_inference() or out.is_inference():  # inference tensors have no version counter to compare
+            return False
         return (x.data_ptr(), x.shape, x.stride(), x._version) == (out.data_ptr(), out.shape, out.stride(), out._version)
 
 
@@ -220,10 +228,10 @@ class SPAContext:
         self._last_fused, self._last_grid = fused, tuple(grid)
         return fused
 
-    def pack(self, x: Tensor, keep: Tensor, layout: TokenLayout) -> tuple[PackPlan, Tensor, bool]:
-        """Plan and pack ``x`` (B, T, C) for ``keep`` (B, T); reuse the last plan when the previous block
-        kept the same tokens with the same layout, and (in inference) its packed output when ``x`` is
-        that block's output."""
+    def pack(self, x: Tensor, keep: Tensor, layout: TokenLayout, counts: list[int]) -> tuple[PackPlan, Tensor, bool]:
+        """Plan ``keep`` (B, T) and gather the kept tokens of ``x`` (B, T, C) flat (n, C); reuse the last
+        plan when the previous block kept the same tokens with the same layout, and (in inference) its
+        kept output tokens when ``x`` is that block's output."""
         state = self._pack_state
         if (
             state is not None
@@ -234,9 +242,9 @@ class SPAContext:
             # the packed output itself is reused only without autograd: under activation checkpointing a
             # re-run must build its own graph from ``x``
             reuse = not torch.is_grad_enabled() and state.holds_output_of(x)
-            return state.plan, state.packed_out if reuse else pack(x, state.plan), True
-        plan = layout.plan(keep, self.config)
-        return plan, pack(x, plan), False
+            return state.plan, state.packed_out if reuse else gather_kept(x, state.plan), True
+        plan = layout.plan(keep, self.config, counts)
+        return plan, gather_kept(x, plan), False
 
     def remember(self, keep: Tensor, layout: TokenLayout, plan: PackPlan, packed_out: Tensor, out: Tensor) -> None:
         """Keep this block's plan and packed output for the next block."""
@@ -244,7 +252,7 @@ class SPAContext:
 
 
 def packed_drop_path(y: Tensor, plan: PackPlan, module: nn.Module, training: bool) -> Tensor:
-    """timm's per-sample drop path, applied per source image rather than per packed row."""
+    """timm's per-sample drop path on the flat kept tokens (n, C), applied per source image."""
     prob = float(getattr(module, "drop_prob", 0.0))
     if not training or prob == 0.0:
         return y
@@ -252,7 +260,7 @@ def packed_drop_path(y: Tensor, plan: PackPlan, module: nn.Module, training: boo
     scale = keep.to(y.dtype)
     if getattr(module, "scale_by_keep", True):
         scale = scale / (1.0 - prob)
-    return y * scale[plan.slot_image.clamp(min=0)].unsqueeze(-1)
+    return y * scale[plan.valid_sources // plan.seq_len].unsqueeze(-1)
 
 
 def _gate_factor(scores: Tensor, multiplier: Tensor | None, soft_gating: bool) -> Tensor | None:
@@ -263,19 +271,41 @@ def _gate_factor(scores: Tensor, multiplier: Tensor | None, soft_gating: bool) -
     return multiplier
 
 
-def _decide(block: nn.Module, x: Tensor, ctx: SPAContext, layer: int, grid: Grid) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """(raw scores, selection scores, patch keep mask, gate factor or None) of one block."""
+@dataclass
+class _Selection:
+    """One block's decision before packing: scores, patch keep mask and counts, and the gate factor."""
+
+    raw: Tensor
+    scores: Tensor
+    keep: Tensor
+    counts: list[int]
+    factor: Tensor | None
+
+
+def _decide(block: nn.Module, x: Tensor, ctx: SPAContext, layer: int, grid: Grid) -> _Selection:
+    """Score, fuse and select the patch tokens of one block (``min_keep`` enforced on the counts)."""
     cfg = ctx.config
     gate = block.gate
     raw = gate(x, ctx.num_prefix)
     if not gate.learned:
-        return raw, raw, gate.select(raw, cfg), None
+        keep = gate.select(raw, cfg)
+        return _Selection(raw, raw, keep, keep.sum(1).tolist(), None)
     scores = ctx.fuse(raw, grid)
-    keep, multiplier = select_tokens(
-        scores, threshold=cfg.threshold, tau=cfg.tau, min_keep=cfg.min_keep, training=block.training
-    )
+    keep, soft = gumbel_keep(scores, threshold=cfg.threshold, tau=cfg.tau, training=block.training)
+    counts = keep.sum(1).tolist()
+    if min(counts) < min(cfg.min_keep, scores.shape[1]):
+        keep = ensure_min_keep(keep, scores, cfg.min_keep, counts)
+        counts = keep.sum(1).tolist()
     ctx.gates.append(GateOutput(layer, tuple(grid), raw, scores, keep))
-    return raw, scores, keep, _gate_factor(scores, multiplier, cfg.soft_gating)
+    multiplier = None if soft is None else straight_through(keep, soft)
+    return _Selection(raw, scores, keep, counts, _gate_factor(scores, multiplier, cfg.soft_gating))
+
+
+def _add_branch(packed: Tensor, branch: Tensor, factor: Tensor | None, plan: PackPlan, drop_path: nn.Module, training: bool) -> Tensor:
+    """``packed + drop_path(factor * branch)`` (one fused op when nothing is dropped)."""
+    if training and float(getattr(drop_path, "drop_prob", 0.0)) > 0.0:
+        return packed + packed_drop_path(branch if factor is None else branch * factor, plan, drop_path, training)
+    return packed + branch if factor is None else torch.addcmul(packed, branch, factor)
 
 
 def spa_block_forward(block: nn.Module, x: Tensor, ctx: SPAContext, layer: int, layout: TokenLayout) -> Tensor:
@@ -293,29 +323,24 @@ def spa_block_forward(block: nn.Module, x: Tensor, ctx: SPAContext, layer: int, 
             f"SPA block {layer} got {seq_len - prefix} patch tokens but the grid is {grid}; "
             "run the model through its own forward so the grid is set"
         )
-    raw, scores, keep_patch, factor = _decide(block, x, ctx, layer, grid)
-    keep = keep_patch if prefix == 0 else torch.cat([keep_patch.new_ones(batch, prefix), keep_patch], dim=1)
-    plan, packed, reused = ctx.pack(x, keep, layout)
-    packed_factor = None
-    if factor is not None:
-        full = factor if prefix == 0 else torch.cat([factor.new_ones(batch, prefix), factor], dim=1)
-        packed_factor = pack(full.unsqueeze(-1), plan)
+    chosen = _decide(block, x, ctx, layer, grid)
+    keep = F.pad(chosen.keep, (prefix, 0), value=True) if prefix else chosen.keep
+    plan, packed, reused = ctx.pack(x, keep, layout, [count + prefix for count in chosen.counts])
+    factor = None
+    if chosen.factor is not None:
+        full = F.pad(chosen.factor, (prefix, 0), value=1.0) if prefix else chosen.factor
+        factor = gather_kept(full.unsqueeze(-1), plan)
 
     attn_out, backend = packed_attention(
         block.attn, block.norm1(packed), plan, cfg.backend, attn_bias=layout.attention_bias(plan)
     )
-    branch = block.ls1(attn_out)
-    if packed_factor is not None:
-        branch = branch * packed_factor
-    packed = packed + packed_drop_path(branch, plan, block.drop_path1, block.training)
+    packed = _add_branch(packed, block.ls1(attn_out), factor, plan, block.drop_path1, block.training)
     if cfg.sparse_mlp:
-        branch = block.ls2(block.mlp(block.norm2(packed)))
-        if packed_factor is not None:
-            branch = branch * packed_factor
-        packed = packed + packed_drop_path(branch, plan, block.drop_path2, block.training)
-        out = unpack(packed, plan, x)
+        mlp_out = block.ls2(block.mlp(block.norm2(packed)))
+        packed = _add_branch(packed, mlp_out, factor, plan, block.drop_path2, block.training)
+        out = scatter_kept(packed, plan, x)
     else:
-        out = unpack(packed, plan, x)
+        out = scatter_kept(packed, plan, x)
         out = out + block.drop_path2(block.ls2(block.mlp(block.norm2(out))))
     ctx.remember(keep, layout, plan, packed, out)
 
@@ -328,9 +353,9 @@ def spa_block_forward(block: nn.Module, x: Tensor, ctx: SPAContext, layer: int, 
                 selector=block.gate.name,
                 learned=bool(block.gate.learned),
                 fusion=cfg.fusion,
-                raw_scores=raw.detach().float().cpu(),
-                scores=scores.detach().float().cpu(),
-                keep=keep_patch.cpu(),
+                raw_scores=chosen.raw.detach().float().cpu(),
+                scores=chosen.scores.detach().float().cpu(),
+                keep=chosen.keep.cpu(),
                 plan=plan.to("cpu"),
                 backend=backend,
                 sparse_mlp=cfg.sparse_mlp,

@@ -27,9 +27,12 @@ __all__ = [
     "FUSION_MODES",
     "TokenGate",
     "check_fusion",
+    "ensure_min_keep",
     "fuse_scores",
+    "gumbel_keep",
     "pool_scores",
     "select_tokens",
+    "straight_through",
     "threshold_logit",
 ]
 
@@ -112,13 +115,45 @@ def threshold_logit(threshold: float, tau: float = 1.0) -> float:
     return tau * (math.log(threshold) - math.log1p(-threshold))
 
 
-def _ensure_min_keep(keep: Tensor, scores: Tensor, min_keep: int) -> Tensor:
-    """``keep`` plus, in images that keep fewer than ``min_keep``, their highest-scoring tokens."""
+def ensure_min_keep(keep: Tensor, scores: Tensor, min_keep: int, counts: list[int] | None = None) -> Tensor:
+    """``keep`` plus, in images that keep fewer than ``min_keep``, their highest-scoring tokens.
+
+    ``counts`` (the kept count per image, when the caller has it) saves a pass over ``keep``.
+    """
     k = min(min_keep, scores.shape[1])
-    if k <= 0 or bool((keep.sum(1) >= k).all()):
+    if k <= 0:
+        return keep
+    if counts is None:
+        counts = keep.sum(1).tolist()
+    if min(counts, default=k) >= k:
         return keep
     top = scores.detach().topk(k, dim=1).indices
     return keep.scatter(1, top, True)
+
+
+def gumbel_keep(
+    scores: Tensor,
+    *,
+    threshold: float = 0.5,
+    tau: float = 1.0,
+    training: bool = False,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """The keep rule of :func:`select_tokens` without ``min_keep``: ``(keep, soft)``, where ``soft`` is
+    the noisy soft gate in training (None in evaluation). The SPA kernel enforces ``min_keep`` with
+    the counts it computes for packing anyway, then builds the straight-through multiplier with
+    :func:`straight_through`."""
+    if not training:
+        return scores > threshold_logit(threshold, tau), None
+    u = torch.rand(scores.shape, generator=generator, device=scores.device, dtype=scores.dtype)
+    u = u.clamp(1e-6, 1.0 - 1e-6)
+    soft = torch.sigmoid((scores + torch.log(u) - torch.log1p(-u)) / tau)
+    return soft > threshold, soft
+
+
+def straight_through(keep: Tensor, soft: Tensor) -> Tensor:
+    """``hard - soft.detach() + soft``: the value of the hard mask, the gradient of the soft gate."""
+    return keep.to(soft.dtype) - soft.detach() + soft
 
 
 def select_tokens(
@@ -146,12 +181,6 @@ def select_tokens(
         raise ValueError(f"tau must be > 0, got {tau}")
     if min_keep < 0:
         raise ValueError(f"min_keep must be >= 0, got {min_keep}")
-    if not training:
-        keep = scores > threshold_logit(threshold, tau)
-        return _ensure_min_keep(keep, scores, min_keep), None
-    u = torch.rand(scores.shape, generator=generator, device=scores.device, dtype=scores.dtype)
-    u = u.clamp(1e-6, 1.0 - 1e-6)
-    soft = torch.sigmoid((scores + torch.log(u) - torch.log1p(-u)) / tau)
-    keep = _ensure_min_keep(soft > threshold, scores, min_keep)
-    hard = keep.to(scores.dtype)
-    return keep, hard - soft.detach() + soft
+    keep, soft = gumbel_keep(scores, threshold=threshold, tau=tau, training=training, generator=generator)
+    keep = ensure_min_keep(keep, scores, min_keep)
+    return keep, None if soft is None else straight_through(keep, soft)

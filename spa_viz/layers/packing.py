@@ -23,7 +23,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-__all__ = ["POLICIES", "PackPlan", "plan_packing", "pack", "unpack"]
+__all__ = ["POLICIES", "PackPlan", "plan_packing", "pack", "unpack", "gather_kept", "scatter_kept"]
 
 POLICIES = ("container", "image")
 
@@ -79,13 +79,30 @@ class PackPlan:
         return torch.where(self.valid, self.slot_source % self.seq_len, -1)
 
     @cached_property
+    def runs(self) -> list[tuple[int, int, int, int]]:
+        """``(flat_start, row, start, length)`` of every same-image run, in slot order; ``flat_start``
+        is the run's offset among the kept tokens (:func:`gather_kept` order). Plain Python ints."""
+        if not self.mixed_rows:
+            length, total = self.row_len, self.num_kept
+            if not self.has_padding or self.policy == "container":  # full rows, only the last one short
+                sizes = [min(length, total - r * length) for r in range(self.num_rows)]
+                return [(r * length, r, 0, size) for r, size in enumerate(sizes) if size > 0]
+        runs, flat = [], 0
+        for row, start, size, _ in self.segments.tolist():
+            runs.append((flat, row, start, size))
+            flat += size
+        return runs
+
+    @cached_property
     def valid_slots(self) -> Tensor:
         """Flat indices of the non-padding slots, in slot order."""
         return self.valid.reshape(-1).nonzero().squeeze(1)
 
     @cached_property
     def valid_sources(self) -> Tensor:
-        """Flat source indices (image * seq_len + token) of the non-padding slots."""
+        """Flat source indices (image * seq_len + token) of the non-padding slots, in slot order."""
+        if not self.has_padding:
+            return self.slot_source.reshape(-1)
         return self.slot_source.reshape(-1)[self.valid_slots]
 
     @cached_property
@@ -162,6 +179,7 @@ def plan_packing(
     policy: str = "image",
     row_len: int | None = None,
     *,
+    counts: list[int] | None = None,
     source_map: Tensor | None = None,
     seq_len: int | None = None,
 ) -> PackPlan:
@@ -171,7 +189,8 @@ def plan_packing(
     for ``image`` (default: the largest image's kept count). Tokens are packed in ``keep``'s order;
     ``source_map`` (B * T,) optionally maps each of those positions to the source index the slots
     record (``image * seq_len + token``), for backbones that pack in another order than they store
-    (SPT packs in window order, stores raster order).
+    (SPT packs in window order, stores raster order). ``counts``: the kept tokens per image, when the
+    caller already has them (saves a pass and a host sync).
     """
     if keep.dim() != 2 or keep.dtype != torch.bool:
         raise ValueError(f"keep must be a (B, T) bool tensor, got {keep.dtype} {tuple(keep.shape)}")
@@ -183,8 +202,13 @@ def plan_packing(
         raise ValueError("the container policy needs a container length L (row_len), e.g. 49")
     batch, positions = keep.shape
     device = keep.device
-    counts = keep.sum(1)
-    counts_list = counts.tolist()
+    if counts is None:
+        counts_list = keep.sum(1).tolist()
+    elif len(counts) != batch:
+        raise ValueError(f"got {len(counts)} counts for a batch of {batch}")
+    else:
+        counts_list = list(counts)
+    counts = torch.tensor(counts_list, dtype=torch.long, device=device)
     total = sum(counts_list)
     sources = keep.reshape(-1).nonzero().squeeze(1)
     if source_map is not None:
@@ -235,6 +259,21 @@ def pack(x: Tensor, plan: PackPlan) -> Tensor:
     if plan.has_padding:
         packed = packed.masked_fill(~plan.valid.unsqueeze(-1), 0.0)
     return packed
+
+
+def gather_kept(x: Tensor, plan: PackPlan) -> Tensor:
+    """The kept tokens of ``x`` (B, T, C) as a flat (n, C) tensor in slot order (no padding)."""
+    batch, seq_len, dim = x.shape
+    if (batch, seq_len) != (plan.batch_size, plan.seq_len):
+        raise ValueError(f"x has shape {tuple(x.shape)} but the plan is for ({plan.batch_size}, {plan.seq_len}, C)")
+    return x.reshape(batch * seq_len, dim).index_select(0, plan.valid_sources)
+
+
+def scatter_kept(tokens: Tensor, plan: PackPlan, base: Tensor) -> Tensor:
+    """Write flat kept tokens (n, C) back into a copy of ``base`` (B, T, C); unkept tokens keep ``base``."""
+    batch, seq_len, dim = base.shape
+    out = base.reshape(batch * seq_len, dim).index_copy(0, plan.valid_sources, tokens)
+    return out.view(batch, seq_len, dim)
 
 
 def unpack(packed: Tensor, plan: PackPlan, base: Tensor) -> Tensor:

@@ -240,12 +240,15 @@ def _batch_order(layout: _WindowLayout, batch: int, tokens: int) -> Tensor:
     return (torch.arange(batch, device=layout.order.device)[:, None] * tokens + layout.order.clamp(min=0)).reshape(-1)
 
 
-def _raster_plan(keep: Tensor, layout: _WindowLayout, policy: str, row_len: int | None) -> PackPlan:
+def _raster_plan(
+    keep: Tensor, layout: _WindowLayout, policy: str, row_len: int | None, counts: list[int] | None = None
+) -> PackPlan:
     """Pack plan in window order whose slots point at raster tokens (image * N + row * W + col)."""
     batch, tokens = keep.shape
     order = layout.order
     window_keep = keep[:, order.clamp(min=0)] & (order >= 0) if layout.window_padding else keep[:, order]
-    return plan_packing(window_keep, policy, row_len, source_map=_batch_order(layout, batch, tokens), seq_len=tokens)
+    source_map = _batch_order(layout, batch, tokens)
+    return plan_packing(window_keep, policy, row_len, counts=counts, source_map=source_map, seq_len=tokens)
 
 
 @dataclass(frozen=True)
@@ -274,8 +277,8 @@ class SwinWindowLayout:
     def _layout(self, device: torch.device) -> _WindowLayout:
         return _window_layout(self.grid, self.window, self.shift, self.window_size, str(device))
 
-    def plan(self, keep: Tensor, config: SPAConfig) -> PackPlan:
-        return _raster_plan(keep, self._layout(keep.device), config.policy, self.container_len)
+    def plan(self, keep: Tensor, config: SPAConfig, counts: list[int] | None = None) -> PackPlan:
+        return _raster_plan(keep, self._layout(keep.device), config.policy, self.container_len, counts)
 
     def attention_bias(self, plan: PackPlan) -> Tensor:
         """(B', heads, L, L): Swin's relative position bias of every packed pair, -100 across shift regions."""

@@ -70,7 +70,7 @@ def test_units_are_named_and_flops_are_twice_the_macs() -> None:
 def test_conv_stem_embedding_is_counted() -> None:
     """A convolutional patch embedding (conv stem) enters the static count by its real convolutions."""
     from spa_viz.analysis.flops import embed_macs
-    from spa_viz.models.detector import ConvStemEmbed
+    from spa_viz.models.detection import ConvStemEmbed
 
     embed = ConvStemEmbed(img_size=32, patch_size=8, in_chans=3, embed_dim=16, channels=(4, 8, 16))
     expected = 16 * 16 * 4 * 3 * 9 + 8 * 8 * 8 * 4 * 9 + 4 * 4 * 16 * 8 * 9 + 4 * 4 * 16 * 16

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from spa_viz.data.coco import CocoDetection, InMemoryDetection, collate
 from spa_viz.data.digits import DigitsConfig, generate_split, write_split
-from spa_viz.selection.labels import labels_from_boxes, labels_from_masks
+from spa_viz.selection.labels import TokenGrid, labels_from_boxes, labels_from_masks
 
 HEIGHT, WIDTH = 60, 90
 # xyxy rectangles of the hand-made file, one per segmentation format.
@@ -169,15 +169,16 @@ def test_digits_coco_matches_in_memory(digits_coco: tuple[Path, Path]) -> None:
 
 
 def test_selection_labels_and_collate(digits_coco: tuple[Path, Path]) -> None:
-    grids = [(12, 12), (6, 6), (5, 5)]
+    # the last grid covers a padded image (5 tokens of 20 px over 96 px), as SPT's padded stages do
+    grids = [TokenGrid((12, 12), (8, 8)), TokenGrid((6, 6), (16, 16)), TokenGrid((5, 5), (20, 20))]
     dataset = CocoDetection(*digits_coco, size=96, train=True, select_grids=grids)
     images, targets = next(iter(DataLoader(dataset, batch_size=3, collate_fn=collate)))
     assert images.shape == (3, 3, 96, 96) and len(targets) == 3
     for target in targets:
         _assert_aligned(target, tolerance=1.5)
         for grid, labels in zip(grids, target["select_labels"]):
-            assert torch.equal(labels, labels_from_masks(target["masks"], grid))
-            assert (labels <= labels_from_boxes(target["boxes"], (96, 96), grid)).all()
+            assert torch.equal(labels, labels_from_masks(target["masks"], grid.shape, grid.stride))
+            assert (labels <= labels_from_boxes(target["boxes"], (96, 96), grid.shape, grid.stride)).all()
 
 
 def test_missing_and_corrupt_images(handmade: tuple[Path, Path]) -> None:
@@ -215,7 +216,7 @@ def test_bad_annotations(handmade: tuple[Path, Path], tmp_path: Path) -> None:
 
 def test_images_without_objects() -> None:
     samples = generate_split("val", 2, seed=0, config=DigitsConfig(num_digits=(0, 0)))
-    dataset = InMemoryDetection(samples, size=80, train=True, select_grids=[(5, 5)])
+    dataset = InMemoryDetection(samples, size=80, train=True, select_grids=[(5, 5)])  # 16 px tokens tile 80 px
     images, targets = collate([dataset[0], dataset[1]])
     assert images.shape == (2, 3, 80, 80)
     for target in targets:

@@ -107,14 +107,14 @@ def test_coco_json_round_trip(tmp_path: Path) -> None:
             assert ann["area"] == mask.sum() and ann["iscrowd"] == 0
 
 
-@pytest.mark.parametrize("grid", [(4, 4), (7, 7), (5, 9), (16, 16)])
-def test_labels_match_reference(train_samples: list, grid: tuple[int, int]) -> None:
+@pytest.mark.parametrize(("grid", "stride"), [((4, 4), (32, 32)), ((7, 7), (19, 19)), ((5, 9), (26, 15)), ((16, 16), (8, 8))])
+def test_labels_match_reference(train_samples: list, grid: tuple[int, int], stride: tuple[int, int]) -> None:
     sample = train_samples[0]
-    expected_masks = reference_labels(sample.masks.any(0), grid)
-    got = labels_from_masks(torch.from_numpy(sample.masks), grid)
+    expected_masks = reference_labels(sample.masks.any(0), grid, stride)
+    got = labels_from_masks(torch.from_numpy(sample.masks), grid, stride)
     np.testing.assert_array_equal(got.numpy(), expected_masks)
-    expected_boxes = reference_labels(reference_box_mask(sample.boxes, 128, 128), grid)
-    got = labels_from_boxes(torch.from_numpy(sample.boxes), (128, 128), grid)
+    expected_boxes = reference_labels(reference_box_mask(sample.boxes, 128, 128), grid, stride)
+    got = labels_from_boxes(torch.from_numpy(sample.boxes), (128, 128), grid, stride)
     np.testing.assert_array_equal(got.numpy(), expected_boxes)
     assert (expected_boxes >= expected_masks).all()
 

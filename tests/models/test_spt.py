@@ -17,7 +17,7 @@ from spa_viz.analysis.flops import dense_block_macs, static_macs
 from spa_viz.benchmarks.spt import force_keep_ratio
 from spa_viz.layers.attention import packed_attention
 from spa_viz.layers.block import BlockCosts
-from spa_viz.layers.packing import plan_packing
+from spa_viz.layers.packing import gather_kept, plan_packing
 from spa_viz.models.spt import SPT, SPTBlock, SPTConfig, load_swin_weights, spt_from_swin
 from spa_viz.selection.labels import multiscale_labels
 
@@ -55,19 +55,19 @@ def test_attn_bias_sdpa_equals_reference_and_loop() -> None:
     attn = Attention(32, num_heads=4).eval()
     keep = torch.rand(3, 20) > 0.4
     plan = plan_packing(keep, "container", 16)
-    x = torch.randn(plan.num_rows, 16, 32)
+    x = gather_kept(torch.randn(3, 20, 32), plan)
     bias = torch.randn(plan.num_rows, 4, 16, 16)
     with torch.no_grad():
         sdpa, _ = packed_attention(attn, x, plan, "sdpa", attn_bias=bias)
         ref, _ = packed_attention(attn, x, plan, "reference", attn_bias=bias)
-        q, k, v = attn.qkv(x).reshape(plan.num_rows, 16, 3, 4, 8).permute(2, 0, 3, 1, 4)
-        for row, start, size, _ in plan.segments.tolist():
-            sl = slice(start, start + size)
-            weights = (q[row, :, sl] @ k[row, :, sl].transpose(-2, -1) * attn.scale + bias[row, :, sl, sl]).softmax(-1)
-            expected = attn.proj((weights @ v[row, :, sl]).transpose(0, 1).reshape(size, 32))
-            assert torch.allclose(sdpa[row, sl], expected, atol=1e-5)
-    valid = plan.valid.unsqueeze(-1)
-    assert torch.allclose(sdpa * valid, ref * valid, atol=1e-5)
+        q, k, v = attn.qkv(x).reshape(-1, 3, 4, 8).permute(1, 2, 0, 3)  # (3, heads, n, d)
+        for flat, row, start, size in plan.runs:
+            run = slice(flat, flat + size)
+            part = slice(start, start + size)
+            weights = (q[:, run] @ k[:, run].transpose(-2, -1) * attn.scale + bias[row, :, part, part]).softmax(-1)
+            expected = attn.proj((weights @ v[:, run]).transpose(0, 1).reshape(size, 32))
+            assert torch.allclose(sdpa[run], expected, atol=1e-5)
+    assert torch.allclose(sdpa, ref, atol=1e-5)
     with pytest.raises(ValueError, match="attn_bias"), torch.no_grad():
         packed_attention(attn, x, plan, "flex", attn_bias=bias)
 

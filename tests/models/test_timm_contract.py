@@ -99,7 +99,7 @@ def test_features_only_forward_intermediates_and_reset_classifier(name: str) -> 
     assert info.channels() == [model.feature_info[i]["num_chs"] for i in out_indices]
     assert len(intermediates) == len(model.feature_info)
     torch.testing.assert_close(final, forward_features)
-    assert len(spa_viz.spa_context(model).scores) == len(spa_viz.spa_blocks(model)), "the SPA blocks ran"
+    assert len(spa_viz.spa_context(model).gates) == len(spa_viz.spa_blocks(model)), "the SPA blocks ran"
 
     with torch.no_grad():
         model.reset_classifier(7)
@@ -124,11 +124,11 @@ def _train_step(model: torch.nn.Module, images: list[torch.Tensor]) -> tuple[dic
     ctx.records = []
     loss = torch.zeros(())
     for x in images:
-        loss = loss + model(x).square().mean() + sum(torch.sigmoid(s).mean() for _, _, s in ctx.scores)
+        loss = loss + model(x).square().mean() + sum(torch.sigmoid(g.raw).mean() for g in ctx.gates)
     loss.backward()
     records, ctx.records = ctx.records, None
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return grads, [s.detach().clone() for _, _, s in ctx.scores], records
+    return grads, [g.raw.detach().clone() for g in ctx.gates], records
 
 
 @pytest.mark.parametrize("name", PRESETS)
