@@ -134,11 +134,11 @@ def strip_panel(display: np.ndarray, layers: list[LayerTrace], index: int, name:
     layer's title, what it selected by (:func:`score_source`)."""
     captions = [score_source(record, index) for record in layers]
     learned = [record for record in layers if record.learned]
-    how = f"selection score per layer (fusion: {learned[0].fusion})" if learned else "selector per layer"
+    how = f"score source (fusion: {learned[0].fusion})" if learned else "selector"
     return overlays.add_title(
         overlays.layer_strip(display, layers, index, highlight=highlight, captions=captions),
         f"Every SPA layer · {name}",
-        f"kept tokens and {how}; red frame: the layer shown above",
+        f"kept tokens and {how} · red frame: layer above",
     )
 
 
