@@ -18,12 +18,15 @@ import functools
 import hashlib
 import logging
 import os
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 import numpy as np
+from gradio.data_classes import FileData
+from gradio.utils import NamedString
 from PIL import Image
 
 from app.examples import Examples
@@ -94,10 +97,26 @@ class PanelFiles:
         if path is not None:
             return str(path)
         path = self.folder.claim(name)
-        staging = path.with_name(f".{name}.{os.getpid()}.{id(panel)}")
-        Image.fromarray(panel).save(staging, format="PNG", compress_level=1)
-        os.replace(staging, path)  # a concurrent reader never sees half a file
+        staging = path.with_name(f".{uuid.uuid4().hex}.png")  # concurrent requests may write the same panel
+        try:
+            Image.fromarray(panel).save(staging, format="PNG", compress_level=1)
+            os.replace(staging, path)  # a reader never sees half a file
+        finally:
+            staging.unlink(missing_ok=True)
         return str(path)
+
+
+class ImageFiles(gr.File):
+    """``gr.File(type="filepath")`` for the image uploads, minus a leak of gradio 6.31: its preprocess
+    creates an empty temporary file in gradio's cache for every file of every event (one per image
+    per slider move) and nothing ever removes them. Drawn by the browser as a plain ``gr.File``."""
+
+    is_template = True  # the front end draws the parent component
+
+    def _process_single_file(self, f: FileData) -> NamedString | bytes:
+        if self.type != "filepath" or self.file_types:
+            return super()._process_single_file(f)
+        return NamedString(f.path)
 
 
 def _first_loadable(service: AnalysisService) -> tuple[LoadedModel, list[str]]:
@@ -331,7 +350,7 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
         gr.Markdown(INTRO)
         with gr.Row(equal_height=False):
             with gr.Column(scale=1, min_width=340):
-                files = gr.File(
+                files = ImageFiles(
                     value=photo_paths[:1] or None,
                     file_count="multiple",
                     type="filepath",

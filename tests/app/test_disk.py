@@ -6,12 +6,12 @@ import time
 from pathlib import Path
 
 import gradio as gr
+import numpy as np
 import pytest
 from gradio_client import Client, handle_file
+from PIL import Image
 
-from app.examples import build_examples
 from app.files import disk_usage
-from app.settings import AppSettings
 from tests.app.conftest import TINY, serve
 
 pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")
@@ -19,22 +19,31 @@ pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")
 PANELS, REPORTS, AGE_S = 10, 2, 2
 
 
-def gradio_cache_files(demo: gr.Blocks) -> set[Path]:
-    """Files gradio holds in its cache for this app (uploads, copies), other than the ones it keeps for good."""
-    kept = set().union(*(getattr(block, "keep_in_cache", set()) for block in demo.blocks.values()))
-    return {Path(f) for files in demo.temp_file_sets for f in list(files) if f not in kept and Path(f).exists()}
+def swept_files(demo: gr.Blocks, cache: Path) -> list[Path]:
+    """Files in gradio's cache that its sweep should remove: all but the ones it keeps for good (examples)."""
+    kept = {Path(f) for block in demo.blocks.values() for f in getattr(block, "keep_in_cache", set())}
+    return [p for p in cache.rglob("*") if p.is_file() and p not in kept]
 
 
-def test_many_analyses_and_reports_stay_under_the_caps_and_gradio_sweeps_its_cache() -> None:
-    examples = build_examples(AppSettings().examples_dir)
+def test_many_analyses_and_reports_stay_under_the_caps_and_gradio_sweeps_its_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = tmp_path / "gradio-cache"
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(cache))  # this app's gradio cache only
+    uploads = []  # images of our own: the example photos are kept in gradio's cache for good
+    for i, color in enumerate(((200, 40, 40), (40, 160, 60), (30, 60, 200))):
+        uploads.append(tmp_path / f"upload{i}.png")
+        Image.fromarray(
+            np.random.default_rng(i).integers(0, 256, (120, 160, 3), dtype=np.uint8) // 2 + np.uint8(color) // 2
+        ).save(uploads[-1])
     with serve(
         TINY, panel_files=PANELS, report_files=REPORTS, cache_check_s=1, cache_age_s=AGE_S, timing_repeats=3
     ) as app:
-        client = Client(app.url, verbose=False)
+        client = Client(app.url, verbose=False, download_files=str(tmp_path / "downloads"))
         root = app.service.files.root
         peak = 0
         for i in range(12):
-            photo = examples.photos[i % len(examples.photos)]
+            photo = uploads[i % 3]
             settings = dict(model=TINY, selector="learned gate", threshold=0.3 + 0.03 * i, layer=3 + i % 9)
             client.predict(files=[handle_file(str(photo))], api_name="/analyze", **settings)
             if i % 4 == 3:
@@ -42,9 +51,12 @@ def test_many_analyses_and_reports_stay_under_the_caps_and_gradio_sweeps_its_cac
             peak = max(peak, disk_usage(root).files)
         assert peak <= PANELS + REPORTS, f"the app's folder held {peak} files"
         assert len(list((root / "reports").iterdir())) == REPORTS
-        assert gradio_cache_files(app.demo), "the uploads are in gradio's cache"
+        held = {p.name for p in swept_files(app.demo, cache)}
+        assert held and held <= {p.name for p in uploads}, (
+            f"gradio's cache holds recent uploads only (no panel copies, no empty temporary files): {held}"
+        )
         deadline = time.monotonic() + 4 * AGE_S + 5
-        while gradio_cache_files(app.demo) and time.monotonic() < deadline:
+        while swept_files(app.demo, cache) and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert not gradio_cache_files(app.demo), "gradio's sweep removes uploads older than the age"
+        assert not swept_files(app.demo, cache), "gradio's sweep removes uploads older than the age"
     assert not root.exists(), "the app's folder is removed when it stops"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -154,6 +155,14 @@ def test_reports_and_panels_stay_under_their_caps(service: AnalysisService, exam
     assert panels(np.full((8, 8, 3), 9, dtype=np.uint8)) == written[-1], "a panel already written is reused"
     Path(written[-1]).unlink()  # removed behind its back (gradio's cache sweep can): written again
     assert Path(panels(np.full((8, 8, 3), 9, dtype=np.uint8))).exists()
+
+
+def test_concurrent_requests_writing_the_same_panel(tmp_path: Path) -> None:
+    panels = PanelFiles(BoundedFolder(tmp_path, capacity=4))
+    shared = np.full((64, 64, 3), 7, dtype=np.uint8)  # the same cached array, as two requests hand it over
+    with ThreadPoolExecutor(8) as pool:
+        paths = set(pool.map(lambda _: panels(shared), range(32)))
+    assert len(paths) == 1 and [p.name for p in tmp_path.iterdir()] == [Path(paths.pop()).name]
 
 
 def test_app_files_are_removed_on_close(tmp_path: Path) -> None:
