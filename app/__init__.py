@@ -27,6 +27,7 @@ def create_app(
 
     The app's own files (panels, reports) go to a fresh bounded folder that gradio serves as a static
     path (no copy into its cache); ``service.close()`` removes it (so does the interpreter's exit).
+    The example images are a static path too, so gradio's cache sweep never removes them.
     """
     configure_torch(settings)
     examples: Examples | None
@@ -39,7 +40,8 @@ def create_app(
         settings.torch_device, settings.allow_dirs, settings.model_cache_size, extra_models, settings.default_model
     )
     files = AppFiles(panel_capacity=settings.panel_files, report_capacity=settings.report_files)
-    gr.set_static_paths([files.root])
+    # served in place: gradio would copy them into its cache, and its sweep would remove the example copies
+    gr.set_static_paths([files.root, settings.examples_dir])
     service = AnalysisService(settings, registry, examples, files)
     demo = build_ui(service, examples)
     demo.queue(default_concurrency_limit=settings.concurrency, max_size=settings.queue_size)

@@ -20,7 +20,7 @@ PANELS, REPORTS, AGE_S = 10, 2, 2
 
 
 def swept_files(demo: gr.Blocks, cache: Path) -> list[Path]:
-    """Files in gradio's cache that its sweep should remove: all but the ones it keeps for good (examples)."""
+    """Files in gradio's cache that its sweep should remove: all but the ones it keeps for good."""
     kept = {Path(f) for block in demo.blocks.values() for f in getattr(block, "keep_in_cache", set())}
     return [p for p in cache.rglob("*") if p.is_file() and p not in kept]
 
@@ -41,6 +41,9 @@ def test_many_analyses_and_reports_stay_under_the_caps_and_gradio_sweeps_its_cac
     ) as app:
         client = Client(app.url, verbose=False, download_files=str(tmp_path / "downloads"))
         root = app.service.files.root
+        assert not [p for p in cache.rglob("*") if p.is_file()], (
+            "the example images are served in place: no copies for the sweep to remove"
+        )
         peak = 0
         for i in range(12):
             photo = uploads[i % 3]
