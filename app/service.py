@@ -428,7 +428,7 @@ class AnalysisService:
         if cached is not None:
             return cached
         repeats = self._timing_repeats(self._spa_forward(entry, batch, spa).traced_seconds)
-        model = entry.model
+        model, x = entry.model, batch.inputs.to(self.device)
 
         def dense() -> None:
             with dense_twin(model):
@@ -442,7 +442,6 @@ class AnalysisService:
             if cached is not None:
                 return cached
             self._apply(entry, spa)
-            x = batch.inputs.to(self.device)
             with torch.no_grad():
                 seconds = median_seconds({"dense": dense, "spa": sparse}, repeats, warmup=1, device=self.device)
             self.timing_count += 1
@@ -526,7 +525,7 @@ class AnalysisService:
             f"{trace.backbone_macs_run / 1e9:.3f}, **MACs saved {trace.backbone_saving:.1%}**  \n"
             f"{clock}  \n"
             f"**Kept tokens**: {trace.mean_keep_ratio:.1%} on average over SPA layers and images · "
-            f"layer {record.layer}: B′ = {plan.num_rows} rows × L = {plan.row_len}, "
+            f"layer {record.layer}: B′ = {plan.num_rows} row{'s' if plan.num_rows != 1 else ''} × L = {plan.row_len}, "
             f"fill {plan.fill_ratio:.1%} ({plan.policy} policy) · selection score: {panels.score_source(record)}"
         )
 

@@ -106,17 +106,20 @@ class PanelFiles:
         return str(path)
 
 
-class ImageFiles(gr.File):
-    """``gr.File(type="filepath")`` for the image uploads, minus a leak of gradio 6.31: its preprocess
-    creates an empty temporary file in gradio's cache for every file of every event (one per image
-    per slider move) and nothing ever removes them. Drawn by the browser as a plain ``gr.File``."""
+def _image_files(files: gr.File) -> gr.File:
+    """``files`` (a ``gr.File(type="filepath")``) minus a leak of gradio 6.31: its preprocess creates an
+    empty temporary file in gradio's cache for every file of every event (one per image per slider
+    move) and nothing ever removes them. Patched on the instance: a subclass of a gradio component
+    makes gradio write a ``.pyi`` stub next to this module."""
+    original = files._process_single_file
 
-    is_template = True  # the front end draws the parent component
-
-    def _process_single_file(self, f: FileData) -> NamedString | bytes:
-        if self.type != "filepath" or self.file_types:
-            return super()._process_single_file(f)
+    def process_single_file(f: FileData) -> NamedString | bytes:
+        if files.type != "filepath" or files.file_types:
+            return original(f)
         return NamedString(f.path)
+
+    files._process_single_file = process_single_file
+    return files
 
 
 def _first_loadable(service: AnalysisService) -> tuple[LoadedModel, list[str]]:
@@ -350,12 +353,14 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
         gr.Markdown(INTRO)
         with gr.Row(equal_height=False):
             with gr.Column(scale=1, min_width=340):
-                files = ImageFiles(
-                    value=photo_paths[:1] or None,
-                    file_count="multiple",
-                    type="filepath",
-                    label="Images (several = one batch)",
-                    height=160,
+                files = _image_files(
+                    gr.File(
+                        value=photo_paths[:1] or None,
+                        file_count="multiple",
+                        type="filepath",
+                        label="Images (several = one batch)",
+                        height=160,
+                    )
                 )
                 if examples:
                     gr.Examples(
