@@ -379,8 +379,10 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
                         scale=3,
                     )
                     load_button = gr.Button("Load", scale=1)
+                # every selector is a valid API value (a request for another model gets the app's own
+                # message when that model cannot run it); the page lists what the shown model can run
                 selector = gr.Dropdown(
-                    choices=selectors, value=first_selector, label="Token selector", elem_id="selector"
+                    choices=selector_names(), value=first_selector, label="Token selector", elem_id="selector"
                 )
                 learned = first_selector == LEARNED_GATE
                 amount = gr.Slider(
@@ -504,6 +506,7 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
         selector.change(
             selector_controls, [selector], [threshold, amount, fusion], api_visibility="private", queue=False
         )
+        demo.load(lambda: gr.Dropdown(choices=selectors), None, [selector], api_visibility="private", queue=False)
         # a new model first updates the picker, the layer slider and the selectors it can run, then shows
         model_outputs = [status, model, layer, selector, fusion]
         picked = gr.on(
