@@ -9,6 +9,7 @@ import gradio as gr
 from torch import nn
 
 from app.examples import Examples, build_examples
+from app.files import AppFiles
 from app.models import ModelRegistry
 from app.service import AnalysisService
 from app.settings import AppSettings, configure_torch
@@ -22,7 +23,12 @@ _log = logging.getLogger(__name__)
 def create_app(
     settings: AppSettings, extra_models: dict[str, Callable[[], nn.Module]] | None = None
 ) -> tuple[gr.Blocks, AnalysisService]:
-    """The Blocks app and its service; ``extra_models`` adds named model factories to the picker."""
+    """The Blocks app and its service; ``extra_models`` adds named model factories to the picker.
+
+    The app's own files (panels, reports) go to a fresh bounded folder that gradio serves as a static
+    path (no copy into its cache); ``service.close()`` removes it (so does the interpreter's exit).
+    The example images are a static path too, so gradio's cache sweep never removes them.
+    """
     configure_torch(settings)
     examples: Examples | None
     try:
@@ -33,7 +39,10 @@ def create_app(
     registry = ModelRegistry(
         settings.torch_device, settings.allow_dirs, settings.model_cache_size, extra_models, settings.default_model
     )
-    service = AnalysisService(settings, registry, examples)
+    files = AppFiles(panel_capacity=settings.panel_files, report_capacity=settings.report_files)
+    # served in place: gradio would copy them into its cache, and its sweep would remove the example copies
+    gr.set_static_paths([files.root, settings.examples_dir])
+    service = AnalysisService(settings, registry, examples, files)
     demo = build_ui(service, examples)
     demo.queue(default_concurrency_limit=settings.concurrency, max_size=settings.queue_size)
     return demo, service
@@ -46,19 +55,29 @@ def launch(
     block: bool = True,
     **kwargs: object,
 ) -> tuple[gr.Blocks, AnalysisService, str]:
-    """Build and serve the app; returns it with its local URL (``block=False`` returns at once)."""
+    """Build and serve the app; returns it with its local URL (``block=False`` returns at once).
+
+    With ``block`` the app's files are removed when the server stops; otherwise call ``demo.close()``
+    and ``service.close()`` when done.
+    """
     demo, service = create_app(settings, extra_models)
     allowed = [str(settings.examples_dir)]
-    _, url, _ = demo.launch(
-        server_name=settings.host,
-        server_port=settings.port,
-        share=settings.share,
-        max_file_size=settings.max_file_size,
-        allowed_paths=allowed,
-        prevent_thread_lock=not block,
-        theme=THEME,
-        css=CSS,
-        show_error=True,
-        **kwargs,
-    )
+    try:
+        _, url, _ = demo.launch(
+            server_name=settings.host,
+            server_port=settings.port,
+            share=settings.share,
+            max_file_size=settings.max_file_size,
+            allowed_paths=allowed,
+            prevent_thread_lock=not block,
+            theme=THEME,
+            css=CSS,
+            show_error=True,
+            **kwargs,
+        )
+    except BaseException:
+        service.close()
+        raise
+    if block:  # the server has stopped
+        service.close()
     return demo, service, url

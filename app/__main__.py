@@ -1,14 +1,26 @@
-"""``python -m app``: serve the SPA microscope (127.0.0.1:7860 by default; ``--help`` for options)."""
+"""``python -m app``: serve the SPA microscope (127.0.0.1:7860 by default; ``--help`` for options).
+
+The process gives gradio a cache folder of its own (unless ``GRADIO_TEMP_DIR`` is set) and removes
+it when the server stops, also on SIGTERM.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Sequence
+import os
+import shutil
+import signal
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 
 from app import launch
 from app.settings import AppSettings, resolve_device
+
+GRADIO_CACHE_ENV = "GRADIO_TEMP_DIR"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> AppSettings:
@@ -42,12 +54,22 @@ def parse_args(argv: Sequence[str] | None = None) -> AppSettings:
         default=defaults.threads,
         help="torch threads per request (1: fastest on a shared CPU; 0: torch's default)",
     )
+    parser.add_argument(
+        "--cache-age",
+        type=int,
+        default=defaults.cache_age_s,
+        metavar="SECONDS",
+        help="uploads older than this are removed from gradio's cache (checked every --cache-check seconds)",
+    )
+    parser.add_argument("--cache-check", type=int, default=defaults.cache_check_s, metavar="SECONDS")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     try:
         resolve_device(args.device)
     except (ValueError, RuntimeError) as err:
         parser.error(str(err))
+    if args.cache_age < 1 or args.cache_check < 1:
+        parser.error("--cache-age and --cache-check take a number of seconds >= 1")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
@@ -63,11 +85,39 @@ def parse_args(argv: Sequence[str] | None = None) -> AppSettings:
         model_cache_size=args.model_cache,
         concurrency=args.concurrency,
         threads=args.threads,
+        cache_age_s=args.cache_age,
+        cache_check_s=args.cache_check,
     )
 
 
+@contextmanager
+def private_gradio_cache() -> Iterator[Path]:
+    """Point gradio's cache (``GRADIO_TEMP_DIR``) at a fresh folder for this process and remove it at
+    the end; a folder the user set is used as is and left in place."""
+    given = os.environ.get(GRADIO_CACHE_ENV)
+    if given:
+        yield Path(given)
+        return
+    folder = Path(tempfile.mkdtemp(prefix="spa-viz-gradio-"))
+    os.environ[GRADIO_CACHE_ENV] = str(folder)
+    try:
+        yield folder
+    finally:
+        os.environ.pop(GRADIO_CACHE_ENV, None)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM stops the server like Ctrl+C, so the cleanup runs."""
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    launch(parse_args(argv))
+    settings = parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    with private_gradio_cache() as folder:
+        logging.getLogger("app").info("gradio cache: %s", folder)
+        launch(settings)
 
 
 if __name__ == "__main__":

@@ -3,14 +3,18 @@
 Measures, for the default model (or ``--model``) on this machine:
 
 * first analysis of one 224 px image: decode, preprocess, SPA forward, dense forward, every view
-  (the model is loaded and warmed up first; the caches are empty);
+  (the model is loaded and warmed up first; the caches are empty): what the page shows first;
+* the wall-clock measurement the page asks for right after (median of several alternating runs of
+  the dense twin and SPA, without tracing), with the numbers it measured;
 * re-renders: threshold change (a new SPA forward; the dense pass is cached) and layer change
   (no forward at all);
 * each attribution method on one image;
 * over HTTP, the layer slider of one client (server and transfer time, without file downloads);
 * a load test on loopback: the app in a subprocess on a free port, ``--clients`` gradio_client
-  clients each sending ``--requests`` analyses (cycling images, thresholds and layers, downloading
-  every output file), reporting failures, p50/p95 latency and the server's peak resident memory.
+  clients each sending ``--requests`` analyses to ``/analyze`` (which measures the wall-clock too;
+  cycling images, thresholds and layers, downloading every output file), reporting failures,
+  p50/p95 latency, the server's peak resident memory, and the disk used by gradio's cache and the
+  app's own folder at the start, at the end and after the server stopped.
 
 Analyses run ``--repeats`` times with empty caches; the minimum wall-clock is the best estimate of
 the time on an idle machine (the 2 cores are shared), reported with the median and the median CPU
@@ -24,10 +28,12 @@ import json
 import logging
 import os
 import platform
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -38,6 +44,7 @@ from typing import Any
 import torch
 
 from app.examples import build_examples
+from app.files import disk_usage
 from app.models import LEARNED_GATE, ModelRegistry
 from app.service import AnalysisService, SPASettings
 from app.settings import REPO_ROOT, AppSettings, configure_torch
@@ -84,22 +91,33 @@ def bench_service(model: str | None, repeats: int, threads: int) -> dict[str, An
     spa = SPASettings(selector=selector, selector_amount=0.9)
     moved = replace(spa, threshold=0.6, selector_amount=0.8)
     photo, layers = examples.photos[0], entry.spa_layers
-    AnalysisService(settings, registry, examples).analyze([examples.photos[-1]], name, spa)  # warm-up allocations
-    first, layer, threshold = [], [], []
+    services = [AnalysisService(settings, registry, examples)]
+    services[0].analyze([examples.photos[-1]], name, spa)  # warm-up allocations
+    first, measure, layer, threshold = [], [], [], []
     for r in range(repeats):
-        service = AnalysisService(settings, registry, examples)  # empty image, input and forward caches
-        first.append(_timed(lambda s=service: s.analyze([photo], name, spa)))
+        service = AnalysisService(settings, registry, examples)  # empty image, input, forward and timing caches
+        services.append(service)
+        first.append(_timed(lambda s=service: s.analyze([photo], name, spa, measure=False)))
+        measure.append(_timed(lambda s=service: s.measure([photo], name, spa)))
         layer.append(
-            _timed(lambda s=service, r=r: s.analyze([photo], name, spa, layer=layers[1 + r % (len(layers) - 1)]))
+            _timed(
+                lambda s=service, r=r: s.analyze(
+                    [photo], name, spa, layer=layers[1 + r % (len(layers) - 1)], measure=False
+                )
+            )
         )
-        threshold.append(_timed(lambda s=service: s.analyze([photo], name, moved)))
+        threshold.append(_timed(lambda s=service: s.analyze([photo], name, moved, measure=False)))
+    clock = services[-1].measure([photo], name, spa)
     attribution = {}
     for method in METHODS:
         service = AnalysisService(settings, registry, examples)
-        service.analyze([photo], name, spa)
+        services.append(service)
+        service.analyze([photo], name, spa, measure=False)
         wall, cpu = _timed(lambda s=service, m=method: s.attribute([photo], name, spa, 0, m))
         attribution[method] = {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2)}
         _log.info("attribution %-21s %.2f s", method, wall)
+    for service in services:
+        service.close()
     return {
         "model": name,
         "task": entry.adapter.task,
@@ -107,6 +125,8 @@ def bench_service(model: str | None, repeats: int, threads: int) -> dict[str, An
         "model_load_s": round(load_s, 2),
         "repeats": repeats,
         "first_analysis": _series(first),
+        "wall_clock_measurement": _series(measure),
+        "measured_wall_clock_ms": clock.to_dict(),
         "threshold_rerender": _series(threshold),
         "layer_rerender": _series(layer),
         "attribution": attribution,
@@ -156,15 +176,38 @@ def _http_layer_rerender(url: str, photo: Path, repeats: int = 5) -> list[tuple[
     ]
 
 
-def load_test(model: str | None, clients: int, requests: int, threads: int) -> dict[str, Any]:
+#: the server's folders below its temporary folder: gradio's private cache and the app's own files
+SERVER_FOLDERS = {"gradio_cache": "spa-viz-gradio-*", "app_files": "spa-viz-app-*"}
+
+
+def _disk(tmp: Path) -> dict[str, dict[str, float]]:
+    """Files and megabytes in each of the server's folders below its temporary folder ``tmp``."""
+    usage = {}
+    for name, pattern in SERVER_FOLDERS.items():
+        found = [disk_usage(folder) for folder in tmp.glob(pattern)]
+        files, size = sum(u.files for u in found), sum(u.bytes for u in found)
+        usage[name] = {"folders": len(found), "files": files, "mb": round(size / 1e6, 2)}
+    return usage
+
+
+def load_test(
+    model: str | None, clients: int, requests: int, threads: int, cache_age_s: int, cache_check_s: int
+) -> dict[str, Any]:
     """``clients`` concurrent gradio_client clients x ``requests`` analyses against a launched app."""
     from gradio_client import Client, handle_file
 
     examples = build_examples(AppSettings().examples_dir)
     port = _free_port()
     command = [sys.executable, "-m", "app", "--port", str(port), "--threads", str(threads)]
+    command += ["--cache-age", str(cache_age_s), "--cache-check", str(cache_check_s)]
     command += ["--model", model] if model else []
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
+    # the server's disk, watched from outside: its temporary folder holds gradio's cache and the app's files
+    scratch = Path(tempfile.mkdtemp(prefix="spa-viz-app-bench-"))
+    server_tmp, downloads = scratch / "server-tmp", scratch / "client-downloads"  # downloads: not counted
+    server_tmp.mkdir()
+    downloads.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "GRADIO_TEMP_DIR"}
+    env |= {"GRADIO_ANALYTICS_ENABLED": "False", "TMPDIR": str(server_tmp)}
     process = subprocess.Popen(
         command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
@@ -180,7 +223,7 @@ def load_test(model: str | None, clients: int, requests: int, threads: int) -> d
             peak_rss[0] = max(peak_rss[0], _rss_mb(process.pid))
 
     def client_run(index: int) -> None:
-        client = Client(url, verbose=False)
+        client = Client(url, verbose=False, download_files=str(downloads))
         for i in range(requests):
             photo = examples.photos[(index + i) % len(examples.photos)]
             threshold = (0.3, 0.5, 0.7)[(index + i) % 3]
@@ -202,6 +245,7 @@ def load_test(model: str | None, clients: int, requests: int, threads: int) -> d
 
     try:
         _wait_until_up(url, process, timeout_s=300)
+        disk_start = _disk(server_tmp)
         http_layer = _http_layer_rerender(url, examples.photos[0])
         rss_start = _rss_mb(process.pid)
         sampler = threading.Thread(target=sample_memory, daemon=True)
@@ -216,12 +260,21 @@ def load_test(model: str | None, clients: int, requests: int, threads: int) -> d
         done.set()
         sampler.join()
         rss_end = _rss_mb(process.pid)
+        disk_end = _disk(server_tmp)
     finally:
-        process.terminate()
+        process.terminate()  # SIGTERM: the app stops its server and removes its files
         try:
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             process.kill()
+    disk_stopped = _disk(server_tmp)
+    shutil.rmtree(scratch, ignore_errors=True)
+    for moment, usage in (("start", disk_start), ("end", disk_end), ("stopped", disk_stopped)):
+        _log.info(
+            "server disk at the %-7s %s",
+            moment,
+            ", ".join(f"{k} {v['files']} files {v['mb']} MB" for k, v in usage.items()),
+        )
     return {
         "clients": clients,
         "requests_per_client": requests,
@@ -234,6 +287,13 @@ def load_test(model: str | None, clients: int, requests: int, threads: int) -> d
         "wall_s": round(wall, 1),
         "http_layer_rerender": {k: v for k, v in _series(http_layer).items() if "wall" in k},
         "server_rss_mb": {"start": round(rss_start), "peak": round(peak_rss[0]), "end": round(rss_end)},
+        "server_disk": {
+            "cache_age_s": cache_age_s,
+            "cache_check_s": cache_check_s,
+            "start": disk_start,
+            "end": disk_end,
+            "after_stop": disk_stopped,
+        },
     }
 
 
@@ -249,6 +309,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "--threads", type=int, default=AppSettings.threads, help="torch threads, as python -m app --threads"
     )
     parser.add_argument("--skip-load-test", action="store_true")
+    parser.add_argument(
+        "--cache-age", type=int, default=AppSettings.cache_age_s, help="the served app's --cache-age (seconds)"
+    )
+    parser.add_argument(
+        "--cache-check", type=int, default=AppSettings.cache_check_s, help="the served app's --cache-check (seconds)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -266,7 +332,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "service": bench_service(args.model, args.repeats, args.threads),
     }
     if not args.skip_load_test:
-        result["load_test"] = load_test(args.model, args.clients, args.requests, args.threads)
+        result["load_test"] = load_test(
+            args.model, args.clients, args.requests, args.threads, args.cache_age, args.cache_check
+        )
     result["machine"]["load_average_end"] = os.getloadavg()
     _log.info("%s", json.dumps(result, indent=2))
     if args.json is not None:

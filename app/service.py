@@ -1,9 +1,14 @@
 """The app's logic without any UI: load inputs, run (cached) forward passes, render every view.
 
 Speed: decoded images, preprocessed inputs, SPA forward passes (per model, images and the settings
-that change the forward) and dense forward passes (per model and images: the dense twin ignores
-SPA settings) are LRU-cached. Moving the layer slider or picking another image of the batch only
-re-renders; changing the threshold re-runs the SPA forward only.
+that change the forward), dense forward passes (per model and images: the dense twin ignores SPA
+settings) and wall-clock measurements (per model, images and SPA settings) are LRU-cached. Moving
+the layer slider or picking another image of the batch only re-renders; changing the threshold
+re-runs the SPA forward only.
+
+The wall-clock line is a measurement of its own (:meth:`AnalysisService.measure`): the median of
+several runs of the dense twin and of SPA, alternating, without tracing. The UI asks for it right
+after the views are shown, so the views never wait for it.
 
 Every user-facing problem raises :class:`UserError` with a message to show; problems with single
 files of a batch become ``warnings`` of the result while the rest is analysed.
@@ -14,9 +19,8 @@ from __future__ import annotations
 import io
 import json
 import logging
-import shutil
-import tempfile
 import threading
+import uuid
 import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
@@ -33,6 +37,7 @@ from torch import Tensor
 
 import spa_viz
 from app.examples import Examples
+from app.files import AppFiles
 from app.models import LoadedModel, ModelError, ModelRegistry, selector_amount, selector_names
 from app.settings import AppSettings
 from spa_viz.analysis import attribution
@@ -40,14 +45,15 @@ from spa_viz.analysis.metrics import SelectionCounts
 from spa_viz.analysis.trace import LayerTrace, Trace
 from spa_viz.io.checkpoint import CheckpointError
 from spa_viz.io.images import ImageInputError, InputImage, load_image
-from spa_viz.io.timer import stopwatch
+from spa_viz.io.timer import median_seconds, stopwatch
+from spa_viz.layers.gate import FUSION_MODES
 from spa_viz.models.saliency.labels import SALIENT
 from spa_viz.models.twin import dense_twin
 from spa_viz.selection.labels import labels_from_masks
-from spa_viz.selection.selectors import SELECTORS, install_selector, remove_selector
+from spa_viz.selection.selectors import SELECTORS, applicable_selectors, install_selector, remove_selector
 from spa_viz.viz import figures, panels
 
-__all__ = ["Analysis", "AnalysisService", "AttributionView", "SPASettings", "UserError"]
+__all__ = ["Analysis", "AnalysisService", "AttributionView", "SPASettings", "UserError", "WallClock"]
 
 _log = logging.getLogger(__name__)
 K = TypeVar("K", bound=Hashable)
@@ -87,9 +93,11 @@ class LRUCache(Generic[K, V]):
 class SPASettings:
     """The inference settings that change an SPA forward pass.
 
-    ``selector`` None runs the model's learned gates (with ``threshold``); a name of
+    ``selector`` None runs the model's learned gates (with ``threshold`` and the score ``fusion``
+    mode, one of :data:`~spa_viz.layers.gate.FUSION_MODES`); a name of
     :data:`~spa_viz.selection.selectors.SELECTORS` runs that training-free selector, keeping
-    ``selector_amount`` (its ratio or p, see :func:`app.models.selector_amount`).
+    ``selector_amount`` (its ratio or p, see :func:`app.models.selector_amount`); selector scores
+    are not fused.
     """
 
     selector: str | None = None
@@ -97,10 +105,14 @@ class SPASettings:
     threshold: float = 0.5
     policy: str = "image"
     container_len: int = 49
+    fusion: str = "stage"
 
     def key(self) -> tuple[Any, ...]:
         """Cache key: only what matters for the chosen selector and policy."""
-        gate = (None, round(self.threshold, 4)) if self.selector is None else (self.selector, round(self.selector_amount, 4))
+        if self.selector is None:
+            gate: tuple[Any, ...] = (None, round(self.threshold, 4), self.fusion)
+        else:
+            gate = (self.selector, round(self.selector_amount, 4))
         return (*gate, self.policy, self.container_len if self.policy == "container" else None)
 
 
@@ -120,18 +132,74 @@ class _Prepared:
 
 @dataclass
 class _Dense:
-    """A dense-twin forward pass: output on the CPU and its wall-clock."""
+    """A dense-twin forward pass: its output on the CPU (predictions and teacher labels)."""
 
     output: Any
-    seconds: float
 
 
 @dataclass
 class _Sparse(_Dense):
-    """An SPA forward pass, with its trace and its FLOP figure (the same for every layer and image)."""
+    """A traced SPA forward pass: its trace, how long it took (tracing included: only an estimate
+    for sizing later work), the config's tau, and its MAC figure (the same for every layer and image)."""
 
     trace: Trace
+    traced_seconds: float
+    tau: float
     macs_figure: go.Figure | None = None
+
+
+@dataclass(frozen=True)
+class WallClock:
+    """Median wall-clock of the dense twin and of SPA on one batch, measured alternately without tracing."""
+
+    dense_s: float
+    spa_s: float
+    repeats: int
+    batch: int
+    threads: int
+    device: str
+
+    @property
+    def saving(self) -> float:
+        """Share of the dense twin's time SPA did not take (negative: SPA was slower)."""
+        return 1.0 - self.spa_s / self.dense_s if self.dense_s else 0.0
+
+    def line(self, macs_saving: float) -> str:
+        """The stats line: conditions, both medians, the change, and the MACs saved next to it."""
+        threads = f"{self.threads} thread{'s' if self.threads != 1 else ''}"
+        return (
+            f"**Wall-clock** ({self.device}, batch of {self.batch}, {threads}; median of {self.repeats} runs each, "
+            f"dense twin and SPA alternating, no tracing): dense {_ms(self.dense_s)} → SPA {_ms(self.spa_s)}, "
+            f"**{_change(self.saving)}** · MACs saved {macs_saving:.1%}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dense": round(self.dense_s * 1000, 2),
+            "spa": round(self.spa_s * 1000, 2),
+            "saving": round(self.saving, 4),
+            "statistic": f"median of {self.repeats} runs each, alternating, no tracing",
+            "batch": self.batch,
+            "threads": self.threads,
+            "device": self.device,
+        }
+
+
+@dataclass
+class _Run:
+    """One request resolved: the model, the batch, both forward passes, and the layer and image to show."""
+
+    entry: LoadedModel
+    batch: _Prepared
+    spa: SPASettings
+    forward: _Sparse
+    dense: _Dense
+    record: LayerTrace
+    index: int
+
+    @property
+    def trace(self) -> Trace:
+        return self.forward.trace
 
 
 @dataclass
@@ -145,7 +213,7 @@ class Analysis:
     strip: np.ndarray
     predictions: np.ndarray
     layout: go.Figure
-    flops: go.Figure
+    macs: go.Figure
     histogram: go.Figure
     stats: str
     status: str
@@ -174,7 +242,7 @@ def _to_cpu(output: Any) -> Any:
 
 
 def _ms(seconds: float) -> str:
-    return f"{seconds * 1000:.0f} ms"
+    return f"{seconds * 1000:.1f} ms" if seconds < 0.01 else f"{seconds * 1000:.0f} ms"
 
 
 def _change(saving: float) -> str:
@@ -188,12 +256,17 @@ class AnalysisService:
     """Loads inputs and models, runs and caches forward passes, and renders the views."""
 
     def __init__(
-        self, settings: AppSettings, registry: ModelRegistry | None = None, examples: Examples | None = None
+        self,
+        settings: AppSettings,
+        registry: ModelRegistry | None = None,
+        examples: Examples | None = None,
+        files: AppFiles | None = None,
     ) -> None:
         self.settings = settings
         self.device = settings.torch_device
         self.registry = registry or ModelRegistry(self.device, settings.allow_dirs, settings.model_cache_size)
         self.annotations = examples.annotations if examples is not None else {}
+        self.files = files or AppFiles(panel_capacity=settings.panel_files, report_capacity=settings.report_files)
         self._images: LRUCache[tuple[str, float, int], InputImage] = LRUCache(settings.image_cache_size)
         self._prepared: LRUCache[tuple[str, str], tuple[Tensor, np.ndarray]] = LRUCache(settings.image_cache_size)
         self._spa: LRUCache[tuple[Any, ...], _Sparse] = LRUCache(settings.result_cache_size)
@@ -202,8 +275,13 @@ class AnalysisService:
             settings.image_cache_size
         )
         self._attributions: LRUCache[tuple[Any, ...], attribution.Attribution] = LRUCache(16)
-        self._reports: list[Path] = []
-        self.forward_count = 0  # SPA + dense forward passes run (tests and the benchmark read it)
+        self._timings: LRUCache[tuple[Any, ...], WallClock] = LRUCache(settings.result_cache_size)
+        self.forward_count = 0  # traced SPA + dense forward passes run (tests and the benchmark read it)
+        self.timing_count = 0  # wall-clock measurements run
+
+    def close(self) -> None:
+        """Remove the files the app wrote (panels, reports)."""
+        self.files.close()
 
     # -------------------------------------------------------------------------------- inputs
 
@@ -218,7 +296,12 @@ class AnalysisService:
         try:
             stat = path.stat()
         except OSError as err:
-            raise ImageInputError(f"{path.name}: the file is missing ({err.strerror})") from err
+            minutes = max(1, round(self.settings.cache_age_s / 60))
+            raise ImageInputError(
+                "unreadable",
+                f"{path.name}: the file is missing ({err.strerror}); the server keeps uploads for about "
+                f"{minutes} min, upload it again",
+            ) from err
         key = (str(path), stat.st_mtime, stat.st_size)
         cached = self._images.get(key)
         if cached is None:
@@ -270,7 +353,12 @@ class AnalysisService:
         if spa.selector is None:
             remove_selector(entry.model)
         elif spa.selector not in SELECTORS:
-            raise UserError(f"unknown selector {spa.selector!r}; this app offers {selector_names()}")
+            raise UserError(f"unknown selector {spa.selector!r}; this app offers {selector_names(entry.model)}")
+        elif spa.selector not in applicable_selectors(entry.model):
+            raise UserError(
+                f"selector {spa.selector} cannot run on {entry.key}: it needs a class token and this model has "
+                f"none; selectors for this model: {entry.selectors}"
+            )
         else:
             amount = selector_amount(spa.selector)
             try:
@@ -280,7 +368,12 @@ class AnalysisService:
         container = int(spa.container_len) if spa.policy == "container" else None
         try:
             spa_viz.configure(
-                entry.model, threshold=float(spa.threshold), policy=spa.policy, container_len=container, enabled=True
+                entry.model,
+                threshold=float(spa.threshold),
+                policy=spa.policy,
+                container_len=container,
+                fusion=spa.fusion,
+                enabled=True,
             )
         except ValueError as err:
             raise UserError(f"invalid SPA setting: {err}") from err
@@ -295,11 +388,12 @@ class AnalysisService:
             if cached is not None:
                 return cached
             self._apply(entry, spa)
+            tau = spa_viz.spa_context(entry.model).config.tau
             x = batch.inputs.to(self.device)
             with stopwatch(self.device) as timing:
                 output, record = spa_viz.trace(entry.model, x)
             self.forward_count += 1
-        return self._spa.put(key, _Sparse(_to_cpu(output), timing.wall, record))
+        return self._spa.put(key, _Sparse(_to_cpu(output), record, timing.wall, tau))
 
     def _dense_forward(self, entry: LoadedModel, batch: _Prepared) -> _Dense:
         key = (entry.key, batch.digests)
@@ -311,10 +405,50 @@ class AnalysisService:
             if cached is not None:
                 return cached
             x = batch.inputs.to(self.device)
-            with dense_twin(entry.model), torch.no_grad(), stopwatch(self.device) as timing:
+            with dense_twin(entry.model), torch.no_grad():
                 output = entry.model(x)
             self.forward_count += 1
-        return self._dense.put(key, _Dense(_to_cpu(output), timing.wall))
+        return self._dense.put(key, _Dense(_to_cpu(output)))
+
+    @staticmethod
+    def _timing_key(entry: LoadedModel, batch: _Prepared, spa: SPASettings) -> tuple[Any, ...]:
+        return (entry.key, batch.digests, spa.key())
+
+    def _timing_repeats(self, traced_seconds: float) -> int:
+        """Timed runs per candidate: the configured number, fewer (not under 3) when a pair of runs is
+        slow enough that the measurement would pass the time budget."""
+        pair = max(2 * traced_seconds, 1e-6)
+        affordable = int(self.settings.timing_budget_s / pair) - 1  # one warm-up pair
+        return max(3, min(self.settings.timing_repeats, affordable))
+
+    def _wall_clock(self, entry: LoadedModel, batch: _Prepared, spa: SPASettings) -> WallClock:
+        """Median wall-clock of the dense twin and SPA on ``batch``, alternating, without tracing (cached)."""
+        key = self._timing_key(entry, batch, spa)
+        cached = self._timings.get(key)
+        if cached is not None:
+            return cached
+        repeats = self._timing_repeats(self._spa_forward(entry, batch, spa).traced_seconds)
+        model, x = entry.model, batch.inputs.to(self.device)
+
+        def dense() -> None:
+            with dense_twin(model):
+                model(x)
+
+        def sparse() -> None:
+            model(x)
+
+        with entry.lock:
+            cached = self._timings.get(key)
+            if cached is not None:
+                return cached
+            self._apply(entry, spa)
+            with torch.no_grad():
+                seconds = median_seconds({"dense": dense, "spa": sparse}, repeats, warmup=1, device=self.device)
+            self.timing_count += 1
+        measured = WallClock(
+            seconds["dense"], seconds["spa"], repeats, len(batch.images), torch.get_num_threads(), str(self.device)
+        )
+        return self._timings.put(key, measured)
 
     # ------------------------------------------------------------------------------ analysis
 
@@ -335,17 +469,16 @@ class AnalysisService:
             return teacher, f"dense teacher's saliency > {SALIENT:g}"
         return None, ""
 
-    def _selection_labels(
-        self, entry: LoadedModel, batch: _Prepared, dense: _Dense, index: int, grids: Sequence[tuple[int, int]]
-    ) -> tuple[str, dict[tuple[int, int], Tensor]] | None:
-        """(source, labels (N,) per token grid) of image ``index``, or None when it has no labels."""
-        key = (entry.key, batch.images[index].digest)
+    def _selection_labels(self, run: _Run) -> tuple[str, dict[tuple[int, int], Tensor]] | None:
+        """(source, labels (N,) per token grid) of the run's image, or None when it has no labels."""
+        key = (run.entry.key, run.batch.images[run.index].digest)
         cached = self._labels.get(key)
         if cached is None:
-            mask, source = self._label_mask(entry, batch, dense, index)
+            mask, source = self._label_mask(run.entry, run.batch, run.dense, run.index)
             if mask is None:
                 return None
-            cached = self._labels.put(key, (source, {grid: labels_from_masks(mask, grid) for grid in set(grids)}))
+            grids = {t.grid for t in run.trace.layers}
+            cached = self._labels.put(key, (source, {grid: labels_from_masks(mask, grid) for grid in grids}))
         return cached
 
     @staticmethod
@@ -356,6 +489,89 @@ class AnalysisService:
         chosen = layers[0] if layer is None else min(layers, key=lambda candidate: abs(candidate - int(layer)))
         return record.layer(chosen)
 
+    @staticmethod
+    def _check(spa: SPASettings) -> None:
+        """Refuse settings no model could run, before any work."""
+        if spa.fusion not in FUSION_MODES:
+            raise UserError(f"unknown fusion mode {spa.fusion!r}; choose one of {list(FUSION_MODES)}")
+
+    def _run(
+        self, paths: Sequence[str | Path] | None, model: str, spa: SPASettings, layer: int | None, image_index: int
+    ) -> _Run:
+        self._check(spa)
+        entry = self.model(model)
+        batch = self._prepare(entry, paths)
+        forward = self._spa_forward(entry, batch, spa)
+        dense = self._dense_forward(entry, batch)
+        record = self._pick_layer(forward.trace, layer)
+        index = min(max(int(image_index), 0), len(batch.images) - 1)
+        return _Run(entry, batch, spa, forward, dense, record, index)
+
+    def _stats(self, run: _Run, wall: WallClock | None) -> str:
+        """The cost text: backbone MACs dense -> SPA, the wall-clock line, kept tokens and packing."""
+        trace, record = run.trace, run.record
+        plan = record.plan
+        clock = (
+            wall.line(trace.backbone_saving)
+            if wall is not None
+            else (
+                f"**Wall-clock** ({self.device.type}): measuring the dense twin and SPA (median of up to "
+                f"{self.settings.timing_repeats} runs each, alternating, no tracing)…"
+            )
+        )
+        return (
+            f'**Backbone GMACs** (multiply-adds, the SPA paper\'s "GFLOPs"; 1 MAC = 2 FLOPs; batch of '
+            f"{trace.batch_size}): dense {trace.backbone_macs_dense / 1e9:.3f} → SPA "
+            f"{trace.backbone_macs_run / 1e9:.3f}, **MACs saved {trace.backbone_saving:.1%}**  \n"
+            f"{clock}  \n"
+            f"**Kept tokens**: {trace.mean_keep_ratio:.1%} on average over SPA layers and images · "
+            f"layer {record.layer}: B′ = {plan.num_rows} row{'s' if plan.num_rows != 1 else ''} × L = {plan.row_len}, "
+            f"fill {plan.fill_ratio:.1%} ({plan.policy} policy) · selection score: {panels.score_source(record)}"
+        )
+
+    def _summary(
+        self,
+        run: _Run,
+        wall: WallClock | None,
+        labels: tuple[str, dict[int, dict[str, float]]] | None,
+    ) -> dict[str, Any]:
+        """The JSON summary of one view: settings, per-layer trace (with each layer's score source), timing."""
+        entry, trace = run.entry, run.trace
+        trace_summary = trace.summary()
+        for layer_summary, record in zip(trace_summary["layers"], trace.layers):
+            share = panels.fused_share(record)
+            # what selection used: the gate's own logit, a fused score (share: tokens where an earlier score won)
+            source = "selector" if share is None else "own logit" if share == 0.0 else "fused"
+            layer_summary["score_source"] = source
+            layer_summary["fused_share"] = None if share is None else round(share, 4)
+        return {
+            "model": entry.key,
+            "task": entry.adapter.task,
+            "trained_gates": entry.trained_gates,
+            "trained_weights": entry.trained_weights,
+            "saved_fusion": entry.saved_fusion,
+            "device": str(self.device),
+            "settings": asdict(run.spa),
+            "images": [im.name for im in run.batch.images],
+            "image_index": run.index,
+            "layer": run.record.layer,
+            "latency_ms": wall.to_dict() if wall is not None else None,
+            "predictions": entry.adapter.predictions(run.forward.output, run.index),
+            "selection_labels": {"source": labels[0], "per_layer": {str(k): v for k, v in labels[1].items()}}
+            if labels is not None
+            else None,
+            "trace": trace_summary,
+        }
+
+    def _label_metrics(self, run: _Run) -> tuple[tuple[str, dict[int, dict[str, float]]] | None, Tensor | None]:
+        """((source, metrics per layer), labels of the shown layer) of the run's image, or (None, None)."""
+        found = self._selection_labels(run)
+        if found is None:
+            return None, None
+        source, by_grid = found
+        metrics = {t.layer: SelectionCounts.of(t.keep[run.index], by_grid[t.grid]).to_dict() for t in run.trace.layers}
+        return (source, metrics), by_grid[run.record.grid]
+
     def analyze(
         self,
         paths: Sequence[str | Path] | None,
@@ -363,83 +579,57 @@ class AnalysisService:
         spa: SPASettings,
         layer: int | None = None,
         image_index: int = 0,
+        *,
+        measure: bool = True,
     ) -> Analysis:
-        """Run (or reuse) the forward passes for a batch and render every view of one layer and image."""
-        entry = self.model(model)
-        batch = self._prepare(entry, paths)
-        forward = self._spa_forward(entry, batch, spa)
-        dense = self._dense_forward(entry, batch)
-        trace = forward.trace
-        record = self._pick_layer(trace, layer)
-        index = min(max(int(image_index), 0), len(batch.images) - 1)
+        """Run (or reuse) the forward passes for a batch and render every view of one layer and image.
+
+        ``measure`` False leaves the wall-clock line to a later :meth:`timing` call unless it is cached
+        (the UI shows the views first).
+        """
+        run = self._run(paths, model, spa, layer, image_index)
+        entry, batch, trace, record, index = run.entry, run.batch, run.trace, run.record, run.index
         learned = spa.selector is None
         display = batch.displays[index]
         name = batch.images[index].name
 
-        gate = panels.gate_panel(display, record, index, spa.threshold if learned else None, spa.selector)
+        gate = panels.gate_panel(
+            display, record, index, spa.threshold if learned else None, spa.selector, tau=run.forward.tau
+        )
         kept = panels.kept_panel(display, record, index, name)
-        found = self._selection_labels(entry, batch, dense, index, [t.grid for t in trace.layers])
-        metrics_by_layer: dict[int, dict[str, float]] = {}
+        labels, shown_labels = self._label_metrics(run)
         labels_img = None
         labels_text = (
             "No selection labels for this image (they exist for the digit examples, and come from the dense "
             "teacher for saliency models)."
         )
-        if found is not None:
-            source, by_grid = found
-            for t in trace.layers:
-                metrics_by_layer[t.layer] = SelectionCounts.of(t.keep[index], by_grid[t.grid]).to_dict()
-            m = metrics_by_layer[record.layer]
-            labels_img = panels.labels_panel(display, record, index, by_grid[record.grid])
+        if labels is not None and shown_labels is not None:
+            m = labels[1][record.layer]
+            labels_img = panels.labels_panel(display, record, index, shown_labels)
             labels_text = (
-                f"**Selection labels** ({source}) at layer {record.layer}: precision **{m['precision']:.2f}**, "
+                f"**Selection labels** ({labels[0]}) at layer {record.layer}: precision **{m['precision']:.2f}**, "
                 f"recall **{m['recall']:.2f}**, IoU **{m['iou']:.2f}** (TP {m['tp']}, FP {m['fp']}, FN {m['fn']}). "
                 "White outline: label-positive tokens."
             )
 
         strip = panels.strip_panel(display, trace.layers, index, name, highlight=record.layer)
-        predictions = entry.adapter.draw(display, forward.output, index)
+        predictions = entry.adapter.draw(display, run.forward.output, index)
 
         names = [f"{i}: {im.name}" for i, im in enumerate(batch.images)]
         scores = record.soft_gate if learned else record.scores
         layout = figures.packed_layout_figure(
             record.plan, grid=record.grid, num_prefix=record.num_prefix, scores=scores, image_names=names
         )
-        if forward.macs_figure is None:
-            forward.macs_figure = figures.macs_figure(trace)
-        flops = forward.macs_figure
+        if run.forward.macs_figure is None:
+            run.forward.macs_figure = figures.macs_figure(trace)
         histogram = figures.kept_histogram_figure(trace, record.layer)
 
-        saving_t = 1.0 - forward.seconds / dense.seconds if dense.seconds else 0.0
-        stats = (
-            f"**Backbone FLOPs** (batch of {trace.batch_size}): dense {trace.backbone_flops_dense / 1e9:.2f} G → "
-            f"SPA {trace.backbone_flops_run / 1e9:.2f} G, **{_change(trace.backbone_saving)}**  \n"
-            f"**Wall-clock on {self.device.type}** (same input, one run each, SPA timing includes tracing): dense "
-            f"{_ms(dense.seconds)} → SPA {_ms(forward.seconds)}, **{_change(saving_t)}**  \n"
-            f"**Kept tokens**: {trace.mean_keep_ratio:.1%} on average over SPA layers and images · "
-            f"layer {record.layer}: B′ = {record.plan.num_rows} rows × L = {record.plan.row_len}, "
-            f"fill {record.plan.fill_ratio:.1%} ({record.plan.policy} policy)"
+        wall = (
+            self._wall_clock(entry, batch, spa) if measure else self._timings.get(self._timing_key(entry, batch, spa))
         )
         status = f"{entry.badge}  \n{len(batch.images)} image(s): " + ", ".join(names)
         if batch.warnings:
             status += "  \n⚠ " + "  \n⚠ ".join(batch.warnings)
-        summary = {
-            "model": entry.key,
-            "task": entry.adapter.task,
-            "trained_gates": entry.trained_gates,
-            "trained_weights": entry.trained_weights,
-            "device": str(self.device),
-            "settings": asdict(spa),
-            "images": [im.name for im in batch.images],
-            "image_index": index,
-            "layer": record.layer,
-            "latency_ms": {"dense": round(dense.seconds * 1000, 1), "spa": round(forward.seconds * 1000, 1)},
-            "predictions": entry.adapter.predictions(forward.output, index),
-            "selection_labels": {"source": found[0], "per_layer": {str(k): v for k, v in metrics_by_layer.items()}}
-            if found is not None
-            else None,
-            "trace": trace.summary(),
-        }
         gallery = [
             (d, f"{i}: {im.name} · {float(record.keep_ratio[i]):.0%} kept")
             for i, (d, im) in enumerate(zip(batch.displays, batch.images))
@@ -452,14 +642,29 @@ class AnalysisService:
             strip,
             predictions,
             layout,
-            flops,
+            run.forward.macs_figure,
             histogram,
-            stats,
+            self._stats(run, wall),
             status,
-            summary,
+            self._summary(run, wall, labels),
             gallery,
             batch.warnings,
         )
+
+    def measure(self, paths: Sequence[str | Path] | None, model: str, spa: SPASettings) -> WallClock:
+        """The wall-clock of the dense twin vs SPA for a batch and settings (measured once, then cached)."""
+        self._check(spa)
+        entry = self.model(model)
+        return self._wall_clock(entry, self._prepare(entry, paths), spa)
+
+    def timing(
+        self, paths: Sequence[str | Path] | None, model: str, spa: SPASettings, layer: int | None, image_index: int
+    ) -> tuple[str, dict[str, Any]]:
+        """The cost text and the JSON summary of one view, with the wall-clock measured (cached)."""
+        run = self._run(paths, model, spa, layer, image_index)
+        wall = self._wall_clock(run.entry, run.batch, spa)
+        labels, _ = self._label_metrics(run)
+        return self._stats(run, wall), self._summary(run, wall, labels)
 
     # --------------------------------------------------------------------------- attribution
 
@@ -475,6 +680,7 @@ class AnalysisService:
         """Per-token attribution of the model's output for one image of the batch, drawn over it."""
         if method not in attribution.METHODS:
             raise UserError(f"unknown attribution method {method!r}; choose one of {list(attribution.METHODS)}")
+        self._check(spa)
         entry = self.model(model)
         batch = self._prepare(entry, paths)
         forward = self._spa_forward(entry, batch, spa)
@@ -493,7 +699,7 @@ class AnalysisService:
                         method,
                         progress=progress,
                         budget_s=self.settings.attribution_budget_s,
-                        forward_seconds=forward.seconds / len(batch.images),
+                        forward_seconds=forward.traced_seconds / len(batch.images),
                     )
                 except (ValueError, RuntimeError) as err:
                     raise UserError(f"{method} failed on this model: {err}") from err
@@ -523,14 +729,15 @@ class AnalysisService:
     def report(
         self, paths: Sequence[str | Path] | None, model: str, spa: SPASettings, layer: int | None, image_index: int
     ) -> Path:
-        """A zip of the PNG panels, the figures (plotly JSON) and the trace summary (JSON)."""
+        """A zip of the PNG panels, the figures (plotly JSON) and the summary (JSON, wall-clock measured).
+
+        Reports are kept in the app's bounded ``reports/`` folder (the oldest is removed beyond its cap).
+        """
         result = self.analyze(paths, model, spa, layer, image_index)
-        folder = Path(tempfile.mkdtemp(prefix="spa-viz-report-"))
-        self._reports.append(folder)
-        while len(self._reports) > 8:
-            shutil.rmtree(self._reports.pop(0), ignore_errors=True)
+        folder = self.files.reports.claim(uuid.uuid4().hex)
+        folder.mkdir()
         path = folder / f"spa-report-layer{result.summary['layer']}.zip"
-        panels = {
+        pictures = {
             "gate_scores": result.gate,
             "kept_tokens": result.kept,
             "selection_labels": result.labels,
@@ -538,14 +745,14 @@ class AnalysisService:
             "predictions": result.predictions,
         }
         with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-            for name, panel in panels.items():
+            for name, panel in pictures.items():
                 if panel is not None:
                     buffer = io.BytesIO()
                     Image.fromarray(panel).save(buffer, format="PNG")
                     archive.writestr(f"{name}.png", buffer.getvalue())
             for name, figure in (
                 ("packed_layout", result.layout),
-                ("flops", result.flops),
+                ("macs_per_layer", result.macs),
                 ("kept_histogram", result.histogram),
             ):
                 archive.writestr(f"{name}.plotly.json", figure.to_json())

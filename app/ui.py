@@ -2,7 +2,10 @@
 
 Public API endpoints (``gradio_client``; see app/README.md):
 
-* ``/analyze``: every view of one batch, layer and image (images, figures, text, trace summary JSON);
+* ``/analyze``: every view of one batch, layer and image (images, figures, text, trace summary JSON),
+  with the wall-clock of the dense twin vs SPA measured;
+* ``/timing``: the cost text and summary with the wall-clock measured (the page calls it right after
+  showing the views, so they never wait for the measurement);
 * ``/attribute``: a per-token attribution map of one image;
 * ``/report``: a zip of PNG panels, plotly figures and the trace summary;
 * ``/load_model``: load a model by name, checkpoint folder or timm name and describe it;
@@ -14,22 +17,25 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import tempfile
-import threading
-from collections import OrderedDict
+import os
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 import numpy as np
+from gradio.data_classes import FileData
+from gradio.utils import NamedString
 from PIL import Image
 
 from app.examples import Examples
+from app.files import BoundedFolder
 from app.models import LEARNED_GATE, LoadedModel, selector_names
 from app.models import selector_amount as amount_of
 from app.service import AnalysisService, SPASettings, UserError
 from spa_viz.analysis.attribution import METHODS
+from spa_viz.layers.gate import FUSION_MODES
 from spa_viz.layers.packing import POLICIES
 
 __all__ = ["CSS", "THEME", "build_ui"]
@@ -44,7 +50,11 @@ INTRO = (
     "# SPA microscope: Select and Pack Attention\n"
     "A cheap gate scores every token, each image keeps its own number of tokens, and the kept tokens of "
     "the whole batch are packed into a few dense rows for attention (Zhang et al., arXiv 2410.23608). "
-    "Upload one or several images (several = one batch), then move the threshold, the layer or the packing policy."
+    "Upload one or several images (several = one batch), then move the threshold, the layer or the packing policy. "
+    "Compute is counted in MACs (multiply-adds, what the SPA and Swin papers call FLOPs); 1 MAC = 2 FLOPs."
+)
+FUSION_HELP = (
+    "stage = the paper's (fuse the previous stage's score), chain = each block with the one before, none = own logit"
 )
 
 
@@ -73,30 +83,43 @@ class PanelFiles:
 
     Gradio's own encoding of numpy outputs (default PNG compression, metadata) took about 0.4 s of a
     0.9 s layer-slider request; this takes a few ms per new panel and nothing for one already sent.
-    At most ``capacity`` files are kept.
+    The files live in the app's bounded panel folder (a static path of gradio: served without a copy).
     """
 
-    def __init__(self, capacity: int = 512) -> None:
-        self.folder = Path(tempfile.mkdtemp(prefix="spa-viz-panels-"))
-        self.capacity = capacity
-        self._written: OrderedDict[Path, None] = OrderedDict()
-        self._lock = threading.Lock()
+    def __init__(self, folder: BoundedFolder) -> None:
+        self.folder = folder
 
     def __call__(self, panel: np.ndarray | None) -> str | None:
         if panel is None:
             return None
-        digest = hashlib.sha1(panel.tobytes() + str(panel.shape).encode()).hexdigest()
-        path = self.folder / f"{digest}.png"
-        with self._lock:
-            if path in self._written:
-                self._written.move_to_end(path)
-                return str(path)
-        Image.fromarray(panel).save(path, compress_level=1)
-        with self._lock:
-            self._written[path] = None
-            while len(self._written) > self.capacity:
-                self._written.popitem(last=False)[0].unlink(missing_ok=True)
+        name = hashlib.sha1(panel.tobytes() + str(panel.shape).encode()).hexdigest() + ".png"
+        path = self.folder.reuse(name)
+        if path is not None:
+            return str(path)
+        path = self.folder.claim(name)
+        staging = path.with_name(f".{uuid.uuid4().hex}.png")  # concurrent requests may write the same panel
+        try:
+            Image.fromarray(panel).save(staging, format="PNG", compress_level=1)
+            os.replace(staging, path)  # a reader never sees half a file
+        finally:
+            staging.unlink(missing_ok=True)
         return str(path)
+
+
+def _image_files(files: gr.File) -> gr.File:
+    """``files`` (a ``gr.File(type="filepath")``) minus a leak of gradio 6.31: its preprocess creates an
+    empty temporary file in gradio's cache for every file of every event (one per image per slider
+    move) and nothing ever removes them. Patched on the instance: a subclass of a gradio component
+    makes gradio write a ``.pyi`` stub next to this module."""
+    original = files._process_single_file
+
+    def process_single_file(f: FileData) -> NamedString | bytes:
+        if files.type != "filepath" or files.file_types:
+            return original(f)
+        return NamedString(f.path)
+
+    files._process_single_file = process_single_file
+    return files
 
 
 def _first_loadable(service: AnalysisService) -> tuple[LoadedModel, list[str]]:
@@ -118,27 +141,37 @@ def _output_image(label: str, elem_id: str | None = None) -> gr.Image:
 
 
 def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
-    """The Blocks app on top of ``service``; ``examples`` fill the example table."""
+    """The Blocks app on top of ``service``; ``examples`` fill the example table.
+
+    Gradio's cache (uploads) is swept every ``cache_check_s`` of files older than ``cache_age_s``
+    (:class:`~app.settings.AppSettings`); the app's own files are bounded by ``service.files``.
+    """
     registry = service.registry
+    settings = service.settings
     default_entry, problems = _first_loadable(service)
     default = default_entry.key
     layers = default_entry.spa_layers
-    selectors = selector_names()
+    selectors = default_entry.selectors
     # untrained gates keep almost everything: open on a training-free selector so the first view shows selection
-    first_selector = (
-        "cls_attention" if not default_entry.trained_gates and "cls_attention" in selectors else LEARNED_GATE
+    first_selector = next(
+        (name for name in ("cls_attention", "feature_norm") if not default_entry.trained_gates and name in selectors),
+        LEARNED_GATE,
     )
     first_amount = amount_of(first_selector) if first_selector != LEARNED_GATE else None
-    png = PanelFiles()
+    png = PanelFiles(service.files.panels)
     photo_paths = [str(p) for p in examples.photos] if examples else []
     digit_paths = [str(p) for p in examples.digits] if examples else []
 
-    def spa_settings(selector: str, amount: float, threshold: float, policy: str, container_len: float) -> SPASettings:
+    def spa_settings(
+        selector: str, amount: float, threshold: float, policy: str, container_len: float, fusion: str
+    ) -> SPASettings:
         """The API's arguments -> :class:`SPASettings` (the picker's "learned gate" label is selector None)."""
         chosen = None if selector in (None, "", LEARNED_GATE) else selector
-        return SPASettings(chosen, float(amount), float(threshold), policy or "image", int(container_len))
+        return SPASettings(
+            chosen, float(amount), float(threshold), policy or "image", int(container_len), fusion or "stage"
+        )
 
-    def analyze(
+    def views(
         files: list[str] | None,
         model: str,
         selector: str,
@@ -148,16 +181,16 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
         container_len: float,
         layer: float,
         image_index: float,
+        fusion: str,
+        measure: bool,
     ) -> tuple[Any, ...]:
-        """All views of a batch at one SPA layer and image: status, FLOP/latency text, gate heat-map,
-        kept mask, selection labels (image + text), all-layer strip, packed layout, FLOP bars,
-        kept-token histogram, predictions, batch gallery, trace summary JSON."""
         result = service.analyze(
             files,
             model or default,
-            spa_settings(selector, selector_amount, threshold, policy, container_len),
+            spa_settings(selector, selector_amount, threshold, policy, container_len, fusion),
             int(layer),
             int(image_index),
+            measure=measure,
         )
         for warning in result.warnings:
             gr.Warning(warning)
@@ -170,12 +203,53 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
             result.labels_text,
             png(result.strip),
             result.layout,
-            result.flops,
+            result.macs,
             result.histogram,
             png(result.predictions),
             [(png(image), caption) for image, caption in result.gallery],
             result.summary,
         )
+
+    def analyze(
+        files: list[str] | None,
+        model: str,
+        selector: str,
+        selector_amount: float,
+        threshold: float,
+        policy: str,
+        container_len: float,
+        layer: float,
+        image_index: float,
+        fusion: str = "stage",
+    ) -> tuple[Any, ...]:
+        """All views of a batch at one SPA layer and image: status, cost text (backbone MACs dense vs SPA
+        and the measured wall-clock), gate heat-map, kept mask, selection labels (image + text), all-layer
+        strip, packed layout, MACs per layer, kept-token histogram, predictions, batch gallery, summary
+        JSON. ``fusion``: how a learned gate's logit is fused with earlier scores (stage, chain, none)."""
+        return views(
+            files, model, selector, selector_amount, threshold, policy, container_len, layer, image_index, fusion, True
+        )
+
+    def show(*args: Any) -> tuple[Any, ...]:
+        """The page's analysis: every view at once, the wall-clock from the cache or left to ``timing``."""
+        return views(*args, False)
+
+    def timing(
+        files: list[str] | None,
+        model: str,
+        selector: str,
+        selector_amount: float,
+        threshold: float,
+        policy: str,
+        container_len: float,
+        layer: float,
+        image_index: float,
+        fusion: str = "stage",
+    ) -> tuple[str, dict[str, Any]]:
+        """The cost text and the summary JSON with the wall-clock measured: the median of several runs of
+        the dense twin and of SPA, alternating, without tracing (cached per images and settings)."""
+        spa = spa_settings(selector, selector_amount, threshold, policy, container_len, fusion)
+        return service.timing(files, model or default, spa, int(layer), int(image_index))
 
     def attribute(
         files: list[str] | None,
@@ -187,6 +261,7 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
         container_len: float,
         image_index: float,
         method: str,
+        fusion: str = "stage",
         progress: gr.Progress = gr.Progress(),  # noqa: B008  (gradio injects progress through this default)
     ) -> tuple[Any, str]:
         """Per-token attribution (integrated_gradients, feature_ablation, occlusion, attention_rollout)
@@ -194,7 +269,7 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
         view = service.attribute(
             files,
             model or default,
-            spa_settings(selector, selector_amount, threshold, policy, container_len),
+            spa_settings(selector, selector_amount, threshold, policy, container_len, fusion),
             int(image_index),
             method,
             progress=lambda fraction, message: progress(fraction, desc=message),
@@ -211,62 +286,81 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
         container_len: float,
         layer: float,
         image_index: float,
+        fusion: str = "stage",
     ) -> str:
-        """A zip with the PNG panels, the plotly figures (JSON) and the trace summary (JSON)."""
-        spa = spa_settings(selector, selector_amount, threshold, policy, container_len)
+        """A zip with the PNG panels, the plotly figures (JSON) and the summary (JSON, wall-clock measured)."""
+        spa = spa_settings(selector, selector_amount, threshold, policy, container_len, fusion)
         return str(service.report(files, model or default, spa, int(layer), int(image_index)))
 
-    def pick_model(source: str) -> tuple[str, Any, Any]:
-        """UI: load a model and set the picker and the layer slider to it."""
+    def fusion_label(entry: LoadedModel) -> str:
+        return f"Score fusion (learned gate; {entry.key} was saved with {entry.saved_fusion})"
+
+    def pick_model(source: str, selector: str) -> tuple[Any, ...]:
+        """UI: load a model and set the picker, the layer slider, the selectors it can run and the fusion label."""
         entry = service.model(source or default)
         spa_layers = entry.spa_layers
         choices = registry.choices()
         if entry.key not in choices:
             choices.append(entry.key)
+        chosen = selector if selector in entry.selectors else LEARNED_GATE
         return (
             entry.badge,
             gr.Dropdown(choices=choices, value=entry.key),
             gr.Slider(minimum=spa_layers[0], maximum=spa_layers[-1], value=spa_layers[0], step=1),
+            gr.Dropdown(choices=entry.selectors, value=chosen),
+            gr.Radio(label=fusion_label(entry)),
         )
 
     def load_model(source: str) -> dict[str, Any]:
         """Load a model (checkpoint name, checkpoint folder inside the allowed folders, or timm ViT
-        name) and describe it: its name, task, SPA layers and whether its gates and weights are trained."""
+        name) and describe it: its name, task, SPA layers, the selectors that can run on it, the fusion
+        mode it was saved with, and whether its gates and weights are trained."""
         entry = service.model(source or default)
         return {
             "model": entry.key,
             "task": entry.adapter.task,
             "spa_layers": entry.spa_layers,
+            "selectors": entry.selectors,
+            "saved_fusion": entry.saved_fusion,
             "trained_gates": entry.trained_gates,
             "trained_weights": entry.trained_weights,
             "badge": entry.badge,
         }
 
     def list_models() -> dict[str, list[str]]:
-        """Model sources (checkpoints and stand-ins), token selectors, attribution methods and policies."""
+        """Model sources (checkpoints and stand-ins), token selectors (``/load_model`` says which run on a
+        model), fusion modes, attribution methods and policies."""
         return {
             "models": registry.choices(),
             "selectors": selector_names(),
+            "fusion_modes": list(FUSION_MODES),
             "attribution_methods": list(METHODS),
             "policies": list(POLICIES),
         }
 
-    def selector_controls(selector: str) -> tuple[Any, Any]:
+    def selector_controls(selector: str) -> tuple[Any, Any, Any]:
+        """UI: the threshold and fusion apply to the learned gate, the amount slider to a selector."""
         if selector in (None, "", LEARNED_GATE):
-            return gr.Slider(interactive=True), gr.Slider(visible=False)
+            return gr.Slider(interactive=True), gr.Slider(visible=False), gr.Radio(interactive=True)
         amount = amount_of(selector)
-        return gr.Slider(interactive=False), gr.Slider(visible=True, label=amount.label, value=amount.default)
+        return (
+            gr.Slider(interactive=False),
+            gr.Slider(visible=True, label=amount.label, value=amount.default),
+            gr.Radio(interactive=False),
+        )
 
-    with gr.Blocks(title="SPA microscope") as demo:
+    with gr.Blocks(title="SPA microscope", delete_cache=(settings.cache_check_s, settings.cache_age_s)) as demo:
         gr.Markdown(INTRO)
         with gr.Row(equal_height=False):
             with gr.Column(scale=1, min_width=340):
-                files = gr.File(
-                    value=photo_paths[:1] or None,
-                    file_count="multiple",
-                    type="filepath",
-                    label="Images (several = one batch)",
-                    height=160,
+                files = _image_files(
+                    gr.File(
+                        value=photo_paths[:1] or None,
+                        file_count="multiple",
+                        type="filepath",
+                        label="Images (several = one batch)",
+                        height=160,
+                    )
                 )
                 if examples:
                     gr.Examples(
@@ -285,8 +379,10 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
                         scale=3,
                     )
                     load_button = gr.Button("Load", scale=1)
+                # every selector is a valid API value (a request for another model gets the app's own
+                # message when that model cannot run it); the page lists what the shown model can run
                 selector = gr.Dropdown(
-                    choices=selectors, value=first_selector, label="Token selector", elem_id="selector"
+                    choices=selector_names(), value=first_selector, label="Token selector", elem_id="selector"
                 )
                 learned = first_selector == LEARNED_GATE
                 amount = gr.Slider(
@@ -302,8 +398,16 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
                     1.0,
                     value=0.5,
                     step=0.01,
-                    label="Gate threshold (learned gate)",
+                    label="Gate threshold (learned gate): keep where sigmoid(s / tau) > threshold",
                     elem_id="threshold",
+                    interactive=learned,
+                )
+                fusion = gr.Radio(
+                    list(FUSION_MODES),
+                    value="stage",
+                    label=fusion_label(default_entry),
+                    info=FUSION_HELP,
+                    elem_id="fusion",
                     interactive=learned,
                 )
                 policy = gr.Radio(
@@ -313,9 +417,7 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
                 )
                 container_len = gr.Slider(8, 256, value=49, step=1, label="Container length L (container policy)")
                 layer = gr.Slider(layers[0], layers[-1], value=layers[0], step=1, label="SPA layer")
-                image_index = gr.Slider(
-                    0, service.settings.max_batch - 1, value=0, step=1, label="Image of the batch (index)"
-                )
+                image_index = gr.Slider(0, settings.max_batch - 1, value=0, step=1, label="Image of the batch (index)")
                 status = gr.Markdown(
                     "  \n".join([default_entry.badge, *problems]), elem_id="status-box", label="Status"
                 )
@@ -326,10 +428,10 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
                     kept = _output_image("Kept tokens", "kept-image")
                     labels = _output_image("Selection labels", "labels-image")
                 labels_text = gr.Markdown(label="Selection label metrics")
-                strip = _output_image("All SPA layers")
+                strip = _output_image("All SPA layers", "strip-image")
                 layout = gr.Plot(label="Packed batch layout")
                 with gr.Row():
-                    flops = gr.Plot(label="FLOPs per layer")
+                    macs = gr.Plot(label="MACs per layer")
                     histogram = gr.Plot(label="Kept tokens per image")
                 with gr.Row():
                     predictions = _output_image("Predictions")
@@ -346,8 +448,10 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
                     report_button = gr.Button("Build report (zip: PNG panels + figures + JSON)")
                     report_file = gr.File(label="Report")
                     summary = gr.JSON(label="Trace summary")
+                api_analyze = gr.Button(visible=False)  # the /analyze endpoint (views and wall-clock in one answer)
 
         settings_inputs = [files, model, selector, amount, threshold, policy, container_len]
+        view_inputs = [*settings_inputs, layer, image_index, fusion]
         view_outputs = [
             status,
             stats,
@@ -357,51 +461,77 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
             labels_text,
             strip,
             layout,
-            flops,
+            macs,
             histogram,
             predictions,
             gallery,
             summary,
         ]
-        gr.on(
+
+        def then_measure(event: Any, api_name: str | None = None) -> None:
+            """After the views are shown, measure the wall-clock (one measurement at a time)."""
+            event.success(
+                _guard(timing),
+                view_inputs,
+                [stats, summary],
+                api_name=api_name,
+                api_visibility="public" if api_name else "private",
+                concurrency_limit=1,
+                concurrency_id="timing",
+                show_progress="minimal",
+                trigger_mode="always_last",
+            )
+
+        shown = gr.on(
             triggers=[
                 files.change,
-                model.change,
                 selector.change,
                 amount.change,
                 threshold.change,
+                fusion.change,
                 policy.change,
                 container_len.change,
                 layer.change,
                 image_index.change,
                 demo.load,
             ],
-            fn=_guard(analyze),
-            inputs=[*settings_inputs, layer, image_index],
+            fn=_guard(show),
+            inputs=view_inputs,
             outputs=view_outputs,
-            api_name="analyze",
+            api_visibility="private",
             trigger_mode="always_last",
         )
+        then_measure(shown, api_name="timing")
+        api_analyze.click(_guard(analyze), view_inputs, view_outputs, api_name="analyze")
         selector.change(
-            selector_controls, [selector], [threshold, amount], api_visibility="private", queue=False
+            selector_controls, [selector], [threshold, amount, fusion], api_visibility="private", queue=False
         )
-        gr.on(
+        demo.load(lambda: gr.Dropdown(choices=selectors), None, [selector], api_visibility="private", queue=False)
+        # a new model first updates the picker, the layer slider and the selectors it can run, then shows
+        model_outputs = [status, model, layer, selector, fusion]
+        picked = gr.on(
             triggers=[load_button.click, source.submit],
             fn=_guard(pick_model),
-            inputs=[source],
-            outputs=[status, model, layer],
+            inputs=[source, selector],
+            outputs=model_outputs,
             api_visibility="private",
         )
-        model.input(_guard(pick_model), [model], [status, model, layer], api_visibility="private")
+        chosen = model.input(_guard(pick_model), [model, selector], model_outputs, api_visibility="private")
+        for event in (picked, chosen):
+            then_measure(
+                event.success(
+                    _guard(show), view_inputs, view_outputs, api_visibility="private", trigger_mode="always_last"
+                )
+            )
         attribute_button.click(
             _guard(attribute),
-            [*settings_inputs, image_index, method],
+            [*settings_inputs, image_index, method, fusion],
             [attribution_image, attribution_text],
             api_name="attribute",
             concurrency_limit=1,  # one long attribution at a time leaves the other slot to analyses
             concurrency_id="attribution",
         )
-        report_button.click(_guard(report), [*settings_inputs, layer, image_index], [report_file], api_name="report")
+        report_button.click(_guard(report), view_inputs, [report_file], api_name="report")
         gr.api(_guard(load_model), api_name="load_model")
         gr.api(list_models, api_name="models")
     return demo

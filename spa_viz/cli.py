@@ -13,9 +13,12 @@ modules run the very same code.
 ``analyze`` writes, for every image, into ``OUT/<image name>/``: the gate and kept-token panels of
 every SPA layer (PNG), the predictions drawn on the input, the packed layout of each SPA layer
 (plotly HTML plus a PNG drawn with pillow, since plotly's own PNG export needs kaleido and Chrome),
-an optional attribution map, and ``summary.json`` (kept counts, FLOPs, timings); the panels are
-the app's. ``OUT/summary.json`` lists what was analysed and skipped. ``--model`` defaults to the
-model the app opens on. Exit codes: 0 ok, 1 some inputs skipped, 2 usage error.
+an optional attribution map, the strip of every SPA layer, and ``summary.json`` (kept counts,
+compute in MACs and FLOPs, what each layer selected by, timings of the traced run: stages of the
+work, not a speed measurement); the panels are the app's.
+``OUT/summary.json`` lists what was analysed and skipped. ``--model`` defaults to the model the app
+opens on; ``--fusion`` switches how the learned gates fuse their scores (``stage``, ``chain``,
+``none``; default: as the model was saved). Exit codes: 0 ok, 1 some inputs skipped, 2 usage error.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from spa_viz.io.checkpoint import CheckpointError, checkpoint_config
 from spa_viz.io.files import OutputExistsError, refuse_overwrite
 from spa_viz.io.images import ImageInputError, load_image
 from spa_viz.io.timer import stopwatch
+from spa_viz.layers.gate import FUSION_MODES
 from spa_viz.layers.packing import POLICIES
 from spa_viz.models.spa_vit import configure, spa_context
 from spa_viz.models.zoo import default_model, load
@@ -125,9 +129,17 @@ def _enlarge(pixels: np.ndarray) -> np.ndarray:
 
 
 def analyze_image(
-    pixels: np.ndarray, task: TaskAdapter, folder: Path, threshold: float, attribution: str | None
+    pixels: np.ndarray,
+    task: TaskAdapter,
+    folder: Path,
+    threshold: float,
+    attribution: str | None,
+    tau: float = 1.0,
 ) -> dict[str, Any]:
-    """Run, draw and summarise one image into ``folder``; returns its JSON summary."""
+    """Run, draw and summarise one image into ``folder``; returns its JSON summary.
+
+    ``threshold`` and ``tau`` are the model's keep rule (``sigmoid(s / tau) > threshold``), drawn on the gate panels.
+    """
     with stopwatch() as preprocess:
         x = task.preprocess(pixels)[None]
     with stopwatch() as forward:
@@ -136,9 +148,10 @@ def analyze_image(
         display = _enlarge(task.display(x[0]))
         preds = task.predictions(output, 0)
         folder.mkdir(parents=True, exist_ok=True)
-        files = ["predictions.png"]
+        files = ["predictions.png", "layers.png"]
         save_png(folder / files[0], task.draw(display, output, 0))
-        layers = _draw_layers(tr, display, folder, threshold)
+        save_png(folder / files[1], panels.strip_panel(display, tr.layers, 0, folder.name))
+        layers = _draw_layers(tr, display, folder, threshold, tau)
         files += [name for record in layers for name in record["files"]]
     timings = {"preprocess_s": preprocess.wall, "forward_s": forward.wall, "render_s": render.wall}
     summary: dict[str, Any] = {"task": task.task, "input_size": list(task.input_size), "predictions": preds}
@@ -153,6 +166,7 @@ def analyze_image(
         timings["attribution_s"] = explain.wall
     summary |= {
         "kept_counts": {str(r["layer"]): r["kept"] for r in layers},
+        "score_sources": {str(r["layer"]): r["score_source"] for r in layers},
         "compute": {
             "backbone_macs_dense": tr.backbone_macs_dense,
             "backbone_macs_run": tr.backbone_macs_run,
@@ -167,20 +181,29 @@ def analyze_image(
     return summary
 
 
-def _draw_layers(tr: Trace, display: np.ndarray, folder: Path, threshold: float) -> list[dict[str, Any]]:
+def _draw_layers(tr: Trace, display: np.ndarray, folder: Path, threshold: float, tau: float) -> list[dict[str, Any]]:
     """Gate, kept-token and packed-layout pictures of every SPA layer (the app's panels)."""
     drawn = []
     for record in tr.layers:
         layer = record.layer
         names = [f"gate_L{layer}.png", f"keep_L{layer}.png", f"layout_L{layer}.html", f"layout_L{layer}.png"]
-        save_png(folder / names[0], panels.gate_panel(display, record, 0, threshold))
+        selector = None if record.learned else record.selector
+        gate = panels.gate_panel(display, record, 0, threshold if record.learned else None, selector, tau=tau)
+        save_png(folder / names[0], gate)
         save_png(folder / names[1], panels.kept_panel(display, record, 0, folder.name))
         figure = figures.packed_layout_figure(
             record.plan, grid=record.grid, num_prefix=record.num_prefix, scores=record.soft_gate, image_names=[folder.name]
         )
         figure.write_html(folder / names[2], include_plotlyjs=f"../{PLOTLY_JS}")
         save_png(folder / names[3], panels.layout_panel(record))
-        drawn.append({"layer": layer, "kept": int(record.kept_counts[0]), "files": names})
+        drawn.append(
+            {
+                "layer": layer,
+                "kept": int(record.kept_counts[0]),
+                "score_source": panels.score_source(record, 0),
+                "files": names,
+            }
+        )
     return drawn
 
 
@@ -204,6 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--threshold", type=float, help="keep tokens whose gate exceeds this (default: the model's)")
     analyze.add_argument("--policy", choices=POLICIES, help="packing policy (default: the model's)")
     analyze.add_argument("--container-len", type=int, help="row length L of the container policy")
+    analyze.add_argument(
+        "--fusion",
+        choices=FUSION_MODES,
+        help="how a learned gate's logit is fused with earlier scores: stage (the paper's: the previous "
+        "stage's score), chain (the previous block's), none (own logit) (default: the model's)",
+    )
     analyze.add_argument("--attribution", choices=("none", *ATTRIBUTIONS), default="none")
     analyze.add_argument("--overwrite", action="store_true", help="replace existing output files")
     analyze.add_argument("--device", default="cpu")
@@ -219,7 +248,12 @@ def _load(args: argparse.Namespace) -> tuple[Any, TaskAdapter]:
     args.model = source
     try:
         model = load(source, device=args.device)
-        settings = {"threshold": args.threshold, "policy": args.policy, "container_len": args.container_len}
+        settings = {
+            "threshold": args.threshold,
+            "policy": args.policy,
+            "container_len": args.container_len,
+            "fusion": args.fusion,
+        }
         changes = {k: v for k, v in settings.items() if v is not None}
         if changes:
             configure(model, **changes)
@@ -251,12 +285,18 @@ def analyze(args: argparse.Namespace) -> int:
                 skipped.append({"input": str(path), "reason": f"{err.reason} ({err})"})
                 _log.warning("skipped %s: %s", path, skipped[-1]["reason"])
                 continue
-            summary = analyze_image(pixels, task, args.out / name, config.threshold, method)
+            summary = analyze_image(pixels, task, args.out / name, config.threshold, method, config.tau)
             analysed.append({"input": str(path), "output": name, "kept_counts": summary["kept_counts"]})
     run = {
         "model": str(args.model),
         "task": task.task,
-        "spa": {"threshold": config.threshold, "policy": config.policy, "container_len": config.container_len},
+        "spa": {
+            "threshold": config.threshold,
+            "tau": config.tau,
+            "fusion": config.fusion,
+            "policy": config.policy,
+            "container_len": config.container_len,
+        },
         "analysed": analysed,
         "skipped": skipped,
     }

@@ -118,6 +118,7 @@ def test_outputs_per_image(first: Run, out: Path) -> None:
         assert layers and list(summary["kept_counts"]) == layers
         assert summary["compute"]["backbone_macs_dense"] > 0 and summary["compute"]["backbone_macs_run"] > 0
         assert {"preprocess_s", "forward_s", "render_s"} <= set(summary["timings"])
+        assert set(summary["score_sources"]) == set(layers) and "layers.png" in summary["files"]
         assert summary["input_size"] == [64, 64]
         assert summary["predictions"]["top5"][0]["label"].startswith("shape ")
         assert sorted(summary["files"]) == sorted(p.name for p in (out / name).iterdir())
@@ -154,6 +155,23 @@ def test_single_file_with_container_policy(tmp_path: Path, model: str) -> None:
     summary = json.loads((tmp_path / "o" / "green" / "summary.json").read_text())
     assert summary["attribution"]["method"] == "attention_rollout"
     assert (tmp_path / "o" / "green" / "attribution.png").is_file()
+
+
+def test_fusion_switch_changes_what_later_layers_select_by(tmp_path: Path, model: str) -> None:
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    runs = {}
+    for fusion in ("chain", "none"):
+        out = tmp_path / fusion
+        assert run_cli("analyze", str(tmp_path / "a.png"), "--model", model, "--out", str(out), "--fusion", fusion).code == 0
+        assert json.loads((out / "summary.json").read_text())["spa"]["fusion"] == fusion
+        runs[fusion] = json.loads((out / "a" / "summary.json").read_text())
+    assert set(runs["none"]["score_sources"].values()) == {"own logit"}
+    chain = runs["chain"]["score_sources"]
+    assert chain["1"] == "own logit" and all(source.startswith("fused") for key, source in chain.items() if key != "1")
+    assert [layer["fusion"] for layer in runs["chain"]["trace"]["layers"]] == ["chain"] * 3
+    with pytest.raises(SystemExit) as exit_info, contextlib.redirect_stderr(io.StringIO()) as err:
+        main(["analyze", str(tmp_path / "a.png"), "--model", model, "--out", str(tmp_path / "x"), "--fusion", "max"])
+    assert exit_info.value.code == 2 and "'stage', 'chain', 'none'" in err.getvalue()
 
 
 def test_usage_errors_exit_2(tmp_path: Path, model: str) -> None:

@@ -1,4 +1,4 @@
-"""Interactive plotly figures of a trace: the packed batch layout, FLOPs per layer, kept-token counts.
+"""Interactive plotly figures of a trace: the packed batch layout, MACs per layer, kept-token counts.
 
 The app shows them live, ``spa-viz analyze`` writes them as HTML, the notebooks display them; all
 three call these functions, so a figure looks the same everywhere.

@@ -328,20 +328,25 @@ def layer_strip(
     panel_size: int = 160,
     columns: int = 6,
     highlight: int | None = None,
+    captions: Sequence[str] | None = None,
 ) -> np.ndarray:
     """Small kept/dropped panels for every SPA layer of one image, titled ``L<layer> · <kept %>``.
 
-    ``highlight`` frames the panel of that model layer (the one shown large elsewhere).
+    ``highlight`` frames the panel of that model layer (the one shown large elsewhere);
+    ``captions`` (one per layer) go under each title.
     """
     image = _check_image(image)
     if not layers:
         raise ValueError("no SPA layers to draw")
+    if captions is not None and len(captions) != len(layers):
+        raise ValueError(f"got {len(captions)} captions for {len(layers)} layers")
     small = cv2.resize(image, (panel_size, panel_size), interpolation=cv2.INTER_AREA)
     panels = []
-    for record in layers:
+    for i, record in enumerate(layers):
         panel = keep_overlay(small, record.keep_map(image_index))
         ratio = float(record.keep_ratio[image_index])
-        panel = add_title(panel, f"L{record.layer} · {ratio:.0%}", size=max(12, panel_size // 9))
+        caption = captions[i] if captions is not None else None
+        panel = add_title(panel, f"L{record.layer} · {ratio:.0%}", caption, size=max(12, panel_size // 9))
         if record.layer == highlight:
             panel = cv2.copyMakeBorder(panel, 3, 3, 3, 3, cv2.BORDER_CONSTANT, value=OKABE_ITO["vermillion"])
         else:

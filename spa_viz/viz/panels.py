@@ -8,6 +8,7 @@ writes and in the notebooks.
 from __future__ import annotations
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
@@ -27,37 +28,73 @@ from spa_viz.viz.style import (
 
 __all__ = [
     "attribution_panel",
+    "fused_share",
     "gate_panel",
     "gate_values",
     "kept_panel",
     "labels_panel",
     "layout_panel",
+    "score_source",
     "strip_panel",
 ]
 
 
-def gate_values(record: LayerTrace, index: int, learned: bool) -> Tensor:
-    """(gh, gw) values to draw in [0, 1]: the soft gate of a learned gate, or selector scores min-max normalized."""
+def fused_share(record: LayerTrace, index: int | None = None) -> float | None:
+    """Share of patch tokens whose selection score came from an earlier score through fusion
+    (``max(own logit, incoming) > own logit``), for image ``index`` or the whole batch; None for a selector."""
+    if not record.learned:
+        return None
+    raw, scores = (record.raw_scores, record.scores) if index is None else (record.raw_scores[index], record.scores[index])
+    return float((scores > raw).float().mean()) if scores.numel() else 0.0
+
+
+def score_source(record: LayerTrace, index: int | None = None) -> str:
+    """What a layer selected by: ``own logit``, ``fused: N% earlier`` (tokens where an earlier score won)
+    or ``selector <name>``."""
+    share = fused_share(record, index)
+    if share is None:
+        return f"selector {record.selector}"
+    if share == 0.0:
+        return "own logit"
+    return f"fused: {max(share, 0.005):.0%} earlier"
+
+
+def gate_values(record: LayerTrace, index: int, learned: bool, tau: float = 1.0) -> Tensor:
+    """(gh, gw) values to draw in [0, 1]: a learned gate's keep probability ``sigmoid(s / tau)`` (what the
+    threshold is compared with), or a selector's scores min-max normalized."""
     if learned:
-        return record.soft_gate[index].reshape(record.grid)
+        return torch.sigmoid(record.scores[index] / tau).reshape(record.grid)
     scores = record.scores[index].float()
     low, high = scores.min(), scores.max()
     return ((scores - low) / (high - low).clamp(min=1e-12)).reshape(record.grid)
 
 
-def gate_panel(display: np.ndarray, record: LayerTrace, index: int, threshold: float | None, selector: str | None = None) -> np.ndarray:
+def gate_panel(
+    display: np.ndarray,
+    record: LayerTrace,
+    index: int,
+    threshold: float | None,
+    selector: str | None = None,
+    tau: float = 1.0,
+) -> np.ndarray:
     """Gate scores of image ``index`` at one layer, titled, with a colour bar.
 
-    ``selector`` None: the learned gate (soft gate, tokens above ``threshold`` outlined); otherwise
-    the name of the training-free selector whose scores the record holds.
+    ``selector`` None: the learned gate (``sigmoid(s / tau)`` of the selection score, tokens above
+    ``threshold`` outlined, so the outline is the keep rule); otherwise the name of the
+    training-free selector whose scores the record holds.
     """
     width = display.shape[1]
     learned = selector is None
-    picture = overlays.score_overlay(display, gate_values(record, index, learned), threshold=threshold if learned else None)
+    values = gate_values(record, index, learned, tau)
+    picture = overlays.score_overlay(display, values, threshold=threshold if learned else None)
     if learned:
-        outline = f"; white outline: > {threshold:.2f}" if threshold is not None else ""
-        picture = overlays.add_title(picture, f"Gate score · layer {record.layer}", f"sigmoid of the fused score{outline}")
-        bar = overlays.colorbar(width, 0.0, 1.0, "soft gate", marker=threshold)
+        outline = f"; outline: > {threshold:.2f}" if threshold is not None else ""
+        scaled = "s" if tau == 1.0 else f"s / {tau:g}"
+        source = score_source(record, index)
+        picture = overlays.add_title(
+            picture, f"Gate score · layer {record.layer}", f"sigmoid({scaled}), s = {source}{outline}"
+        )
+        bar = overlays.colorbar(width, 0.0, 1.0, "keep probability", marker=threshold)
     else:
         picture = overlays.add_title(picture, f"{selector} scores · layer {record.layer}", "min-max normalized per image")
         bar = overlays.colorbar(width, 0.0, 1.0, "selector score (normalized)")
@@ -93,11 +130,15 @@ def labels_panel(display: np.ndarray, record: LayerTrace, index: int, labels: Te
 
 
 def strip_panel(display: np.ndarray, layers: list[LayerTrace], index: int, name: str, highlight: int | None = None) -> np.ndarray:
-    """Kept tokens of image ``index`` at every SPA layer, the ``highlight`` layer framed."""
+    """Kept tokens of image ``index`` at every SPA layer, the ``highlight`` layer framed; under each
+    layer's title, what it selected by (:func:`score_source`)."""
+    captions = [score_source(record, index) for record in layers]
+    learned = [record for record in layers if record.learned]
+    how = f"score source (fusion: {learned[0].fusion})" if learned else "selector"
     return overlays.add_title(
-        overlays.layer_strip(display, layers, index, highlight=highlight),
+        overlays.layer_strip(display, layers, index, highlight=highlight, captions=captions),
         f"Every SPA layer · {name}",
-        "kept tokens per layer (red frame: the layer shown above)",
+        f"kept tokens and {how} · red frame: layer above",
     )
 
 

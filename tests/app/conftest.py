@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import gradio as gr
 import pytest
 import torch
 from torch import nn
@@ -45,24 +46,28 @@ class Served:
     url: str
     service: AnalysisService
     settings: AppSettings
+    demo: gr.Blocks
 
 
 @contextmanager
-def serve(default_model: str | None, allow_dir: Path | None = None) -> Iterator[Served]:
-    """The app on a free port (the tiny model registered as an extra choice), closed afterwards."""
-    settings = AppSettings(
+def serve(default_model: str | None, allow_dir: Path | None = None, **settings: object) -> Iterator[Served]:
+    """The app on a free port (the tiny model registered as an extra choice), closed and its files
+    removed afterwards; ``settings`` override :class:`AppSettings` fields."""
+    app_settings = AppSettings(
         port=free_port(),
         default_model=default_model,
         allow_dirs=(allow_dir,) if allow_dir else (),
         max_file_size="2mb",
         concurrency=2,
+        **settings,
     )
     threads = torch.get_num_threads()  # the app sets torch's threads for the process; restore them after
-    demo, service, url = launch(settings, extra_models={TINY: tiny_model}, block=False, quiet=True)
+    demo, service, url = launch(app_settings, extra_models={TINY: tiny_model}, block=False, quiet=True)
     try:
-        yield Served(url, service, settings)
+        yield Served(url, service, app_settings, demo)
     finally:
         demo.close()
+        service.close()
         torch.set_num_threads(threads)
 
 

@@ -48,8 +48,8 @@ def examples():
 
 
 @pytest.fixture(scope="module")
-def client(served: Served) -> Client:
-    return Client(served.url, verbose=False)
+def client(served: Served, tmp_path_factory: pytest.TempPathFactory) -> Client:
+    return Client(served.url, verbose=False, download_files=str(tmp_path_factory.mktemp("downloads")))
 
 
 def analyze(client: Client, files: list[Path | str], **settings) -> dict:
@@ -68,12 +68,16 @@ def test_analysis_returns_every_view(client: Client, examples) -> None:
     photo = examples.photos[0]
     out = analyze(client, [photo, examples.digits[0]], threshold=0.5, layer=5)
     assert TINY in out["status"] and "random weights" in out["status"], "untrained models are labelled"
-    assert "Backbone FLOPs" in out["stats"] and "Wall-clock on cpu" in out["stats"]
+    assert "Backbone GMACs" in out["stats"] and "1 MAC = 2 FLOPs" in out["stats"]
+    assert re.search(r"Wall-clock\*\* \(cpu, batch of 2, \d+ threads?; median of \d runs each", out["stats"])
+    assert "no tracing" in out["stats"] and "MACs saved" in out["stats"]
     for name in ("gate", "kept", "strip", "predictions"):
         assert Image.open(out[name]).size[0] >= 448
     summary = out["summary"]
     assert summary["layer"] == 5 and summary["images"] == [photo.name, examples.digits[0].name]
-    assert summary["trace"]["batch_size"] == 2 and summary["latency_ms"]["dense"] > 0
+    assert summary["trace"]["batch_size"] == 2
+    latency = summary["latency_ms"]
+    assert latency["dense"] > 0 and latency["spa"] > 0 and latency["batch"] == 2 and latency["device"] == "cpu"
     layout = json.loads(out["layout"]["plot"])
     assert "B′ =" in layout["layout"]["title"]["text"]
     assert len(out["gallery"]) == 2
@@ -107,6 +111,43 @@ def test_training_free_selector(client: Client, examples) -> None:
     out = analyze(client, [examples.photos[0]], selector="feature_norm", selector_amount=0.25)
     ratios = [layer["keep_ratio_per_image"][0] for layer in out["summary"]["trace"]["layers"]]
     assert all(r == pytest.approx(49 / 196) for r in ratios)
+
+
+@pytest.mark.skipif("spt-digits" not in spa_viz.available(), reason="the spt-digits checkpoint is not here")
+def test_selector_a_model_cannot_run_is_refused_with_the_ones_it_can(client: Client, examples) -> None:
+    with pytest.raises(
+        AppError, match=r"needs a class token.*\['learned gate', 'feature_norm', 'random', 'uniform_topk'\]"
+    ):
+        analyze(client, [examples.digits[0]], model="spt-digits", selector="cls_attention")
+    out = analyze(client, [examples.digits[0]], model="spt-digits", selector="uniform_topk", selector_amount=0.5)
+    assert {layer["selector"] for layer in out["summary"]["trace"]["layers"]} == {"uniform_topk"}
+    info = client.predict(source="spt-digits", api_name="/load_model")
+    assert "cls_attention" not in info["selectors"] and "feature_norm" in info["selectors"]
+
+
+def test_fusion_mode_changes_the_later_layers(client: Client, examples) -> None:
+    photo = [examples.photos[1]]
+    own = analyze(client, photo, fusion="none", threshold=0.5)["summary"]["trace"]["layers"]
+    chain = analyze(client, photo, fusion="chain", threshold=0.5)
+    layers = chain["summary"]["trace"]["layers"]
+    assert all(layer["score_source"] == "own logit" and layer["fusion"] == "none" for layer in own)
+    assert layers[0]["score_source"] == "own logit", "the first SPA layer has nothing to fuse with"
+    assert all(layer["score_source"] == "fused" and layer["fused_share"] > 0 for layer in layers[1:])
+    kept = lambda trace: [layer["kept_per_image"][0] for layer in trace]  # noqa: E731
+    assert kept(layers)[1:] != kept(own)[1:] and all(k >= kept(layers)[0] for k in kept(layers)[1:])
+    with pytest.raises(AppError, match=r"stage.*chain.*none"):
+        analyze(client, photo, fusion="cascade")
+    assert_good_request_works(client, examples.photos[0])
+
+
+def test_timing_endpoint_measures_once_and_the_layer_slider_reuses_it(client: Client, served: Served, examples) -> None:
+    common = dict(files=[handle_file(str(examples.photos[5]))], model=TINY, selector="learned gate", threshold=0.42)
+    stats, summary = client.predict(**common, layer=4, api_name="/timing")
+    assert "median of" in stats and summary["latency_ms"]["dense"] > 0
+    measured = served.service.timing_count
+    stats_again, _ = client.predict(**common, layer=7, api_name="/timing")
+    assert served.service.timing_count == measured, "another layer of the same batch and settings is not re-timed"
+    assert stats_again.split("  \n")[1] == stats.split("  \n")[1]
 
 
 def _write(path: Path, data: bytes) -> Path:
@@ -240,13 +281,14 @@ def test_report_and_models_endpoints(client: Client, examples) -> None:
         "all_layers.png",
         "predictions.png",
         "packed_layout.plotly.json",
-        "flops.plotly.json",
+        "macs_per_layer.plotly.json",
         "kept_histogram.plotly.json",
         "summary.json",
     } <= names
-    assert summary["layer"] == 5 and summary["trace"]["layers"]
+    assert summary["layer"] == 5 and summary["trace"]["layers"] and summary["latency_ms"]["spa"] > 0
     listing = client.predict(api_name="/models")
     assert TINY in listing["models"] and "attention_rollout" in listing["attribution_methods"]
+    assert listing["fusion_modes"] == ["stage", "chain", "none"]
 
 
 @pytest.mark.skipif(

@@ -1,6 +1,8 @@
-"""A real browser (Debian chromium via the playwright client) uploads an image and moves the threshold.
+"""A real browser (Debian chromium via the playwright client) uploads an image, moves the threshold
+and switches the fusion mode.
 
-Checks that the kept-token mask and the FLOP numbers on the page change, and, when the default
+Checks that the kept-token mask and the MAC numbers on the page change, that the wall-clock line is
+filled in after the views, that the per-layer strip follows the fusion mode, and, when the default
 real-photo checkpoint ran, saves the screenshot used in the docs (docs/screenshots/app.png).
 """
 
@@ -68,7 +70,7 @@ def _app_page(model: str) -> Iterator[Any]:
             browser.close()
 
 
-def test_upload_then_threshold_changes_mask_and_flops(tmp_path: Path) -> None:
+def test_upload_then_threshold_and_fusion_change_the_views(tmp_path: Path) -> None:
     from playwright.sync_api import expect
 
     examples = build_examples(AppSettings().examples_dir)
@@ -90,7 +92,8 @@ def test_upload_then_threshold_changes_mask_and_flops(tmp_path: Path) -> None:
             expect(threshold).to_be_enabled()
         kept = page.locator("#kept-image img")
         stats = page.locator("#stats")
-        expect(stats).to_contain_text("Backbone FLOPs")
+        expect(stats).to_contain_text("Backbone GMACs")
+        expect(stats).to_contain_text("no tracing", timeout=TIMEOUT_MS)  # the wall-clock follows the views
         page.wait_for_load_state("networkidle")
         before_mask, before_stats = kept.get_attribute("src"), stats.inner_text()
 
@@ -98,7 +101,19 @@ def test_upload_then_threshold_changes_mask_and_flops(tmp_path: Path) -> None:
         threshold.press("Enter")
         expect(kept).not_to_have_attribute("src", before_mask, timeout=TIMEOUT_MS)
         expect(stats).not_to_have_text(before_stats, timeout=TIMEOUT_MS)
-        assert "Backbone FLOPs" in stats.inner_text()
+        assert "Backbone GMACs" in stats.inner_text()
+
+        strip = page.locator("#strip-image img")
+        expect(stats).to_contain_text("no tracing", timeout=TIMEOUT_MS)
+        page.wait_for_load_state("networkidle")
+        before_strip = strip.get_attribute("src")
+        page.locator("#fusion").get_by_text("chain", exact=True).click()
+        expect(strip).not_to_have_attribute("src", before_strip, timeout=TIMEOUT_MS)
+        expect(stats).to_contain_text("selection score: own logit", timeout=TIMEOUT_MS)  # the first SPA layer
+        chained = strip.get_attribute("src")
+        page.locator("#fusion").get_by_text("stage", exact=True).click()  # back to the default for the screenshot
+        expect(strip).not_to_have_attribute("src", chained, timeout=TIMEOUT_MS)
+        expect(stats).to_contain_text("no tracing", timeout=TIMEOUT_MS)
 
         page.wait_for_load_state("networkidle")
         screenshot.parent.mkdir(parents=True, exist_ok=True)
@@ -120,10 +135,11 @@ def test_digit_batch_shows_packing_across_images() -> None:
         page.get_by_text("digits batch (boxes)").click()
         expect(status).to_contain_text("3: digits", timeout=TIMEOUT_MS)
         stats = page.locator("#stats")
-        expect(stats).to_contain_text("rows", timeout=TIMEOUT_MS)
-        rows = re.search(r"B\S* = (\d+) rows", stats.inner_text())
+        expect(stats).to_contain_text("row", timeout=TIMEOUT_MS)
+        rows = re.search(r"B\S* = (\d+) rows?", stats.inner_text())
         assert rows is not None, stats.inner_text()
         assert int(rows.group(1)) < 4, "the 4 images' kept tokens should share fewer rows than images"
+        expect(stats).to_contain_text("batch of 4", timeout=TIMEOUT_MS)  # the wall-clock of the whole batch
         page.wait_for_load_state("networkidle")
         shot = SCREENSHOT.with_name("app-digits.png")
         page.screenshot(path=str(shot), full_page=True)

@@ -8,7 +8,7 @@ import torch
 
 import spa_viz
 from spa_viz.selection.selectors import install_selector, remove_selector
-from spa_viz.viz import panels
+from spa_viz.viz import overlays, panels
 from spa_viz.viz.tables import markdown_table
 from tests.conftest import mixed_gate_tiny_vit
 
@@ -46,6 +46,40 @@ def test_gate_values_normalize_selector_scores_only() -> None:
         remove_selector(model)
     values = panels.gate_values(chosen.layers[0], 0, False)
     assert float(values.min()) == 0.0 and float(values.max()) == 1.0
+
+
+def test_gate_panel_outline_is_the_keep_rule_with_tau() -> None:
+    model = mixed_gate_tiny_vit()
+    spa_viz.configure(model, tau=3.0, threshold=0.6)
+    _, tr = spa_viz.trace(model, torch.randn(2, 3, 32, 32))
+    record = tr.layers[0]
+    values = panels.gate_values(record, 1, True, tau=3.0)
+    assert torch.equal(values.reshape(-1) > 0.6, record.keep[1]), "drawn above the threshold = kept"
+    assert not torch.equal(panels.gate_values(record, 1, True).reshape(-1) > 0.6, record.keep[1])
+
+
+def test_score_source_tells_own_logit_from_fused_scores() -> None:
+    model = mixed_gate_tiny_vit()
+    images = torch.randn(2, 3, 32, 32)
+    spa_viz.configure(model, fusion="chain")
+    _, chain = spa_viz.trace(model, images)
+    spa_viz.configure(model, fusion="none")
+    _, own = spa_viz.trace(model, images)
+    assert [panels.score_source(t) for t in own.layers] == ["own logit"] * len(own.layers)
+    assert panels.score_source(chain.layers[0]) == "own logit" and panels.fused_share(chain.layers[0]) == 0.0
+    later = chain.layers[1]
+    share = panels.fused_share(later, 0)
+    assert share == float((later.scores[0] > later.raw_scores[0]).float().mean()) and 0 < share < 1
+    assert panels.score_source(later, 0) == f"fused: {share:.0%} earlier"
+    strip = panels.strip_panel(np.full((64, 64, 3), 120, dtype=np.uint8), chain.layers, 0, "x")
+    plain = overlays.layer_strip(np.full((64, 64, 3), 120, dtype=np.uint8), chain.layers, 0)
+    assert strip.shape[0] > plain.shape[0], "every layer panel carries its caption"
+    install_selector(model, "random")
+    try:
+        _, chosen = spa_viz.trace(model, images)
+    finally:
+        remove_selector(model)
+    assert panels.fused_share(chosen.layers[0]) is None and panels.score_source(chosen.layers[0]) == "selector random"
 
 
 def test_markdown_table() -> None:

@@ -1,0 +1,132 @@
+"""The app's own files on disk (rendered panels, report zips): bounded in count and removed at exit.
+
+Everything the app writes lives in one folder, :class:`AppFiles`, with one :class:`BoundedFolder`
+per kind of file. A bounded folder keeps at most ``capacity`` entries and drops the least recently
+used one when a new one comes. The folder is removed by :meth:`AppFiles.close`, or at the latest
+when the interpreter exits.
+
+``python -m app`` puts this folder inside gradio's cache folder, so gradio serves the files
+without copying each of them into its cache first (one copy on disk, counted by these caps).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["AppFiles", "BoundedFolder", "DiskUsage", "disk_usage"]
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DiskUsage:
+    """Files below a folder and their size."""
+
+    files: int
+    bytes: int
+
+    @property
+    def megabytes(self) -> float:
+        return self.bytes / 1e6
+
+    def __str__(self) -> str:
+        return f"{self.files} files, {self.megabytes:.1f} MB"
+
+
+def disk_usage(folder: Path) -> DiskUsage:
+    """Regular files below ``folder`` (recursively) and their total size; nothing when it is missing."""
+    files = size = 0
+    for root, _, names in os.walk(folder):
+        for name in names:
+            try:
+                size += (Path(root) / name).lstat().st_size
+            except FileNotFoundError:  # removed while we walked
+                continue
+            files += 1
+    return DiskUsage(files, size)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+class BoundedFolder:
+    """A folder holding at most ``capacity`` entries (files or subfolders), least recently used dropped first.
+
+    :meth:`reuse` hands back an entry that is still on disk (marking it used); :meth:`claim` makes
+    room for a new entry and returns its path for the caller to write. An entry someone else removed
+    (gradio's cache cleaner can) is simply written again on its next :meth:`claim`.
+    """
+
+    def __init__(self, folder: Path, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"a bounded folder needs capacity >= 1, got {capacity}")
+        self.folder = folder
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.capacity = capacity
+        self._entries: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def reuse(self, name: str) -> Path | None:
+        """The path of entry ``name`` when it is still on disk (now the most recently used), else None."""
+        path = self.folder / name
+        with self._lock:
+            if name not in self._entries:
+                return None
+            if not path.exists():
+                del self._entries[name]
+                return None
+            self._entries.move_to_end(name)
+        return path
+
+    def claim(self, name: str) -> Path:
+        """Register entry ``name`` (dropping the least recently used beyond the capacity) and return its path."""
+        with self._lock:
+            self._entries[name] = None
+            self._entries.move_to_end(name)
+            dropped = []
+            while len(self._entries) > self.capacity:
+                dropped.append(self._entries.popitem(last=False)[0])
+        for old in dropped:
+            _remove(self.folder / old)
+        return self.folder / name
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+
+class AppFiles:
+    """The app's folder: ``panels/`` (rendered PNGs) and ``reports/`` (one subfolder per report zip).
+
+    Created fresh inside ``parent`` (default: the system's temporary folder); removed by
+    :meth:`close` or when the interpreter exits.
+    """
+
+    def __init__(self, parent: Path | None = None, *, panel_capacity: int = 128, report_capacity: int = 8) -> None:
+        if parent is not None:
+            parent.mkdir(parents=True, exist_ok=True)
+        self.root = Path(tempfile.mkdtemp(prefix="spa-viz-app-", dir=parent)).resolve()
+        self.panels = BoundedFolder(self.root / "panels", panel_capacity)
+        self.reports = BoundedFolder(self.root / "reports", report_capacity)
+        self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.root), ignore_errors=True)
+
+    def usage(self) -> DiskUsage:
+        return disk_usage(self.root)
+
+    def close(self) -> None:
+        """Remove the folder and everything in it (idempotent)."""
+        if self._cleanup.alive:
+            _log.info("removing the app's files in %s", self.root)
+        self._cleanup()

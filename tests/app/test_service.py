@@ -1,0 +1,174 @@
+"""The analysis service in process: every selector a model can run, fusion modes, the wall-clock
+measurement and the bound on the app's own files."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import spa_viz
+from app.examples import Examples, build_examples
+from app.files import AppFiles, BoundedFolder
+from app.models import LEARNED_GATE, ModelRegistry, selector_amount
+from app.service import AnalysisService, SPASettings, UserError
+from app.settings import AppSettings
+from app.ui import PanelFiles
+from spa_viz.selection.selectors import SELECTORS
+from tests.app.conftest import TINY, tiny_model
+
+DIGIT_MODELS = [name for name in ("spt-digits", "spa-vit-digits") if name in spa_viz.available()]
+
+
+@pytest.fixture(scope="module")
+def examples() -> Examples:
+    return build_examples(AppSettings().examples_dir)
+
+
+@pytest.fixture(scope="module")
+def service() -> Iterator[AnalysisService]:
+    settings = AppSettings(device="cpu", report_files=2)
+    registry = ModelRegistry(settings.torch_device, capacity=3, extra={TINY: tiny_model})
+    service = AnalysisService(settings, registry)
+    try:
+        yield service
+    finally:
+        service.close()
+
+
+@pytest.mark.skipif(not DIGIT_MODELS, reason="no SPT / SPA-ViT digit checkpoint in checkpoints/")
+@pytest.mark.parametrize("model", DIGIT_MODELS)
+def test_every_selector_the_model_can_run_runs_through_the_service(
+    service: AnalysisService, examples: Examples, model: str
+) -> None:
+    entry = service.model(model)
+    has_class_token = spa_viz.spa_context(entry.model).num_prefix > 0
+    assert entry.selectors[0] == LEARNED_GATE
+    assert ("cls_attention" in entry.selectors) == has_class_token, "SPT has no class token"
+    assert set(entry.selectors[1:]) == {n for n in SELECTORS if has_class_token or n != "cls_attention"}
+    batch = examples.digits[:2]
+    for name in entry.selectors[1:]:
+        amount = selector_amount(name)
+        spa = SPASettings(selector=name, selector_amount=0.3)
+        result = service.analyze(batch, model, spa, measure=False)
+        layers = result.summary["trace"]["layers"]
+        assert layers and all(layer["selector"] == name and layer["score_source"] == "selector" for layer in layers)
+        for layer in layers:
+            tokens = layer["grid"][0] * layer["grid"][1]
+            if amount.param == "ratio":
+                assert layer["kept_per_image"] == [math.ceil(0.3 * tokens)] * 2, (name, layer["layer"])
+            else:
+                assert all(1 <= kept <= tokens for kept in layer["kept_per_image"]), (name, layer["layer"])
+        assert result.gate.shape[0] > result.gate.shape[1] // 2 and result.strip.size
+
+
+@pytest.mark.skipif("spt-digits" not in spa_viz.available(), reason="the spt-digits checkpoint is not here")
+def test_a_selector_the_model_cannot_run_is_a_user_error(service: AnalysisService, examples: Examples) -> None:
+    with pytest.raises(UserError, match=r"cls_attention cannot run on spt-digits: it needs a class token") as info:
+        service.analyze(examples.digits[:1], "spt-digits", SPASettings(selector="cls_attention"))
+    assert "['learned gate', 'feature_norm', 'random', 'uniform_topk']" in str(info.value)
+    with pytest.raises(UserError, match="unknown selector 'gradcam'"):
+        service.analyze(examples.digits[:1], "spt-digits", SPASettings(selector="gradcam"))
+
+
+def test_selector_amount_comes_from_the_selector_class() -> None:
+    assert selector_amount("cls_attention").param == "p" and selector_amount("cls_attention").default == 0.9
+    assert {selector_amount(n).param for n in ("feature_norm", "random", "uniform_topk")} == {"ratio"}
+    with pytest.raises(ValueError, match="unknown selector"):
+        selector_amount("nope")
+
+
+def test_fusion_mode_is_a_live_setting_and_bad_values_name_the_allowed(
+    service: AnalysisService, examples: Examples
+) -> None:
+    photo = examples.photos[:1]
+    chain = service.analyze(photo, TINY, SPASettings(fusion="chain"), measure=False)
+    stage = service.analyze(photo, TINY, SPASettings(fusion="stage"), measure=False)
+    layers = chain.summary["trace"]["layers"]
+    assert [layer["fusion"] for layer in layers] == ["chain"] * len(layers)
+    assert layers[0]["score_source"] == "own logit" and {layer["score_source"] for layer in layers[1:]} == {"fused"}
+    assert {layer["score_source"] for layer in stage.summary["trace"]["layers"]} == {"own logit"}, (
+        "a plain ViT has one stage: nothing to fuse"
+    )
+    assert not np.array_equal(chain.strip, stage.strip)
+    with pytest.raises(UserError, match=r"unknown fusion mode 'cascade'; choose one of \['stage', 'chain', 'none'\]"):
+        service.analyze(photo, TINY, SPASettings(fusion="cascade"))
+
+
+@pytest.mark.skipif("spt-digits" not in spa_viz.available(), reason="the spt-digits checkpoint is not here")
+def test_stage_fusion_on_spt_fuses_only_across_stages(service: AnalysisService, examples: Examples) -> None:
+    trace = service.analyze(examples.digits[:1], "spt-digits", SPASettings(fusion="stage"), measure=False)
+    layers = trace.summary["trace"]["layers"]
+    first_grid = layers[0]["grid"]
+    first_stage = [layer for layer in layers if layer["grid"] == first_grid]
+    assert all(layer["score_source"] == "own logit" for layer in first_stage)
+    none = service.analyze(examples.digits[:1], "spt-digits", SPASettings(fusion="none"), measure=False)
+    assert {layer["score_source"] for layer in none.summary["trace"]["layers"]} == {"own logit"}
+
+
+def test_wall_clock_is_measured_once_per_batch_and_settings(service: AnalysisService, examples: Examples) -> None:
+    photo = examples.photos[2:4]
+    spa = SPASettings(threshold=0.45)
+    shown = service.analyze(photo, TINY, spa, measure=False)
+    assert "measuring" in shown.stats and shown.summary["latency_ms"] is None
+    before = service.timing_count
+    clock = service.measure(photo, TINY, spa)
+    assert service.timing_count == before + 1
+    assert clock.batch == 2 and clock.device == "cpu" and clock.threads == torch.get_num_threads()
+    assert 3 <= clock.repeats <= service.settings.timing_repeats and clock.dense_s > 0 and clock.spa_s > 0
+    stats, summary = service.timing(photo, TINY, spa, layer=8, image_index=1)
+    assert service.timing_count == before + 1, "another layer or image reuses the measurement"
+    line = stats.split("  \n")[1]
+    assert re.search(rf"median of {clock.repeats} runs each, dense twin and SPA alternating, no tracing", line)
+    assert f"batch of 2, {clock.threads} thread" in line and "MACs saved" in line
+    assert summary["latency_ms"]["dense"] == round(clock.dense_s * 1000, 2)
+    again = service.analyze(photo, TINY, spa, layer=6, measure=False)
+    assert "measuring" not in again.stats, "the cached measurement shows at once"
+    service.measure(photo, TINY, SPASettings(threshold=0.55))
+    assert service.timing_count == before + 2, "new settings are measured anew"
+
+
+def test_timing_repeats_shrink_to_fit_the_budget(service: AnalysisService) -> None:
+    budget = service.settings.timing_budget_s
+    assert service._timing_repeats(0.001) == service.settings.timing_repeats
+    assert service._timing_repeats(budget) == 3, "never fewer than 3"
+    assert service._timing_repeats(budget / 10.5) == 4  # 5.25 pairs fit, one is the warm-up
+
+
+def test_reports_and_panels_stay_under_their_caps(service: AnalysisService, examples: Examples) -> None:
+    reports = [
+        service.report(examples.photos[:1], TINY, SPASettings(threshold=t), layer=4, image_index=0)
+        for t in (0.3, 0.4, 0.5, 0.6)
+    ]
+    assert [p.exists() for p in reports] == [False, False, True, True], "the cap is 2 reports"
+    assert len(list(service.files.reports.folder.iterdir())) == 2
+
+    panels = PanelFiles(BoundedFolder(service.files.root / "test-panels", capacity=4))
+    written = [panels(np.full((8, 8, 3), value, dtype=np.uint8)) for value in range(10)]
+    assert len(list((service.files.root / "test-panels").iterdir())) == 4
+    assert panels(np.full((8, 8, 3), 9, dtype=np.uint8)) == written[-1], "a panel already written is reused"
+    Path(written[-1]).unlink()  # removed behind its back (gradio's cache sweep can): written again
+    assert Path(panels(np.full((8, 8, 3), 9, dtype=np.uint8))).exists()
+
+
+def test_concurrent_requests_writing_the_same_panel(tmp_path: Path) -> None:
+    panels = PanelFiles(BoundedFolder(tmp_path, capacity=4))
+    shared = np.full((64, 64, 3), 7, dtype=np.uint8)  # the same cached array, as two requests hand it over
+    with ThreadPoolExecutor(8) as pool:
+        paths = set(pool.map(lambda _: panels(shared), range(32)))
+    assert len(paths) == 1 and [p.name for p in tmp_path.iterdir()] == [Path(paths.pop()).name]
+
+
+def test_app_files_are_removed_on_close(tmp_path: Path) -> None:
+    files = AppFiles(tmp_path, panel_capacity=2, report_capacity=1)
+    (files.panels.claim("a.png")).write_bytes(b"x")
+    assert files.usage().files == 1 and files.root.parent == tmp_path.resolve()
+    files.close()
+    assert not files.root.exists()
+    files.close()  # idempotent
