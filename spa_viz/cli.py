@@ -71,7 +71,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DELEGATED: dict[str, dict[str, str]] = {
     "train": {"detection": "spa_viz.recipes.detection.train", "saliency": "spa_viz.recipes.saliency.train"},
     "evaluate": {"detection": "spa_viz.recipes.detection.evaluate", "saliency": "spa_viz.recipes.saliency.evaluate"},
-    "bench": {"block": "spa_viz.benchmarks.block", "spt": "spa_viz.benchmarks.spt"},
+    "bench": {
+        "block": "spa_viz.benchmarks.block",
+        "backbone": "spa_viz.benchmarks.backbone",
+        "spt": "spa_viz.benchmarks.spt",
+    },
 }
 
 
@@ -213,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     helps = {
         "train": "train a checkpoint (detection: a JSON recipe; saliency: the img-focus gates)",
         "evaluate": "evaluate a checkpoint (detection: AP and selection; saliency: held-out photos vs selectors)",
-        "bench": "benchmarks (block: one SPA block vs its rivals; spt: SPT vs a dense Swin)",
+        "bench": "benchmarks (block: one SPA block vs its rivals, then the shipped backbones vs their dense twins; "
+        "backbone: only the latter; spt: SPT vs a dense Swin)",
     }
     for command, targets in DELEGATED.items():
         sub = commands.add_parser(command, help=helps[command], description=helps[command])

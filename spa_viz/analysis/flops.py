@@ -54,9 +54,10 @@ def _score_pairs(decision: BlockDecision) -> Tensor:
     plan = decision.plan
     if decision.backend in _DENSE_ROW_BACKENDS:
         return plan.kept_counts * plan.row_len
-    segments = plan.segments
-    pairs = torch.zeros(plan.batch_size, dtype=torch.long)
-    return pairs.index_add(0, segments[:, 3], segments[:, 2] ** 2)
+    pairs = [0] * plan.batch_size
+    for _, _, _, size, image in plan.runs:
+        pairs[image] += size * size
+    return torch.tensor(pairs, dtype=torch.long)
 
 
 def spa_block_macs(decision: BlockDecision) -> int:

@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from spa_viz.analysis.flops import dense_block_macs, spa_block_macs
+from spa_viz.benchmarks.backbone import SHIPPED, BackboneResult, bench_checkpoints, environment, format_backbone_table
 from spa_viz.io.timer import stopwatch
 from spa_viz.layers.block import BlockCosts, SPAContext, convert_block
 from spa_viz.layers.config import SPAConfig
@@ -567,6 +568,14 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads (default: all cores)")
     parser.add_argument("--no-soft-gating", action="store_true", help="SPA blocks without soft gating")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--backbones",
+        nargs="*",
+        default=list(SHIPPED),
+        metavar="CHECKPOINT",
+        help="shipped SPA checkpoints whose whole backbones to time against their dense twins at batch 1, 4 "
+        f"and 32, 1 thread (default: {' '.join(SHIPPED)}; none: skip)",
+    )
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser.parse_args(argv)
@@ -617,13 +626,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     _log.info("environment %s", env)
     with stopwatch() as timing:
         results = run_benchmark(config, progress=not args.no_progress)
-    checks = check_targets(results)
+        checks = check_targets(results)
     print(f"\n## SPA per-block benchmark (dim {config.dim}, {config.heads} heads, {config.tokens} tokens, "
           f"device {config.device}, {env['torch_threads']} threads, {config.clock} clock, torch {env['torch']})")
     print(format_table(results))
     print("\n## Targets (batch 32)\n")
     for check in checks:
         print(f"- {check.verdict}: {check.name}: {check.detail}")
+    backbones: list[BackboneResult] = []
+    if args.backbones:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            backbones = bench_checkpoints(args.backbones, repeats=15 if args.quick else 40)
+        finally:
+            torch.set_num_threads(threads)
+        print("\n## Whole backbones of the shipped checkpoints vs their dense twins (real test images, 1 thread)\n")
+        print(format_backbone_table(backbones))
     elapsed = timing.wall
     _log.info("benchmark took %.1f s", elapsed)
     if args.json:
@@ -633,6 +652,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "elapsed_s": elapsed,
             "results": [m.to_dict() for m in results],
             "targets": [dict(asdict(c), verdict=c.verdict) for c in checks],
+            "backbones": {"environment": environment(1), "results": [r.to_dict() for r in backbones]},
         }
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump(payload, handle, indent=2)

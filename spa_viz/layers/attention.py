@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from spa_viz.layers.packing import PackPlan
+from spa_viz.layers.packing import PackPlan, from_rows, to_rows
 
 __all__ = ["BACKENDS", "SEGMENT_LOOP_MAX", "resolve_backend", "packed_attention", "check_attention_module"]
 
@@ -94,7 +94,7 @@ def _sdpa_runs(q: Tensor, k: Tensor, v: Tensor, plan: PackPlan, scale: float, dr
         heads_first = [t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)]
         return F.scaled_dot_product_attention(*heads_first, dropout_p=dropout, scale=scale)[0].transpose(0, 1)
     out = torch.empty_like(q)
-    for flat, row, start, size in runs:
+    for flat, row, start, size, _ in runs:
         part = slice(flat, flat + size)
         heads_first = [t[part].transpose(0, 1).unsqueeze(0) for t in (q, k, v)]
         attended = F.scaled_dot_product_attention(
@@ -106,15 +106,12 @@ def _sdpa_runs(q: Tensor, k: Tensor, v: Tensor, plan: PackPlan, scale: float, dr
 
 def _to_rows(t: Tensor, plan: PackPlan) -> Tensor:
     """Flat (n, heads, d) tokens -> padded rows (B', heads, L, d) (padding zero)."""
-    _, heads, dim = t.shape
-    rows = t.new_zeros(plan.num_slots, heads, dim).index_copy(0, plan.valid_slots, t)
-    return rows.view(plan.num_rows, plan.row_len, heads, dim).transpose(1, 2)
+    return to_rows(t, plan).transpose(1, 2)
 
 
 def _from_rows(t: Tensor, plan: PackPlan) -> Tensor:
     """Padded rows (B', heads, L, d) -> flat (n, heads, d) tokens."""
-    rows, heads, length, dim = t.shape
-    return t.transpose(1, 2).reshape(rows * length, heads, dim).index_select(0, plan.valid_slots)
+    return from_rows(t.transpose(1, 2), plan)
 
 
 def _sdpa_rows(q: Tensor, k: Tensor, v: Tensor, plan: PackPlan, scale: float, dropout: float, bias: Tensor | None) -> Tensor:
@@ -152,7 +149,7 @@ def _varlen(q: Tensor, k: Tensor, v: Tensor, plan: PackPlan, scale: float) -> Te
     work = dtype if dtype in _HALF else torch.bfloat16
     if work != dtype:
         _log.debug("varlen attention runs in bf16; casting %s inputs", dtype)
-    lengths = [size for _, _, _, size in plan.runs]
+    lengths = [size for _, _, _, size, _ in plan.runs]
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=q.device)
     cu[1:] = torch.tensor(lengths, device=q.device).cumsum(0).to(torch.int32)
     longest = max(lengths)
@@ -162,7 +159,7 @@ def _varlen(q: Tensor, k: Tensor, v: Tensor, plan: PackPlan, scale: float) -> Te
 
 def _reference(q: Tensor, k: Tensor, v: Tensor, plan: PackPlan, scale: float, bias: Tensor | None) -> Tensor:
     out = torch.empty_like(q)
-    for flat, row, start, size in plan.runs:
+    for flat, row, start, size, _ in plan.runs:
         part = slice(flat, flat + size)
         qs, ks, vs = (t[part].transpose(0, 1) for t in (q, k, v))  # (heads, size, d)
         logits = qs @ ks.transpose(-2, -1) * scale

@@ -260,7 +260,7 @@ def packed_drop_path(y: Tensor, plan: PackPlan, module: nn.Module, training: boo
     scale = keep.to(y.dtype)
     if getattr(module, "scale_by_keep", True):
         scale = scale / (1.0 - prob)
-    return y * scale[plan.valid_sources // plan.seq_len].unsqueeze(-1)
+    return y * scale[plan.sources // plan.seq_len].unsqueeze(-1)
 
 
 def _gate_factor(scores: Tensor, multiplier: Tensor | None, soft_gating: bool) -> Tensor | None:

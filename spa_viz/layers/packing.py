@@ -9,9 +9,11 @@ Two policies:
 * ``image`` (after NaViT's Patch n' Pack): whole images are bin-packed first-fit-decreasing into
   rows of capacity ``max(L, largest image)``, so attention is exactly per image.
 
-A :class:`PackPlan` records where every packed slot comes from; it is what the app draws. Planning
-also notes, in plain Python, whether any row holds more than one image and whether any slot is
-padding, so attention can skip the mask (and its slower kernel) when a row is one image's tokens.
+A :class:`PackPlan` records where every kept token goes; it is what the app draws. The SPA kernel
+runs the kept tokens *flat*, image by image (``gather_kept``: (n, C), no padding), and only its
+attention looks at the rows: per same-image *run* (the plan lists them as plain Python tuples) or
+on the padded rows with the block mask (``to_rows`` / ``from_rows``). Planning also notes whether
+any row mixes images and whether any slot is padding, so attention can skip the mask when it can.
 """
 
 from __future__ import annotations
@@ -23,32 +25,47 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-__all__ = ["POLICIES", "PackPlan", "plan_packing", "pack", "unpack", "gather_kept", "scatter_kept"]
+__all__ = [
+    "POLICIES",
+    "PackPlan",
+    "Run",
+    "from_rows",
+    "gather_kept",
+    "pack",
+    "plan_packing",
+    "scatter_kept",
+    "to_rows",
+    "unpack",
+]
 
 POLICIES = ("container", "image")
+
+Run = tuple[int, int, int, int, int]
+"""``(flat_start, row, start, length, image)``: one same-image run of kept tokens in one row."""
 
 
 @dataclass(frozen=True, eq=False)
 class PackPlan:
-    """Where each slot of the packed (rows x row_len) batch comes from.
+    """Where each kept token of a batch sits in the packed (rows x row_len) layout.
 
-    ``slot_source`` holds ``image * seq_len + token`` for every slot, or -1 for padding.
-    ``mixed_rows``: some row holds tokens of more than one image; ``has_padding``: some slot is empty.
+    ``sources`` (n,) holds ``image * seq_len + token`` of every kept token in *flat order* (image by
+    image, in the packing order within an image); ``slots`` (n,) the slot (``row * row_len + col``)
+    of each, or None when flat token i sits in slot i (containers). ``counts`` are the kept tokens
+    per image, ``runs`` the same-image runs (:data:`Run`). ``mixed_rows``: some row holds tokens of
+    more than one image; ``has_padding``: some slot is empty.
     """
 
     policy: str
     batch_size: int
     seq_len: int
     row_len: int
-    slot_source: Tensor
-    kept_counts: Tensor
-    mixed_rows: bool = True
-    has_padding: bool = True
-
-    @property
-    def num_rows(self) -> int:
-        """B': the number of packed rows (containers)."""
-        return int(self.slot_source.shape[0])
+    num_rows: int
+    sources: Tensor
+    slots: Tensor | None
+    counts: tuple[int, ...]
+    runs: tuple[Run, ...]
+    mixed_rows: bool
+    has_padding: bool
 
     @property
     def num_slots(self) -> int:
@@ -56,12 +73,36 @@ class PackPlan:
 
     @property
     def num_kept(self) -> int:
-        return int(self.kept_counts.sum())
+        return int(self.sources.numel())
 
     @property
     def fill_ratio(self) -> float:
         """Share of packed slots holding a real token (1 - padding share)."""
         return self.num_kept / max(self.num_slots, 1)
+
+    @cached_property
+    def kept_counts(self) -> Tensor:
+        """(B,) kept tokens per image."""
+        return torch.tensor(self.counts, dtype=torch.long, device=self.sources.device)
+
+    @cached_property
+    def valid_slots(self) -> Tensor:
+        """(n,) the slot of every kept token, in flat order (pairs with :attr:`valid_sources`)."""
+        if self.slots is None:
+            return torch.arange(self.num_kept, device=self.sources.device)
+        return self.slots
+
+    @property
+    def valid_sources(self) -> Tensor:
+        """(n,) flat source indices (image * seq_len + token) of the kept tokens, in flat order."""
+        return self.sources
+
+    @cached_property
+    def slot_source(self) -> Tensor:
+        """(B', L) long: ``image * seq_len + token`` of every slot, -1 for padding."""
+        slot_source = torch.full((self.num_slots,), -1, dtype=torch.long, device=self.sources.device)
+        slot_source[self.valid_slots] = self.sources
+        return slot_source.view(self.num_rows, self.row_len)
 
     @cached_property
     def valid(self) -> Tensor:
@@ -79,45 +120,19 @@ class PackPlan:
         return torch.where(self.valid, self.slot_source % self.seq_len, -1)
 
     @cached_property
-    def runs(self) -> list[tuple[int, int, int, int]]:
-        """``(flat_start, row, start, length)`` of every same-image run, in slot order; ``flat_start``
-        is the run's offset among the kept tokens (:func:`gather_kept` order). Plain Python ints."""
-        if not self.mixed_rows:
-            length, total = self.row_len, self.num_kept
-            if not self.has_padding or self.policy == "container":  # full rows, only the last one short
-                sizes = [min(length, total - r * length) for r in range(self.num_rows)]
-                return [(r * length, r, 0, size) for r, size in enumerate(sizes) if size > 0]
-        runs, flat = [], 0
-        for row, start, size, _ in self.segments.tolist():
-            runs.append((flat, row, start, size))
-            flat += size
-        return runs
-
-    @cached_property
-    def valid_slots(self) -> Tensor:
-        """Flat indices of the non-padding slots, in slot order."""
-        return self.valid.reshape(-1).nonzero().squeeze(1)
-
-    @cached_property
-    def valid_sources(self) -> Tensor:
-        """Flat source indices (image * seq_len + token) of the non-padding slots, in slot order."""
-        if not self.has_padding:
-            return self.slot_source.reshape(-1)
-        return self.slot_source.reshape(-1)[self.valid_slots]
-
-    @cached_property
-    def gather_index(self) -> Tensor:
-        """(B' * L,) source index of every slot; padding reads token 0 of image 0 (then zeroed)."""
-        flat = self.slot_source.reshape(-1)
-        return flat.clamp(min=0) if self.has_padding else flat
+    def segments(self) -> Tensor:
+        """(S, 4) long rows ``(row, start, length, image)``: the same-image runs in slot order."""
+        ordered = sorted(self.runs, key=lambda run: (run[1], run[2]))
+        rows = [(row, start, length, image) for _, row, start, length, image in ordered]
+        return torch.tensor(rows, dtype=torch.long).reshape(-1, 4)
 
     @cached_property
     def attention_mask(self) -> Tensor | None:
-        """Bool mask broadcastable to (B', heads, L, L): query may attend key; None if all may.
+        """Bool mask broadcastable to (B', heads, L, L) over the rows: query may attend key; None if all may.
 
         Rows mixing images get the full same-image mask (B', 1, L, L), where padding slots attend
         only to padding so that no query row is empty (SDPA would give NaN); rows of one image with
-        padding get a key mask (B', 1, 1, L). Padding outputs are dropped by :func:`unpack`.
+        padding get a key mask (B', 1, 1, L). Padding outputs are dropped by :func:`from_rows`.
         """
         if self.mixed_rows:
             seg = self.slot_image
@@ -126,22 +141,6 @@ class PackPlan:
             return self.valid[:, None, None, :]
         return None
 
-    @cached_property
-    def segments(self) -> Tensor:
-        """(S, 4) long rows ``(row, start, length, image)``: maximal same-image runs per row."""
-        seg = self.slot_image
-        length = seg.shape[1]
-        flat = seg.reshape(-1)
-        pos = torch.arange(flat.numel(), device=flat.device)
-        new_run = torch.ones_like(flat, dtype=torch.bool)
-        new_run[1:] = (flat[1:] != flat[:-1]) | (pos[1:] % length == 0)
-        run_starts = pos[new_run]
-        run_ends = torch.cat([run_starts[1:], pos.new_tensor([flat.numel()])])
-        real = flat[run_starts] >= 0
-        starts = run_starts[real]
-        lengths = (run_ends - run_starts)[real]
-        return torch.stack([starts // length, starts % length, lengths, flat[starts]], dim=1)
-
     def to(self, device: torch.device | str) -> PackPlan:
         """A copy with its tensors on ``device``."""
         return PackPlan(
@@ -149,8 +148,11 @@ class PackPlan:
             self.batch_size,
             self.seq_len,
             self.row_len,
-            self.slot_source.to(device),
-            self.kept_counts.to(device),
+            self.num_rows,
+            self.sources.to(device),
+            None if self.slots is None else self.slots.to(device),
+            self.counts,
+            self.runs,
             self.mixed_rows,
             self.has_padding,
         )
@@ -174,6 +176,20 @@ def _first_fit_decreasing(counts: list[int], capacity: int) -> list[tuple[int, i
     return place
 
 
+def _container_runs(counts: list[int], length: int) -> list[Run]:
+    """The runs of images poured one after another into containers of ``length`` slots."""
+    runs: list[Run] = []
+    flat = 0
+    for image, count in enumerate(counts):
+        end = flat + count
+        while flat < end:
+            row, start = divmod(flat, length)
+            size = min(length - start, end - flat)
+            runs.append((flat, row, start, size, image))
+            flat += size
+    return runs
+
+
 def plan_packing(
     keep: Tensor,
     policy: str = "image",
@@ -187,8 +203,8 @@ def plan_packing(
 
     ``row_len`` is the container length L for ``container`` (required) and the minimum row capacity
     for ``image`` (default: the largest image's kept count). Tokens are packed in ``keep``'s order;
-    ``source_map`` (B * T,) optionally maps each of those positions to the source index the slots
-    record (``image * seq_len + token``), for backbones that pack in another order than they store
+    ``source_map`` (B * T,) optionally maps each of those positions to the source index the plan
+    records (``image * seq_len + token``), for backbones that pack in another order than they store
     (SPT packs in window order, stores raster order). ``counts``: the kept tokens per image, when the
     caller already has them (saves a pass and a host sync).
     """
@@ -201,88 +217,92 @@ def plan_packing(
     if policy == "container" and row_len is None:
         raise ValueError("the container policy needs a container length L (row_len), e.g. 49")
     batch, positions = keep.shape
-    device = keep.device
     if counts is None:
-        counts_list = keep.sum(1).tolist()
+        counts = keep.sum(1).tolist()
     elif len(counts) != batch:
         raise ValueError(f"got {len(counts)} counts for a batch of {batch}")
-    else:
-        counts_list = list(counts)
-    counts = torch.tensor(counts_list, dtype=torch.long, device=device)
-    total = sum(counts_list)
     sources = keep.reshape(-1).nonzero().squeeze(1)
     if source_map is not None:
         if source_map.shape != (batch * positions,) or seq_len is None:
             raise ValueError("source_map must be (B * T,) and comes with the stored seq_len")
         sources = source_map[sources]
     seq_len = positions if seq_len is None else seq_len
+    total = sum(counts)
 
     if policy == "container":
         rows = max(-(-total // row_len), 1)
-        length = row_len
-        ends = itertools.accumulate(counts_list)
-        mixed = any(end % length for end in list(ends)[:-1] if 0 < end < total)
-        has_padding = rows * length != total
-        if not has_padding:
-            return PackPlan(policy, batch, seq_len, length, sources.view(rows, length), counts, mixed, False)
-        slots = torch.arange(total, device=device)
-    else:
-        length = max(row_len or 0, max(counts_list, default=0), 1)
-        if batch == 1 and length == total:  # one image filling one row: the plan is its kept tokens
-            return PackPlan(policy, batch, seq_len, length, sources.view(1, length), counts, False, False)
-        place = _first_fit_decreasing(counts_list, length)
-        rows = max((r for r, _ in place), default=0) + 1
-        per_row = [0] * rows
-        filled = [0] * rows
-        for (row, _), count in zip(place, counts_list):
-            per_row[row] += count > 0
+        ends = list(itertools.accumulate(counts))[:-1]
+        mixed = any(0 < end < total and end % row_len for end in ends)
+        runs = _container_runs(counts, row_len)
+        return PackPlan(
+            policy, batch, seq_len, row_len, rows, sources, None, tuple(counts), tuple(runs), mixed, rows * row_len != total
+        )
+
+    length = max(row_len or 0, max(counts, default=0), 1)
+    if batch == 1 and length == total:  # one image filling one row: the plan is its kept tokens (the app's case)
+        return PackPlan(policy, 1, seq_len, length, 1, sources, None, tuple(counts), ((0, 0, 0, total, 0),), False, False)
+    place = _first_fit_decreasing(counts, length)
+    rows = max((r for r, _ in place), default=0) + 1
+    images_per_row = [0] * rows
+    filled = [0] * rows
+    runs = []
+    flat = 0
+    for image, ((row, offset), count) in enumerate(zip(place, counts)):
+        if count:
+            runs.append((flat, row, offset, count, image))
+            images_per_row[row] += 1
             filled[row] += count
-        mixed = any(n > 1 for n in per_row)
-        has_padding = any(f != length for f in filled)
-        start = torch.tensor([r * length + o for r, o in place], device=device, dtype=torch.long)
-        first = torch.cumsum(counts, 0) - counts
-        image = sources // seq_len
-        slots = start[image] + torch.arange(total, device=device) - first[image]
-
-    slot_source = torch.full((rows * length,), -1, dtype=torch.long, device=device)
-    slot_source[slots] = sources
-    return PackPlan(policy, batch, seq_len, length, slot_source.view(rows, length), counts, mixed, has_padding)
-
-
-def pack(x: Tensor, plan: PackPlan) -> Tensor:
-    """Gather the kept tokens of ``x`` (B, T, C) into (B', L, C); padding slots are zero."""
-    batch, seq_len, dim = x.shape
-    if (batch, seq_len) != (plan.batch_size, plan.seq_len):
-        raise ValueError(f"x has shape {tuple(x.shape)} but the plan is for ({plan.batch_size}, {plan.seq_len}, C)")
-    packed = x.reshape(batch * seq_len, dim).index_select(0, plan.gather_index)
-    packed = packed.view(plan.num_rows, plan.row_len, dim)
-    if plan.has_padding:
-        packed = packed.masked_fill(~plan.valid.unsqueeze(-1), 0.0)
-    return packed
+        flat += count
+    mixed = any(n > 1 for n in images_per_row)
+    has_padding = any(f != length for f in filled)
+    slots = None
+    if any(row * length + offset != flat_start for flat_start, row, offset, _, _ in runs):
+        starts = torch.tensor([r * length + o - f for f, r, o, _, _ in runs], dtype=torch.long, device=keep.device)
+        sizes = torch.tensor([size for _, _, _, size, _ in runs], dtype=torch.long, device=keep.device)
+        slots = torch.arange(total, device=keep.device) + starts.repeat_interleave(sizes, output_size=total)
+    return PackPlan(policy, batch, seq_len, length, rows, sources, slots, tuple(counts), tuple(runs), mixed, has_padding)
 
 
 def gather_kept(x: Tensor, plan: PackPlan) -> Tensor:
-    """The kept tokens of ``x`` (B, T, C) as a flat (n, C) tensor in slot order (no padding)."""
+    """The kept tokens of ``x`` (B, T, C) as a flat (n, C) tensor in the plan's flat order (no padding)."""
     batch, seq_len, dim = x.shape
     if (batch, seq_len) != (plan.batch_size, plan.seq_len):
         raise ValueError(f"x has shape {tuple(x.shape)} but the plan is for ({plan.batch_size}, {plan.seq_len}, C)")
-    return x.reshape(batch * seq_len, dim).index_select(0, plan.valid_sources)
+    return x.reshape(batch * seq_len, dim).index_select(0, plan.sources)
 
 
 def scatter_kept(tokens: Tensor, plan: PackPlan, base: Tensor) -> Tensor:
     """Write flat kept tokens (n, C) back into a copy of ``base`` (B, T, C); unkept tokens keep ``base``."""
     batch, seq_len, dim = base.shape
-    out = base.reshape(batch * seq_len, dim).index_copy(0, plan.valid_sources, tokens)
+    out = base.reshape(batch * seq_len, dim).index_copy(0, plan.sources, tokens)
     return out.view(batch, seq_len, dim)
+
+
+def to_rows(tokens: Tensor, plan: PackPlan) -> Tensor:
+    """Flat kept tokens (n, *F) -> the padded rows (B', L, *F); padding is zero."""
+    feature = tokens.shape[1:]
+    if plan.slots is None:
+        padding = plan.num_slots - plan.num_kept
+        rows = torch.cat([tokens, tokens.new_zeros(padding, *feature)]) if padding else tokens
+    else:
+        rows = tokens.new_zeros(plan.num_slots, *feature).index_copy(0, plan.slots, tokens)
+    return rows.view(plan.num_rows, plan.row_len, *feature)
+
+
+def from_rows(rows: Tensor, plan: PackPlan) -> Tensor:
+    """The padded rows (B', L, *F) -> flat kept tokens (n, *F) (padding dropped)."""
+    flat = rows.reshape(plan.num_slots, *rows.shape[2:])
+    if plan.slots is None:
+        return flat[: plan.num_kept]
+    return flat.index_select(0, plan.slots)
+
+
+def pack(x: Tensor, plan: PackPlan) -> Tensor:
+    """Gather the kept tokens of ``x`` (B, T, C) into the padded rows (B', L, C); padding slots are zero."""
+    return to_rows(gather_kept(x, plan), plan)
 
 
 def unpack(packed: Tensor, plan: PackPlan, base: Tensor) -> Tensor:
-    """Scatter packed tokens back into a copy of ``base`` (B, T, C); unkept tokens keep ``base``."""
-    batch, seq_len, dim = base.shape
-    flat = packed.reshape(-1, dim)
-    if plan.has_padding:
-        flat, sources = flat.index_select(0, plan.valid_slots), plan.valid_sources
-    else:
-        sources = plan.slot_source.reshape(-1)
-    out = base.reshape(batch * seq_len, dim).index_copy(0, sources, flat)
-    return out.view(batch, seq_len, dim)
+    """Scatter the rows (B', L, C) back into a copy of ``base`` (B, T, C); unkept tokens keep ``base``."""
+    return scatter_kept(from_rows(packed, plan), plan, base)
+

@@ -62,7 +62,7 @@ from torch import Tensor, nn
 from spa_viz.layers.block import SPAContext, spa_block_forward
 from spa_viz.layers.config import SPAConfig
 from spa_viz.layers.gate import TokenGate
-from spa_viz.layers.packing import PackPlan, plan_packing
+from spa_viz.layers.packing import PackPlan, plan_packing, to_rows
 from spa_viz.models.timm_contract import dense_on_meta, set_spa_grad_checkpointing
 from spa_viz.selection.labels import TokenGrid
 
@@ -282,7 +282,7 @@ class SwinWindowLayout:
 
     def attention_bias(self, plan: PackPlan) -> Tensor:
         """(B', heads, L, L): Swin's relative position bias of every packed pair, -100 across shift regions."""
-        token = plan.slot_token.clamp(min=0) if plan.has_padding else plan.slot_source % plan.seq_len
+        token = to_rows(plan.sources % plan.seq_len, plan)  # (B', L) raster token per slot; padding reads token 0
         table = self.bias_table
         layout = self._layout(token.device)
         if layout.pair_index is not None:

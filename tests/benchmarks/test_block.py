@@ -97,7 +97,8 @@ def test_targets_and_table() -> None:
 def test_cli_json(tmp_path, capsys) -> None:
     path = tmp_path / "bench.json"
     argv = ["--batch", "2", "--keep", "0.3", "--mode", "inference", "--repeats", "1", "--warmup", "0",
-            "--container-len", "49", "--threads", "1", "--quiet-budget", "0", "--no-progress", "--json", str(path)]
+            "--container-len", "49", "--threads", "1", "--quiet-budget", "0", "--no-progress", "--json", str(path),
+            "--backbones"]
     threads = torch.get_num_threads()
     try:
         assert bench.main(argv) == 0
@@ -106,6 +107,7 @@ def test_cli_json(tmp_path, capsys) -> None:
     payload = json.loads(path.read_text())
     assert {r["variant"] for r in payload["results"]} == {"dense", "masked", "pad", "spa-c49", "spa-image"}
     assert payload["environment"]["torch_threads"] == 1
+    assert payload["backbones"]["results"] == [], "--backbones with no names skips the whole-backbone section"
     assert "Targets" in capsys.readouterr().out
 
 

@@ -61,7 +61,7 @@ def test_attn_bias_sdpa_equals_reference_and_loop() -> None:
         sdpa, _ = packed_attention(attn, x, plan, "sdpa", attn_bias=bias)
         ref, _ = packed_attention(attn, x, plan, "reference", attn_bias=bias)
         q, k, v = attn.qkv(x).reshape(-1, 3, 4, 8).permute(1, 2, 0, 3)  # (3, heads, n, d)
-        for flat, row, start, size in plan.runs:
+        for flat, row, start, size, _ in plan.runs:
             run = slice(flat, flat + size)
             part = slice(start, start + size)
             weights = (q[:, run] @ k[:, run].transpose(-2, -1) * attn.scale + bias[row, :, part, part]).softmax(-1)
