@@ -2,7 +2,7 @@
 
 * ``spa-viz train detection --config configs/NAME.json`` / ``spa-viz train saliency --out DIR``
 * ``spa-viz evaluate detection --checkpoint NAME`` / ``spa-viz evaluate saliency``
-* ``spa-viz bench block`` / ``spa-viz bench spt``
+* ``spa-viz bench block`` / ``spa-viz bench backbone`` / ``spa-viz bench spt``
 * ``spa-viz analyze IMAGES --out DIR [--model NAME]``
 * ``spa-viz app [--port 7860 ...]``
 
