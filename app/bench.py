@@ -11,7 +11,7 @@ Measures, for the default model (or ``--model``) on this machine:
 * each attribution method on one image;
 * over HTTP, the layer slider of one client (server and transfer time, without file downloads);
 * a load test on loopback: the app in a subprocess on a free port, ``--clients`` gradio_client
-  clients each sending ``--requests`` analyses to ``/analyze`` (which measures the wall-clock too;
+  clients each sending ``--requests`` analyses to ``/analyze`` (the views, as the page gets them first;
   cycling images, thresholds and layers, downloading every output file), reporting failures,
   p50/p95 latency, the server's peak resident memory, and the disk used by gradio's cache and the
   app's own folder at the start, at the end and after the server stopped.

@@ -222,12 +222,13 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
         image_index: float,
         fusion: str = "stage",
     ) -> tuple[Any, ...]:
-        """All views of a batch at one SPA layer and image: status, cost text (backbone MACs dense vs SPA
-        and the measured wall-clock), gate heat-map, kept mask, selection labels (image + text), all-layer
-        strip, packed layout, MACs per layer, kept-token histogram, predictions, batch gallery, summary
-        JSON. ``fusion``: how a learned gate's logit is fused with earlier scores (stage, chain, none)."""
+        """All views of a batch at one SPA layer and image: status, cost text (backbone MACs dense vs SPA;
+        the wall-clock when already measured for these images and settings, else call ``/timing``), gate
+        heat-map, kept mask, selection labels (image + text), all-layer strip, packed layout, MACs per
+        layer, kept-token histogram, predictions, batch gallery, summary JSON. ``fusion``: how a learned
+        gate's logit is fused with earlier scores (stage, chain, none)."""
         return views(
-            files, model, selector, selector_amount, threshold, policy, container_len, layer, image_index, fusion, True
+            files, model, selector, selector_amount, threshold, policy, container_len, layer, image_index, fusion, False
         )
 
     def show(*args: Any) -> tuple[Any, ...]:

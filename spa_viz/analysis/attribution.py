@@ -222,12 +222,13 @@ def attention_rollout(model: nn.Module, images: Tensor, progress: Progress | Non
                 groups = _row_groups(plan.valid_sources, plan.valid_slots, plan.row_len, batch, seq_len).to(x.device)
                 kept = groups >= 0
                 allowed = kept[:, :, None] & kept[:, None, :] & (groups[:, :, None] == groups[:, None, :])
-                if not hasattr(block.gate, "select") and block.spa_context.config.soft_gating:
-                    factor = torch.ones(batch, seq_len, device=x.device, dtype=x.dtype)
+                # soft gating scales a kept token's attention branch by m = sigmoid(s): x + m * attn
+                factor = torch.ones(batch, seq_len, device=x.device, dtype=x.dtype)
+                if layer.learned and block.spa_context.config.soft_gating:
                     factor[:, num_prefix:] = layer.soft_gate.to(x.device, x.dtype)
-                    x = x * factor[..., None]
                 weights = _block_attention(block, x, allowed)
-                mixed = torch.where(kept[..., None], 0.5 * weights + 0.5 * eye, eye)
+                gated = (factor[..., None] * weights + eye) / (1.0 + factor[..., None])
+                mixed = torch.where(kept[..., None], gated, eye)
             mixed = mixed / mixed.sum(-1, keepdim=True)
             rollout = mixed @ rollout
             if progress is not None:

@@ -42,6 +42,8 @@ class LayerTrace:
     backend: str
     cost: LayerCost
     reused_plan: bool = False
+    fused_input: bool = False
+    """Whether the selection scores fused an earlier score in (else: the gate's own logit or a selector)."""
 
     @property
     def soft_gate(self) -> Tensor:
@@ -74,6 +76,7 @@ class LayerTrace:
             "grid": list(self.grid),
             "selector": self.selector,
             "fusion": self.fusion if self.learned else None,
+            "fused_input": self.fused_input,
             "backend": self.backend,
             "policy": plan.policy,
             "kept_per_image": self.kept_counts.tolist(),
@@ -179,6 +182,7 @@ def _layer_trace(decision: BlockDecision) -> LayerTrace:
         backend=decision.backend,
         cost=layer_cost(decision),
         reused_plan=decision.reused_plan,
+        fused_input=decision.fused_input,
     )
 
 

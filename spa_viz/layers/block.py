@@ -140,6 +140,8 @@ class GateOutput:
     raw: Tensor
     fused: Tensor
     keep: Tensor
+    fused_input: bool = False
+    """Whether an earlier score was fused in (False: ``fused`` is the gate's own logit)."""
 
 
 @dataclass
@@ -165,6 +167,8 @@ class BlockDecision:
     costs: BlockCosts
     dense_window: int | None = None
     reused_plan: bool = False
+    fused_input: bool = False
+    """Whether the selection scores fused an earlier score in (a learned gate with fusion)."""
 
 
 @dataclass
@@ -210,23 +214,23 @@ class SPAContext:
         self._stage_grid = self._stage_input = self._last_fused = self._last_grid = None
         self._pack_state = None
 
-    def fuse(self, raw: Tensor, grid: Grid) -> Tensor:
-        """This block's selection score from its raw logits, by the config's fusion mode."""
+    def fuse(self, raw: Tensor, grid: Grid) -> tuple[Tensor, bool]:
+        """This block's selection score from its raw logits by the config's fusion mode, and whether an
+        earlier score was fused in."""
         mode = self.config.fusion
-        if mode == "none":
-            fused = raw
-        elif mode == "chain":
+        incoming = None
+        if mode == "chain":
             incoming = None if self._last_fused is None else pool_scores(self._last_fused, self._last_grid, grid)
-            fused = fuse_scores(raw, incoming)
-        else:
+        elif mode == "stage":
             if self._stage_grid != tuple(grid):  # the first block of a stage takes the previous stage's score
                 self._stage_grid = tuple(grid)
                 self._stage_input = (
                     None if self._last_fused is None else pool_scores(self._last_fused, self._last_grid, grid)
                 )
-            fused = fuse_scores(raw, self._stage_input)
+            incoming = self._stage_input
+        fused = fuse_scores(raw, incoming)
         self._last_fused, self._last_grid = fused, tuple(grid)
-        return fused
+        return fused, incoming is not None
 
     def pack(self, x: Tensor, keep: Tensor, layout: TokenLayout, counts: list[int]) -> tuple[PackPlan, Tensor, bool]:
         """Plan ``keep`` (B, T) and gather the kept tokens of ``x`` (B, T, C) flat (n, C); reuse the last
@@ -280,6 +284,7 @@ class _Selection:
     keep: Tensor
     counts: list[int]
     factor: Tensor | None
+    fused_input: bool = False
 
 
 def _decide(block: nn.Module, x: Tensor, ctx: SPAContext, layer: int, grid: Grid) -> _Selection:
@@ -290,15 +295,16 @@ def _decide(block: nn.Module, x: Tensor, ctx: SPAContext, layer: int, grid: Grid
     if not gate.learned:
         keep = gate.select(raw, cfg)
         return _Selection(raw, raw, keep, keep.sum(1).tolist(), None)
-    scores = ctx.fuse(raw, grid)
+    scores, fused_input = ctx.fuse(raw, grid)
     keep, soft = gumbel_keep(scores, threshold=cfg.threshold, tau=cfg.tau, training=block.training)
     counts = keep.sum(1).tolist()
     if min(counts) < min(cfg.min_keep, scores.shape[1]):
         keep = ensure_min_keep(keep, scores, cfg.min_keep, counts)
         counts = keep.sum(1).tolist()
-    ctx.gates.append(GateOutput(layer, tuple(grid), raw, scores, keep))
+    ctx.gates.append(GateOutput(layer, tuple(grid), raw, scores, keep, fused_input))
     multiplier = None if soft is None else straight_through(keep, soft)
-    return _Selection(raw, scores, keep, counts, _gate_factor(scores, multiplier, cfg.soft_gating))
+    factor = _gate_factor(scores, multiplier, cfg.soft_gating)
+    return _Selection(raw, scores, keep, counts, factor, fused_input)
 
 
 def _add_branch(packed: Tensor, branch: Tensor, factor: Tensor | None, plan: PackPlan, drop_path: nn.Module, training: bool) -> Tensor:
@@ -362,6 +368,7 @@ def spa_block_forward(block: nn.Module, x: Tensor, ctx: SPAContext, layer: int, 
                 costs=BlockCosts.of(block),
                 dense_window=layout.dense_window,
                 reused_plan=reused,
+                fused_input=chosen.fused_input,
             )
         )
     return out

@@ -41,8 +41,9 @@ __all__ = [
 
 def fused_share(record: LayerTrace, index: int | None = None) -> float | None:
     """Share of patch tokens whose selection score came from an earlier score through fusion
-    (``max(own logit, incoming) > own logit``), for image ``index`` or the whole batch; None for a selector."""
-    if not record.learned:
+    (``max(own logit, incoming) > own logit``), for image ``index`` or the whole batch; None for a
+    selector or a layer that fused nothing in."""
+    if not record.learned or not record.fused_input:
         return None
     raw, scores = (record.raw_scores, record.scores) if index is None else (record.raw_scores[index], record.scores[index])
     return float((scores > raw).float().mean()) if scores.numel() else 0.0
@@ -51,12 +52,12 @@ def fused_share(record: LayerTrace, index: int | None = None) -> float | None:
 def score_source(record: LayerTrace, index: int | None = None) -> str:
     """What a layer selected by: ``own logit``, ``fused: N% earlier`` (tokens where an earlier score won)
     or ``selector <name>``."""
+    if not record.learned:
+        return f"selector {record.selector}"
     share = fused_share(record, index)
     if share is None:
-        return f"selector {record.selector}"
-    if share == 0.0:
         return "own logit"
-    return f"fused: {max(share, 0.005):.0%} earlier"
+    return f"fused: {share:.0%} earlier" if share == 0.0 else f"fused: {max(share, 0.005):.0%} earlier"
 
 
 def gate_values(record: LayerTrace, index: int, learned: bool, tau: float = 1.0) -> Tensor:

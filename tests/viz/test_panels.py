@@ -66,7 +66,8 @@ def test_score_source_tells_own_logit_from_fused_scores() -> None:
     spa_viz.configure(model, fusion="none")
     _, own = spa_viz.trace(model, images)
     assert [panels.score_source(t) for t in own.layers] == ["own logit"] * len(own.layers)
-    assert panels.score_source(chain.layers[0]) == "own logit" and panels.fused_share(chain.layers[0]) == 0.0
+    assert panels.score_source(chain.layers[0]) == "own logit" and panels.fused_share(chain.layers[0]) is None
+    assert not chain.layers[0].fused_input and all(t.fused_input for t in chain.layers[1:])
     later = chain.layers[1]
     share = panels.fused_share(later, 0)
     assert share == float((later.scores[0] > later.raw_scores[0]).float().mean()) and 0 < share < 1
