@@ -36,10 +36,12 @@ def _results(test: Mapping[str, Any]) -> str:
     layers = ""
     if test.get("layers"):
         rows = [
-            [k, f"{v['keep_ratio']:.3f}", f"{v['label_ratio']:.3f}", f"{v['precision']:.3f}", f"{v['recall']:.3f}", f"{v['iou']:.3f}"]
+            [k, f"{v['keep_ratio']:.3f}", f"{v['label_ratio']:.3f}", f"{v['precision']:.3f}", f"{v['recall']:.3f}",
+             f"{v['iou']:.3f}", fmt(v.get("iou_with_previous_layer"))]
             for k, v in test["layers"].items()
         ]
-        table = markdown_table(["layer", "keep", "label share", "precision", "recall", "IoU"], rows)
+        header = ["layer", "keep", "label share", "precision", "recall", "IoU", "IoU with the layer before"]
+        table = markdown_table(header, rows)
         layers = render_card("detection_layers", {"table": table}) + "\n"
     fields = {
         "num_images": test["num_images"],

@@ -111,18 +111,26 @@ def _spa_on(model: nn.Module) -> bool:
 
 
 def selection_metrics(model: Detector, traces: Sequence[tuple[Trace, list[dict[str, Any]]]], image_size: int) -> dict[str, Any]:
-    """Per SPA layer: keep ratio, label share, and precision / recall / IoU of the keep mask against the
-    labels, pooled over the split (:class:`SelectionCounts` summed); backbone MACs dense vs as run."""
+    """Per SPA layer: keep ratio, label share, precision / recall / IoU of the keep mask against the
+    labels, and the IoU of its keep mask with the previous SPA layer's (on the same grid: 1.0 means it
+    copied it), pooled over the split (:class:`SelectionCounts` summed); backbone MACs dense vs as run."""
     per_layer: dict[int, SelectionCounts] = {}
+    agreement: dict[int, SelectionCounts] = {}
     per_image_keep: list[Tensor] = []
     macs_dense = macs_run = images = 0
     for tr, targets in traces:
         labels = model.selection_labels(targets, (image_size, image_size))
         ratios = []
+        previous = None
         for layer in tr.layers:
             counts = SelectionCounts.of(layer.keep, labels[tuple(layer.grid)].bool())
             pooled = SelectionCounts(counts.tp.sum(), counts.fp.sum(), counts.fn.sum(), counts.tn.sum())
             per_layer[layer.layer] = per_layer[layer.layer] + pooled if layer.layer in per_layer else pooled
+            if previous is not None and previous.grid == layer.grid:  # how much a gate repeats the one before
+                same = SelectionCounts.of(layer.keep, previous.keep)
+                same = SelectionCounts(same.tp.sum(), same.fp.sum(), same.fn.sum(), same.tn.sum())
+                agreement[layer.layer] = agreement[layer.layer] + same if layer.layer in agreement else same
+            previous = layer
             ratios.append(layer.keep_ratio)
         if ratios:
             per_image_keep.append(torch.stack(ratios).mean(0))
@@ -136,6 +144,7 @@ def selection_metrics(model: Detector, traces: Sequence[tuple[Trace, list[dict[s
             "precision": float(c.precision),
             "recall": float(c.recall),
             "iou": float(c.iou),
+            "iou_with_previous_layer": float(agreement[layer].iou) if layer in agreement else None,
         }
         for layer, c in sorted(per_layer.items())
     }
@@ -224,7 +233,10 @@ def summary_table(result: dict[str, Any]) -> str:
         rows.append((f"ms/image dense / SPA ({latency['device']}, batch {latency['batch']}, {latency['threads']} threads)",
                      f"{latency['dense_ms_per_image']:.2f} / " + (f"{spa:.2f}" if spa else "-")))
     for layer, stats in result.get("layers", {}).items():
-        rows.append((f"layer {layer} keep/P/R/IoU", "{keep_ratio:.3f} / {precision:.3f} / {recall:.3f} / {iou:.3f}".format(**stats)))
+        same = stats.get("iou_with_previous_layer")
+        rows.append((f"layer {layer} keep/P/R/IoU (IoU with the layer before)",
+                     "{keep_ratio:.3f} / {precision:.3f} / {recall:.3f} / {iou:.3f}".format(**stats)
+                     + ("" if same is None else f" ({same:.3f})")))
     return markdown_table(["metric", "value"], rows)
 
 
