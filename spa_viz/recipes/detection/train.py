@@ -178,15 +178,30 @@ def _epoch_batches(size: int, batch: int, epoch: int, seed: int, rank: int, worl
     return [order[i : i + batch] for i in range(0, len(order) - batch + 1, batch)]
 
 
-def _materialise(dataset: Dataset, desc: str) -> list[tuple[Tensor, dict[str, Any]]]:
+class _Materialised(Dataset):
+    """Transformed samples held in memory as float16 (half the memory of float32: 24,000 digit images at
+    128 px are 2.4 GB instead of 4.7 GB), handed out as float32."""
+
+    def __init__(self, items: list[tuple[Tensor, dict[str, Any]]]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Any]]:
+        image, target = self.items[index]
+        return image.float(), target
+
+
+def _materialise(dataset: Dataset, desc: str) -> _Materialised:
     """Transform every sample once (no random augmentation), dropping masks once labels exist."""
     items = []
     for i in tqdm(range(len(dataset)), desc=desc, disable=None):
         image, target = dataset[i]
         if "select_labels" in target:
             target.pop("masks", None)
-        items.append((image, target))
-    return items
+        items.append((image.half(), target))
+    return _Materialised(items)
 
 
 def _autocast(device: torch.device, amp: str) -> Any:
