@@ -99,6 +99,7 @@ def test_keep_all_equals_the_dense_twin(kind: str, size_divisible: int) -> None:
     with size_divisible 32; any inputs once size_divisible = 32 x window pads them to such grids)."""
     model = BUILDERS[kind](spa=KEEP_ALL).eval()
     model.transform.size_divisible = size_divisible
+    model.roi_heads.detections_per_img = 1000  # no cut among near-tied scores
     images = (
         [torch.randn(3, 64, 64), torch.randn(3, 64, 64)]
         if size_divisible == 32
@@ -115,10 +116,27 @@ def test_keep_all_equals_the_dense_twin(kind: str, size_divisible: int) -> None:
     assert spa_viz.spa_context(model).config.enabled
     assert max(float((spa_features[k] - dense_features[k]).abs().max()) for k in spa_features) < 1e-5
     for spa, dense in zip(spa_out, dense_out):
-        assert torch.equal(spa["labels"], dense["labels"]) and len(spa["labels"]) > 0
-        assert torch.allclose(spa["boxes"], dense["boxes"], rtol=1e-5, atol=1e-4)
-        assert torch.allclose(spa["scores"], dense["scores"], atol=1e-5)
-        assert torch.allclose(spa["masks"], dense["masks"], atol=1e-5)
+        assert len(spa["labels"]) == len(dense["labels"]) > 0
+        assert _matched(spa, dense)
+
+
+def _matched(spa: dict, dense: dict) -> bool:
+    """Every dense detection has its own SPA detection of the same class with score and mask within 1e-5
+    and box within 1e-5 relative (near-tied scores may list them in another order)."""
+    free = list(range(len(spa["labels"])))
+    for i in range(len(dense["labels"])):
+        for j in free:
+            if (
+                spa["labels"][j] == dense["labels"][i]
+                and abs(float(spa["scores"][j] - dense["scores"][i])) < 1e-5
+                and torch.allclose(spa["boxes"][j], dense["boxes"][i], rtol=1e-5, atol=1e-4)
+                and torch.allclose(spa["masks"][j], dense["masks"][i], atol=1e-5)
+            ):
+                free.remove(j)
+                break
+        else:
+            return False
+    return True
 
 
 def test_swin_twin_is_timm_swin_with_the_same_heads() -> None:

@@ -158,7 +158,7 @@ DIGITS_HEAD = dict(
     rpn_batch_size_per_image=128,
     box_representation=128,
     box_batch_size_per_image=64,
-    box_detections_per_img=50,
+    box_detections_per_img=20,
     mask_layers=(32, 32),
     mask_predictor_channels=32,
 )

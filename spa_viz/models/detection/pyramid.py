@@ -6,8 +6,8 @@ are such modules, each also telling the token grids (shape and pixel stride) of 
 input size, which is what selection labels are made at:
 
 * :class:`SPTFeaturePyramid` (as torchvision's ``BackboneWithFPN``): SPT's four stage maps at strides
-  4, 8, 16, 32, each layer-normed (as the Swin detection backbones do), into torchvision's
-  ``FeaturePyramidNetwork`` with the max-pool P6 (``LastLevelMaxPool``).
+  4, 8, 16, 32, each layer-normed (as the Swin detection backbones do; the last by SPT's own final
+  norm), into torchvision's ``FeaturePyramidNetwork`` with the max-pool P6 (``LastLevelMaxPool``).
 * :class:`SimpleFeaturePyramid` (ViTDet, Li et al. 2022): a plain ViT's last token map at its patch
   stride, turned into maps at strides 4, 8, 16, 32 by stride-2 transposed convolutions (up) or max
   pooling (down), each followed by a 1x1 and a 3x3 convolution with channel LayerNorms, plus P6.
@@ -38,8 +38,9 @@ PYRAMID_STRIDES = (4, 8, 16, 32)
 class SPTFeaturePyramid(nn.Module):
     """SPT stage maps -> per-stage LayerNorm -> torchvision FPN (+ P6): torchvision's backbone contract.
 
-    ``body`` is the SPT (its SPA blocks, gates and context), ``fpn`` the torchvision FPN; the layout
-    follows ``torchvision.models.detection.backbone_utils.BackboneWithFPN``.
+    ``body`` is the SPT (its SPA blocks, gates and context; its classifier is dropped, so every
+    parameter takes part in the loss), ``fpn`` the torchvision FPN; the layout follows
+    ``torchvision.models.detection.backbone_utils.BackboneWithFPN``.
     """
 
     def __init__(self, body: SPT, out_channels: int) -> None:
@@ -50,14 +51,16 @@ class SPTFeaturePyramid(nn.Module):
         if strides != PYRAMID_STRIDES:
             raise ValueError(f"the SPT's stages have strides {strides}; the pyramid needs {PYRAMID_STRIDES} (patch 4)")
         widths = [int(info["num_chs"]) for info in body.feature_info]
+        body.reset_classifier(0, "")
         self.body = body
-        self.norms = nn.ModuleList(LayerNorm2d(width) for width in widths)
+        self.norms = nn.ModuleList(LayerNorm2d(width) for width in widths[:-1])
         self.fpn = FeaturePyramidNetwork(widths, out_channels, extra_blocks=LastLevelMaxPool())
         self.out_channels = out_channels
 
     def forward(self, images: Tensor) -> OrderedDict[str, Tensor]:
-        maps = self.body.forward_pyramid(images)
-        return self.fpn(OrderedDict((str(i), norm(m)) for i, (norm, m) in enumerate(zip(self.norms, maps))))
+        maps = self.body.forward_intermediates(images, norm=True, intermediates_only=True)
+        normed = [norm(m) for norm, m in zip(self.norms, maps)] + [maps[-1]]
+        return self.fpn(OrderedDict((str(i), m) for i, m in enumerate(normed)))
 
     def token_grids(self, image_size: tuple[int, int]) -> list[TokenGrid]:
         """The token grid of every SPA stage for an input of ``image_size`` (the padded batch)."""
@@ -89,7 +92,8 @@ def _level(dim: int, scale: float, out_channels: int) -> nn.Sequential:
 class SimpleFeaturePyramid(nn.Module):
     """ViTDet's simple feature pyramid on a plain (SPA-)ViT: one token map -> strides 4, 8, 16, 32 (+ P6).
 
-    The ViT runs once (``forward_features``, final norm included); its patch tokens, reshaped to the
+    The ViT (its classifier dropped) runs once (``forward_features``, final norm included); its patch
+    tokens, reshaped to the
     (B, C, H/p, W/p) grid, are up-sampled by ``log2(p / s)`` stride-2 transposed convolutions (the
     width halving each time) or max-pooled by ``s / p`` for each pyramid stride ``s``.
     """
@@ -105,6 +109,7 @@ class SimpleFeaturePyramid(nn.Module):
         for stride in PYRAMID_STRIDES:
             if patch_h > stride and dim % (patch_h // stride):
                 raise ValueError(f"width {dim} cannot be halved down to stride {stride} from patch {patch_h}")
+        body.reset_classifier(0)  # the token map is all the pyramid reads
         self.body = body
         self.patch = int(patch_h)
         self.stages = nn.ModuleList(_level(dim, self.patch / stride, out_channels) for stride in PYRAMID_STRIDES)

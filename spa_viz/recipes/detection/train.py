@@ -104,13 +104,13 @@ def init_backbone(model: Model, source: str) -> None:
         check_state_dict(backbone.state_dict(), state, partial=True, source=f"{source} (its backbone)")
         missing = backbone.load_state_dict(state, strict=False).missing_keys
     else:
-        state = load_torch_weights(source)
+        state = {k: v for k, v in load_torch_weights(source).items() if not k.startswith("head")}  # no classifier
         if isinstance(backbone, SPT):
             missing = load_swin_weights(backbone, state)
         else:
             from timm.models.vision_transformer import checkpoint_filter_fn
 
-            state = {k: v for k, v in checkpoint_filter_fn(state, backbone).items() if not k.startswith("head.")}
+            state = checkpoint_filter_fn(state, backbone)
             check_state_dict(backbone.state_dict(), state, partial=True, source=source)
             missing = backbone.load_state_dict(state, strict=False).missing_keys
     log.info("backbone initialised from %s; %d tensors kept their init (%s)", source, len(missing),
