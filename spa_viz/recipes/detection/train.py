@@ -549,6 +549,20 @@ def _final_metrics(model: Model, config: Recipe, history: list[dict[str, Any]], 
 
 
 # ------------------------------------------------------------------------------------------ CLI
+def _parse_sets(items: Sequence[str]) -> dict[str, Any]:
+    """``["train.accumulate=8", "data.hflip=0.5"]`` -> overrides; a VALUE that is not JSON stays a string."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise TrainingError(f"--set takes KEY=VALUE (e.g. train.accumulate=8), got {item!r}")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """CLI entry point (``spa-viz train detection`` and ``python -m spa_viz.train``)."""
     parser = argparse.ArgumentParser(prog="python -m spa_viz.train", description=__doc__.split("\n")[0])
@@ -560,11 +574,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe key, VALUE as JSON (e.g. --set train.accumulate=8); repeatable")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = {k: v for k, v in {"train.minutes": args.minutes, "train.epochs": args.epochs,
                                     "seed": args.seed}.items() if v is not None}
     try:
+        overrides.update(_parse_sets(args.set))
         config = load_config(args.config, overrides)
         out = args.out or Path(config.out or Path("checkpoints") / config.name)
         command = "python -m spa_viz.train " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
