@@ -231,3 +231,15 @@ def test_set_overrides_any_recipe_key(tmp_path) -> None:
     }
     with pytest.raises(SystemExit):
         main(["--config", str(write_config(tmp_path)), "--set", "train.accumulate"])
+
+
+def test_spa_vit_through_the_simple_pyramid_trains(tmp_path) -> None:
+    vit = {
+        "timm_name": "spa_vit_digits",
+        "timm_kwargs": {"img_size": 64, "embed_dim": 32, "depth": 2, "num_heads": 2, "dynamic_img_size": True},
+        "spa": {"start_layer": 1},
+    }
+    config = write_config(tmp_path, model={**TINY["model"], "architecture": "spa_vit_mask_rcnn", "backbone": vit})
+    metrics = main(["--config", str(config), "--out", str(tmp_path / "out")])
+    assert metrics["history"][0]["loss_select"] is not None and set(metrics["test"]["layers"]) == {"1"}
+    assert isinstance(load_checkpoint(tmp_path / "out"), SPAMaskRCNN)
