@@ -63,6 +63,10 @@ class SelectionCounts:
     def __add__(self, other: SelectionCounts) -> SelectionCounts:
         return SelectionCounts(self.tp + other.tp, self.fp + other.fp, self.fn + other.fn, self.tn + other.tn)
 
+    def pooled(self) -> SelectionCounts:
+        """The counts summed over every image (one count per field)."""
+        return SelectionCounts(self.tp.sum(), self.fp.sum(), self.fn.sum(), self.tn.sum())
+
     @property
     def kept(self) -> Tensor:
         return self.tp + self.fp
@@ -114,14 +118,18 @@ class SelectionCounts:
         }
 
 
-def coco_ap(gt: dict[str, Any], detections: list[dict[str, Any]]) -> dict[str, float]:
-    """COCO box AP (0.50:0.95) and AP50 via pycocotools; 0 for both when there is no detection or no object.
+def coco_ap(gt: dict[str, Any], detections: list[dict[str, Any]], iou_type: str = "bbox") -> dict[str, float]:
+    """COCO AP (0.50:0.95) and AP50 via pycocotools; 0 for both when there is no detection or no object.
 
-    ``gt`` is a COCO dict (``images``, ``annotations``, ``categories``), ``detections`` COCO results.
+    ``gt`` is a COCO dict (``images``, ``annotations``, ``categories``), ``detections`` COCO results;
+    ``iou_type`` is ``"bbox"`` (box AP) or ``"segm"`` (mask AP: annotations and results carry RLE or
+    polygon ``segmentation``).
     """
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
+    if iou_type not in ("bbox", "segm"):
+        raise ValueError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
     if not detections or not gt["annotations"]:
         return {"AP": 0.0, "AP50": 0.0}
     with contextlib.redirect_stdout(io.StringIO()):
@@ -129,7 +137,7 @@ def coco_ap(gt: dict[str, Any], detections: list[dict[str, Any]]) -> dict[str, f
         coco_gt.dataset = gt
         coco_gt.createIndex()
         coco_dt = coco_gt.loadRes(detections)
-        evaluator = COCOeval(coco_gt, coco_dt, "bbox")
+        evaluator = COCOeval(coco_gt, coco_dt, iou_type)
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()

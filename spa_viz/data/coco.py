@@ -76,11 +76,18 @@ class _DetectionDataset(Dataset):
         """uint8 [3, H, W] image and target in original pixels."""
         raise NotImplementedError
 
+    @property
+    def has_masks(self) -> bool:
+        """Whether samples come with instance masks (else selection labels and training use boxes)."""
+        raise NotImplementedError
+
     def __getitem__(self, index: int) -> tuple[Tensor, Target]:
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} images")
         image, target = self.transform(*self._raw(index % len(self)))
         if self.select_grids is not None:
+            if self.transform.size is None:
+                raise ValueError("selection labels in the dataset need a letterbox size; make them after resizing")
             add_selection_labels(
                 target, (self.transform.size, self.transform.size), self.select_grids
             )
@@ -120,7 +127,7 @@ class CocoDetection(_DetectionDataset):
         self,
         annotation_file: str | Path,
         image_dir: str | Path,
-        size: int,
+        size: int | None,
         train: bool = False,
         with_masks: bool = True,
         select_grids: Sequence[TokenGrid | tuple[int, int]] | None = None,
@@ -182,6 +189,11 @@ class CocoDetection(_DetectionDataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    @property
+    def has_masks(self) -> bool:
+        """True when masks are wanted and at least one kept annotation has a segmentation."""
+        return self.with_masks and any(a.get("segmentation") for anns in self._annotations.values() for a in anns)
+
     def _raw(self, index: int) -> tuple[Tensor, Target]:
         info = self.images[index]
         path = self.image_dir / info["file_name"]
@@ -237,7 +249,7 @@ class InMemoryDetection(_DetectionDataset):
     def __init__(
         self,
         samples: Sequence[DetectionSample],
-        size: int,
+        size: int | None,
         train: bool = False,
         select_grids: Sequence[TokenGrid | tuple[int, int]] | None = None,
         hflip_prob: float = 0.5,
@@ -249,6 +261,10 @@ class InMemoryDetection(_DetectionDataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    @property
+    def has_masks(self) -> bool:
+        return any(sample.masks is not None for sample in self.samples[:1])
 
     def _raw(self, index: int) -> tuple[Tensor, Target]:
         sample = self.samples[index]

@@ -168,14 +168,15 @@ def digits_samples(split: str, num: int, seed: int, canvas_size: int = 128, cach
 def load_split(
     data: DataConfig,
     split: str,
-    image_size: int,
+    image_size: int | None,
     *,
     num: int | None = None,
     train: bool = False,
     select_grids: Sequence[TokenGrid | tuple[int, int]] | None = None,
     cache: bool | None = None,
 ) -> Dataset:
-    """The dataset ``data`` describes for ``split``, letterboxed to ``image_size``.
+    """The dataset ``data`` describes for ``split``, letterboxed to ``image_size`` (None: each image at
+    its own size, for detectors that resize themselves).
 
     ``num`` takes the first ``num`` images; ``train`` turns on the random flip with ``data.hflip``
     (default 0: digits are not mirror-symmetric); ``cache`` overrides ``data.cache`` for digits.

@@ -70,10 +70,11 @@ class DetectionTransform:
     """uint8 [3, H, W] image + target -> normalised, letterboxed float [3, size, size] + target.
 
     With ``train=True`` the image is mirrored with probability ``hflip_prob`` first. Padding is 0
-    after normalisation, i.e. the mean colour.
+    after normalisation, i.e. the mean colour. ``size=None`` keeps the image's own size (no
+    letterbox): for detectors that resize and pad batches themselves (torchvision's R-CNNs).
     """
 
-    size: int
+    size: int | None
     train: bool = False
     hflip_prob: float = 0.5
     mean: tuple[float, float, float] = IMAGENET_MEAN
@@ -81,8 +82,8 @@ class DetectionTransform:
 
     def __post_init__(self) -> None:
         """Validate the settings."""
-        if self.size < 1:
-            raise ValueError(f"size must be a positive number of pixels, got {self.size}")
+        if self.size is not None and self.size < 1:
+            raise ValueError(f"size must be a positive number of pixels (or None: keep the image size), got {self.size}")
         if not 0.0 <= self.hflip_prob <= 1.0:
             raise ValueError(f"hflip_prob must lie in [0, 1], got {self.hflip_prob}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
@@ -100,4 +101,7 @@ class DetectionTransform:
         image = image.float() / 255.0
         mean = torch.tensor(self.mean, device=image.device).view(3, 1, 1)
         std = torch.tensor(self.std, device=image.device).view(3, 1, 1)
-        return letterbox((image - mean) / std, target, self.size)
+        image = (image - mean) / std
+        if self.size is None:
+            return image, dict(target, valid_size=(image.shape[1], image.shape[2]))
+        return letterbox(image, target, self.size)

@@ -41,6 +41,7 @@ __all__ = [
     "colorbar",
     "colorize",
     "draw_detections",
+    "draw_masks",
     "hstack",
     "keep_overlay",
     "layer_strip",
@@ -207,6 +208,31 @@ def draw_detections(
         draw.rectangle([left - 2, top - y_shift - 2, right + 2, bottom - y_shift + 2], fill=color)
         draw.text((x0, y0 - y_shift), tag, fill=(0, 0, 0) if sum(color) > 380 else (255, 255, 255), font=font)
     return np.asarray(pil)
+
+
+def draw_masks(
+    image: np.ndarray,
+    masks: Tensor | np.ndarray,
+    labels: Sequence[int] | Tensor | np.ndarray,
+    alpha: float = 0.45,
+) -> np.ndarray:
+    """Instance masks (N, h, w) of any resolution, tinted and outlined in their class colour.
+
+    Masks are bool or probabilities (> 0.5 is inside) and are stretched to the image's size, so
+    masks predicted in the model's input frame can be drawn on a larger display picture.
+    """
+    out = _check_image(image).copy()
+    masks = as_numpy(masks)
+    if masks.ndim != 3:
+        raise ValueError(f"masks must be (N, h, w), got shape {masks.shape}")
+    labels = as_numpy(labels).astype(int).ravel()
+    height, width = out.shape[:2]
+    for mask, label in zip(masks, labels):
+        binary = cv2.resize((mask > 0.5).astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST) > 0
+        color = image_color(int(label))
+        out[binary] = _blend(out[binary], color, alpha)
+        out = _outline(out, binary, color, _line_width(out))
+    return out
 
 
 @lru_cache(maxsize=16)

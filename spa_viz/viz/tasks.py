@@ -1,6 +1,7 @@
 """Task adapters: what the app and the CLI need to know about a model's task, and nothing about SPA.
 
-One adapter per task (``saliency``, ``detection``, ``classification``) turns uploaded pixels into
+One adapter per task (``saliency``, ``detection`` (CenterNet detectors, or torchvision Mask R-CNN:
+:class:`MaskRCNNTask`), ``classification``) turns uploaded pixels into
 the model's input, draws its predictions, picks the scalar that attributions explain, and maps
 object masks into the input's geometry for selection labels. The task comes from the checkpoint's
 ``config.json`` (``task`` or ``architecture``) or, for timm names, from the model itself.
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.ops import box_iou
 
 from spa_viz.analysis.trace import find_backbone
 from spa_viz.data.transforms import DetectionTransform
@@ -23,7 +25,7 @@ from spa_viz.io.images import IMAGENET_MEAN, IMAGENET_STD, denormalize, resize_n
 from spa_viz.models.saliency.labels import SALIENT, salient
 from spa_viz.viz import overlays
 
-__all__ = ["ClassificationTask", "DetectionTask", "SaliencyTask", "TaskAdapter", "adapter_for"]
+__all__ = ["ClassificationTask", "DetectionTask", "MaskRCNNTask", "SaliencyTask", "TaskAdapter", "adapter_for"]
 
 Target = Callable[[Any], Tensor]
 
@@ -174,6 +176,59 @@ class DetectionTask(TaskAdapter):
         return score, f"score of the top detection '{self.class_names[label]}' ({float(scores[0]):.2f})"
 
 
+class MaskRCNNTask(DetectionTask):
+    """torchvision Mask R-CNN models (``spt_mask_rcnn``, ``spa_vit_mask_rcnn``): a list of per-image
+    ``boxes``, ``labels``, ``scores``, ``masks``; input letterboxed to ``image_size`` like the detectors.
+
+    Attribution target: the score of the top detection. A perturbed input's detections are re-matched
+    to it (same class, box IoU >= 0.5) and the best match's score is taken; an image where it is lost
+    (below torchvision's score threshold, or moved) scores 0.
+    """
+
+    task = "detection"
+
+    def _detections(self, output: list[dict[str, Tensor]], index: int) -> tuple[Tensor, Tensor, Tensor]:
+        detection = output[index]
+        keep = detection["scores"] >= self.min_score
+        return detection["boxes"][keep].cpu(), detection["scores"][keep].cpu(), detection["labels"][keep].cpu()
+
+    def predictions(self, output: list[dict[str, Tensor]], index: int) -> dict[str, Any]:
+        keep = output[index]["scores"] >= self.min_score
+        areas = (output[index]["masks"][keep, 0] > 0.5).flatten(1).sum(1).tolist()
+        found = super().predictions(output, index)
+        for entry, area in zip(found["detections"], areas):
+            entry["mask_pixels"] = int(area)
+        return found
+
+    def draw(self, display: np.ndarray, output: list[dict[str, Tensor]], index: int) -> np.ndarray:
+        boxes, scores, labels = self._detections(output, index)
+        keep = output[index]["scores"] >= self.min_score
+        masks = output[index]["masks"][keep, 0].float().cpu()
+        scale = display.shape[1] / self.input_size[1]
+        drawn = overlays.draw_masks(display, masks, labels)
+        drawn = overlays.draw_detections(drawn, boxes, labels, scores, self.class_names, scale=scale)
+        return overlays.add_title(drawn, f"Detections and masks (score > {self.min_score:g})", f"{len(scores)} found")
+
+    def target(self, output: list[dict[str, Tensor]], index: int) -> tuple[Target, str]:
+        boxes, scores, labels = self._detections(output, index)
+        if not len(scores):
+
+            def best(out: list[dict[str, Tensor]]) -> Tensor:
+                return torch.stack([o["scores"].max() if len(o["scores"]) else o["scores"].new_zeros(()) for o in out])
+
+            return best, f"highest detection score (no detection above {self.min_score:g})"
+        reference, label = boxes[:1], int(labels[0])
+
+        def score(out: list[dict[str, Tensor]]) -> Tensor:
+            values = []
+            for o in out:
+                match = (o["labels"] == label) & (box_iou(o["boxes"], reference.to(o["boxes"].device))[:, 0] >= 0.5)
+                values.append(o["scores"][match].max() if match.any() else o["scores"].new_zeros(()))
+            return torch.stack(values)
+
+        return score, f"score of the top detection '{self.class_names[label]}' ({float(scores[0]):.2f})"
+
+
 class ClassificationTask(TaskAdapter):
     """Classifiers returning logits (B, K); ImageNet names for 1000-class timm models."""
 
@@ -217,7 +272,13 @@ class ClassificationTask(TaskAdapter):
         return (lambda out: out[:, label]), f"logit of the top class '{self.class_names[label]}'"
 
 
-_BY_ARCHITECTURE = {"img_focus_spa": SaliencyTask, "spa_vit_detector": DetectionTask, "spt_detector": DetectionTask}
+_BY_ARCHITECTURE = {
+    "img_focus_spa": SaliencyTask,
+    "spa_vit_detector": DetectionTask,
+    "spt_detector": DetectionTask,
+    "spt_mask_rcnn": MaskRCNNTask,
+    "spa_vit_mask_rcnn": MaskRCNNTask,
+}
 _BY_TASK = {cls.task: cls for cls in (SaliencyTask, DetectionTask, ClassificationTask)}
 
 

@@ -39,7 +39,14 @@ from spa_viz.models.spa_vit import is_spa_model, patch
 from spa_viz.selection.labels import TokenGrid, multiscale_labels
 from spa_viz.selection.loss import model_selection_loss
 
-__all__ = ["ConvStemEmbed", "Detector", "build_spa_vit_detector", "build_spt_detector", "keep_ratios"]
+__all__ = [
+    "ConvStemEmbed",
+    "Detector",
+    "build_spa_vit_detector",
+    "build_spt_detector",
+    "keep_ratios",
+    "spa_vit_backbone",
+]
 
 Grid = tuple[int, int]
 _HEAD_KEYS = ("num_classes", "hidden", "upsample", "fpn_levels", "fpn_channels", "size_weight", "offset_weight", "top_k")
@@ -211,10 +218,8 @@ def _head_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
     return head
 
 
-@register_architecture("spa_vit_detector")
-def build_spa_vit_detector(config: dict[str, Any]) -> Detector:
-    """SPA-ViT detector from its config (no hub weights are fetched)."""
-    backbone_cfg = config["backbone"]
+def spa_vit_backbone(backbone_cfg: Mapping[str, Any]) -> VisionTransformer:
+    """The SPA-ViT of a ``backbone`` config section (``timm_name``, ``timm_kwargs``, ``spa``, ``stem``)."""
     name, kwargs = backbone_cfg["timm_name"], dict(backbone_cfg.get("timm_kwargs", {}))
     spa = dict(backbone_cfg.get("spa", {}))
     if "start_layer" not in spa:
@@ -228,7 +233,13 @@ def build_spa_vit_detector(config: dict[str, Any]) -> Detector:
         backbone = patch(timm.create_model(name, pretrained=False, **kwargs), start, **spa)
     if not is_spa_model(backbone):
         raise ValueError(f"{name} did not give an SPA ViT")
-    return Detector(backbone, spec=config, **_head_kwargs(config))
+    return backbone
+
+
+@register_architecture("spa_vit_detector")
+def build_spa_vit_detector(config: dict[str, Any]) -> Detector:
+    """SPA-ViT detector from its config (no hub weights are fetched)."""
+    return Detector(spa_vit_backbone(config["backbone"]), spec=config, **_head_kwargs(config))
 
 
 @register_architecture("spt_detector")

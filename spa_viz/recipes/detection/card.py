@@ -1,5 +1,5 @@
-"""The model card (README.md) of a detection checkpoint: ``cards/detection*.md`` filled from its
-config.json and metrics.json."""
+"""The model card (README.md) of a detection checkpoint: ``cards/detection*.md`` (CenterNet detectors) or
+``cards/mask_rcnn*.md`` (Mask R-CNN) filled from its config.json and metrics.json."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from spa_viz.models.detection.mask_rcnn import MASK_RCNN_ARCHITECTURES
 from spa_viz.recipes.cards import fmt, render_card
 from spa_viz.viz.tables import markdown_table
 
@@ -33,16 +34,7 @@ def _results(test: Mapping[str, Any]) -> str:
         fmt(latency.get("dense_ms_per_image"), 2),
         fmt(latency.get("spa_ms_per_image"), 2),
     ]
-    layers = ""
-    if test.get("layers"):
-        rows = [
-            [k, f"{v['keep_ratio']:.3f}", f"{v['label_ratio']:.3f}", f"{v['precision']:.3f}", f"{v['recall']:.3f}",
-             f"{v['iou']:.3f}", fmt(v.get("iou_with_previous_layer"))]
-            for k, v in test["layers"].items()
-        ]
-        header = ["layer", "keep", "label share", "precision", "recall", "IoU", "IoU with the layer before"]
-        table = markdown_table(header, rows)
-        layers = render_card("detection_layers", {"table": table}) + "\n"
+    layers = _layer_table(test)
     fields = {
         "num_images": test["num_images"],
         "table": markdown_table(header, [row]),
@@ -54,7 +46,7 @@ def _results(test: Mapping[str, Any]) -> str:
     return render_card("detection_results", fields) + "\n"
 
 
-def _learning_curve(history: list[Mapping[str, Any]]) -> str:
+def _learning_curve(history: list[Mapping[str, Any]], masks: bool = False) -> str:
     rows = []
     for h in history:
         keep_train = h.get("keep_ratio_train") or {}
@@ -65,11 +57,86 @@ def _learning_curve(history: list[Mapping[str, Any]]) -> str:
             fmt(h.get("loss_select")),
             fmt(mean_keep),
             fmt(h.get("val_AP50")),
+            *([fmt(h.get("val_mask_AP50"))] if masks else []),
             fmt(h.get("val_keep_ratio")),
             fmt(h.get("elapsed_min"), 1),
         ])
-    header = ["epoch", "L_task", "L_select", "train keep", "val AP50", "val keep", "min"]
+    header = ["epoch", "L_task", "L_select", "train keep", "val box AP50" if masks else "val AP50",
+              *(["val mask AP50"] if masks else []), "val keep", "min"]
     return render_card("detection_curve", {"table": markdown_table(header, rows)}) + "\n"
+
+
+def _layer_table(test: Mapping[str, Any]) -> str:
+    if not test.get("layers"):
+        return ""
+    rows = [
+        [k, f"{v['keep_ratio']:.3f}", f"{v['label_ratio']:.3f}", f"{v['precision']:.3f}", f"{v['recall']:.3f}",
+         f"{v['iou']:.3f}", fmt(v.get("iou_with_previous_layer"))]
+        for k, v in test["layers"].items()
+    ]
+    header = ["layer", "keep", "label share", "precision", "recall", "IoU", "IoU with the layer before"]
+    table = markdown_table(header, rows)
+    return render_card("detection_layers", {"table": table}) + "\n"
+
+
+def _mask_rcnn_results(test: Mapping[str, Any]) -> str:
+    keep, latency = test["keep_ratio"], test.get("latency", {})
+    header = ["box AP50", "box AP", "mask AP50", "mask AP", "keep ratio mean (p10/p50/p90)",
+              "backbone GMACs/img dense -> run", "MAC saving", "ms/img dense", "ms/img SPA"]
+    row = [
+        fmt(test["AP50"], 4),
+        fmt(test["AP"], 4),
+        fmt(test.get("mask_AP50"), 4),
+        fmt(test.get("mask_AP"), 4),
+        f"{keep['mean']:.3f} ({keep['p10']:.3f}/{keep['p50']:.3f}/{keep['p90']:.3f})",
+        f"{test['backbone_gmacs_dense']:.4f} -> {test['backbone_gmacs_run']:.4f}",
+        f"{100 * test['mac_saving']:.1f}%",
+        fmt(latency.get("dense_ms_per_image"), 2),
+        fmt(latency.get("spa_ms_per_image"), 2),
+    ]
+    fields = {
+        "num_images": test["num_images"],
+        "table": markdown_table(header, [row]),
+        "layers": _layer_table(test),
+        "batch": latency.get("batch"),
+        "threads": latency.get("threads"),
+        "device": latency.get("device", "cpu"),
+    }
+    return render_card("mask_rcnn_results", fields) + "\n"
+
+
+def _mask_rcnn_card(config: Mapping[str, Any], metrics: Mapping[str, Any], command: str) -> str:
+    backbone = config["backbone"]
+    spa = backbone.get("spa") or backbone.get("timm_kwargs", {}).get("spa", {})
+    enabled = spa.get("enabled", True)
+    machine = metrics.get("machine", {})
+    fields = {
+        "name": config["name"],
+        "description": config.get("description") or "",
+        "twin_note": "SPA is on: stages/blocks past the start are SPA blocks with learned gates."
+        if enabled
+        else "SPA is disabled: this is the dense twin (every block computes on every token; for SPT, Swin exactly).",
+        "command": command or f"python -m spa_viz.train --config configs/{config['name']}.json",
+        "architecture": config["architecture"],
+        "timm_name": backbone["timm_name"],
+        "timm_kwargs": json.dumps({k: v for k, v in backbone.get("timm_kwargs", {}).items() if k != "spa"}),
+        "enabled": enabled,
+        "threshold": spa.get("threshold"),
+        "policy": spa.get("policy"),
+        "container_len": spa.get("container_len"),
+        "start_layer": spa.get("start_layer", "(SPT stages)"),
+        "head": json.dumps(config.get("head", {})),
+        "transform": json.dumps(config.get("transform", {})),
+        "init_from": config.get("init_from") or "scratch (random init)",
+        "init_backbone_from": config.get("init_backbone_from") or "-",
+        "recipe": json.dumps(config["train"]),
+        "data": json.dumps(config["data"]),
+        "results": _mask_rcnn_results(metrics["test"]) if metrics.get("test") else "",
+        "learning_curve": _learning_curve(metrics["history"], masks=True) if metrics.get("history") else "",
+        "status": metrics.get("status"),
+        "device_note": f"{machine.get('device', 'cpu')} ({machine.get('threads', '?')} torch threads)",
+    }
+    return render_card("mask_rcnn", fields)
 
 
 def model_card(config: Mapping[str, Any], metrics: Mapping[str, Any], command: str) -> str:
@@ -77,6 +144,8 @@ def model_card(config: Mapping[str, Any], metrics: Mapping[str, Any], command: s
 
     ``config`` is the checkpoint's config.json, ``metrics`` its metrics.json.
     """
+    if config["architecture"] in MASK_RCNN_ARCHITECTURES:
+        return _mask_rcnn_card(config, metrics, command)
     backbone = config["backbone"]
     spa = backbone.get("spa") or backbone.get("timm_kwargs", {}).get("spa", {})
     stem = backbone.get("stem")

@@ -2,7 +2,7 @@
 
 The JSON keys are the dataclass fields (a misspelt key fails with the known ones); missing keys take
 the defaults below. ``model`` is the checkpoint architecture config (``architecture``, ``backbone``,
-``head``) and is checked by the detector builders; ``data`` is :class:`~spa_viz.data.splits.DigitsData`
+``head``; Mask R-CNN also ``transform``) and is checked by the detector builders; ``data`` is :class:`~spa_viz.data.splits.DigitsData`
 or :class:`~spa_viz.data.splits.CocoData`.
 """
 
@@ -23,7 +23,7 @@ __all__ = ["AMP", "ARCHITECTURES", "EvalSettings", "Recipe", "TrainSettings", "T
 #: Mixed-precision modes of ``train.amp`` (CUDA only; the CPU always runs float32).
 AMP = ("bf16", "fp16", "none")
 #: The detector architectures a recipe may name (``model.architecture``).
-ARCHITECTURES = ("spa_vit_detector", "spt_detector")
+ARCHITECTURES = ("spa_vit_detector", "spt_detector", "spt_mask_rcnn", "spa_vit_mask_rcnn")
 
 
 class TrainingError(ValueError):
@@ -43,6 +43,7 @@ class TrainSettings:
     alpha: float = 0.01  # weight of the selection loss
     gate_lr_scale: float = 1.0  # learning-rate factor of the SPA gates (fresh gates on a trained backbone move fast)
     grad_clip: float = 1.0  # 0: off
+    accumulate: int = 1  # batches whose gradients are summed per optimizer step
     amp: str = "bf16"
     minutes: float | None = None  # time budget; the run stops early (and evaluates) past it
     val_num: int = 300  # validation images after every epoch
@@ -68,8 +69,9 @@ class Recipe:
     description: str = ""
     out: str | None = None  # output folder (default: checkpoints/<name>)
     seed: int = 0
-    image_size: int = 96
+    image_size: int = 96  # CenterNet: the letterbox size; Mask R-CNN: what the app letterboxes uploads to (the model resizes)
     init_from: str | None = None  # checkpoint folder to start from (weights must match)
+    init_backbone_from: str | None = None  # backbone weights: a checkpoint folder or a timm weights file
     model: dict[str, Any] | None = None
     data: DataConfig = field(default_factory=DigitsData)
     train: TrainSettings = field(default_factory=TrainSettings)
@@ -81,7 +83,7 @@ class Recipe:
 
 
 #: Recipe fields that must match for ``--resume`` to continue a run.
-RESUME_KEYS = ("model", "data", "image_size", "seed", "init_from")
+RESUME_KEYS = ("model", "data", "image_size", "seed", "init_from", "init_backbone_from")
 
 
 def _apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -111,6 +113,8 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
         raise TrainingError(str(err)) from err
     if not recipe.model or recipe.model.get("architecture") not in ARCHITECTURES:
         raise TrainingError(f"{path}: model.architecture must be one of {list(ARCHITECTURES)}")
+    if recipe.train.accumulate < 1:
+        raise TrainingError(f"{path}: train.accumulate must be >= 1, got {recipe.train.accumulate}")
     if recipe.train.amp not in AMP:
         raise TrainingError(f"{path}: train.amp must be one of {list(AMP)}, got {recipe.train.amp!r}")
     return recipe if recipe.name else replace(recipe, name=path.stem)

@@ -8,7 +8,8 @@ the paper's "GFLOPs") and less time (wall-clock of the same model with SPA on an
 machine, alternating).
 
 CLI: ``python -m spa_viz.evaluate --checkpoint DIR [--split test] [--num N]``; the data come from
-the ``data`` section of the checkpoint's config.json (generated digits, or a COCO folder).
+the ``data`` section of the checkpoint's config.json (generated digits, or a COCO folder). Mask R-CNN
+checkpoints are evaluated by :mod:`spa_viz.recipes.detection.mask_rcnn` (box and mask AP).
 """
 
 from __future__ import annotations
@@ -27,19 +28,18 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from spa_viz.analysis.flops import static_macs
-from spa_viz.analysis.metrics import SelectionCounts, coco_ap
+from spa_viz.analysis.metrics import coco_ap
 from spa_viz.analysis.trace import Trace, find_backbone, trace
 from spa_viz.data.coco import collate
 from spa_viz.data.splits import data_config, load_split
 from spa_viz.io.checkpoint import checkpoint_config, load_checkpoint
 from spa_viz.io.files import write_text_atomic
-from spa_viz.io.timer import median_seconds
-from spa_viz.layers.block import find_context
-from spa_viz.models.detection import Detector
+from spa_viz.models.detection import Detector, SPAMaskRCNN
 from spa_viz.models.spa_vit import configure
 from spa_viz.models.twin import dense_twin
 from spa_viz.models.zoo import checkpoints_dir, load
 from spa_viz.recipes.detection.card import model_card
+from spa_viz.recipes.detection.measures import measure_latency, pooled_selection, spa_on
 from spa_viz.viz.tables import markdown_table
 
 __all__ = [
@@ -73,7 +73,7 @@ def predict(
     Boxes go back to original image pixels; category ids are label + 1.
     """
     model.eval()
-    traced = _spa_on(model)
+    traced = spa_on(model)
     images_gt: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
     detections: list[dict[str, Any]] = []
@@ -103,83 +103,17 @@ def predict(
     return gt, detections, traces
 
 
-def _spa_on(model: nn.Module) -> bool:
-    try:
-        return find_context(model).config.enabled
-    except ValueError:
-        return False
-
-
 def selection_metrics(model: Detector, traces: Sequence[tuple[Trace, list[dict[str, Any]]]], image_size: int) -> dict[str, Any]:
-    """Per SPA layer: keep ratio, label share, precision / recall / IoU of the keep mask against the
-    labels, and the IoU of its keep mask with the previous SPA layer's (on the same grid: 1.0 means it
-    copied it), pooled over the split (:class:`SelectionCounts` summed); backbone MACs dense vs as run."""
-    per_layer: dict[int, SelectionCounts] = {}
-    agreement: dict[int, SelectionCounts] = {}
-    per_image_keep: list[Tensor] = []
-    macs_dense = macs_run = images = 0
-    for tr, targets in traces:
-        labels = model.selection_labels(targets, (image_size, image_size))
-        ratios = []
-        previous = None
-        for layer in tr.layers:
-            counts = SelectionCounts.of(layer.keep, labels[tuple(layer.grid)].bool())
-            pooled = SelectionCounts(counts.tp.sum(), counts.fp.sum(), counts.fn.sum(), counts.tn.sum())
-            per_layer[layer.layer] = per_layer[layer.layer] + pooled if layer.layer in per_layer else pooled
-            if previous is not None and previous.grid == layer.grid:  # how much a gate repeats the one before
-                same = SelectionCounts.of(layer.keep, previous.keep)
-                same = SelectionCounts(same.tp.sum(), same.fp.sum(), same.fn.sum(), same.tn.sum())
-                agreement[layer.layer] = agreement[layer.layer] + same if layer.layer in agreement else same
-            previous = layer
-            ratios.append(layer.keep_ratio)
-        if ratios:
-            per_image_keep.append(torch.stack(ratios).mean(0))
-        macs_dense += tr.backbone_macs_dense
-        macs_run += tr.backbone_macs_run
-        images += tr.batch_size
-    layers = {
-        str(layer): {
-            "keep_ratio": int(c.kept) / int(c.tokens),
-            "label_ratio": int(c.positives) / int(c.tokens),
-            "precision": float(c.precision),
-            "recall": float(c.recall),
-            "iou": float(c.iou),
-            "iou_with_previous_layer": float(agreement[layer].iou) if layer in agreement else None,
-        }
-        for layer, c in sorted(per_layer.items())
-    }
-    keep = torch.cat(per_image_keep) if per_image_keep else torch.ones(1)
-    quantiles = torch.quantile(keep, torch.tensor([0.1, 0.5, 0.9])).tolist()
-    return {
-        "keep_ratio": {"mean": float(keep.mean()), "p10": quantiles[0], "p50": quantiles[1], "p90": quantiles[2]},
-        "layers": layers,
-        "backbone_gmacs_dense": macs_dense / max(images, 1) / 1e9,
-        "backbone_gmacs_run": macs_run / max(images, 1) / 1e9,
-        "mac_saving": 1.0 - macs_run / macs_dense if macs_dense else 0.0,
-    }
+    """Per SPA layer: keep ratio, label share, and precision / recall / IoU of the keep mask against the
+    labels and the IoU with the previous layer's mask, pooled over the split; backbone MACs dense vs as run
+    (see :func:`pooled_selection`)."""
+    return pooled_selection([(tr, model.selection_labels(targets, (image_size, image_size))) for tr, targets in traces])
 
 
 def dense_gmacs(model: Detector, image_size: int) -> float:
     """Backbone GMACs per image with every block dense (SPA disabled), the patch embedding (conv stem) included."""
     with dense_twin(model):
         return static_macs(find_backbone(model), (image_size, image_size)) / 1e9
-
-
-def measure_latency(model: nn.Module, images: Tensor, repeats: int = 5) -> dict[str, float]:
-    """Median wall-clock milliseconds per image of ``model(images)`` in eval mode, SPA (when on) and its
-    dense twin alternating run by run after one warm-up each."""
-    model.eval()
-
-    def dense() -> None:
-        with dense_twin(model):
-            model(images)
-
-    work = {"dense": dense}
-    if _spa_on(model):
-        work["spa"] = lambda: model(images)
-    with torch.no_grad():
-        seconds = median_seconds(work, repeats, warmup=1, device=images.device)
-    return {name: 1000.0 * value / images.shape[0] for name, value in seconds.items()}
 
 
 def evaluate(
@@ -195,7 +129,7 @@ def evaluate(
     """All metrics of ``model`` on ``dataset`` (see the module docstring); timing skipped if ``timing_batch`` is 0."""
     gt, detections, traces = predict(model, dataset, image_size, batch_size, progress)
     result: dict[str, Any] = {"num_images": len(dataset), **coco_ap(gt, detections)}
-    result["spa_enabled"] = _spa_on(model)
+    result["spa_enabled"] = spa_on(model)
     result["backbone_gmacs_dense"] = dense_gmacs(model, image_size)
     if traces:
         result.update(selection_metrics(model, traces, image_size))
@@ -246,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder (or a name in checkpoints/)")
     parser.add_argument("--split", default="test", choices=("train", "val", "test"))
     parser.add_argument("--num", type=int, default=None, help="first N images of the split (default: all of it)")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 32 (CenterNet), 8 (Mask R-CNN)")
     parser.add_argument("--threshold", type=float, default=None, help="override the SPA keep threshold")
     parser.add_argument("--no-timing", action="store_true", help="skip the wall-clock measurement")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -260,7 +194,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load(args.checkpoint) if not Path(args.checkpoint).is_dir() else load_checkpoint(args.checkpoint)
-    if not isinstance(model, Detector):
+    mask_rcnn = isinstance(model, SPAMaskRCNN)
+    if not isinstance(model, Detector) and not mask_rcnn:
         parser.error(f"{args.checkpoint} is not a detector checkpoint")
     config = checkpoint_config(model)
     if args.threshold is not None:
@@ -268,11 +203,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.update_metrics and (args.split != "test" or args.num is not None or args.threshold is not None):
         parser.error("--update-metrics evaluates the whole test split at the saved settings: drop --split/--num/--threshold")
     image_size = int(config["image_size"])
-    dataset = load_split(data_config(config["data"]), args.split, image_size, num=args.num, cache=False if args.no_cache else None)
-    result = evaluate(model, dataset, image_size, batch_size=args.batch_size,
-                      timing_batch=0 if args.no_timing else 32, progress=sys.stderr.isatty())
+    cache = False if args.no_cache else None
+    timing = 0 if args.no_timing else int(config.get("eval", {}).get("timing_batch", 32))
+    if mask_rcnn:
+        from spa_viz.recipes.detection.mask_rcnn import evaluate_mask_rcnn
+        from spa_viz.recipes.detection.mask_rcnn import summary_table as mask_rcnn_table
+
+        dataset = load_split(data_config(config["data"]), args.split, None, num=args.num, cache=cache)
+        result = evaluate_mask_rcnn(model, dataset, batch_size=args.batch_size or 8, timing_batch=timing,
+                                    progress=sys.stderr.isatty())
+        table = mask_rcnn_table(result)
+    else:
+        dataset = load_split(data_config(config["data"]), args.split, image_size, num=args.num, cache=cache)
+        result = evaluate(model, dataset, image_size, batch_size=args.batch_size or 32, timing_batch=timing,
+                          progress=sys.stderr.isatty())
+        table = summary_table(result)
     result["split"] = args.split
-    print(f"## {args.checkpoint} on {args.split}\n\n{summary_table(result)}")
+    print(f"## {args.checkpoint} on {args.split}\n\n{table}")
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     if args.update_metrics:
@@ -280,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return result
 
 
-def _update_metrics(model: Detector, folder: Path | None, result: dict[str, Any], dataset: Dataset) -> None:
+def _update_metrics(model: nn.Module, folder: Path | None, result: dict[str, Any], dataset: Dataset) -> None:
     """Replace 'test' and 'ci_subset' in a checkpoint's metrics.json and rebuild its model card."""
     config = checkpoint_config(model)
     folder = folder or checkpoints_dir() / config["name"]
@@ -290,7 +237,13 @@ def _update_metrics(model: Detector, folder: Path | None, result: dict[str, Any]
     subset = [dataset[i] for i in range(min(num, len(dataset)))]
     image_size = int(config["image_size"])
     metrics["test"] = result
-    metrics["ci_subset"] = {"split": "test", "num": len(subset), **evaluate(model, subset, image_size, timing_batch=0)}
+    if isinstance(model, SPAMaskRCNN):
+        from spa_viz.recipes.detection.mask_rcnn import evaluate_mask_rcnn
+
+        ci = evaluate_mask_rcnn(model, torch.utils.data.Subset(dataset, range(len(subset))), timing_batch=0)
+    else:
+        ci = evaluate(model, subset, image_size, timing_batch=0)
+    metrics["ci_subset"] = {"split": "test", "num": len(subset), **ci}
     write_text_atomic(path, json.dumps(metrics, indent=2) + "\n")
     write_text_atomic(folder / "README.md", model_card(config, metrics, metrics.get("command", "")))
     log.info("updated %s and the model card", path)

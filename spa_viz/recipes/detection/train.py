@@ -7,8 +7,15 @@ folder receives, after every epoch, a loadable checkpoint (``model.safetensors``
 state (weights, optimizer tensors and RNG state in safetensors, the rest in JSON; no pickle).
 At the end the model is evaluated on the test split (:mod:`spa_viz.recipes.detection.evaluate`).
 
+Mask R-CNN recipes (``model.architecture`` ``spt_mask_rcnn`` / ``spa_vit_mask_rcnn``) train
+torchvision's Mask R-CNN: ``L_task`` is the sum of its losses (RPN objectness and box, classifier, box,
+mask) and ``L_select`` comes from the masks of the batch as the model's transform resized and padded
+it; images keep their own size (the model resizes them) and the evaluation adds mask AP.
+
 Runs on the CPU by default; on CUDA with bf16 autocast; on several GPUs with
-``torchrun --nproc_per_node N -m spa_viz.train --config ...`` (DDP, enabled by torchrun's env vars).
+``torchrun --nproc_per_node N -m spa_viz.train --config ...`` (DDP, enabled by torchrun's env vars:
+NCCL on GPUs, gloo on the CPU). ``train.accumulate`` sums gradients over that many batches per
+optimizer step (effective batch = batch_size x accumulate x processes).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +43,32 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from spa_viz.analysis.trace import find_backbone
 from spa_viz.data.coco import collate
 from spa_viz.data.splits import class_names, load_split
-from spa_viz.io.checkpoint import CheckpointError, check_state_dict, load_checkpoint, save_checkpoint
+from spa_viz.io.checkpoint import (
+    CheckpointError,
+    check_state_dict,
+    load_checkpoint,
+    load_torch_weights,
+    save_checkpoint,
+)
 from spa_viz.io.files import OutputExistsError, refuse_overwrite, write_atomic, write_text_atomic
-from spa_viz.models.detection import Detector, build_spa_vit_detector, build_spt_detector, keep_ratios
+from spa_viz.models.detection import (
+    Detector,
+    SPAMaskRCNN,
+    build_spa_vit_detector,
+    build_spa_vit_mask_rcnn,
+    build_spt_detector,
+    build_spt_mask_rcnn,
+    keep_ratios,
+)
 from spa_viz.models.spa_vit import spa_context
+from spa_viz.models.spt import SPT, load_swin_weights
 from spa_viz.recipes.detection.card import model_card
 from spa_viz.recipes.detection.config import RESUME_KEYS, Recipe, TrainingError, TrainSettings, load_config
 from spa_viz.recipes.detection.evaluate import evaluate
+from spa_viz.recipes.detection.mask_rcnn import collate_list, dataset_has_masks, evaluate_mask_rcnn
 from spa_viz.recipes.meters import RunningMeans
 from spa_viz.recipes.schedule import cosine_schedule
 from spa_viz.selection.loss import model_selection_loss
@@ -52,14 +77,48 @@ __all__ = ["BUILDERS", "TrainingError", "build_model", "load_config", "main", "t
 
 log = logging.getLogger(__name__)
 
-BUILDERS: dict[str, Callable[[dict[str, Any]], Detector]] = {
+Model = Detector | SPAMaskRCNN
+
+BUILDERS: dict[str, Callable[[dict[str, Any]], Model]] = {
     "spa_vit_detector": build_spa_vit_detector,
     "spt_detector": build_spt_detector,
+    "spt_mask_rcnn": build_spt_mask_rcnn,
+    "spa_vit_mask_rcnn": build_spa_vit_mask_rcnn,
 }
 
 
-def build_model(config: Recipe) -> Detector:
-    """The detector of a recipe (weights from ``init_from`` when given).
+def init_backbone(model: Model, source: str) -> None:
+    """Load backbone weights into ``model``'s SPA backbone from a checkpoint folder (its backbone's
+    tensors; e.g. a CenterNet detector's SPT for a Mask R-CNN) or a timm weights file (Swin weights
+    for an SPT via :func:`~spa_viz.models.spt.load_swin_weights`, ViT weights for an SPA-ViT).
+
+    Tensors the source lacks (SPA gates, the ``plus4`` extra blocks, a classifier) keep their init;
+    the gates of a dense-twin source were never trained and are not copied.
+    """
+    backbone = find_backbone(model)
+    if Path(source).is_dir():
+        loaded = load_checkpoint(source)
+        state = find_backbone(loaded).state_dict()
+        if not spa_context(loaded).config.enabled:
+            state = {k: v for k, v in state.items() if ".gate." not in k}
+        check_state_dict(backbone.state_dict(), state, partial=True, source=f"{source} (its backbone)")
+        missing = backbone.load_state_dict(state, strict=False).missing_keys
+    else:
+        state = {k: v for k, v in load_torch_weights(source).items() if not k.startswith("head")}  # no classifier
+        if isinstance(backbone, SPT):
+            missing = load_swin_weights(backbone, state)
+        else:
+            from timm.models.vision_transformer import checkpoint_filter_fn
+
+            state = checkpoint_filter_fn(state, backbone)
+            check_state_dict(backbone.state_dict(), state, partial=True, source=source)
+            missing = backbone.load_state_dict(state, strict=False).missing_keys
+    log.info("backbone initialised from %s; %d tensors kept their init (%s)", source, len(missing),
+             ", ".join(sorted({k.split(".")[0] + "..." + k.rsplit(".", 2)[-2] for k in missing})[:6]) or "none")
+
+
+def build_model(config: Recipe) -> Model:
+    """The model of a recipe (weights from ``init_from``, backbone weights from ``init_backbone_from``).
 
     The gates of a source whose SPA was disabled (a dense twin) were never trained: they are not
     copied, so the new gates start as the recipe's ``gate_init_bias`` says.
@@ -76,6 +135,8 @@ def build_model(config: Recipe) -> Detector:
         if any(".gate." not in k for k in missing):
             raise TrainingError(f"{source} lacks {[k for k in missing if '.gate.' not in k][:5]}")
         log.info("initialised from %s%s", source, " (fresh gates: the source is a dense twin)" if missing else "")
+    if config.init_backbone_from:
+        init_backbone(model, config.init_backbone_from)
     return model
 
 
@@ -209,14 +270,14 @@ def _autocast(device: torch.device, amp: str) -> Any:
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16, enabled=enabled)
 
 
-def _checkpoint_config(model: Detector, config: Recipe, classes: list[str]) -> dict[str, Any]:
+def _checkpoint_config(model: Model, config: Recipe, classes: list[str]) -> dict[str, Any]:
     """What goes into config.json: the architecture, and the recipe and data that made the weights."""
     recipe = config.to_dict()
     return {
         **model.architecture_config(),
         **{key: recipe[key] for key in ("name", "description", "image_size")},
         "class_names": classes,
-        **{key: recipe[key] for key in ("data", "train", "seed", "init_from")},
+        **{key: recipe[key] for key in ("data", "train", "eval", "seed", "init_from", "init_backbone_from")},
     }
 
 
@@ -235,31 +296,88 @@ def _prepare_output(out: Path, resume: bool, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _train_step(model: Detector, wrapped: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                images: Tensor, targets: list[dict[str, Any]], settings: TrainSettings, image_size: int,
-                alpha: float | None) -> dict[str, float | None]:
-    """One optimisation step of ``L_task + alpha * L_select`` (no L_select when ``alpha`` is None: SPA off).
+def _to_device(targets: list[dict[str, Any]], device: torch.device) -> list[dict[str, Any]]:
+    return [{k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in t.items()} for t in targets]
 
-    Returns the unweighted losses for logging (``loss_select`` is the sum of BCEs over SPA blocks).
-    """
-    with _autocast(images.device, settings.amp):
+
+def _losses(model: Model, wrapped: nn.Module, images: Tensor | list[Tensor], targets: list[dict[str, Any]],
+            settings: TrainSettings, image_size: int, alpha: float | None) -> tuple[Tensor, dict[str, float | None]]:
+    """``L_task + alpha * L_select`` of one batch (no L_select when ``alpha`` is None: SPA off) and the
+    unweighted losses for logging (``loss_select`` is the sum of BCEs over SPA blocks)."""
+    device = next(model.parameters()).device
+    if isinstance(model, SPAMaskRCNN):
+        with _autocast(device, settings.amp):
+            losses = wrapped(images, targets)
+        select = losses.pop("loss_select", None)
+        task = sum(losses.values())
+        total = task if alpha is None or select is None else task + alpha * select
+        values = {"loss_task": task.item(), **{k: v.item() for k, v in losses.items()}}
+        return total, {**values, "loss_select": None if select is None else select.item()}
+    with _autocast(device, settings.amp):
         outputs = wrapped(images)
     losses = model.loss(outputs, targets)
     total, select = losses["task"], None
     if alpha is not None:
         labels = model.selection_labels(targets, (image_size, image_size))
-        select = model_selection_loss(model, {g: t.to(images.device) for g, t in labels.items()}, 1.0)
+        select = model_selection_loss(model, {g: t.to(device) for g, t in labels.items()}, 1.0)
         total = total + alpha * select
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(total).backward()
+    return total, {"loss_task": losses["task"].item(), "loss_heatmap": losses["heatmap"].item(),
+                   "loss_size": losses["size"].item(), "loss_offset": losses["offset"].item(),
+                   "loss_select": None if select is None else select.item()}
+
+
+def _optimizer_step(model: Model, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                    settings: TrainSettings) -> None:
+    """Clip (when set), step and clear the gradients summed since the last step."""
     if settings.grad_clip:
         scaler.unscale_(optimizer)
         nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
     scaler.step(optimizer)
     scaler.update()
-    return {"loss_task": losses["task"].item(), "loss_heatmap": losses["heatmap"].item(),
-            "loss_size": losses["size"].item(), "loss_offset": losses["offset"].item(),
-            "loss_select": None if select is None else select.item()}
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _load_data(config: Recipe, model: Model, image_size: int) -> tuple[Dataset, Any, list[str], bool]:
+    """(train set, validation set, class names, whether the data have masks); TrainingError when the data
+    cannot be used (files missing, categories that do not match the model's classes)."""
+    data, settings = config.data, config.train
+    try:
+        classes = class_names(data)
+        if len(classes) != model.num_classes:
+            raise TrainingError(
+                f"the data have {len(classes)} categories ({', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''}) "
+                f"but the model has head.num_classes = {model.num_classes}; set model.head.num_classes to {len(classes)}"
+            )
+        if isinstance(model, SPAMaskRCNN):  # images at their own size: the model resizes and pads
+            train_ds = load_split(data, "train", None, train=True)
+            val_ds = load_split(data, "val", None, num=settings.val_num)
+            masks = dataset_has_masks(train_ds)
+            if not masks:
+                log.warning("the training data have no instance masks: the mask head is not trained (box branch "
+                            "only), selection labels come from the boxes and mask AP is not measured")
+            return train_ds, val_ds, classes, masks
+        grids = model.selection_grids((image_size, image_size))
+        train_ds = load_split(data, "train", image_size, train=True, select_grids=grids)
+        if data.hflip <= 0 and data.kind == "digits":  # COCO-format sets stream from disk
+            train_ds = _materialise(train_ds, "prepare train")
+        val_ds = _materialise(load_split(data, "val", image_size, num=settings.val_num, select_grids=grids),
+                              "prepare val")
+        return train_ds, val_ds, classes, True
+    except (OSError, ValueError) as err:
+        if isinstance(err, TrainingError):
+            raise
+        raise TrainingError(f"cannot use the data of {config.name}: {err}") from err
+
+
+def _validate(model: Model, val_ds: Any, image_size: int) -> dict[str, Any]:
+    """The history fields of one validation pass (box AP, and mask AP for Mask R-CNN)."""
+    if isinstance(model, SPAMaskRCNN):
+        val = evaluate_mask_rcnn(model, val_ds, timing_batch=0)
+        extra = {"val_mask_AP50": val["mask_AP50"], "val_mask_AP": val["mask_AP"]}
+    else:
+        val, extra = evaluate(model, val_ds, image_size, timing_batch=0), {}
+    return {"val_AP50": val["AP50"], "val_AP": val["AP"], **extra, "val_keep_ratio": val["keep_ratio"]["mean"],
+            "val_mac_saving": val["mac_saving"]}
 
 
 def train(config: Recipe, out: Path, *, resume: bool = False, overwrite: bool = False,
@@ -280,19 +398,16 @@ def train(config: Recipe, out: Path, *, resume: bool = False, overwrite: bool = 
 
     torch.manual_seed(config.seed)
     model = build_model(config).to(dev)
+    mask_rcnn = isinstance(model, SPAMaskRCNN)
+    if mask_rcnn:
+        model.select_alpha = 1.0  # the recipe weighs L_select itself (alpha below)
     image_size = int(config.image_size)
-    grids = model.selection_grids((image_size, image_size))
     spa = spa_context(model).config
     spa_on = spa.enabled
     alpha = float(settings.alpha)
 
     data_start = time.perf_counter()
-    data = config.data
-    train_ds = load_split(data, "train", image_size, train=True, select_grids=grids)
-    if data.hflip <= 0 and data.kind == "digits":  # COCO-format sets stream from disk
-        train_ds = _materialise(train_ds, "prepare train")
-    val_ds = _materialise(load_split(data, "val", image_size, num=settings.val_num, select_grids=grids), "prepare val")
-    classes = class_names(data)
+    train_ds, val_ds, classes, has_masks = _load_data(config, model, image_size)
     data_minutes = (time.perf_counter() - data_start) / 60
 
     optimizer = torch.optim.AdamW(
@@ -303,44 +418,59 @@ def train(config: Recipe, out: Path, *, resume: bool = False, overwrite: bool = 
     if resume:
         state = load_resume_state(last, model, optimizer, config)
         epoch, batch_done, elapsed, history = state["epoch"], state["batch"], state["elapsed_s"], state["history"]
-        log.info("resumed from %s at epoch %d, batch %d", last, epoch, batch_done)
+        log.info("resumed from %s at epoch %d, step %d", last, epoch, batch_done)
 
     wrapped: nn.Module = model
-    if world > 1:  # the gates of a dense twin get no gradient
+    if world > 1:  # the gates of a dense twin, and a mask head without masks, get no gradient
         wrapped = nn.parallel.DistributedDataParallel(
-            model, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=not spa_on
+            model, device_ids=[dev.index] if dev.type == "cuda" else None,
+            find_unused_parameters=not spa_on or not has_masks,
         )
     scaler = torch.amp.GradScaler(dev.type, enabled=dev.type == "cuda" and settings.amp == "fp16")
     batch_size = int(settings.batch_size)
+    accumulate = int(settings.accumulate)
     epochs = int(settings.epochs)
-    steps_per_epoch = len(_epoch_batches(len(train_ds), batch_size, 0, config.seed, rank, world))
+    micro_per_epoch = len(_epoch_batches(len(train_ds), batch_size, 0, config.seed, rank, world))
+    steps_per_epoch = micro_per_epoch // accumulate
     if steps_per_epoch == 0:
-        raise TrainingError(f"{len(train_ds)} training images give no full batch of {batch_size} per rank")
+        raise TrainingError(f"{len(train_ds)} training images give no optimizer step of {accumulate} batch(es) of "
+                            f"{batch_size} per rank")
     total_steps = epochs * steps_per_epoch
     budget = settings.minutes
+    collate_fn = collate_list if mask_rcnn else collate
     if rank == 0:
-        log.info("%s: %d train images, %d steps/epoch, %d epochs, SPA %s, alpha %g, device %s, world %d",
-                 config.name, len(train_ds), steps_per_epoch, epochs, "on" if spa_on else "off", alpha, dev, world)
+        log.info("%s: %d train images, %d steps/epoch (batch %d x %d accumulated x %d processes), %d epochs, "
+                 "SPA %s, alpha %g, device %s, world %d", config.name, len(train_ds), steps_per_epoch, batch_size,
+                 accumulate, world, epochs, "on" if spa_on else "off", alpha, dev, world)
 
     stopped_early = False
     lr = _lr_at(epoch * steps_per_epoch + batch_done, total_steps, settings)
     clock = time.perf_counter() - elapsed
+    optimizer.zero_grad(set_to_none=True)
     while epoch < epochs and not stopped_early:
         wrapped.train()
-        batches = _epoch_batches(len(train_ds), batch_size, epoch, config.seed, rank, world)[batch_done:]
-        loader = DataLoader(train_ds, batch_sampler=batches, collate_fn=collate, num_workers=int(settings.workers))
+        batches = _epoch_batches(len(train_ds), batch_size, epoch, config.seed, rank, world)
+        batches = batches[: steps_per_epoch * accumulate][batch_done * accumulate :]
+        loader = DataLoader(train_ds, batch_sampler=batches, collate_fn=collate_fn, num_workers=int(settings.workers))
         averages = RunningMeans()
         bar = tqdm(loader, total=len(batches), desc=f"epoch {epoch + 1}/{epochs}", disable=None if rank == 0 else True)
-        for images, targets in bar:
-            step = epoch * steps_per_epoch + batch_done
-            lr = _lr_at(step, total_steps, settings)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group["lr_scale"]
-            values = _train_step(model, wrapped, optimizer, scaler, images.to(dev, non_blocking=True), targets,
-                                 settings, image_size, alpha if spa_on else None)
-            batch_done += 1
+        for index, (images, targets) in enumerate(bar):
+            images = [i.to(dev, non_blocking=True) for i in images] if mask_rcnn else images.to(dev, non_blocking=True)
+            if mask_rcnn:
+                targets = _to_device(targets, dev)
+            steps_now = (index + 1) % accumulate == 0
+            with wrapped.no_sync() if world > 1 and not steps_now else nullcontext():
+                total, values = _losses(model, wrapped, images, targets, settings, image_size, alpha if spa_on else None)
+                scaler.scale(total / accumulate if accumulate > 1 else total).backward()
             ratios = keep_ratios(model) if spa_on else []
             averages.add(**values, **{f"keep_{layer}": r for layer, r in ratios})
+            if not steps_now:
+                continue
+            lr = _lr_at(epoch * steps_per_epoch + batch_done, total_steps, settings)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group["lr_scale"]
+            _optimizer_step(model, optimizer, scaler, settings)
+            batch_done += 1
             if rank == 0:
                 means = averages.means()
                 bar.set_postfix(task=f"{means['loss_task']:.3f}",
@@ -366,13 +496,12 @@ def train(config: Recipe, out: Path, *, resume: bool = False, overwrite: bool = 
         if epoch_done:
             epoch, batch_done = epoch + 1, 0
         if rank == 0:
-            val = evaluate(model, val_ds, image_size, timing_batch=0)
-            entry.update(val_AP50=val["AP50"], val_AP=val["AP"], val_keep_ratio=val["keep_ratio"]["mean"],
-                         val_mac_saving=val["mac_saving"], elapsed_min=(time.perf_counter() - clock) / 60)
+            entry.update(_validate(model, val_ds, image_size), elapsed_min=(time.perf_counter() - clock) / 60)
             history.append(entry)
-            log.info("epoch %d: L_task %.4f L_select %s val AP50 %.4f AP %.4f keep %.3f (%.1f min)", entry["epoch"],
-                     entry["loss_task"], f"{entry['loss_select']:.4f}" if spa_on else "-", val["AP50"], val["AP"],
-                     val["keep_ratio"]["mean"], entry["elapsed_min"])
+            log.info("epoch %d: L_task %.4f L_select %s val AP50 %.4f%s keep %.3f (%.1f min)", entry["epoch"],
+                     entry["loss_task"], f"{entry['loss_select']:.4f}" if spa_on else "-", entry["val_AP50"],
+                     f" mask AP50 {entry['val_mask_AP50']:.4f}" if entry.get("val_mask_AP50") is not None else "",
+                     entry["val_keep_ratio"], entry["elapsed_min"])
             ckpt_config = _checkpoint_config(model, config, classes)
             state = {"epoch": epoch, "batch": batch_done, "elapsed_s": time.perf_counter() - clock,
                      "history": history, "config": config.to_dict()}
@@ -385,7 +514,7 @@ def train(config: Recipe, out: Path, *, resume: bool = False, overwrite: bool = 
 
     metrics: dict[str, Any] = {}
     if rank == 0:
-        metrics = _final_metrics(model, config, history, image_size, grids, stopped_early,
+        metrics = _final_metrics(model, config, history, image_size, stopped_early,
                                  (time.perf_counter() - clock) / 60, data_minutes)
         metrics["command"] = command
         ckpt_config = _checkpoint_config(model, config, classes)
@@ -398,17 +527,30 @@ def train(config: Recipe, out: Path, *, resume: bool = False, overwrite: bool = 
     return metrics
 
 
-def _final_metrics(model: Detector, config: Recipe, history: list[dict[str, Any]], image_size: int,
-                   grids: Sequence[tuple[int, int]], stopped_early: bool, train_minutes: float,
-                   data_minutes: float) -> dict[str, Any]:
-    """Test-split metrics (with CPU timing), the fixed CI subset, and the learning curves."""
-    model = model.cpu().eval()
+def _final_metrics(model: Model, config: Recipe, history: list[dict[str, Any]], image_size: int,
+                   stopped_early: bool, train_minutes: float, data_minutes: float) -> dict[str, Any]:
+    """Test-split metrics (with timing), the fixed CI subset, and the learning curves.
+
+    CenterNet detectors are timed on the CPU; Mask R-CNN on the device it trained on.
+    """
     settings = config.eval
-    test = load_split(config.data, "test", image_size, select_grids=grids)
-    result = evaluate(model, test, image_size, timing_batch=int(settings.timing_batch),
-                      timing_repeats=int(settings.timing_repeats), progress=sys.stderr.isatty())
-    ci = evaluate(model, load_split(config.data, "test", image_size, num=int(settings.ci_num)), image_size,
-                  timing_batch=0)
+    if isinstance(model, SPAMaskRCNN):
+        model.eval()
+        test = load_split(config.data, "test", None)
+        result = evaluate_mask_rcnn(model, test, timing_batch=int(settings.timing_batch),
+                                    timing_repeats=int(settings.timing_repeats), progress=sys.stderr.isatty())
+        ci_set = torch.utils.data.Subset(test, range(min(int(settings.ci_num), len(test))))
+        ci = evaluate_mask_rcnn(model, ci_set, timing_batch=0)
+        device = str(next(model.parameters()).device)
+    else:
+        model = model.cpu().eval()
+        grids = model.selection_grids((image_size, image_size))
+        test = load_split(config.data, "test", image_size, select_grids=grids)
+        result = evaluate(model, test, image_size, timing_batch=int(settings.timing_batch),
+                          timing_repeats=int(settings.timing_repeats), progress=sys.stderr.isatty())
+        ci = evaluate(model, load_split(config.data, "test", image_size, num=int(settings.ci_num)), image_size,
+                      timing_batch=0)
+        device = "cpu"
     return {
         "status": "stopped early (time budget)" if stopped_early else "complete",
         "split": "test",
@@ -417,11 +559,25 @@ def _final_metrics(model: Detector, config: Recipe, history: list[dict[str, Any]
         "history": history,
         "train_minutes": train_minutes,
         "data_minutes": data_minutes,
-        "machine": {"device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__},
+        "machine": {"device": device, "threads": torch.get_num_threads(), "torch": torch.__version__},
     }
 
 
 # ------------------------------------------------------------------------------------------ CLI
+def _parse_sets(items: Sequence[str]) -> dict[str, Any]:
+    """``["train.accumulate=8", "data.hflip=0.5"]`` -> overrides; a VALUE that is not JSON stays a string."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise TrainingError(f"--set takes KEY=VALUE (e.g. train.accumulate=8), got {item!r}")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """CLI entry point (``spa-viz train detection`` and ``python -m spa_viz.train``)."""
     parser = argparse.ArgumentParser(prog="python -m spa_viz.train", description=__doc__.split("\n")[0])
@@ -433,11 +589,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe key, VALUE as JSON (e.g. --set train.accumulate=8); repeatable")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = {k: v for k, v in {"train.minutes": args.minutes, "train.epochs": args.epochs,
                                     "seed": args.seed}.items() if v is not None}
     try:
+        overrides.update(_parse_sets(args.set))
         config = load_config(args.config, overrides)
         out = args.out or Path(config.out or Path("checkpoints") / config.name)
         command = "python -m spa_viz.train " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
