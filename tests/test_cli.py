@@ -162,7 +162,10 @@ def test_fusion_switch_changes_what_later_layers_select_by(tmp_path: Path, model
     runs = {}
     for fusion in ("chain", "none"):
         out = tmp_path / fusion
-        assert run_cli("analyze", str(tmp_path / "a.png"), "--model", model, "--out", str(out), "--fusion", fusion).code == 0
+        assert (
+            run_cli("analyze", str(tmp_path / "a.png"), "--model", model, "--out", str(out), "--fusion", fusion).code
+            == 0
+        )
         assert json.loads((out / "summary.json").read_text())["spa"]["fusion"] == fusion
         runs[fusion] = json.loads((out / "a" / "summary.json").read_text())
     assert set(runs["none"]["score_sources"].values()) == {"own logit"}
@@ -195,7 +198,10 @@ def test_analyze_opens_on_the_apps_default_model(tmp_path: Path, model: str, mon
 def test_train_evaluate_and_bench_run_the_recipes(capsys: pytest.CaptureFixture[str]) -> None:
     if "spa-vit-digits" not in spa_viz.available():
         pytest.skip("the shipped spa-vit-digits checkpoint is not here")
-    assert main(["evaluate", "detection", "--checkpoint", "spa-vit-digits", "--num", "2", "--no-timing", "--no-cache"]) == 0
+    assert (
+        main(["evaluate", "detection", "--checkpoint", "spa-vit-digits", "--num", "2", "--no-timing", "--no-cache"])
+        == 0
+    )
     assert "| AP50 |" in capsys.readouterr().out
     for command in (["train", "saliency", "--help"], ["bench", "spt", "--help"]):
         with pytest.raises(SystemExit) as exit_info:

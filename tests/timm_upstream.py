@@ -70,7 +70,18 @@ def fetch_sdist(version: str) -> Path:
         _log.info("downloading the timm %s sdist into %s", version, folder)
         folder.mkdir(parents=True, exist_ok=True)
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", f"timm=={version}", "-d", str(folder)],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-binary",
+                ":all:",
+                "--no-deps",
+                f"timm=={version}",
+                "-d",
+                str(folder),
+            ],
             check=True,
         )
     return archive
@@ -84,14 +95,18 @@ def prepare_suite(archive: Path, version: str) -> Path:
         source = sdist.extractfile(f"timm-{version}/tests/test_models.py").read().decode()
         pyproject = sdist.extractfile(f"timm-{version}/pyproject.toml").read()
     if source.count(_ANCHOR) != 1:
-        raise RuntimeError(f"timm {version}'s test_models.py has changed: {_ANCHOR!r} not found once; update FAMILY_LINES")
+        raise RuntimeError(
+            f"timm {version}'s test_models.py has changed: {_ANCHOR!r} not found once; update FAMILY_LINES"
+        )
     (target / "test_models.py").write_text(source.replace(_ANCHOR, FAMILY_LINES + _ANCHOR))
     (target / "pyproject.toml").write_bytes(pyproject)
     return target
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="other arguments go to pytest (e.g. -n 2)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog="other arguments go to pytest (e.g. -n 2)"
+    )
     _, pytest_args = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     version = timm.__version__

@@ -324,7 +324,11 @@ def attribute(
                 calls = math.ceil(evals / perturbations_per_eval) + 1
                 forward = _CountingForward(model, target, calls, progress, method.replace("_", " "))
                 maps = run(forward, images, patch, group, perturbations_per_eval)
-                settings = {"token_group": group, "evaluations": evals, "perturbations_per_eval": perturbations_per_eval}
+                settings = {
+                    "token_group": group,
+                    "evaluations": evals,
+                    "perturbations_per_eval": perturbations_per_eval,
+                }
     finally:
         model.train(was_training)
     seconds = timing.wall

@@ -24,6 +24,7 @@ import platform
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -132,7 +133,7 @@ def _dense_block_savings(backbone: nn.Module, image: Tensor, repeats: int) -> fl
             x = inputs[block.spa_layer]
             kept = torch.cat([torch.arange(prefix), record.keep[0].nonzero().squeeze(1) + prefix]).to(x.device)
             x_kept = x[:, kept]
-            seconds = median_seconds({"all": lambda: block(x), "kept": lambda: block(x_kept)}, repeats, warmup=3)
+            seconds = median_seconds({"all": partial(block, x), "kept": partial(block, x_kept)}, repeats, warmup=3)
             saved += seconds["all"] - seconds["kept"]
     return saved
 
@@ -176,11 +177,25 @@ def bench_backbone(
                 ideal_saved = None if saved is None else ideal_saved + saved
         ideal_ms = None if ideal_saved is None else 1e3 * (dense_total - ideal_saved)
         result = BackboneResult(
-            name, batch, 1e3 * dense_total, 1e3 * spa_total, macs_dense, macs_run, statistics.fmean(kept), repeats, ideal_ms
+            name,
+            batch,
+            1e3 * dense_total,
+            1e3 * spa_total,
+            macs_dense,
+            macs_run,
+            statistics.fmean(kept),
+            repeats,
+            ideal_ms,
         )
         _log.info(
             "%s batch %d: dense %.2f ms, SPA %.2f ms, speed-up %.2fx, MAC ratio %.2fx, realized %.2f",
-            name, batch, result.dense_ms, result.spa_ms, result.speedup, result.mac_ratio, result.realized,
+            name,
+            batch,
+            result.dense_ms,
+            result.spa_ms,
+            result.speedup,
+            result.mac_ratio,
+            result.realized,
         )
         results.append(result)
     return results

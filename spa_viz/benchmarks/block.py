@@ -232,7 +232,9 @@ def pad_forward(block: nn.Module, x: Tensor, keep: Tensor) -> Tensor:
     return x.reshape(batch * seq_len, dim).index_copy(0, sources, out[valid]).view(batch, seq_len, dim)
 
 
-def _spa_block(block: Block, config: BenchConfig, policy: str, container_len: int | None) -> tuple[nn.Module, SPAContext]:
+def _spa_block(
+    block: Block, config: BenchConfig, policy: str, container_len: int | None
+) -> tuple[nn.Module, SPAContext]:
     """A copy of ``block`` converted to an SPA block whose gate reads channel 0 as the keep logit."""
     spa_config = SPAConfig(policy=policy, container_len=container_len, soft_gating=config.soft_gating)
     ctx = SPAContext(config=spa_config, num_prefix=config.num_prefix)
@@ -273,7 +275,13 @@ def build_variants(block: Block, x: Tensor, keep: Tensor, config: BenchConfig) -
     variants = {
         "dense": Variant("dense", block, block, dense_flops, f"{batch}x{seq_len}"),
         "masked": Variant("masked", block, lambda t: masked_forward(block, t, keep), dense_flops, f"{batch}x{seq_len}"),
-        "pad": Variant("pad", block, lambda t: pad_forward(block, t, keep), 2 * dense_block_macs(costs, width, batch), f"{batch}x{width}"),
+        "pad": Variant(
+            "pad",
+            block,
+            lambda t: pad_forward(block, t, keep),
+            2 * dense_block_macs(costs, width, batch),
+            f"{batch}x{width}",
+        ),
     }
     for length in config.container_lens:
         spa, ctx = _spa_block(block, config, "container", length)
@@ -451,7 +459,10 @@ def run_benchmark(config: BenchConfig, progress: bool = True) -> list[Measuremen
     if timer.guarded:
         disturbed = sum(m.disturbed_runs for m in results if m.variant == "dense")
         _log.info(
-            "waited %.0f s for an idle CPU, re-ran %d disturbed runs; %d kept disturbed", timer.waited, timer.reruns, disturbed
+            "waited %.0f s for an idle CPU, re-ran %d disturbed runs; %d kept disturbed",
+            timer.waited,
+            timer.reruns,
+            disturbed,
         )
     return results
 
@@ -582,9 +593,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _config_from_args(args: argparse.Namespace) -> BenchConfig:
-    config = BenchConfig(
-        device=args.device, seed=args.seed, soft_gating=not args.no_soft_gating, quiet_budget=900.0
-    )
+    config = BenchConfig(device=args.device, seed=args.seed, soft_gating=not args.no_soft_gating, quiet_budget=900.0)
     if args.quick:
         config = replace(config, keeps=(0.3, 0.7, 0.9), warmup=1, repeats=3, quiet_budget=60.0)
     overrides: dict[str, Any] = {}
@@ -615,7 +624,9 @@ def _config_from_args(args: argparse.Namespace) -> BenchConfig:
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point: run the grid, print the markdown table and the target checks."""
     args = _parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     if args.threads:
         torch.set_num_threads(args.threads)
     config = _config_from_args(args)
@@ -627,8 +638,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     with stopwatch() as timing:
         results = run_benchmark(config, progress=not args.no_progress)
         checks = check_targets(results)
-    print(f"\n## SPA per-block benchmark (dim {config.dim}, {config.heads} heads, {config.tokens} tokens, "
-          f"device {config.device}, {env['torch_threads']} threads, {config.clock} clock, torch {env['torch']})")
+    print(
+        f"\n## SPA per-block benchmark (dim {config.dim}, {config.heads} heads, {config.tokens} tokens, "
+        f"device {config.device}, {env['torch_threads']} threads, {config.clock} clock, torch {env['torch']})"
+    )
     print(format_table(results))
     print("\n## Targets (batch 32)\n")
     for check in checks:

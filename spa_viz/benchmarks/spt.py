@@ -62,7 +62,9 @@ class FixedGate(nn.Module):
         return self.proj(tokens).squeeze(-1)[:, num_prefix:] + self.logits
 
 
-def keep_maps(batch: int, grid4: tuple[int, int], grid3: tuple[int, int], ratio: float, seed: int = 0) -> tuple[Tensor, Tensor]:
+def keep_maps(
+    batch: int, grid4: tuple[int, int], grid3: tuple[int, int], ratio: float, seed: int = 0
+) -> tuple[Tensor, Tensor]:
     """Fixed keep logits (B, N) for stage 4 and stage 3; image i keeps about ``ratio +- 0.1`` of its tokens."""
     generator = torch.Generator().manual_seed(seed)
     spread = max(0.0, min(0.1, ratio - 0.05, 0.95 - ratio))
@@ -111,7 +113,9 @@ def _train_step(model: nn.Module, forward: Callable[[], Tensor]) -> Callable[[],
     return step
 
 
-def _timings(models: dict[str, nn.Module], images: Tensor, features: Tensor, repeats: int, warmup: int) -> dict[str, float]:
+def _timings(
+    models: dict[str, nn.Module], images: Tensor, features: Tensor, repeats: int, warmup: int
+) -> dict[str, float]:
     """``{model}_{infer|train}_{late|all}`` times (ms): stages 3-4 and the whole backbone."""
     out: dict[str, float] = {}
     for mode in ("infer", "train"):
@@ -120,7 +124,11 @@ def _timings(models: dict[str, nn.Module], images: Tensor, features: Tensor, rep
         for part in ("late", "all"):
             fns = {}
             for name, model in models.items():
-                forward = (lambda m=model: _late_stages(m, features)) if part == "late" else (lambda m=model: m.forward_features(images))
+                forward = (
+                    (lambda m=model: _late_stages(m, features))
+                    if part == "late"
+                    else (lambda m=model: m.forward_features(images))
+                )
                 fns[name] = _train_step(model, forward) if mode == "train" else forward
             with torch.set_grad_enabled(mode == "train"):
                 measured = median_seconds(fns, repeats, warmup)

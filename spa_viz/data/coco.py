@@ -40,14 +40,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-def add_selection_labels(
-    target: Target, image_size: tuple[int, int], grids: Sequence[tuple[int, int]]
-) -> Target:
+def add_selection_labels(target: Target, image_size: tuple[int, int], grids: Sequence[tuple[int, int]]) -> Target:
     """Set ``target['select_labels']``: one bool [gh * gw] SPA selection label per grid (from masks
     when the target has them, else from boxes)."""
-    target["select_labels"] = [
-        labels[0] for labels in multiscale_labels([target], image_size, grids)
-    ]
+    target["select_labels"] = [labels[0] for labels in multiscale_labels([target], image_size, grids)]
     return target
 
 
@@ -88,9 +84,7 @@ class _DetectionDataset(Dataset):
         if self.select_grids is not None:
             if self.transform.size is None:
                 raise ValueError("selection labels in the dataset need a letterbox size; make them after resizing")
-            add_selection_labels(
-                target, (self.transform.size, self.transform.size), self.select_grids
-            )
+            add_selection_labels(target, (self.transform.size, self.transform.size), self.select_grids)
         return image, target
 
 
@@ -107,9 +101,7 @@ def _decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarr
     else:
         raise ValueError("segmentation must be polygons, or an RLE dict with 'counts' and 'size'")
     with warnings.catch_warnings():  # pycocotools 2.0.x under numpy 2 warns on every decode
-        warnings.filterwarnings(
-            "ignore", message="__array__ implementation", category=DeprecationWarning
-        )
+        warnings.filterwarnings("ignore", message="__array__ implementation", category=DeprecationWarning)
         mask = mask_utils.decode(rle).astype(bool)
     if mask.shape != (height, width):
         raise ValueError(f"RLE of size {mask.shape} does not match its {height}x{width} image")
@@ -144,15 +136,10 @@ class CocoDetection(_DetectionDataset):
         try:
             coco = json.loads(self.annotation_file.read_text())
         except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"cannot read COCO annotations {self.annotation_file}: {error}") from error
+        if not isinstance(coco, dict) or not all(k in coco for k in ("images", "annotations", "categories")):
             raise ValueError(
-                f"cannot read COCO annotations {self.annotation_file}: {error}"
-            ) from error
-        if not isinstance(coco, dict) or not all(
-            k in coco for k in ("images", "annotations", "categories")
-        ):
-            raise ValueError(
-                f"{self.annotation_file} is not COCO detection JSON: need 'images', "
-                "'annotations' and 'categories'"
+                f"{self.annotation_file} is not COCO detection JSON: need 'images', 'annotations' and 'categories'"
             )
         categories = sorted(coco["categories"], key=lambda c: c["id"])
         self.class_names: list[str] = [str(c["name"]) for c in categories]
@@ -163,22 +150,15 @@ class CocoDetection(_DetectionDataset):
         self._annotations: dict[int, list[dict[str, Any]]] = {im["id"]: [] for im in self.images}
         for ann in coco["annotations"]:
             if ann["image_id"] not in known:
-                raise ValueError(
-                    f"annotation {ann.get('id')} refers to unknown image {ann['image_id']}"
-                )
+                raise ValueError(f"annotation {ann.get('id')} refers to unknown image {ann['image_id']}")
             if ann["category_id"] not in self.cat_id_to_label:
                 raise ValueError(
-                    f"annotation {ann.get('id')} has category {ann['category_id']} "
-                    "missing from 'categories'"
+                    f"annotation {ann.get('id')} has category {ann['category_id']} missing from 'categories'"
                 )
             _, _, w, h = ann["bbox"]
             if not ann.get("iscrowd", 0) and w > 0 and h > 0:
                 self._annotations[ann["image_id"]].append(ann)
-        missing = [
-            im["file_name"]
-            for im in self.images
-            if not (self.image_dir / im["file_name"]).is_file()
-        ]
+        missing = [im["file_name"] for im in self.images if not (self.image_dir / im["file_name"]).is_file()]
         if missing:
             raise ValueError(
                 f"{len(missing)} image files listed in {self.annotation_file} are missing "
@@ -216,17 +196,13 @@ class CocoDetection(_DetectionDataset):
         boxes[:, 2:] += boxes[:, :2]
         target: Target = {
             "boxes": boxes,
-            "labels": torch.tensor(
-                [self.cat_id_to_label[a["category_id"]] for a in anns], dtype=torch.int64
-            ),
+            "labels": torch.tensor([self.cat_id_to_label[a["category_id"]] for a in anns], dtype=torch.int64),
             "image_id": int(info["id"]),
         }
         if self.with_masks and all(a.get("segmentation") for a in anns):
             masks = [_decode_segmentation(a["segmentation"], height, width) for a in anns]
             target["masks"] = (
-                torch.from_numpy(np.stack(masks))
-                if masks
-                else torch.zeros(0, height, width, dtype=torch.bool)
+                torch.from_numpy(np.stack(masks)) if masks else torch.zeros(0, height, width, dtype=torch.bool)
             )
         return torch.from_numpy(pixels).permute(2, 0, 1).contiguous(), target
 
@@ -270,9 +246,7 @@ class InMemoryDetection(_DetectionDataset):
         sample = self.samples[index]
         image = np.asarray(sample.image)
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(
-                f"sample {index}: image must be uint8 [H, W, 3], got {image.dtype} {image.shape}"
-            )
+            raise ValueError(f"sample {index}: image must be uint8 [H, W, 3], got {image.dtype} {image.shape}")
         target: Target = {
             "boxes": torch.as_tensor(np.asarray(sample.boxes, dtype=np.float32)).reshape(-1, 4),
             "labels": torch.as_tensor(np.asarray(sample.labels, dtype=np.int64)),

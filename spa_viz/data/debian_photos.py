@@ -91,15 +91,34 @@ class PackageRule:
 _RCC = "usr/share/gcompris-qt/rcc/"
 #: GCompris "details" backgrounds that are photographs (the others are paintings).
 _DETAILS_PHOTOS = (
-    "Chenonceau", "EgeskovSlotSpejling", "EilanDonanCastle", "FanoeWindmill", "GizahPyramids",
-    "Louvre_2007_02_24_c", "NDP", "Nagoya", "Neuschwanstein", "OperaSidney", "TajMahal", "TourEiffel",
+    "Chenonceau",
+    "EgeskovSlotSpejling",
+    "EilanDonanCastle",
+    "FanoeWindmill",
+    "GizahPyramids",
+    "Louvre_2007_02_24_c",
+    "NDP",
+    "Nagoya",
+    "Neuschwanstein",
+    "OperaSidney",
+    "TajMahal",
+    "TourEiffel",
     "TowerBridgeLondon",
 )
 _PLASMA = "usr/share/wallpapers/{}/contents/images/*"
 #: Plasma wallpapers that are photographs (the other 19 are renders or drawings).
 _PLASMA_PHOTOS = (
-    "BytheWater", "ColdRipple", "ColorfulCups", "DarkestHour", "EveningGlow", "FallenLeaf", "Grey",
-    "Kite", "OneStandsOut", "Path", "summer_1am",
+    "BytheWater",
+    "ColdRipple",
+    "ColorfulCups",
+    "DarkestHour",
+    "EveningGlow",
+    "FallenLeaf",
+    "Grey",
+    "Kite",
+    "OneStandsOut",
+    "Path",
+    "summer_1am",
 )
 _STAMPS = "usr/share/tuxpaint/stamps/"
 
@@ -153,28 +172,64 @@ PACKAGE_RULES: dict[str, PackageRule] = {
         include=tuple(
             _STAMPS + p
             for p in (
-                "animals/amphibians/*.png", "animals/birds/*.png", "animals/insects/*.png",
-                "animals/lizards/*.png", "animals/mammals/*.png", "animals/marsupials/*.png",
-                "animals/shellfish/*.png", "animals/fish/lionfish.png", "animals/fish/seahorse.png",
-                "animals/fish/lobster.png", "food/fruit/*.png", "food/nuts/*.png", "food/spices/*.png",
-                "food/vegetables/*.png", "hobbies/*.png", "household/*.png", "medical/*.png",
-                "military/ammunition/*.png", "military/final-roll-call.png", "military/fireman240a.png",
-                "military/vehicles/bradley.png", "military/vehicles/f22_raptor.png",
-                "military/vehicles/infantry-stryker.png", "people/fireman*.png", "people/toys/*.png",
-                "plants/*.png", "space/moon/*.png", "space/apollo_lander.png", "space/spacewalk.png",
-                "sports/*.png", "town/uk_post_box.png", "town/usps_mailbox.png",
-                "town/monuments/inukshuk-photo.png", "vehicles/auto/*.png", "vehicles/construction/*.png",
-                "vehicles/cycle/*.png", "vehicles/emergency/firetruck.png", "vehicles/flight/planes/*.png",
-                "vehicles/masstransit/*.png", "vehicles/race/*.png", "vehicles/garbagetruck.png",
-                "vehicles/wheel_tractor.png", "clothes/clothespin_*.png",
+                "animals/amphibians/*.png",
+                "animals/birds/*.png",
+                "animals/insects/*.png",
+                "animals/lizards/*.png",
+                "animals/mammals/*.png",
+                "animals/marsupials/*.png",
+                "animals/shellfish/*.png",
+                "animals/fish/lionfish.png",
+                "animals/fish/seahorse.png",
+                "animals/fish/lobster.png",
+                "food/fruit/*.png",
+                "food/nuts/*.png",
+                "food/spices/*.png",
+                "food/vegetables/*.png",
+                "hobbies/*.png",
+                "household/*.png",
+                "medical/*.png",
+                "military/ammunition/*.png",
+                "military/final-roll-call.png",
+                "military/fireman240a.png",
+                "military/vehicles/bradley.png",
+                "military/vehicles/f22_raptor.png",
+                "military/vehicles/infantry-stryker.png",
+                "people/fireman*.png",
+                "people/toys/*.png",
+                "plants/*.png",
+                "space/moon/*.png",
+                "space/apollo_lander.png",
+                "space/spacewalk.png",
+                "sports/*.png",
+                "town/uk_post_box.png",
+                "town/usps_mailbox.png",
+                "town/monuments/inukshuk-photo.png",
+                "vehicles/auto/*.png",
+                "vehicles/construction/*.png",
+                "vehicles/cycle/*.png",
+                "vehicles/emergency/firetruck.png",
+                "vehicles/flight/planes/*.png",
+                "vehicles/masstransit/*.png",
+                "vehicles/race/*.png",
+                "vehicles/garbagetruck.png",
+                "vehicles/wheel_tractor.png",
+                "clothes/clothespin_*.png",
             )
         ),
         exclude=tuple(
             "*" + p
             for p in (
-                "/cartoon/*", "_mirror.png", "/animals/insects/bee.png", "/animals/mammals/echidna.png",
-                "/animals/mammals/hedgehog.png", "/household/dishes/glass.png", "/medical/tooth.png",
-                "/plants/trees/holly_leaves.png", "/plants/flowers/plastic/*", "/sports/rugby_goal_posts.png",
+                "/cartoon/*",
+                "_mirror.png",
+                "/animals/insects/bee.png",
+                "/animals/mammals/echidna.png",
+                "/animals/mammals/hedgehog.png",
+                "/household/dishes/glass.png",
+                "/medical/tooth.png",
+                "/plants/trees/holly_leaves.png",
+                "/plants/flowers/plastic/*",
+                "/sports/rugby_goal_posts.png",
             )
         ),
         note="Photographed objects cut out with an exact alpha channel (stamps); drawings, cartoons, "
@@ -272,7 +327,9 @@ def fetch_package(name: str, directory: Path) -> FetchedPackage:
             _run(["apt-get", "download", name], debs)
         found = sorted(debs.glob(f"{name}_*.deb"))
     if len(found) != 1:
-        raise RuntimeError(f"expected one {name}_*.deb in {debs}, found {[p.name for p in found]}; remove the extra ones")
+        raise RuntimeError(
+            f"expected one {name}_*.deb in {debs}, found {[p.name for p in found]}; remove the extra ones"
+        )
     deb = found[0]
     version = _run(["dpkg-deb", "-f", str(deb), "Version"], debs).strip()
     if tree.exists():
@@ -541,8 +598,14 @@ def iter_members(package: FetchedPackage) -> Iterator[Member]:
                 else:
                     license, origin = copyright_license(entries, member)
                 yield Member(
-                    package.name, package.version, member, rule.role, license, origin,
-                    source_url=info["source"] if info else "", author=info["copyright"] if info else "",
+                    package.name,
+                    package.version,
+                    member,
+                    rule.role,
+                    license,
+                    origin,
+                    source_url=info["source"] if info else "",
+                    author=info["copyright"] if info else "",
                     load=_open_bytes(bundle[inner]),
                 )
         elif rule.allows(relative):

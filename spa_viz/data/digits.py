@@ -80,9 +80,7 @@ BACKGROUND_SPLITS: dict[str, tuple[str, ...]] = {
 SPLIT_FRACTIONS: tuple[float, float, float] = (0.70, 0.15, 0.15)
 #: Seed of the digit-pool partition; fixed so every generation seed shares the same hold-out.
 POOL_SEED = 2410_23608
-CATEGORIES: list[dict[str, Any]] = [
-    {"id": d + 1, "name": str(d), "supercategory": "digit"} for d in range(10)
-]
+CATEGORIES: list[dict[str, Any]] = [{"id": d + 1, "name": str(d), "supercategory": "digit"} for d in range(10)]
 #: Height of an MNIST digit's ink box in its 28 px source (MNIST normalises digits to 20 px).
 MNIST_DIGIT_SIZE = 20.0
 
@@ -132,9 +130,7 @@ class DigitsConfig:
         """Default config with digit sizes scaled from the 128 px defaults to ``canvas_size``."""
         low, high = cls.digit_size
         scale = canvas_size / cls.canvas_size
-        return cls(
-            canvas_size=canvas_size, digit_size=(max(4, round(low * scale)), round(high * scale))
-        )
+        return cls(canvas_size=canvas_size, digit_size=(max(4, round(low * scale)), round(high * scale)))
 
 
 @dataclass
@@ -230,15 +226,11 @@ def _stroke_alpha(rng: np.random.Generator, scale: float) -> np.ndarray:
     for start, end in pairwise(pts):
         direction = end - start
         t = np.clip(((grid - start) @ direction) / max(direction @ direction, 1e-9), 0, 1)
-        distance = np.minimum(
-            distance, np.linalg.norm(grid - start - t[..., None] * direction, axis=-1)
-        )
+        distance = np.minimum(distance, np.linalg.norm(grid - start - t[..., None] * direction, axis=-1))
     return np.clip(half_width + 0.5 - distance, 0.0, 1.0).astype(np.float32)
 
 
-def _fragment_alpha(
-    rng: np.random.Generator, digit: np.ndarray, window: int, scale: float
-) -> np.ndarray | None:
+def _fragment_alpha(rng: np.random.Generator, digit: np.ndarray, window: int, scale: float) -> np.ndarray | None:
     """A ``window``-pixel square crop of a 28 px digit that holds a piece of stroke, resized."""
     for _ in range(10):
         top, left = rng.integers(0, 28 - window + 1, size=2)
@@ -276,9 +268,7 @@ def _paste(canvas: np.ndarray, alpha: np.ndarray, color: np.ndarray, top: int, l
     region += alpha[..., None] * (color - region)
 
 
-def _background(
-    rng: np.random.Generator, name: str, size: int
-) -> tuple[np.ndarray, tuple[int, ...]]:
+def _background(rng: np.random.Generator, name: str, size: int) -> tuple[np.ndarray, tuple[int, ...]]:
     """A random square crop of a background source, resized to ``size`` and maybe mirrored."""
     source = _background_pil(name)
     shortest = min(source.size)
@@ -412,8 +402,7 @@ def _resolve_config(canvas_size: int | None, config: DigitsConfig | None) -> Dig
         return DigitsConfig.for_canvas(128 if canvas_size is None else canvas_size)
     if canvas_size is not None and canvas_size != config.canvas_size:
         raise ValueError(
-            f"canvas_size={canvas_size} contradicts config.canvas_size={config.canvas_size}; "
-            "pass only one of them"
+            f"canvas_size={canvas_size} contradicts config.canvas_size={config.canvas_size}; pass only one of them"
         )
     return config
 
@@ -458,9 +447,7 @@ def _file_name(split: str, index: int) -> str:
     return f"{split}_{index:06d}.png"
 
 
-def to_coco(
-    samples: Iterable[DigitSample], split: str, seed: int, config: DigitsConfig
-) -> dict[str, Any]:
+def to_coco(samples: Iterable[DigitSample], split: str, seed: int, config: DigitsConfig) -> dict[str, Any]:
     """COCO detection dict of ``samples`` (RLE segmentations, provenance in image entries)."""
     from pycocotools import mask as mask_utils
 
@@ -481,12 +468,8 @@ def to_coco(
                 "fragment_ids": [int(v) for v in sample.fragment_ids],
             }
         )
-        rles = mask_utils.encode(
-            np.asfortranarray(sample.masks.transpose(1, 2, 0).astype(np.uint8))
-        )
-        for box, label, rle, mask, digit_id in zip(
-            sample.boxes, sample.labels, rles, sample.masks, sample.digit_ids
-        ):
+        rles = mask_utils.encode(np.asfortranarray(sample.masks.transpose(1, 2, 0).astype(np.uint8)))
+        for box, label, rle, mask, digit_id in zip(sample.boxes, sample.labels, rles, sample.masks, sample.digit_ids):
             x1, y1, x2, y2 = (int(v) for v in box)
             annotations.append(
                 {
@@ -546,16 +529,12 @@ def write_split(
 
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI: generate the train / val / test splits as COCO JSON plus PNG images."""
-    parser = argparse.ArgumentParser(
-        prog="python -m spa_viz.data.digits", description=__doc__.split("\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m spa_viz.data.digits", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=128, help="canvas side in pixels")
     for split, default in zip(SPLITS, (4000, 500, 500)):
-        parser.add_argument(
-            f"--{split}", type=int, default=default, help=f"number of {split} images"
-        )
+        parser.add_argument(f"--{split}", type=int, default=default, help=f"number of {split} images")
     parser.add_argument("--overwrite", action="store_true", help="replace existing split folders")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -563,9 +542,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if any(n < 0 for n in counts.values()):
         parser.error("image counts must be >= 0")
     if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
-        parser.error(
-            f"{args.out} exists and is not empty; pass --overwrite or choose another --out"
-        )
+        parser.error(f"{args.out} exists and is not empty; pass --overwrite or choose another --out")
     try:
         config = DigitsConfig.for_canvas(args.size)
     except ValueError as error:

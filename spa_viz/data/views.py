@@ -40,7 +40,9 @@ class ViewConfig:
     object_area: tuple[float, float] = (0.04, 0.14)  # pasted object pixels / view pixels (second check)
     object_min_side: int = 64  # objects whose tight box is smaller are not used
     background: AugmentConfig = field(
-        default_factory=lambda: AugmentConfig(crop_scale=(0.3, 1.0), zoom_out_p=0.0, brightness=0.0, contrast=0.0, saturation=0.0)
+        default_factory=lambda: AugmentConfig(
+            crop_scale=(0.3, 1.0), zoom_out_p=0.0, brightness=0.0, contrast=0.0, saturation=0.0
+        )
     )
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 

@@ -110,12 +110,18 @@ def read_config(directory: str | Path) -> dict[str, Any]:
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a spa-viz checkpoint config (expected format {FORMAT!r})")
     if config.get("architecture") not in _ARCHITECTURES:
-        raise CheckpointError(f"{path} names unknown architecture {config.get('architecture')!r}; known: {architectures()}")
+        raise CheckpointError(
+            f"{path} names unknown architecture {config.get('architecture')!r}; known: {architectures()}"
+        )
     return config
 
 
 def check_state_dict(
-    expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], *, partial: bool = False, source: str = "checkpoint"
+    expected: dict[str, torch.Tensor],
+    found: dict[str, torch.Tensor],
+    *,
+    partial: bool = False,
+    source: str = "checkpoint",
 ) -> None:
     """Raise :class:`CheckpointError` naming the first mismatched tensors between model and file."""
     unexpected = sorted(set(found) - set(expected))

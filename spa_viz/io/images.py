@@ -103,7 +103,9 @@ def load_image(path: str | Path, *, max_pixels: int | None = None, max_side: int
     except OSError as err:
         raise ImageInputError("unreadable", f"{name}: cannot read the file ({err.strerror or err})") from err
     if not data:
-        raise ImageInputError("empty file", f"{name}: the file is empty (0 bytes); use a PNG, JPEG, WebP, BMP or TIFF image")
+        raise ImageInputError(
+            "empty file", f"{name}: the file is empty (0 bytes); use a PNG, JPEG, WebP, BMP or TIFF image"
+        )
     notes: list[str] = []
     with warnings.catch_warnings():
         # PIL's own bomb warning is replaced by the explicit max_pixels check below
@@ -174,9 +176,14 @@ def resize_normalize(
     return ((x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)).contiguous()
 
 
-def denormalize(
-    x: Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
-) -> np.ndarray:
+def denormalize(x: Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
     """A normalized model input (3, h, w) back as the RGB uint8 (h, w, 3) picture the model saw."""
-    pixels = ((x.detach().float().cpu() * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)).clamp(0, 1) * 255).round().byte()
+    pixels = (
+        (
+            (x.detach().float().cpu() * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)).clamp(0, 1)
+            * 255
+        )
+        .round()
+        .byte()
+    )
     return pixels.permute(1, 2, 0).numpy()

@@ -87,7 +87,9 @@ def _run_bias(bias: Tensor | None, row: int, start: int, size: int) -> Tensor | 
     return bias[row if bias.shape[0] > 1 else 0, :, part, part].unsqueeze(0)
 
 
-def _sdpa_runs(q: Tensor, k: Tensor, v: Tensor, plan: PackPlan, scale: float, dropout: float, bias: Tensor | None) -> Tensor:
+def _sdpa_runs(
+    q: Tensor, k: Tensor, v: Tensor, plan: PackPlan, scale: float, dropout: float, bias: Tensor | None
+) -> Tensor:
     """One unmasked SDPA call per same-image run of the flat (n, heads, d) tokens."""
     runs = plan.runs
     if len(runs) == 1 and bias is None:
@@ -114,7 +116,9 @@ def _from_rows(t: Tensor, plan: PackPlan) -> Tensor:
     return from_rows(t.transpose(1, 2), plan)
 
 
-def _sdpa_rows(q: Tensor, k: Tensor, v: Tensor, plan: PackPlan, scale: float, dropout: float, bias: Tensor | None) -> Tensor:
+def _sdpa_rows(
+    q: Tensor, k: Tensor, v: Tensor, plan: PackPlan, scale: float, dropout: float, bias: Tensor | None
+) -> Tensor:
     """One block-masked SDPA call over the plan's padded rows."""
     mask = plan.attention_mask
     if bias is not None:
@@ -138,7 +142,9 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, plan: PackPlan, scale: float) -> Tens
     block_mask = create_block_mask(same_image, rows, None, length, length, device=q.device)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-        out = flex_attention(_to_rows(q, plan), _to_rows(k, plan), _to_rows(v, plan), block_mask=block_mask, scale=scale)
+        out = flex_attention(
+            _to_rows(q, plan), _to_rows(k, plan), _to_rows(v, plan), block_mask=block_mask, scale=scale
+        )
     return _from_rows(out, plan)
 
 

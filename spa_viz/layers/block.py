@@ -189,7 +189,12 @@ class _PackState:
             return True
         if x.is_inference() or out.is_inference():  # inference tensors have no version counter to compare
             return False
-        return (x.data_ptr(), x.shape, x.stride(), x._version) == (out.data_ptr(), out.shape, out.stride(), out._version)
+        return (x.data_ptr(), x.shape, x.stride(), x._version) == (
+            out.data_ptr(),
+            out.shape,
+            out.stride(),
+            out._version,
+        )
 
 
 @dataclass
@@ -307,7 +312,9 @@ def _decide(block: nn.Module, x: Tensor, ctx: SPAContext, layer: int, grid: Grid
     return _Selection(raw, scores, keep, counts, factor, fused_input)
 
 
-def _add_branch(packed: Tensor, branch: Tensor, factor: Tensor | None, plan: PackPlan, drop_path: nn.Module, training: bool) -> Tensor:
+def _add_branch(
+    packed: Tensor, branch: Tensor, factor: Tensor | None, plan: PackPlan, drop_path: nn.Module, training: bool
+) -> Tensor:
     """``packed + drop_path(factor * branch)`` (one fused op when nothing is dropped)."""
     if training and float(getattr(drop_path, "drop_prob", 0.0)) > 0.0:
         return packed + packed_drop_path(branch if factor is None else branch * factor, plan, drop_path, training)

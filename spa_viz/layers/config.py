@@ -81,7 +81,7 @@ class SPAConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "SPAConfig":
+    def from_dict(cls, data: dict[str, Any]) -> SPAConfig:
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:

@@ -235,12 +235,24 @@ def plan_packing(
         mixed = any(0 < end < total and end % row_len for end in ends)
         runs = _container_runs(counts, row_len)
         return PackPlan(
-            policy, batch, seq_len, row_len, rows, sources, None, tuple(counts), tuple(runs), mixed, rows * row_len != total
+            policy,
+            batch,
+            seq_len,
+            row_len,
+            rows,
+            sources,
+            None,
+            tuple(counts),
+            tuple(runs),
+            mixed,
+            rows * row_len != total,
         )
 
     length = max(row_len or 0, max(counts, default=0), 1)
     if batch == 1 and length == total:  # one image filling one row: the plan is its kept tokens (the app's case)
-        return PackPlan(policy, 1, seq_len, length, 1, sources, None, tuple(counts), ((0, 0, 0, total, 0),), False, False)
+        return PackPlan(
+            policy, 1, seq_len, length, 1, sources, None, tuple(counts), ((0, 0, 0, total, 0),), False, False
+        )
     place = _first_fit_decreasing(counts, length)
     rows = max((r for r, _ in place), default=0) + 1
     images_per_row = [0] * rows
@@ -260,7 +272,9 @@ def plan_packing(
         starts = torch.tensor([r * length + o - f for f, r, o, _, _ in runs], dtype=torch.long, device=keep.device)
         sizes = torch.tensor([size for _, _, _, size, _ in runs], dtype=torch.long, device=keep.device)
         slots = torch.arange(total, device=keep.device) + starts.repeat_interleave(sizes, output_size=total)
-    return PackPlan(policy, batch, seq_len, length, rows, sources, slots, tuple(counts), tuple(runs), mixed, has_padding)
+    return PackPlan(
+        policy, batch, seq_len, length, rows, sources, slots, tuple(counts), tuple(runs), mixed, has_padding
+    )
 
 
 def gather_kept(x: Tensor, plan: PackPlan) -> Tensor:
@@ -305,4 +319,3 @@ def pack(x: Tensor, plan: PackPlan) -> Tensor:
 def unpack(packed: Tensor, plan: PackPlan, base: Tensor) -> Tensor:
     """Scatter the rows (B', L, C) back into a copy of ``base`` (B, T, C); unkept tokens keep ``base``."""
     return scatter_kept(from_rows(packed, plan), plan, base)
-

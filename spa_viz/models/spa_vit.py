@@ -114,7 +114,9 @@ def patch(
         raise ValueError(f"start_layer must be in [0, {depth - 1}] for this {depth}-block model, got {start_layer}")
     for block in model.blocks[start_layer:]:
         check_attention_module(block.attn)
-    config = SPAConfig(start_layer=start_layer, policy=policy, container_len=container_len, threshold=threshold, **settings)
+    config = SPAConfig(
+        start_layer=start_layer, policy=policy, container_len=container_len, threshold=threshold, **settings
+    )
     ctx = SPAContext(config=config, num_prefix=model.num_prefix_tokens)
     reference = next(model.parameters())
     for layer, block in enumerate(model.blocks):
@@ -215,35 +217,45 @@ def _spa_vit(
 
 
 @register_model
-def spa_vit_tiny_patch16_224(pretrained: bool = False, start_layer: int = 3, spa: dict | None = None, **kwargs: Any) -> VisionTransformer:
+def spa_vit_tiny_patch16_224(
+    pretrained: bool = False, start_layer: int = 3, spa: dict | None = None, **kwargs: Any
+) -> VisionTransformer:
     """ViT-Ti/16 with SPA blocks from layer 3 (``pretrained=True`` fetches timm's ViT weights)."""
     model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3)
     return _spa_vit("spa_vit_tiny_patch16_224", pretrained, start_layer, spa, **{**model_args, **kwargs})
 
 
 @register_model
-def spa_vit_small_patch16_224(pretrained: bool = False, start_layer: int = 3, spa: dict | None = None, **kwargs: Any) -> VisionTransformer:
+def spa_vit_small_patch16_224(
+    pretrained: bool = False, start_layer: int = 3, spa: dict | None = None, **kwargs: Any
+) -> VisionTransformer:
     """ViT-S/16 with SPA blocks from layer 3."""
     model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)
     return _spa_vit("spa_vit_small_patch16_224", pretrained, start_layer, spa, **{**model_args, **kwargs})
 
 
 @register_model
-def spa_vit_base_patch16_224(pretrained: bool = False, start_layer: int = 3, spa: dict | None = None, **kwargs: Any) -> VisionTransformer:
+def spa_vit_base_patch16_224(
+    pretrained: bool = False, start_layer: int = 3, spa: dict | None = None, **kwargs: Any
+) -> VisionTransformer:
     """ViT-B/16 with SPA blocks from layer 3."""
     model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
     return _spa_vit("spa_vit_base_patch16_224", pretrained, start_layer, spa, **{**model_args, **kwargs})
 
 
 @register_model
-def spa_vit_small_patch14_dinov2(pretrained: bool = False, start_layer: int = 4, spa: dict | None = None, **kwargs: Any) -> VisionTransformer:
+def spa_vit_small_patch14_dinov2(
+    pretrained: bool = False, start_layer: int = 4, spa: dict | None = None, **kwargs: Any
+) -> VisionTransformer:
     """DINOv2 ViT-S/14 (layer scale, 224 input by default) with SPA blocks from layer 4."""
     model_args = dict(img_size=224, patch_size=14, embed_dim=384, depth=12, num_heads=6, init_values=1e-5)
     return _spa_vit("spa_vit_small_patch14_dinov2", pretrained, start_layer, spa, **{**model_args, **kwargs})
 
 
 @register_model
-def spa_vit_digits(pretrained: bool = False, start_layer: int = 2, spa: dict | None = None, **kwargs: Any) -> VisionTransformer:
+def spa_vit_digits(
+    pretrained: bool = False, start_layer: int = 2, spa: dict | None = None, **kwargs: Any
+) -> VisionTransformer:
     """A small ViT for 128 px cluttered-digit images (patch 8, dim 192, depth 8) that trains on a CPU."""
     if pretrained:
         raise ValueError("spa_vit_digits has no hub weights; load a trained checkpoint with spa_viz.load")

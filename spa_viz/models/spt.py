@@ -149,7 +149,7 @@ class SPTConfig:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "SPTConfig":
+    def from_dict(cls, data: dict[str, Any]) -> SPTConfig:
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -360,7 +360,12 @@ class SPTBlock(nn.Module):
         """This block's token layout on ``grid`` (window order, bias, shift mask) for the SPA kernel."""
         window, shift = self.window_and_shift(grid)
         return SwinWindowLayout(
-            tuple(grid), window, shift, self.window_size, self.attn.relative_position_bias_table, self._container_len(window)
+            tuple(grid),
+            window,
+            shift,
+            self.window_size,
+            self.attn.relative_position_bias_table,
+            self._container_len(window),
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -796,7 +801,9 @@ def _build_spt(device: torch.device | str | None = None, dtype: torch.dtype | No
     """An SPT from :class:`SPTConfig` fields, created on ``device`` in ``dtype`` (timm's factory arguments)."""
     unknown = sorted(set(settings) - _CONFIG_FIELDS)
     if unknown:
-        raise TypeError(f"SPT got unexpected arguments {unknown}; it takes the SPTConfig fields {sorted(_CONFIG_FIELDS)}")
+        raise TypeError(
+            f"SPT got unexpected arguments {unknown}; it takes the SPTConfig fields {sorted(_CONFIG_FIELDS)}"
+        )
     with torch.device(device) if device is not None else nullcontext():
         model = SPT(SPTConfig(**settings))
     return model if dtype is None else model.to(dtype=dtype)

@@ -109,7 +109,9 @@ def load(
     if weights is None and "/" not in str(source) and (named / "config.json").is_file():
         return load_checkpoint(named, device)
     if weights is None and path.suffix in (".safetensors", ".pt", ".pth", ".bin"):
-        raise CheckpointError(f"{source} is a weights file: pass the timm model name too, load(NAME, weights={str(source)!r})")
+        raise CheckpointError(
+            f"{source} is a weights file: pass the timm model name too, load(NAME, weights={str(source)!r})"
+        )
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"{source} is a file, not a checkpoint folder (model.safetensors + config.json)")
     model = _from_timm(str(source), weights, start_layer, spa)

@@ -94,8 +94,7 @@ def labels_from_boxes(
     x1, y1, x2, y2 = boxes.unbind(1)
     if (x2 < x1).any() or (y2 < y1).any():
         raise ValueError(
-            "boxes must be xyxy with x2 >= x1 and y2 >= y1; convert COCO xywh boxes with "
-            "x2 = x + w, y2 = y + h"
+            "boxes must be xyxy with x2 >= x1 and y2 >= y1; convert COCO xywh boxes with x2 = x + w, y2 = y + h"
         )
     # Pixels j whose [j, j+1) meets [x1, x2) in a positive length: floor(x1) <= j <= ceil(x2) - 1.
     col_lo, col_hi = torch.floor(x1).long(), torch.ceil(x2).long() - 1

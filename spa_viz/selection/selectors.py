@@ -77,7 +77,9 @@ def keep_counts(scores: Tensor, ratio: float | None, p: float | None, min_keep: 
 def top_counts_mask(scores: Tensor, counts: Tensor) -> Tensor:
     """(B, N) bool: the ``counts[b]`` highest scores of each row (ties broken by token order)."""
     order = scores.argsort(dim=1, descending=True, stable=True)
-    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order))
+    ranks = torch.empty_like(order).scatter_(
+        1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order)
+    )
     return ranks < counts[:, None]
 
 

@@ -380,4 +380,3 @@ def layer_strip(
         panels.append(panel)
     rows = [hstack(panels[i : i + columns]) for i in range(0, len(panels), columns)]
     return vstack(rows)
-

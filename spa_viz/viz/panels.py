@@ -45,7 +45,9 @@ def fused_share(record: LayerTrace, index: int | None = None) -> float | None:
     selector or a layer that fused nothing in."""
     if not record.learned or not record.fused_input:
         return None
-    raw, scores = (record.raw_scores, record.scores) if index is None else (record.raw_scores[index], record.scores[index])
+    raw, scores = (
+        (record.raw_scores, record.scores) if index is None else (record.raw_scores[index], record.scores[index])
+    )
     return float((scores > raw).float().mean()) if scores.numel() else 0.0
 
 
@@ -97,7 +99,9 @@ def gate_panel(
         )
         bar = overlays.colorbar(width, 0.0, 1.0, "keep probability", marker=threshold)
     else:
-        picture = overlays.add_title(picture, f"{selector} scores · layer {record.layer}", "min-max normalized per image")
+        picture = overlays.add_title(
+            picture, f"{selector} scores · layer {record.layer}", "min-max normalized per image"
+        )
         bar = overlays.colorbar(width, 0.0, 1.0, "selector score (normalized)")
     return overlays.vstack([picture, bar], gap=0)
 
@@ -130,7 +134,9 @@ def labels_panel(display: np.ndarray, record: LayerTrace, index: int, labels: Te
     return overlays.vstack([picture, legend], gap=0)
 
 
-def strip_panel(display: np.ndarray, layers: list[LayerTrace], index: int, name: str, highlight: int | None = None) -> np.ndarray:
+def strip_panel(
+    display: np.ndarray, layers: list[LayerTrace], index: int, name: str, highlight: int | None = None
+) -> np.ndarray:
     """Kept tokens of image ``index`` at every SPA layer, the ``highlight`` layer framed; under each
     layer's title, what it selected by (:func:`score_source`)."""
     captions = [score_source(record, index) for record in layers]

@@ -55,4 +55,3 @@ def hex_color(color: Color) -> str:
 def image_color(index: int) -> Color:
     """The colour of batch image ``index`` in every figure (cycles after seven images)."""
     return OKABE_ITO[_IMAGE_PALETTE[index % len(_IMAGE_PALETTE)]]
-

@@ -9,7 +9,9 @@ __all__ = ["markdown_table"]
 _RULES = {None: "---", "left": ":---", "right": "---:"}
 
 
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]], align: Sequence[str | None] | None = None) -> str:
+def markdown_table(
+    header: Sequence[str], rows: Sequence[Sequence[object]], align: Sequence[str | None] | None = None
+) -> str:
     """A GitHub markdown table; ``align`` per column: None (default), ``"left"`` or ``"right"``.
 
     Cells are written with ``str``: format numbers before passing them.

@@ -29,11 +29,18 @@ def test_dense_count_matches_torch_flop_counter() -> None:
     assert tr.backbone_flops_dense == pytest.approx(expected, rel=0.02)
 
 
-@pytest.mark.parametrize("policy, row_len, backend", [("image", None, "sdpa"), ("container", 7, "sdpa"), ("container", 7, "reference")])
+@pytest.mark.parametrize(
+    "policy, row_len, backend", [("image", None, "sdpa"), ("container", 7, "sdpa"), ("container", 7, "reference")]
+)
 @pytest.mark.parametrize("sparse_mlp", [True, False])
 def test_packed_count_matches_torch_flop_counter(policy, row_len, backend, sparse_mlp) -> None:
     model = spa_viz.patch(
-        tiny_vit(embed_dim=64, depth=3, num_heads=4), 1, policy=policy, container_len=row_len, backend=backend, sparse_mlp=sparse_mlp
+        tiny_vit(embed_dim=64, depth=3, num_heads=4),
+        1,
+        policy=policy,
+        container_len=row_len,
+        backend=backend,
+        sparse_mlp=sparse_mlp,
     )
     _randomize_gates(model)
     images = torch.randn(3, 3, 32, 32)
@@ -82,7 +89,9 @@ def test_conv_stem_embedding_is_counted() -> None:
 
 def test_paper_formulas() -> None:
     assert paper_dense_macs(196, 384) == 4 * 196 * 384**2 + 2 * 196**2 * 384
-    assert paper_spa_macs(196, 384, rows=2, row_len=49) == 196 * 384 + 196 * 384**2 + 2 * (3 * 49 * 384**2 + 2 * 49**2 * 384)
+    assert paper_spa_macs(196, 384, rows=2, row_len=49) == 196 * 384 + 196 * 384**2 + 2 * (
+        3 * 49 * 384**2 + 2 * 49**2 * 384
+    )
 
 
 def test_selector_scoring_cost_is_counted() -> None:
@@ -100,7 +109,9 @@ def test_selector_scoring_cost_is_counted() -> None:
     _, free = spa_viz.trace(model, images)
     install_selector(model, "feature_norm")
     _, costly = spa_viz.trace(model, images)
-    assert [int(layer.kept_counts.sum()) for layer in costly.layers] == [int(layer.kept_counts.sum()) for layer in free.layers]
+    assert [int(layer.kept_counts.sum()) for layer in costly.layers] == [
+        int(layer.kept_counts.sum()) for layer in free.layers
+    ]
     dim, tokens = model.embed_dim, images.shape[0] * (1 + 4 * 4)
     scoring = sum(2 * dim * tokens for _ in costly.layers)  # feature_norm: one pass over C per token
     assert costly.backbone_flops_run - free.backbone_flops_run == scoring

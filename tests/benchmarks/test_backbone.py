@@ -46,8 +46,12 @@ def test_backbone_bench_checks_its_inputs() -> None:
 
 
 def test_result_targets_in_the_table() -> None:
-    row = BackboneResult("spa-vit-digits", 1, dense_ms=10.0, spa_ms=5.0, macs_dense=200, macs_run=100, keep_ratio=0.2, repeats=3)
+    row = BackboneResult(
+        "spa-vit-digits", 1, dense_ms=10.0, spa_ms=5.0, macs_dense=200, macs_run=100, keep_ratio=0.2, repeats=3
+    )
     assert row.realized == pytest.approx(1.0)
     assert ">= 0.8: met" in format_backbone_table([row])
-    slow = BackboneResult("spt-digits", 1, dense_ms=10.0, spa_ms=11.0, macs_dense=200, macs_run=150, keep_ratio=0.3, repeats=3)
+    slow = BackboneResult(
+        "spt-digits", 1, dense_ms=10.0, spa_ms=11.0, macs_dense=200, macs_run=150, keep_ratio=0.3, repeats=3
+    )
     assert "faster than dense: MISSED" in format_backbone_table([slow])

@@ -96,9 +96,28 @@ def test_targets_and_table() -> None:
 
 def test_cli_json(tmp_path, capsys) -> None:
     path = tmp_path / "bench.json"
-    argv = ["--batch", "2", "--keep", "0.3", "--mode", "inference", "--repeats", "1", "--warmup", "0",
-            "--container-len", "49", "--threads", "1", "--quiet-budget", "0", "--no-progress", "--json", str(path),
-            "--backbones"]
+    argv = [
+        "--batch",
+        "2",
+        "--keep",
+        "0.3",
+        "--mode",
+        "inference",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--container-len",
+        "49",
+        "--threads",
+        "1",
+        "--quiet-budget",
+        "0",
+        "--no-progress",
+        "--json",
+        str(path),
+        "--backbones",
+    ]
     threads = torch.get_num_threads()
     try:
         assert bench.main(argv) == 0

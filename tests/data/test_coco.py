@@ -105,9 +105,7 @@ def test_categories_and_masks(handmade: tuple[Path, Path]) -> None:
     assert image.shape == (3, 90, 90) and image.dtype == torch.float32
     assert target["labels"].tolist() == [1, 0, 2] and target["image_id"] == 7
     assert target["orig_size"] == (HEIGHT, WIDTH) and target["valid_size"] == (HEIGHT, WIDTH)
-    expected = torch.tensor(
-        [RECTS[k] for k in ("polygon", "rle_list", "rle_str")], dtype=torch.float32
-    )
+    expected = torch.tensor([RECTS[k] for k in ("polygon", "rle_list", "rle_str")], dtype=torch.float32)
     assert torch.equal(target["boxes"], expected)
     for rect, mask in zip(RECTS.values(), target["masks"]):
         assert torch.equal(mask[:HEIGHT], torch.from_numpy(_rect_mask(rect)).bool())
@@ -116,17 +114,11 @@ def test_categories_and_masks(handmade: tuple[Path, Path]) -> None:
 
 @pytest.mark.parametrize("size", [64, 128, 160])
 @pytest.mark.parametrize("flip", [False, True])
-def test_letterbox_and_flip_keep_alignment(
-    handmade: tuple[Path, Path], size: int, flip: bool
-) -> None:
+def test_letterbox_and_flip_keep_alignment(handmade: tuple[Path, Path], size: int, flip: bool) -> None:
     dataset = CocoDetection(*handmade, size=size, train=True, hflip_prob=float(flip))
     image, target = dataset[0]
     valid_h, valid_w = target["valid_size"]
-    assert (
-        image.shape == (3, size, size)
-        and valid_w == size
-        and valid_h == round(HEIGHT * size / WIDTH)
-    )
+    assert image.shape == (3, size, size) and valid_w == size and valid_h == round(HEIGHT * size / WIDTH)
     _assert_aligned(target)
     scale = size / WIDTH
     for (x1, y1, x2, y2), box in zip(RECTS.values(), target["boxes"]):

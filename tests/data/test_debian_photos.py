@@ -88,7 +88,9 @@ def _puzzle(photo: Image.Image, box: tuple[int, int, int, int]) -> bytes:
 
 
 def test_read_jigzo_puzzle_crops_the_photo_rectangle() -> None:
-    photo = Image.fromarray(np.kron(np.array([[40, 200], [120, 80]], dtype=np.uint8), np.ones((60, 50), np.uint8))).convert("RGB")
+    photo = Image.fromarray(
+        np.kron(np.array([[40, 200], [120, 80]], dtype=np.uint8), np.ones((60, 50), np.uint8))
+    ).convert("RGB")
     image = dp.read_jigzo_puzzle(_puzzle(photo, (10, 20, 100, 120)))
     assert image.size == (100, 120)
     got = np.asarray(image, dtype=float)[5:55:10, 5:45:10]  # inside the top-left block, away from edges
@@ -157,11 +159,17 @@ Comment: based on a photo by F, source at https://example.org/castle.jpg.
 
 def test_readme_provenance() -> None:
     info = dp.readme_provenance(README)
-    assert info["one.webp"] == {"copyright": "B", "license": "CC0-1.0", "source": "https://commons.wikimedia.org/wiki/File:One.jpg"}
+    assert info["one.webp"] == {
+        "copyright": "B",
+        "license": "CC0-1.0",
+        "source": "https://commons.wikimedia.org/wiki/File:One.jpg",
+    }
     assert info["egypt/egypt.svg"]["license"] == "CC-BY-SA 4.0" and info["egypt/egypt.svg"]["source"] == ""
     assert info["braille.webp"]["source"] == "https://example.org/braille.jpg"
     assert info["chart.webp"]["source"] == ""  # the comment names braille.webp only
-    assert info["castle_0.webp"]["source"] == info["castle_background.webp"]["source"] == "https://example.org/castle.jpg"
+    assert (
+        info["castle_0.webp"]["source"] == info["castle_background.webp"]["source"] == "https://example.org/castle.jpg"
+    )
     assert info["castle_background.webp"]["license"] == "CC-BY-SA 4.0"
 
 
@@ -232,7 +240,10 @@ def test_iter_members_files_and_bundles(tmp_path) -> None:
     (member,) = dp.iter_members(gcompris)
     assert member.path == "usr/share/gcompris-qt/rcc/erase.rcc!gcompris/src/activities/erase/resource/alpaca.webp"
     assert (member.license, member.license_origin, member.source_url, member.author) == (
-        "CC0-1.0", "resource README", "https://x.org/a.jpg", "B",
+        "CC0-1.0",
+        "resource README",
+        "https://x.org/a.jpg",
+        "B",
     )
     assert member.load().getpixel((0, 0)) == (9, 9, 9)
 

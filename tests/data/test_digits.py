@@ -107,7 +107,9 @@ def test_coco_json_round_trip(tmp_path: Path) -> None:
             assert ann["area"] == mask.sum() and ann["iscrowd"] == 0
 
 
-@pytest.mark.parametrize(("grid", "stride"), [((4, 4), (32, 32)), ((7, 7), (19, 19)), ((5, 9), (26, 15)), ((16, 16), (8, 8))])
+@pytest.mark.parametrize(
+    ("grid", "stride"), [((4, 4), (32, 32)), ((7, 7), (19, 19)), ((5, 9), (26, 15)), ((16, 16), (8, 8))]
+)
 def test_labels_match_reference(train_samples: list, grid: tuple[int, int], stride: tuple[int, int]) -> None:
     sample = train_samples[0]
     expected_masks = reference_labels(sample.masks.any(0), grid, stride)

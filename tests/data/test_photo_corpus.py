@@ -19,9 +19,9 @@ from PIL import Image
 from spa_viz.data import photo_corpus as pc
 from spa_viz.data.photo_corpus import Candidate, PhotoRecord
 from spa_viz.data.views import ViewConfig
+from spa_viz.io.images import IMAGENET_MEAN, IMAGENET_STD
 from spa_viz.models.saliency.labels import SALIENT as LABEL_THRESHOLD
 from spa_viz.models.saliency.labels import saliency_labels
-from spa_viz.io.images import IMAGENET_MEAN, IMAGENET_STD
 from spa_viz.models.saliency.preprocess import preprocess_image
 from spa_viz.selection.labels import labels_from_masks
 
@@ -59,8 +59,14 @@ def _jpeg(image: Image.Image, size: tuple[int, int]) -> Image.Image:
 
 def _candidate(package: str, path: str, role: str, load, license: str = "CC0-1.0", source_url: str = "") -> Candidate:
     record = PhotoRecord(
-        id=f"{package}:{path}", package=package, version="1", path=path, role=role, license=license,
-        license_origin="test", source_url=source_url,
+        id=f"{package}:{path}",
+        package=package,
+        version="1",
+        path=path,
+        role=role,
+        license=license,
+        license_origin="test",
+        source_url=source_url,
     )
     return Candidate(record, load)
 
@@ -89,7 +95,9 @@ def _candidates() -> list[Candidate]:
     # the same photo again, smaller and recompressed: merged into the first one
     candidates.append(_candidate("synthetic", "copies/small.jpg", "pool", lambda: _jpeg(_photo(0), (200, 160))))
     candidates.append(_candidate("synthetic", "pool/nc.jpg", "pool", lambda: _photo(99), license="CC-BY-NC-SA-2.0"))
-    candidates.append(_candidate("synthetic", "pool/drawing.png", "pool", lambda: Image.new("RGB", (300, 200), (255, 0, 0))))
+    candidates.append(
+        _candidate("synthetic", "pool/drawing.png", "pool", lambda: Image.new("RGB", (300, 200), (255, 0, 0)))
+    )
     candidates.append(_candidate(*BACKGROUND, "held_out", lambda: _photo(50, (400, 300))))
     candidates.append(_candidate(*HELD_TEST, "held_out", lambda: _photo(51, (400, 300))))
     for k in range(3):
@@ -181,7 +189,9 @@ def test_split_of_is_deterministic_and_balanced() -> None:
 
 def test_assign_splits_pins_held_out_groups() -> None:
     def record(id: str, role: str) -> PhotoRecord:
-        return PhotoRecord(id=id, package=id.split(":")[0], version="1", path="", role=role, license="", license_origin="")
+        return PhotoRecord(
+            id=id, package=id.split(":")[0], version="1", path="", role=role, license="", license_origin=""
+        )
 
     background = "mate-backgrounds:usr/share/backgrounds/mate/nature/Dune.jpg"
     groups = [
@@ -209,7 +219,9 @@ def test_select_photos_merges_copies_and_links_sources() -> None:
     first = f"synthetic:{sorted(n for names in POOL.values() for n in names)[0]}"
     assert by_id[first].duplicates == ["synthetic:copies/small.jpg"]  # the larger file stands for both
     assert "synthetic:copies/small.jpg" not in by_id
-    assert by_id["synthetic:linked/a.jpg"].split == by_id["synthetic:linked/b.jpg"].split  # distinct files, one original
+    assert (
+        by_id["synthetic:linked/a.jpg"].split == by_id["synthetic:linked/b.jpg"].split
+    )  # distinct files, one original
     reasons = {r["id"]: r["reason"] for r in selection.rejected}
     assert "non-commercial" in reasons["synthetic:pool/nc.jpg"] and "flat" in reasons["synthetic:pool/drawing.png"]
     assert {r.split for r in selection.objects} == {"second_check"} and len(selection.objects) == 3
@@ -262,7 +274,10 @@ def test_views_are_deterministic_for_a_seed(corpus) -> None:
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert _index(dirs["a"])["views"] == _index(dirs["b"])["views"]
     assert dirs["a"].name != dirs["c"].name
-    a_train, c_train = pc.load_views("train", 0, CONFIG, corpus[0]["a"]), pc.load_views("train", 1, CONFIG, corpus[0]["c"])
+    a_train, c_train = (
+        pc.load_views("train", 0, CONFIG, corpus[0]["a"]),
+        pc.load_views("train", 1, CONFIG, corpus[0]["c"]),
+    )
     plain = [i for i in range(len(a_train)) if a_train.meta(i)["kind"] == "plain"]
     augmented = [i for i in range(len(a_train)) if a_train.meta(i)["kind"] == "augment"]
     assert all(torch.equal(a_train[i].image, c_train[i].image) for i in plain)  # no randomness in plain views
@@ -279,7 +294,11 @@ def test_views_round_trip_through_the_cache(corpus) -> None:
     assert columns["saliency"].dtype == torch.float16 and columns["labels"].shape == (len(train), 256)
     for i in (0, 7, len(train) - 1):
         view = train[i]
-        assert view.image.shape == (3, 224, 224) and view.saliency.shape == (1, 224, 224) and view.labels.dtype == torch.bool
+        assert (
+            view.image.shape == (3, 224, 224)
+            and view.saliency.shape == (1, 224, 224)
+            and view.labels.dtype == torch.bool
+        )
         stored = columns["images"][i]
         assert torch.allclose(view.image, preprocess_image(stored.numpy()), atol=1e-6)
         teacher = stub_teacher(view.image[None])

@@ -46,7 +46,9 @@ def test_config_that_does_not_match_the_tensors_names_the_tensor(saved) -> None:
     config["timm_kwargs"]["embed_dim"] = 96
     config.pop("tensors")
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"shape mismatch: blocks.0.attn.proj.bias: file \(192,\) vs model \(96,\)"):
+    with pytest.raises(
+        CheckpointError, match=r"shape mismatch: blocks.0.attn.proj.bias: file \(192,\) vs model \(96,\)"
+    ):
         load_checkpoint(folder)
 
 
@@ -72,7 +74,10 @@ def test_corrupt_weights_give_a_clear_error(saved, content) -> None:
     [
         (lambda f: (f / "config.json").unlink(), "no config.json"),
         (lambda f: (f / "config.json").write_text("{oops"), "not valid JSON"),
-        (lambda f: (f / "config.json").write_text('{"format": "spa-viz/1", "architecture": "nope"}'), "unknown architecture"),
+        (
+            lambda f: (f / "config.json").write_text('{"format": "spa-viz/1", "architecture": "nope"}'),
+            "unknown architecture",
+        ),
     ],
 )
 def test_bad_config_gives_a_clear_error(saved, setup, message) -> None:

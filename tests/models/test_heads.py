@@ -31,7 +31,10 @@ VIT_CONFIG = {
 }
 SPT_CONFIG = {
     "architecture": "spt_detector",
-    "backbone": {"timm_name": "spt_digits", "timm_kwargs": {"img_size": 64, "embed_dim": 16, "num_heads": [1, 2, 4, 8]}},
+    "backbone": {
+        "timm_name": "spt_digits",
+        "timm_kwargs": {"img_size": 64, "embed_dim": 16, "num_heads": [1, 2, 4, 8]},
+    },
     "head": {"num_classes": 4, "hidden": 16, "fpn_channels": 16},
 }
 TARGETS = [
@@ -94,8 +97,10 @@ def test_decode_recovers_boxes_from_synthetic_heatmap() -> None:
 
 def test_centernet_loss_is_low_for_the_right_outputs_and_handles_empty_images() -> None:
     stride = 8
-    targets = [{"boxes": torch.tensor([[8.0, 8.0, 24.0, 24.0]]), "labels": torch.tensor([1])},
-               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}]
+    targets = [
+        {"boxes": torch.tensor([[8.0, 8.0, 24.0, 24.0]]), "labels": torch.tensor([1])},
+        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)},
+    ]
     heat = torch.full((2, 2, 4, 4), -9.0, requires_grad=True)
     size = torch.zeros(2, 2, 4, 4)
     size[0, :, 2, 2] = 2.0

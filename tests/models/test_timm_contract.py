@@ -42,7 +42,9 @@ def _create(name: str, **kwargs) -> torch.nn.Module:
 
 def _images(name: str, batch: int = 2) -> torch.Tensor:
     side = SPA_VIT.get(name, 64)
-    return torch.randn(batch, 3, side, side if name in SPA_VIT else side + 32, generator=torch.Generator().manual_seed(1))
+    return torch.randn(
+        batch, 3, side, side if name in SPA_VIT else side + 32, generator=torch.Generator().manual_seed(1)
+    )
 
 
 def _spread_gates(model: torch.nn.Module) -> None:
@@ -93,7 +95,9 @@ def test_features_only_forward_intermediates_and_reset_classifier(name: str) -> 
     info = backbone.feature_info
     assert backbone.pretrained_cfg["architecture"] == name
     assert len(features) == len(out_indices) == len(info.channels())
-    for feature, channels, reduction, reference in zip(features, info.channels(), info.reduction(), expected, strict=True):
+    for feature, channels, reduction, reference in zip(
+        features, info.channels(), info.reduction(), expected, strict=True
+    ):
         assert feature.shape == (2, channels, x.shape[2] // reduction, x.shape[3] // reduction)
         torch.testing.assert_close(feature, reference)
     assert info.channels() == [model.feature_info[i]["num_chs"] for i in out_indices]
@@ -194,7 +198,10 @@ def test_pretrained_loads_vit_weights_and_keeps_fresh_gates() -> None:
     torch.manual_seed(0)
     vit = timm.create_model("vit_tiny_patch16_224", img_size=32)
     model = timm.create_model(
-        "spa_vit_tiny_patch16_224", pretrained=True, img_size=32, pretrained_cfg_overlay=dict(state_dict=vit.state_dict())
+        "spa_vit_tiny_patch16_224",
+        pretrained=True,
+        img_size=32,
+        pretrained_cfg_overlay=dict(state_dict=vit.state_dict()),
     )
     assert isinstance(model, SPAVisionTransformer)
     state = model.state_dict()

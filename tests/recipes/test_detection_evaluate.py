@@ -39,10 +39,15 @@ def test_dense_macs_count_the_conv_stem_like_torch() -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    backbone = {"timm_name": "spa_vit_digits", "stem": [8, 16], "spa": {"start_layer": 1},
-                "timm_kwargs": {"img_size": 32, "patch_size": 4, "embed_dim": 16, "depth": 2, "num_heads": 2}}
-    model = build_spa_vit_detector({"architecture": "spa_vit_detector", "backbone": backbone,
-                                    "head": {"num_classes": 3}}).eval()
+    backbone = {
+        "timm_name": "spa_vit_digits",
+        "stem": [8, 16],
+        "spa": {"start_layer": 1},
+        "timm_kwargs": {"img_size": 32, "patch_size": 4, "embed_dim": 16, "depth": 2, "num_heads": 2},
+    }
+    model = build_spa_vit_detector(
+        {"architecture": "spa_vit_detector", "backbone": backbone, "head": {"num_classes": 3}}
+    ).eval()
     with dense_twin(model), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model.backbone.forward_features(torch.zeros(1, 3, 32, 32))
     assert 2 * dense_gmacs(model, 32) * 1e9 == pytest.approx(counter.get_total_flops(), rel=1e-9)

@@ -28,8 +28,15 @@ TINY = {
         "head": {"num_classes": 10, "hidden": 16},
     },
     "data": {"kind": "digits", "seed": 0, "canvas_size": 48, "train": 96, "val": 16, "test": 16, "cache": False},
-    "train": {"epochs": 3, "batch_size": 16, "lr": 3e-3, "warmup_steps": 2, "alpha": 1.0, "gate_lr_scale": 10.0,
-              "val_num": 16},
+    "train": {
+        "epochs": 3,
+        "batch_size": 16,
+        "lr": 3e-3,
+        "warmup_steps": 2,
+        "alpha": 1.0,
+        "gate_lr_scale": 10.0,
+        "val_num": 16,
+    },
     "eval": {"ci_num": 8, "timing_batch": 4, "timing_repeats": 1},
 }
 
@@ -141,9 +148,13 @@ def test_trains_on_coco_format_files(tmp_path) -> None:
     from spa_viz.data.digits import DigitsConfig, write_split
 
     digits = DigitsConfig.for_canvas(48)
-    files = {split: {"annotations": str(write_split(tmp_path / "coco", split, count, seed=1, config=digits)),
-                     "images": str(tmp_path / "coco" / split / "images")}
-             for split, count in (("train", 32), ("val", 8), ("test", 8))}
+    files = {
+        split: {
+            "annotations": str(write_split(tmp_path / "coco", split, count, seed=1, config=digits)),
+            "images": str(tmp_path / "coco" / split / "images"),
+        }
+        for split, count in (("train", 32), ("val", 8), ("test", 8))
+    }
     config = write_config(tmp_path, data={"kind": "coco", "hflip": 0.5, **files}, **{"train.epochs": 1})
     metrics = main(["--config", str(config), "--out", str(tmp_path / "out")])
     assert metrics["status"] == "complete" and metrics["test"]["num_images"] == 8
@@ -167,9 +178,24 @@ def test_torchrun_ddp_two_processes(tmp_path) -> None:
     config = write_config(tmp_path, **{"train.epochs": 1, "train.batch_size": 8})
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "spa_viz.train", "--config", str(config), "--out", str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=600, env=env,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "spa_viz.train",
+            "--config",
+            str(config),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "world 2" in result.stderr

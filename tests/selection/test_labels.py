@@ -104,7 +104,9 @@ def test_any_size_any_grid_property(case, data: st.DataObject) -> None:
     size, grid, stride = case
     coord = st.floats(-4.0, 60.0, allow_nan=False, width=32).map(lambda v: round(v * 4) / 4)
     raw = data.draw(st.lists(st.tuples(coord, coord, coord, coord), min_size=0, max_size=4))
-    boxes = np.array([[min(a, c), min(b, d), max(a, c), max(b, d)] for a, b, c, d in raw], dtype=np.float64).reshape(-1, 4)
+    boxes = np.array([[min(a, c), min(b, d), max(a, c), max(b, d)] for a, b, c, d in raw], dtype=np.float64).reshape(
+        -1, 4
+    )
     foreground = reference_box_mask(boxes, *size)
     expected = reference_labels(foreground, grid, stride)
     np.testing.assert_array_equal(labels_from_boxes(torch.tensor(boxes), size, grid, stride).numpy(), expected)

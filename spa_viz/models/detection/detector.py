@@ -49,7 +49,16 @@ __all__ = [
 ]
 
 Grid = tuple[int, int]
-_HEAD_KEYS = ("num_classes", "hidden", "upsample", "fpn_levels", "fpn_channels", "size_weight", "offset_weight", "top_k")
+_HEAD_KEYS = (
+    "num_classes",
+    "hidden",
+    "upsample",
+    "fpn_levels",
+    "fpn_channels",
+    "size_weight",
+    "offset_weight",
+    "top_k",
+)
 
 
 class ConvStemEmbed(PatchEmbed):
@@ -66,12 +75,18 @@ class ConvStemEmbed(PatchEmbed):
         patch_h, patch_w = self.patch_size
         steps = math.log2(patch_h)
         if patch_h != patch_w or steps != int(steps) or len(channels) != int(steps):
-            raise ValueError(f"a conv stem needs a square power-of-two patch and one width per halving: "
-                             f"patch {self.patch_size}, channels {list(channels)}")
+            raise ValueError(
+                f"a conv stem needs a square power-of-two patch and one width per halving: "
+                f"patch {self.patch_size}, channels {list(channels)}"
+            )
         layers: list[nn.Module] = []
         width = self.in_chans = self.proj.in_channels
         for out in channels:
-            layers += [nn.Conv2d(width, out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+            layers += [
+                nn.Conv2d(width, out, 3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(out),
+                nn.ReLU(inplace=True),
+            ]
             width = out
         self.stem = nn.Sequential(*layers)
         self.proj = nn.Conv2d(width, self.proj.out_channels, 1, bias=self.proj.bias is not None)
@@ -185,9 +200,7 @@ class Detector(nn.Module):
             per_grid = multiscale_labels(targets, image_size, grids)
         return {grid.shape: labels for grid, labels in zip(grids, per_grid)}
 
-    def selection_loss(
-        self, targets: Sequence[Mapping[str, Any]], image_size: tuple[int, int], alpha: float
-    ) -> Tensor:
+    def selection_loss(self, targets: Sequence[Mapping[str, Any]], image_size: tuple[int, int], alpha: float) -> Tensor:
         """``alpha * L_select`` on the scores of the last forward (needs SPA enabled)."""
         return model_selection_loss(self, self.selection_labels(targets, image_size), alpha)
 

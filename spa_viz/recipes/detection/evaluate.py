@@ -91,19 +91,42 @@ def predict(
             image_id = len(images_gt) + 1
             height, width = target["orig_size"]
             images_gt.append({"id": image_id, "height": int(height), "width": int(width)})
-            for box, label in zip(_to_original(target["boxes"], target, image_size).tolist(), target["labels"].tolist()):
+            for box, label in zip(
+                _to_original(target["boxes"], target, image_size).tolist(), target["labels"].tolist()
+            ):
                 w, h = box[2] - box[0], box[3] - box[1]
-                annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": label + 1,
-                                    "bbox": [box[0], box[1], w, h], "area": w * h, "iscrowd": 0})
-            for box, score, label in zip(_to_original(boxes, target, image_size).tolist(), scores.tolist(), labels.tolist()):
-                detections.append({"image_id": image_id, "category_id": label + 1, "score": score,
-                                   "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]]})
-    gt = {"images": images_gt, "annotations": annotations,
-          "categories": [{"id": k + 1, "name": str(k)} for k in range(model.num_classes)]}
+                annotations.append(
+                    {
+                        "id": len(annotations) + 1,
+                        "image_id": image_id,
+                        "category_id": label + 1,
+                        "bbox": [box[0], box[1], w, h],
+                        "area": w * h,
+                        "iscrowd": 0,
+                    }
+                )
+            for box, score, label in zip(
+                _to_original(boxes, target, image_size).tolist(), scores.tolist(), labels.tolist()
+            ):
+                detections.append(
+                    {
+                        "image_id": image_id,
+                        "category_id": label + 1,
+                        "score": score,
+                        "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
+                    }
+                )
+    gt = {
+        "images": images_gt,
+        "annotations": annotations,
+        "categories": [{"id": k + 1, "name": str(k)} for k in range(model.num_classes)],
+    }
     return gt, detections, traces
 
 
-def selection_metrics(model: Detector, traces: Sequence[tuple[Trace, list[dict[str, Any]]]], image_size: int) -> dict[str, Any]:
+def selection_metrics(
+    model: Detector, traces: Sequence[tuple[Trace, list[dict[str, Any]]]], image_size: int
+) -> dict[str, Any]:
     """Per SPA layer: keep ratio, label share, and precision / recall / IoU of the keep mask against the
     labels and the IoU with the previous layer's mask, pooled over the split; backbone MACs dense vs as run
     (see :func:`pooled_selection`)."""
@@ -134,15 +157,24 @@ def evaluate(
     if traces:
         result.update(selection_metrics(model, traces, image_size))
     else:
-        result.update({"backbone_gmacs_run": result["backbone_gmacs_dense"], "mac_saving": 0.0,
-                       "keep_ratio": {"mean": 1.0, "p10": 1.0, "p50": 1.0, "p90": 1.0}})
+        result.update(
+            {
+                "backbone_gmacs_run": result["backbone_gmacs_dense"],
+                "mac_saving": 0.0,
+                "keep_ratio": {"mean": 1.0, "p10": 1.0, "p50": 1.0, "p90": 1.0},
+            }
+        )
     if timing_batch:
         images, _ = collate([dataset[i] for i in range(min(timing_batch, len(dataset)))])
         device = next(model.parameters()).device
         latency = measure_latency(model, images.to(device), timing_repeats)
-        timing: dict[str, Any] = {"batch": int(images.shape[0]), "threads": torch.get_num_threads(),
-                                  "device": str(device), "repeats": timing_repeats,
-                                  "dense_ms_per_image": latency["dense"]}
+        timing: dict[str, Any] = {
+            "batch": int(images.shape[0]),
+            "threads": torch.get_num_threads(),
+            "device": str(device),
+            "repeats": timing_repeats,
+            "dense_ms_per_image": latency["dense"],
+        }
         if "spa" in latency:
             timing["spa_ms_per_image"] = latency["spa"]
             timing["speedup"] = latency["dense"] / latency["spa"]
@@ -157,20 +189,30 @@ def summary_table(result: dict[str, Any]) -> str:
         ("AP50", f"{result['AP50']:.4f}"),
         ("AP", f"{result['AP']:.4f}"),
         ("keep ratio mean (p10/p50/p90)", "{mean:.3f} ({p10:.3f}/{p50:.3f}/{p90:.3f})".format(**result["keep_ratio"])),
-        ("backbone GMACs dense -> run (multiply-adds; GFLOPs = 2x)",
-         f"{result['backbone_gmacs_dense']:.4f} -> {result['backbone_gmacs_run']:.4f}"),
+        (
+            "backbone GMACs dense -> run (multiply-adds; GFLOPs = 2x)",
+            f"{result['backbone_gmacs_dense']:.4f} -> {result['backbone_gmacs_run']:.4f}",
+        ),
         ("MAC saving", f"{100 * result['mac_saving']:.1f}%"),
     ]
     latency = result.get("latency")
     if latency:
         spa = latency.get("spa_ms_per_image")
-        rows.append((f"ms/image dense / SPA ({latency['device']}, batch {latency['batch']}, {latency['threads']} threads)",
-                     f"{latency['dense_ms_per_image']:.2f} / " + (f"{spa:.2f}" if spa else "-")))
+        rows.append(
+            (
+                f"ms/image dense / SPA ({latency['device']}, batch {latency['batch']}, {latency['threads']} threads)",
+                f"{latency['dense_ms_per_image']:.2f} / " + (f"{spa:.2f}" if spa else "-"),
+            )
+        )
     for layer, stats in result.get("layers", {}).items():
         same = stats.get("iou_with_previous_layer")
-        rows.append((f"layer {layer} keep/P/R/IoU (IoU with the layer before)",
-                     "{keep_ratio:.3f} / {precision:.3f} / {recall:.3f} / {iou:.3f}".format(**stats)
-                     + ("" if same is None else f" ({same:.3f})")))
+        rows.append(
+            (
+                f"layer {layer} keep/P/R/IoU (IoU with the layer before)",
+                "{keep_ratio:.3f} / {precision:.3f} / {recall:.3f} / {iou:.3f}".format(**stats)
+                + ("" if same is None else f" ({same:.3f})"),
+            )
+        )
     return markdown_table(["metric", "value"], rows)
 
 
@@ -186,9 +228,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-cache", action="store_true", help="regenerate digits instead of using the cache")
     parser.add_argument("--json", type=Path, default=None, help="also write the metrics to this file")
-    parser.add_argument("--update-metrics", action="store_true",
-                        help="store the result as 'test' (and a fresh 'ci_subset') in the checkpoint's metrics.json "
-                             "and rewrite its model card; needs the whole test split")
+    parser.add_argument(
+        "--update-metrics",
+        action="store_true",
+        help="store the result as 'test' (and a fresh 'ci_subset') in the checkpoint's metrics.json "
+        "and rewrite its model card; needs the whole test split",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.threads:
@@ -201,7 +246,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.threshold is not None:
         configure(model, threshold=args.threshold)
     if args.update_metrics and (args.split != "test" or args.num is not None or args.threshold is not None):
-        parser.error("--update-metrics evaluates the whole test split at the saved settings: drop --split/--num/--threshold")
+        parser.error(
+            "--update-metrics evaluates the whole test split at the saved settings: drop --split/--num/--threshold"
+        )
     image_size = int(config["image_size"])
     cache = False if args.no_cache else None
     timing = 0 if args.no_timing else int(config.get("eval", {}).get("timing_batch", 32))
@@ -210,13 +257,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         from spa_viz.recipes.detection.mask_rcnn import summary_table as mask_rcnn_table
 
         dataset = load_split(data_config(config["data"]), args.split, None, num=args.num, cache=cache)
-        result = evaluate_mask_rcnn(model, dataset, batch_size=args.batch_size or 8, timing_batch=timing,
-                                    progress=sys.stderr.isatty())
+        result = evaluate_mask_rcnn(
+            model, dataset, batch_size=args.batch_size or 8, timing_batch=timing, progress=sys.stderr.isatty()
+        )
         table = mask_rcnn_table(result)
     else:
         dataset = load_split(data_config(config["data"]), args.split, image_size, num=args.num, cache=cache)
-        result = evaluate(model, dataset, image_size, batch_size=args.batch_size or 32, timing_batch=timing,
-                          progress=sys.stderr.isatty())
+        result = evaluate(
+            model,
+            dataset,
+            image_size,
+            batch_size=args.batch_size or 32,
+            timing_batch=timing,
+            progress=sys.stderr.isatty(),
+        )
         table = summary_table(result)
     result["split"] = args.split
     print(f"## {args.checkpoint} on {args.split}\n\n{table}")

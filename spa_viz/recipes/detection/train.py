@@ -113,8 +113,12 @@ def init_backbone(model: Model, source: str) -> None:
             state = checkpoint_filter_fn(state, backbone)
             check_state_dict(backbone.state_dict(), state, partial=True, source=source)
             missing = backbone.load_state_dict(state, strict=False).missing_keys
-    log.info("backbone initialised from %s; %d tensors kept their init (%s)", source, len(missing),
-             ", ".join(sorted({k.split(".")[0] + "..." + k.rsplit(".", 2)[-2] for k in missing})[:6]) or "none")
+    log.info(
+        "backbone initialised from %s; %d tensors kept their init (%s)",
+        source,
+        len(missing),
+        ", ".join(sorted({k.split(".")[0] + "..." + k.rsplit(".", 2)[-2] for k in missing})[:6]) or "none",
+    )
 
 
 def build_model(config: Recipe) -> Model:
@@ -160,15 +164,16 @@ def _any_rank(flag: bool, device: torch.device, world: int) -> bool:
 
 
 # --------------------------------------------------------------------------------- resume state
-def save_resume_state(
-    folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
-) -> None:
+def save_resume_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
     """``folder/{model,optimizer}.safetensors`` + ``state.json``: everything to continue training."""
     folder.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     opt = optimizer.state_dict()
-    tensors = {f"state.{pid}.{name}": t.detach().contiguous().cpu() for pid, entry in opt["state"].items()
-               for name, t in entry.items()}
+    tensors = {
+        f"state.{pid}.{name}": t.detach().contiguous().cpu()
+        for pid, entry in opt["state"].items()
+        for name, t in entry.items()
+    }
     tensors["rng.cpu"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
@@ -178,20 +183,25 @@ def save_resume_state(
     write_text_atomic(folder / "state.json", json.dumps(full, indent=1) + "\n")
 
 
-def load_resume_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config: Recipe) -> dict[str, Any]:
+def load_resume_state(
+    folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config: Recipe
+) -> dict[str, Any]:
     """Restore model, optimizer and RNG from :func:`save_resume_state`; return the JSON state."""
     try:
         state = json.loads((folder / "state.json").read_text())
         weights = load_file(str(folder / "model.safetensors"))
         tensors = load_file(str(folder / "optimizer.safetensors"))
     except (OSError, json.JSONDecodeError, SafetensorError, ValueError) as err:
-        raise TrainingError(f"cannot resume from {folder}: the state is missing or corrupt ({err}); "
-                            "start again with --overwrite") from err
+        raise TrainingError(
+            f"cannot resume from {folder}: the state is missing or corrupt ({err}); start again with --overwrite"
+        ) from err
     saved, current = state.get("config", {}), config.to_dict()
     changed = [k for k in RESUME_KEYS if saved.get(k) != current[k]]
     if changed:
-        raise TrainingError(f"cannot resume from {folder}: the config changed in {changed}; "
-                            "use the config it was started with, or start again with --overwrite")
+        raise TrainingError(
+            f"cannot resume from {folder}: the config changed in {changed}; "
+            "use the config it was started with, or start again with --overwrite"
+        )
     check_state_dict(model.state_dict(), weights, source=str(folder / "model.safetensors"))
     model.load_state_dict(weights)
     per_param: dict[int, dict[str, Tensor]] = defaultdict(dict)
@@ -224,7 +234,9 @@ def _param_groups(model: nn.Module, weight_decay: float, gate_lr_scale: float) -
         else:
             groups["decay"].append(param)
     settings = {"decay": (weight_decay, 1.0), "no_decay": (0.0, 1.0), "gate": (0.0, gate_lr_scale)}
-    return [{"params": groups[k], "weight_decay": wd, "lr_scale": scale} for k, (wd, scale) in settings.items() if groups[k]]
+    return [
+        {"params": groups[k], "weight_decay": wd, "lr_scale": scale} for k, (wd, scale) in settings.items() if groups[k]
+    ]
 
 
 def _lr_at(step: int, total: int, settings: TrainSettings) -> float:
@@ -300,8 +312,15 @@ def _to_device(targets: list[dict[str, Any]], device: torch.device) -> list[dict
     return [{k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in t.items()} for t in targets]
 
 
-def _losses(model: Model, wrapped: nn.Module, images: Tensor | list[Tensor], targets: list[dict[str, Any]],
-            settings: TrainSettings, image_size: int, alpha: float | None) -> tuple[Tensor, dict[str, float | None]]:
+def _losses(
+    model: Model,
+    wrapped: nn.Module,
+    images: Tensor | list[Tensor],
+    targets: list[dict[str, Any]],
+    settings: TrainSettings,
+    image_size: int,
+    alpha: float | None,
+) -> tuple[Tensor, dict[str, float | None]]:
     """``L_task + alpha * L_select`` of one batch (no L_select when ``alpha`` is None: SPA off) and the
     unweighted losses for logging (``loss_select`` is the sum of BCEs over SPA blocks)."""
     device = next(model.parameters()).device
@@ -321,13 +340,18 @@ def _losses(model: Model, wrapped: nn.Module, images: Tensor | list[Tensor], tar
         labels = model.selection_labels(targets, (image_size, image_size))
         select = model_selection_loss(model, {g: t.to(device) for g, t in labels.items()}, 1.0)
         total = total + alpha * select
-    return total, {"loss_task": losses["task"].item(), "loss_heatmap": losses["heatmap"].item(),
-                   "loss_size": losses["size"].item(), "loss_offset": losses["offset"].item(),
-                   "loss_select": None if select is None else select.item()}
+    return total, {
+        "loss_task": losses["task"].item(),
+        "loss_heatmap": losses["heatmap"].item(),
+        "loss_size": losses["size"].item(),
+        "loss_offset": losses["offset"].item(),
+        "loss_select": None if select is None else select.item(),
+    }
 
 
-def _optimizer_step(model: Model, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                    settings: TrainSettings) -> None:
+def _optimizer_step(
+    model: Model, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, settings: TrainSettings
+) -> None:
     """Clip (when set), step and clear the gradients summed since the last step."""
     if settings.grad_clip:
         scaler.unscale_(optimizer)
@@ -353,15 +377,18 @@ def _load_data(config: Recipe, model: Model, image_size: int) -> tuple[Dataset, 
             val_ds = load_split(data, "val", None, num=settings.val_num)
             masks = dataset_has_masks(train_ds)
             if not masks:
-                log.warning("the training data have no instance masks: the mask head is not trained (box branch "
-                            "only), selection labels come from the boxes and mask AP is not measured")
+                log.warning(
+                    "the training data have no instance masks: the mask head is not trained (box branch "
+                    "only), selection labels come from the boxes and mask AP is not measured"
+                )
             return train_ds, val_ds, classes, masks
         grids = model.selection_grids((image_size, image_size))
         train_ds = load_split(data, "train", image_size, train=True, select_grids=grids)
         if data.hflip <= 0 and data.kind == "digits":  # COCO-format sets stream from disk
             train_ds = _materialise(train_ds, "prepare train")
-        val_ds = _materialise(load_split(data, "val", image_size, num=settings.val_num, select_grids=grids),
-                              "prepare val")
+        val_ds = _materialise(
+            load_split(data, "val", image_size, num=settings.val_num, select_grids=grids), "prepare val"
+        )
         return train_ds, val_ds, classes, True
     except (OSError, ValueError) as err:
         if isinstance(err, TrainingError):
@@ -376,12 +403,18 @@ def _validate(model: Model, val_ds: Any, image_size: int) -> dict[str, Any]:
         extra = {"val_mask_AP50": val["mask_AP50"], "val_mask_AP": val["mask_AP"]}
     else:
         val, extra = evaluate(model, val_ds, image_size, timing_batch=0), {}
-    return {"val_AP50": val["AP50"], "val_AP": val["AP"], **extra, "val_keep_ratio": val["keep_ratio"]["mean"],
-            "val_mac_saving": val["mac_saving"]}
+    return {
+        "val_AP50": val["AP50"],
+        "val_AP": val["AP"],
+        **extra,
+        "val_keep_ratio": val["keep_ratio"]["mean"],
+        "val_mac_saving": val["mac_saving"],
+    }
 
 
-def train(config: Recipe, out: Path, *, resume: bool = False, overwrite: bool = False,
-          command: str = "", device: str = "auto") -> dict[str, Any]:
+def train(
+    config: Recipe, out: Path, *, resume: bool = False, overwrite: bool = False, command: str = "", device: str = "auto"
+) -> dict[str, Any]:
     """Train as ``config`` says, writing checkpoints to ``out``; returns the final metrics."""
     rank, world, local_rank = _init_distributed()
     if device == "auto":
@@ -423,7 +456,8 @@ def train(config: Recipe, out: Path, *, resume: bool = False, overwrite: bool = 
     wrapped: nn.Module = model
     if world > 1:  # the gates of a dense twin, and a mask head without masks, get no gradient
         wrapped = nn.parallel.DistributedDataParallel(
-            model, device_ids=[dev.index] if dev.type == "cuda" else None,
+            model,
+            device_ids=[dev.index] if dev.type == "cuda" else None,
             find_unused_parameters=not spa_on or not has_masks,
         )
     scaler = torch.amp.GradScaler(dev.type, enabled=dev.type == "cuda" and settings.amp == "fp16")
@@ -433,15 +467,28 @@ def train(config: Recipe, out: Path, *, resume: bool = False, overwrite: bool = 
     micro_per_epoch = len(_epoch_batches(len(train_ds), batch_size, 0, config.seed, rank, world))
     steps_per_epoch = micro_per_epoch // accumulate
     if steps_per_epoch == 0:
-        raise TrainingError(f"{len(train_ds)} training images give no optimizer step of {accumulate} batch(es) of "
-                            f"{batch_size} per rank")
+        raise TrainingError(
+            f"{len(train_ds)} training images give no optimizer step of {accumulate} batch(es) of {batch_size} per rank"
+        )
     total_steps = epochs * steps_per_epoch
     budget = settings.minutes
     collate_fn = collate_list if mask_rcnn else collate
     if rank == 0:
-        log.info("%s: %d train images, %d steps/epoch (batch %d x %d accumulated x %d processes), %d epochs, "
-                 "SPA %s, alpha %g, device %s, world %d", config.name, len(train_ds), steps_per_epoch, batch_size,
-                 accumulate, world, epochs, "on" if spa_on else "off", alpha, dev, world)
+        log.info(
+            "%s: %d train images, %d steps/epoch (batch %d x %d accumulated x %d processes), %d epochs, "
+            "SPA %s, alpha %g, device %s, world %d",
+            config.name,
+            len(train_ds),
+            steps_per_epoch,
+            batch_size,
+            accumulate,
+            world,
+            epochs,
+            "on" if spa_on else "off",
+            alpha,
+            dev,
+            world,
+        )
 
     stopped_early = False
     lr = _lr_at(epoch * steps_per_epoch + batch_done, total_steps, settings)
@@ -460,7 +507,9 @@ def train(config: Recipe, out: Path, *, resume: bool = False, overwrite: bool = 
                 targets = _to_device(targets, dev)
             steps_now = (index + 1) % accumulate == 0
             with wrapped.no_sync() if world > 1 and not steps_now else nullcontext():
-                total, values = _losses(model, wrapped, images, targets, settings, image_size, alpha if spa_on else None)
+                total, values = _losses(
+                    model, wrapped, images, targets, settings, image_size, alpha if spa_on else None
+                )
                 scaler.scale(total / accumulate if accumulate > 1 else total).backward()
             ratios = keep_ratios(model) if spa_on else []
             averages.add(**values, **{f"keep_{layer}": r for layer, r in ratios})
@@ -473,14 +522,22 @@ def train(config: Recipe, out: Path, *, resume: bool = False, overwrite: bool = 
             batch_done += 1
             if rank == 0:
                 means = averages.means()
-                bar.set_postfix(task=f"{means['loss_task']:.3f}",
-                                select=f"{means['loss_select']:.3f}" if spa_on else "-",
-                                keep=f"{sum(r for _, r in ratios) / len(ratios):.2f}" if ratios else "-")
+                bar.set_postfix(
+                    task=f"{means['loss_task']:.3f}",
+                    select=f"{means['loss_select']:.3f}" if spa_on else "-",
+                    keep=f"{sum(r for _, r in ratios) / len(ratios):.2f}" if ratios else "-",
+                )
                 if batch_done % int(settings.log_every) == 0:
-                    log.info("epoch %d step %d/%d lr %.2e L_task %.4f L_select %s keep %s", epoch + 1, batch_done,
-                             steps_per_epoch, lr, means["loss_task"],
-                             f"{means['loss_select']:.4f}" if spa_on else "-",
-                             " ".join(f"L{k[5:]}={v:.3f}" for k, v in means.items() if k.startswith("keep_")) or "-")
+                    log.info(
+                        "epoch %d step %d/%d lr %.2e L_task %.4f L_select %s keep %s",
+                        epoch + 1,
+                        batch_done,
+                        steps_per_epoch,
+                        lr,
+                        means["loss_task"],
+                        f"{means['loss_select']:.4f}" if spa_on else "-",
+                        " ".join(f"L{k[5:]}={v:.3f}" for k, v in means.items() if k.startswith("keep_")) or "-",
+                    )
             over_budget = budget is not None and time.perf_counter() - clock > 60 * float(budget)
             if _any_rank(over_budget, dev, world):
                 stopped_early = batch_done < steps_per_epoch or epoch + 1 < epochs
@@ -489,7 +546,10 @@ def train(config: Recipe, out: Path, *, resume: bool = False, overwrite: bool = 
         epoch_done = batch_done >= steps_per_epoch
         means = averages.means()
         entry: dict[str, Any] = {
-            "epoch": epoch + 1, "steps": batch_done, "complete": epoch_done, "lr": lr,
+            "epoch": epoch + 1,
+            "steps": batch_done,
+            "complete": epoch_done,
+            "lr": lr,
             **{k: v for k, v in means.items() if not k.startswith("keep_")},
             "keep_ratio_train": {k[5:]: v for k, v in means.items() if k.startswith("keep_")},
         }
@@ -498,28 +558,42 @@ def train(config: Recipe, out: Path, *, resume: bool = False, overwrite: bool = 
         if rank == 0:
             entry.update(_validate(model, val_ds, image_size), elapsed_min=(time.perf_counter() - clock) / 60)
             history.append(entry)
-            log.info("epoch %d: L_task %.4f L_select %s val AP50 %.4f%s keep %.3f (%.1f min)", entry["epoch"],
-                     entry["loss_task"], f"{entry['loss_select']:.4f}" if spa_on else "-", entry["val_AP50"],
-                     f" mask AP50 {entry['val_mask_AP50']:.4f}" if entry.get("val_mask_AP50") is not None else "",
-                     entry["val_keep_ratio"], entry["elapsed_min"])
+            log.info(
+                "epoch %d: L_task %.4f L_select %s val AP50 %.4f%s keep %.3f (%.1f min)",
+                entry["epoch"],
+                entry["loss_task"],
+                f"{entry['loss_select']:.4f}" if spa_on else "-",
+                entry["val_AP50"],
+                f" mask AP50 {entry['val_mask_AP50']:.4f}" if entry.get("val_mask_AP50") is not None else "",
+                entry["val_keep_ratio"],
+                entry["elapsed_min"],
+            )
             ckpt_config = _checkpoint_config(model, config, classes)
-            state = {"epoch": epoch, "batch": batch_done, "elapsed_s": time.perf_counter() - clock,
-                     "history": history, "config": config.to_dict()}
+            state = {
+                "epoch": epoch,
+                "batch": batch_done,
+                "elapsed_s": time.perf_counter() - clock,
+                "history": history,
+                "config": config.to_dict(),
+            }
             save_resume_state(last, model, optimizer, state)
             metrics = {"status": "training", "command": command, "history": history}
-            save_checkpoint(model, out, ckpt_config, metrics=metrics,
-                            card=model_card(ckpt_config, metrics, command), overwrite=True)
+            save_checkpoint(
+                model, out, ckpt_config, metrics=metrics, card=model_card(ckpt_config, metrics, command), overwrite=True
+            )
         if world > 1:
             dist.barrier()
 
     metrics: dict[str, Any] = {}
     if rank == 0:
-        metrics = _final_metrics(model, config, history, image_size, stopped_early,
-                                 (time.perf_counter() - clock) / 60, data_minutes)
+        metrics = _final_metrics(
+            model, config, history, image_size, stopped_early, (time.perf_counter() - clock) / 60, data_minutes
+        )
         metrics["command"] = command
         ckpt_config = _checkpoint_config(model, config, classes)
-        save_checkpoint(model, out, ckpt_config, metrics=metrics, card=model_card(ckpt_config, metrics, command),
-                        overwrite=True)
+        save_checkpoint(
+            model, out, ckpt_config, metrics=metrics, card=model_card(ckpt_config, metrics, command), overwrite=True
+        )
         log.info("wrote %s", out)
     if world > 1:
         dist.barrier()
@@ -527,8 +601,15 @@ def train(config: Recipe, out: Path, *, resume: bool = False, overwrite: bool = 
     return metrics
 
 
-def _final_metrics(model: Model, config: Recipe, history: list[dict[str, Any]], image_size: int,
-                   stopped_early: bool, train_minutes: float, data_minutes: float) -> dict[str, Any]:
+def _final_metrics(
+    model: Model,
+    config: Recipe,
+    history: list[dict[str, Any]],
+    image_size: int,
+    stopped_early: bool,
+    train_minutes: float,
+    data_minutes: float,
+) -> dict[str, Any]:
     """Test-split metrics (with timing), the fixed CI subset, and the learning curves.
 
     CenterNet detectors are timed on the CPU; Mask R-CNN on the device it trained on.
@@ -537,8 +618,13 @@ def _final_metrics(model: Model, config: Recipe, history: list[dict[str, Any]], 
     if isinstance(model, SPAMaskRCNN):
         model.eval()
         test = load_split(config.data, "test", None)
-        result = evaluate_mask_rcnn(model, test, timing_batch=int(settings.timing_batch),
-                                    timing_repeats=int(settings.timing_repeats), progress=sys.stderr.isatty())
+        result = evaluate_mask_rcnn(
+            model,
+            test,
+            timing_batch=int(settings.timing_batch),
+            timing_repeats=int(settings.timing_repeats),
+            progress=sys.stderr.isatty(),
+        )
         ci_set = torch.utils.data.Subset(test, range(min(int(settings.ci_num), len(test))))
         ci = evaluate_mask_rcnn(model, ci_set, timing_batch=0)
         device = str(next(model.parameters()).device)
@@ -546,10 +632,17 @@ def _final_metrics(model: Model, config: Recipe, history: list[dict[str, Any]], 
         model = model.cpu().eval()
         grids = model.selection_grids((image_size, image_size))
         test = load_split(config.data, "test", image_size, select_grids=grids)
-        result = evaluate(model, test, image_size, timing_batch=int(settings.timing_batch),
-                          timing_repeats=int(settings.timing_repeats), progress=sys.stderr.isatty())
-        ci = evaluate(model, load_split(config.data, "test", image_size, num=int(settings.ci_num)), image_size,
-                      timing_batch=0)
+        result = evaluate(
+            model,
+            test,
+            image_size,
+            timing_batch=int(settings.timing_batch),
+            timing_repeats=int(settings.timing_repeats),
+            progress=sys.stderr.isatty(),
+        )
+        ci = evaluate(
+            model, load_split(config.data, "test", image_size, num=int(settings.ci_num)), image_size, timing_batch=0
+        )
         device = "cpu"
     return {
         "status": "stopped early (time budget)" if stopped_early else "complete",
@@ -582,24 +675,38 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """CLI entry point (``spa-viz train detection`` and ``python -m spa_viz.train``)."""
     parser = argparse.ArgumentParser(prog="python -m spa_viz.train", description=__doc__.split("\n")[0])
     parser.add_argument("--config", type=Path, required=True, help="JSON config (see configs/)")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: config 'out' or checkpoints/NAME)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="output folder (default: config 'out' or checkpoints/NAME)"
+    )
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in OUT")
-    parser.add_argument("--minutes", type=float, default=None, help="training time budget (stops early, then evaluates)")
+    parser.add_argument(
+        "--minutes", type=float, default=None, help="training time budget (stops early, then evaluates)"
+    )
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe key, VALUE as JSON (e.g. --set train.accumulate=8); repeatable")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe key, VALUE as JSON (e.g. --set train.accumulate=8); repeatable",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    overrides = {k: v for k, v in {"train.minutes": args.minutes, "train.epochs": args.epochs,
-                                    "seed": args.seed}.items() if v is not None}
+    overrides = {
+        k: v
+        for k, v in {"train.minutes": args.minutes, "train.epochs": args.epochs, "seed": args.seed}.items()
+        if v is not None
+    }
     try:
         overrides.update(_parse_sets(args.set))
         config = load_config(args.config, overrides)
         out = args.out or Path(config.out or Path("checkpoints") / config.name)
-        command = "python -m spa_viz.train " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+        command = "python -m spa_viz.train " + " ".join(
+            shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
+        )
         return train(config, out, resume=args.resume, overwrite=args.overwrite, command=command, device=args.device)
     except (TrainingError, CheckpointError) as err:
         parser.exit(2, f"error: {err}\n")

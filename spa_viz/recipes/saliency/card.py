@@ -37,7 +37,13 @@ def model_card(config: Mapping[str, Any], metrics: Mapping[str, Any]) -> str:
     per_photo = markdown_table(
         ["photo", "keep ratio", "saliency MAE", "backbone FLOP saving", "IoU with labels"],
         [
-            [name, f"{m['keep_ratio']:.3f}", f"{m['saliency_mae']:.4f}", f"{m['backbone_saving']:.3f}", f"{m['iou']:.3f}"]
+            [
+                name,
+                f"{m['keep_ratio']:.3f}",
+                f"{m['saliency_mae']:.4f}",
+                f"{m['backbone_saving']:.3f}",
+                f"{m['iou']:.3f}",
+            ]
             for name, m in held_out["learned"]["per_photo"].items()
         ],
     )
@@ -45,11 +51,21 @@ def model_card(config: Mapping[str, Any], metrics: Mapping[str, Any]) -> str:
     sweep = markdown_table(
         ["threshold", "keep ratio", "saliency MAE", "backbone FLOP saving", "IoU"],
         [
-            [r["threshold"], f"{r['keep_ratio']:.3f}", f"{r['saliency_mae']:.4f}", f"{r['backbone_saving']:.3f}", f"{r['iou']:.3f}"]
+            [
+                r["threshold"],
+                f"{r['keep_ratio']:.3f}",
+                f"{r['saliency_mae']:.4f}",
+                f"{r['backbone_saving']:.3f}",
+                f"{r['iou']:.3f}",
+            ]
             for r in sweep_rows
         ],
     )
-    closest = min(sweep_rows, key=lambda r: r["saliency_mae"]) if sweep_rows else held_out["learned"] | {"threshold": spa["threshold"]}
+    closest = (
+        min(sweep_rows, key=lambda r: r["saliency_mae"])
+        if sweep_rows
+        else held_out["learned"] | {"threshold": spa["threshold"]}
+    )
     oracle = held_out["label_oracle"]
     fields = {
         "name": config["name"],

@@ -117,7 +117,12 @@ def _summarize(per_photo: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def _run_selector(
-    model: nn.Module, name: str | type[TokenSelector], images: Tensor, teachers: Tensor, labels: Tensor, names: Sequence[str],
+    model: nn.Module,
+    name: str | type[TokenSelector],
+    images: Tensor,
+    teachers: Tensor,
+    labels: Tensor,
+    names: Sequence[str],
     matched: dict[str, dict[str, Any]] | None,
 ) -> dict[str, Any]:
     """Metrics of selector ``name``: at its defaults, or with the learned gate's counts (``matched``)."""
@@ -143,7 +148,9 @@ def latency(model: nn.Module, images: Tensor, batch_sizes: Sequence[int] = (1, 8
 
     def timed(batch: Tensor) -> float:
         with torch.inference_mode():
-            return 1e3 * median_seconds({"model": lambda: model(batch)}, repeats, warmup=1, device=batch.device)["model"]
+            return (
+                1e3 * median_seconds({"model": lambda: model(batch)}, repeats, warmup=1, device=batch.device)["model"]
+            )
 
     result: dict[str, Any] = {"repeats": repeats, "threads": torch.get_num_threads(), "device": str(images.device)}
     for size in batch_sizes:
@@ -164,7 +171,10 @@ def threshold_sweep(
 
     def summary() -> dict[str, Any]:
         return _summarize(
-            {str(i): evaluate_selection(model, images[i : i + 1], teachers[i : i + 1], labels[i : i + 1]) for i in range(len(images))}
+            {
+                str(i): evaluate_selection(model, images[i : i + 1], teachers[i : i + 1], labels[i : i + 1])
+                for i in range(len(images))
+            }
         )
 
     rows = []

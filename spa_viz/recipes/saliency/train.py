@@ -175,7 +175,9 @@ def precompute(
     """
     if cache_file is not None and cache_file.is_file():
         with safe_open(str(cache_file), framework="pt") as f:
-            cache = TeacherCache(f.get_tensor("tokens"), f.get_tensor("saliency"), float(f.metadata()["seconds"]), cached=True)
+            cache = TeacherCache(
+                f.get_tensor("tokens"), f.get_tensor("saliency"), float(f.metadata()["seconds"]), cached=True
+            )
         log.info("teacher outputs read from %s (computed in %.0f s)", cache_file, cache.seconds)
         return cache
     first = spa_blocks(model.backbone)[0]
@@ -199,7 +201,9 @@ def precompute(
     return cache
 
 
-def _forward_from_tokens(model: DinoSaliency, tokens: Tensor, image_size: tuple[int, int], decode: bool = True) -> Tensor:
+def _forward_from_tokens(
+    model: DinoSaliency, tokens: Tensor, image_size: tuple[int, int], decode: bool = True
+) -> Tensor:
     """The rest of the forward from the tokens entering the first SPA block: saliency, or final tokens."""
     backbone = model.backbone
     patch = model.patch_size
@@ -210,7 +214,9 @@ def _forward_from_tokens(model: DinoSaliency, tokens: Tensor, image_size: tuple[
     return model.decode(backbone.norm(x), image_size) if decode else x
 
 
-def _selection_scores(model: DinoSaliency, tokens: Tensor, image_size: tuple[int, int]) -> list[tuple[tuple[int, int], Tensor]]:
+def _selection_scores(
+    model: DinoSaliency, tokens: Tensor, image_size: tuple[int, int]
+) -> list[tuple[tuple[int, int], Tensor]]:
     """Each gate's own logits with gradients, from a gradient-free SPA forward (the cheap phase).
 
     The blocks run under ``no_grad``; each gate's input is captured and its logit recomputed with
@@ -234,7 +240,9 @@ def _lr_factor(step: int, total: int, config: TrainConfig) -> float:
     return cosine_schedule(step, total - 1, 1.0, config.final_lr_ratio)
 
 
-def gate_learning_rates(model: DinoSaliency, tokens: Tensor, image_size: tuple[int, int], logit_step: float) -> list[float]:
+def gate_learning_rates(
+    model: DinoSaliency, tokens: Tensor, image_size: tuple[int, int], logit_step: float
+) -> list[float]:
     """Per-gate Adam learning rate ``logit_step / mean L1 norm of the gate's input tokens``.
 
     Adam moves every weight by about the learning rate per step, so a gate's logit moves by up to
@@ -245,7 +253,10 @@ def gate_learning_rates(model: DinoSaliency, tokens: Tensor, image_size: tuple[i
     norms: list[Tensor] = []
     blocks = spa_blocks(model.backbone)
     num_prefix = spa_context(model.backbone).num_prefix
-    hooks = [b.register_forward_pre_hook(lambda m, args: norms.append(args[0][:, num_prefix:].abs().sum(-1).mean())) for b in blocks]
+    hooks = [
+        b.register_forward_pre_hook(lambda m, args: norms.append(args[0][:, num_prefix:].abs().sum(-1).mean()))
+        for b in blocks
+    ]
     try:
         with dense_twin(model.backbone), torch.no_grad():
             _forward_from_tokens(model, tokens, image_size, decode=False)
@@ -267,7 +278,9 @@ def train(model: DinoSaliency, cache: TeacherCache, config: TrainConfig, deadlin
     blocks = spa_blocks(model.backbone)
     ctx = spa_context(model.backbone)
     labels = saliency_labels(cache.saliency, patch=model.patch_size)
-    rates = gate_learning_rates(model, cache.tokens[: config.select_batch].to(device), tuple(cache.saliency.shape[-2:]), config.logit_step)
+    rates = gate_learning_rates(
+        model, cache.tokens[: config.select_batch].to(device), tuple(cache.saliency.shape[-2:]), config.logit_step
+    )
     log.info("gate learning rates %s", {b.spa_layer: round(r, 4) for b, r in zip(blocks, rates)})
     optimizer = torch.optim.AdamW(
         [{"params": list(b.gate.parameters()), "lr": r, "base_lr": r} for b, r in zip(blocks, rates)], weight_decay=0.0
@@ -311,7 +324,12 @@ def train(model: DinoSaliency, cache: TeacherCache, config: TrainConfig, deadlin
             optimizer.step()
             with torch.no_grad():
                 keep = [float((score > cut).float().mean()) for _, score in scores]
-            values = {"loss": loss.item(), "selection": sel.item(), "distill": distill.item(), "keep": sum(keep) / len(keep)}
+            values = {
+                "loss": loss.item(),
+                "selection": sel.item(),
+                "distill": distill.item(),
+                "keep": sum(keep) / len(keep),
+            }
             running.add(**values)
             progress.set_postfix(phase=phase, **{k: f"{v:.3f}" for k, v in values.items()})
             if (step + 1) % config.log_every == 0 or step + 1 in (config.select_steps, total):
@@ -322,7 +340,12 @@ def train(model: DinoSaliency, cache: TeacherCache, config: TrainConfig, deadlin
                 running.reset()
                 log.info(
                     "step %d (%s) loss %.4f selection %.4f distill %.4f keep %.3f per layer %s",
-                    record["step"], phase, record["loss"], record["selection"], record["distill"], record["keep"],
+                    record["step"],
+                    phase,
+                    record["loss"],
+                    record["selection"],
+                    record["distill"],
+                    record["keep"],
                     record["keep_per_layer"],
                 )
     finally:
@@ -428,6 +451,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "command": command,
     }
     card = model_card({**checkpoint_config, "tensors": {k: list(v.shape) for k, v in gates.items()}}, metrics)
-    save_checkpoint(model, args.out, checkpoint_config, tensors=gates, metrics=metrics, card=card, overwrite=args.overwrite)
+    save_checkpoint(
+        model, args.out, checkpoint_config, tensors=gates, metrics=metrics, card=card, overwrite=args.overwrite
+    )
     log.info("checkpoint written to %s (%s)", args.out, ", ".join(f"{k}: {v}" for k, v in metrics["targets"].items()))
     return metrics
