@@ -14,35 +14,33 @@ from spa_viz.viz.tables import markdown_table
 __all__ = ["model_card"]
 
 
-def _results(test: Mapping[str, Any]) -> str:
+def _results_fields(test: Mapping[str, Any], accuracy: list[tuple[str, str]]) -> dict[str, Any]:
+    """The results section's fields: one table row of ``accuracy`` (header, value) pairs followed by the
+    keep ratio, backbone MACs and wall-clock; the per-layer table; how the wall-clock was measured."""
     keep, latency = test["keep_ratio"], test.get("latency", {})
-    header = [
-        "AP50",
-        "AP",
-        "keep ratio mean (p10/p50/p90)",
-        "backbone GMACs dense -> run",
-        "MAC saving",
-        "ms/img dense",
-        "ms/img SPA",
+    columns = [
+        *accuracy,
+        (
+            "keep ratio mean (p10/p50/p90)",
+            f"{keep['mean']:.3f} ({keep['p10']:.3f}/{keep['p50']:.3f}/{keep['p90']:.3f})",
+        ),
+        ("backbone GMACs/img dense -> run", f"{test['backbone_gmacs_dense']:.4f} -> {test['backbone_gmacs_run']:.4f}"),
+        ("MAC saving", f"{100 * test['mac_saving']:.1f}%"),
+        ("ms/img dense", fmt(latency.get("dense_ms_per_image"), 2)),
+        ("ms/img SPA", fmt(latency.get("spa_ms_per_image"), 2)),
     ]
-    row = [
-        f"{test['AP50']:.4f}",
-        f"{test['AP']:.4f}",
-        f"{keep['mean']:.3f} ({keep['p10']:.3f}/{keep['p50']:.3f}/{keep['p90']:.3f})",
-        f"{test['backbone_gmacs_dense']:.4f} -> {test['backbone_gmacs_run']:.4f}",
-        f"{100 * test['mac_saving']:.1f}%",
-        fmt(latency.get("dense_ms_per_image"), 2),
-        fmt(latency.get("spa_ms_per_image"), 2),
-    ]
-    layers = _layer_table(test)
-    fields = {
+    return {
         "num_images": test["num_images"],
-        "table": markdown_table(header, [row]),
-        "layers": layers,
+        "table": markdown_table([name for name, _ in columns], [[value for _, value in columns]]),
+        "layers": _layer_table(test),
         "batch": latency.get("batch"),
         "threads": latency.get("threads"),
         "device": latency.get("device", "cpu"),
     }
+
+
+def _results(test: Mapping[str, Any]) -> str:
+    fields = _results_fields(test, [("AP50", f"{test['AP50']:.4f}"), ("AP", f"{test['AP']:.4f}")])
     return render_card("detection_results", fields) + "\n"
 
 
@@ -97,38 +95,13 @@ def _layer_table(test: Mapping[str, Any]) -> str:
 
 
 def _mask_rcnn_results(test: Mapping[str, Any]) -> str:
-    keep, latency = test["keep_ratio"], test.get("latency", {})
-    header = [
-        "box AP50",
-        "box AP",
-        "mask AP50",
-        "mask AP",
-        "keep ratio mean (p10/p50/p90)",
-        "backbone GMACs/img dense -> run",
-        "MAC saving",
-        "ms/img dense",
-        "ms/img SPA",
+    accuracy = [
+        ("box AP50", fmt(test["AP50"], 4)),
+        ("box AP", fmt(test["AP"], 4)),
+        ("mask AP50", fmt(test.get("mask_AP50"), 4)),
+        ("mask AP", fmt(test.get("mask_AP"), 4)),
     ]
-    row = [
-        fmt(test["AP50"], 4),
-        fmt(test["AP"], 4),
-        fmt(test.get("mask_AP50"), 4),
-        fmt(test.get("mask_AP"), 4),
-        f"{keep['mean']:.3f} ({keep['p10']:.3f}/{keep['p50']:.3f}/{keep['p90']:.3f})",
-        f"{test['backbone_gmacs_dense']:.4f} -> {test['backbone_gmacs_run']:.4f}",
-        f"{100 * test['mac_saving']:.1f}%",
-        fmt(latency.get("dense_ms_per_image"), 2),
-        fmt(latency.get("spa_ms_per_image"), 2),
-    ]
-    fields = {
-        "num_images": test["num_images"],
-        "table": markdown_table(header, [row]),
-        "layers": _layer_table(test),
-        "batch": latency.get("batch"),
-        "threads": latency.get("threads"),
-        "device": latency.get("device", "cpu"),
-    }
-    return render_card("mask_rcnn_results", fields) + "\n"
+    return render_card("mask_rcnn_results", _results_fields(test, accuracy)) + "\n"
 
 
 def _mask_rcnn_card(config: Mapping[str, Any], metrics: Mapping[str, Any], command: str) -> str:

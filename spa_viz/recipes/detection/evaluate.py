@@ -39,7 +39,7 @@ from spa_viz.models.spa_vit import configure
 from spa_viz.models.twin import dense_twin
 from spa_viz.models.zoo import checkpoints_dir, load
 from spa_viz.recipes.detection.card import model_card
-from spa_viz.recipes.detection.measures import measure_latency, pooled_selection, spa_on
+from spa_viz.recipes.detection.measures import latency_record, measure_latency, pooled_selection, selection_rows, spa_on
 from spa_viz.viz.tables import markdown_table
 
 __all__ = [
@@ -167,18 +167,7 @@ def evaluate(
     if timing_batch:
         images, _ = collate([dataset[i] for i in range(min(timing_batch, len(dataset)))])
         device = next(model.parameters()).device
-        latency = measure_latency(model, images.to(device), timing_repeats)
-        timing: dict[str, Any] = {
-            "batch": int(images.shape[0]),
-            "threads": torch.get_num_threads(),
-            "device": str(device),
-            "repeats": timing_repeats,
-            "dense_ms_per_image": latency["dense"],
-        }
-        if "spa" in latency:
-            timing["spa_ms_per_image"] = latency["spa"]
-            timing["speedup"] = latency["dense"] / latency["spa"]
-        result["latency"] = timing
+        result["latency"] = latency_record(model, images.to(device), timing_repeats)
     return result
 
 
@@ -188,31 +177,8 @@ def summary_table(result: dict[str, Any]) -> str:
         ("images", f"{result['num_images']}"),
         ("AP50", f"{result['AP50']:.4f}"),
         ("AP", f"{result['AP']:.4f}"),
-        ("keep ratio mean (p10/p50/p90)", "{mean:.3f} ({p10:.3f}/{p50:.3f}/{p90:.3f})".format(**result["keep_ratio"])),
-        (
-            "backbone GMACs dense -> run (multiply-adds; GFLOPs = 2x)",
-            f"{result['backbone_gmacs_dense']:.4f} -> {result['backbone_gmacs_run']:.4f}",
-        ),
-        ("MAC saving", f"{100 * result['mac_saving']:.1f}%"),
+        *selection_rows(result),
     ]
-    latency = result.get("latency")
-    if latency:
-        spa = latency.get("spa_ms_per_image")
-        rows.append(
-            (
-                f"ms/image dense / SPA ({latency['device']}, batch {latency['batch']}, {latency['threads']} threads)",
-                f"{latency['dense_ms_per_image']:.2f} / " + (f"{spa:.2f}" if spa else "-"),
-            )
-        )
-    for layer, stats in result.get("layers", {}).items():
-        same = stats.get("iou_with_previous_layer")
-        rows.append(
-            (
-                f"layer {layer} keep/P/R/IoU (IoU with the layer before)",
-                "{keep_ratio:.3f} / {precision:.3f} / {recall:.3f} / {iou:.3f}".format(**stats)
-                + ("" if same is None else f" ({same:.3f})"),
-            )
-        )
     return markdown_table(["metric", "value"], rows)
 
 

@@ -29,7 +29,7 @@ from spa_viz.analysis.metrics import coco_ap
 from spa_viz.analysis.trace import trace
 from spa_viz.data.coco import CocoDetection
 from spa_viz.models.detection.mask_rcnn import SPAMaskRCNN
-from spa_viz.recipes.detection.measures import measure_latency, pooled_selection
+from spa_viz.recipes.detection.measures import latency_record, pooled_selection, selection_rows
 from spa_viz.viz.tables import markdown_table
 
 __all__ = ["collate_list", "dataset_has_masks", "evaluate_mask_rcnn", "mask_rle", "summary_table"]
@@ -175,18 +175,7 @@ def evaluate_mask_rcnn(
     result.update(pooled_selection(entries))
     if timing_batch:
         sample = [dataset[i][0].to(device) for i in range(min(timing_batch, len(dataset)))]
-        latency = measure_latency(model, sample, timing_repeats)
-        timing: dict[str, Any] = {
-            "batch": len(sample),
-            "threads": torch.get_num_threads(),
-            "device": str(device),
-            "repeats": timing_repeats,
-            "dense_ms_per_image": latency["dense"],
-        }
-        if "spa" in latency:
-            timing["spa_ms_per_image"] = latency["spa"]
-            timing["speedup"] = latency["dense"] / latency["spa"]
-        result["latency"] = timing
+        result["latency"] = latency_record(model, sample, timing_repeats)
     return result
 
 
@@ -230,27 +219,6 @@ def summary_table(result: dict[str, Any]) -> str:
         ("images", f"{result['num_images']}"),
         ("box AP50 / AP", f"{ap(result['AP50'])} / {ap(result['AP'])}"),
         ("mask AP50 / AP", f"{ap(result['mask_AP50'])} / {ap(result['mask_AP'])}"),
-        ("keep ratio mean (p10/p50/p90)", "{mean:.3f} ({p10:.3f}/{p50:.3f}/{p90:.3f})".format(**result["keep_ratio"])),
-        (
-            "backbone GMACs/image dense -> run (multiply-adds; GFLOPs = 2x)",
-            f"{result['backbone_gmacs_dense']:.4f} -> {result['backbone_gmacs_run']:.4f}",
-        ),
-        ("MAC saving", f"{100 * result['mac_saving']:.1f}%"),
+        *selection_rows(result),
     ]
-    latency = result.get("latency")
-    if latency:
-        spa = latency.get("spa_ms_per_image")
-        rows.append(
-            (
-                f"ms/image dense / SPA ({latency['device']}, batch {latency['batch']}, {latency['threads']} threads)",
-                f"{latency['dense_ms_per_image']:.2f} / " + (f"{spa:.2f}" if spa else "-"),
-            )
-        )
-    for layer, stats in result.get("layers", {}).items():
-        rows.append(
-            (
-                f"layer {layer} keep/P/R/IoU",
-                "{keep_ratio:.3f} / {precision:.3f} / {recall:.3f} / {iou:.3f}".format(**stats),
-            )
-        )
     return markdown_table(["metric", "value"], rows)

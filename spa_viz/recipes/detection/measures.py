@@ -15,7 +15,7 @@ from spa_viz.io.timer import median_seconds
 from spa_viz.layers.block import find_context
 from spa_viz.models.twin import dense_twin
 
-__all__ = ["measure_latency", "pooled_selection", "spa_on"]
+__all__ = ["latency_record", "measure_latency", "pooled_selection", "selection_rows", "spa_on"]
 
 
 def spa_on(model: nn.Module) -> bool:
@@ -76,6 +76,38 @@ def pooled_selection(entries: Sequence[tuple[Trace, Mapping[tuple[int, int], Ten
     }
 
 
+def selection_rows(result: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The summary rows every detection evaluation shares: keep ratio, backbone MACs, wall-clock and the
+    per-layer selection quality (with the IoU of each layer's keep mask with the layer before)."""
+    rows = [
+        ("keep ratio mean (p10/p50/p90)", "{mean:.3f} ({p10:.3f}/{p50:.3f}/{p90:.3f})".format(**result["keep_ratio"])),
+        (
+            "backbone GMACs/image dense -> run (multiply-adds; GFLOPs = 2x)",
+            f"{result['backbone_gmacs_dense']:.4f} -> {result['backbone_gmacs_run']:.4f}",
+        ),
+        ("MAC saving", f"{100 * result['mac_saving']:.1f}%"),
+    ]
+    latency = result.get("latency")
+    if latency:
+        spa = latency.get("spa_ms_per_image")
+        rows.append(
+            (
+                f"ms/image dense / SPA ({latency['device']}, batch {latency['batch']}, {latency['threads']} threads)",
+                f"{latency['dense_ms_per_image']:.2f} / " + (f"{spa:.2f}" if spa else "-"),
+            )
+        )
+    for layer, stats in result.get("layers", {}).items():
+        same = stats.get("iou_with_previous_layer")
+        rows.append(
+            (
+                f"layer {layer} keep/P/R/IoU (IoU with the layer before)",
+                "{keep_ratio:.3f} / {precision:.3f} / {recall:.3f} / {iou:.3f}".format(**stats)
+                + ("" if same is None else f" ({same:.3f})"),
+            )
+        )
+    return rows
+
+
 def measure_latency(model: nn.Module, images: Tensor | Sequence[Tensor], repeats: int = 5) -> dict[str, float]:
     """Median wall-clock milliseconds per image of ``model(images)`` in eval mode, SPA (when on) and its
     dense twin alternating run by run after one warm-up each. ``images``: a batch tensor, or a list of
@@ -93,3 +125,20 @@ def measure_latency(model: nn.Module, images: Tensor | Sequence[Tensor], repeats
     with torch.no_grad():
         seconds = median_seconds(work, repeats, warmup=1, device=next(model.parameters()).device)
     return {name: 1000.0 * value / count for name, value in seconds.items()}
+
+
+def latency_record(model: nn.Module, images: Tensor | Sequence[Tensor], repeats: int = 5) -> dict[str, Any]:
+    """:func:`measure_latency` with how it was measured (batch, threads, device, repeats) and the speed-up,
+    as stored under ``latency`` in metrics.json."""
+    latency = measure_latency(model, images, repeats)
+    record: dict[str, Any] = {
+        "batch": images.shape[0] if isinstance(images, Tensor) else len(images),
+        "threads": torch.get_num_threads(),
+        "device": str(next(model.parameters()).device),
+        "repeats": repeats,
+        "dense_ms_per_image": latency["dense"],
+    }
+    if "spa" in latency:
+        record["spa_ms_per_image"] = latency["spa"]
+        record["speedup"] = latency["dense"] / latency["spa"]
+    return record
