@@ -540,8 +540,9 @@ class AnalysisService:
         trace_summary = trace.summary()
         for layer_summary, record in zip(trace_summary["layers"], trace.layers):
             share = panels.fused_share(record)
-            # what selection used: the gate's own logit, a fused score (share: tokens where an earlier score won)
-            source = "selector" if share is None else "own logit" if share == 0.0 else "fused"
+            # what selection used: a selector, the gate's own logit, or a score an earlier one was fused into
+            # (share: tokens where the earlier score won)
+            source = "selector" if not record.learned else "own logit" if share is None else "fused"
             layer_summary["score_source"] = source
             layer_summary["fused_share"] = None if share is None else round(share, 4)
         return {

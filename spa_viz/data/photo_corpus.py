@@ -592,7 +592,8 @@ def _read_shard(path: Path, key: str, start: int, count: int) -> tuple[dict[str,
             meta = f.metadata() or {}
             if meta.get("key") != key or meta.get("start") != str(start) or meta.get("count") != str(count):
                 return None
-            return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (a safetensors handle, not a dict), json.loads(meta["specs"])
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (a safetensors handle, not a dict)
+            return tensors, json.loads(meta["specs"])
     except Exception as e:  # a torn or foreign file is recomputed, never trusted
         log.warning("ignoring unreadable shard %s (%s)", path, e)
         return None

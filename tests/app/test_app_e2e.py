@@ -69,14 +69,19 @@ def test_analysis_returns_every_view(client: Client, examples) -> None:
     out = analyze(client, [photo, examples.digits[0]], threshold=0.5, layer=5)
     assert TINY in out["status"] and "random weights" in out["status"], "untrained models are labelled"
     assert "Backbone GMACs" in out["stats"] and "1 MAC = 2 FLOPs" in out["stats"]
-    assert re.search(r"Wall-clock\*\* \(cpu, batch of 2, \d+ threads?; median of \d runs each", out["stats"])
-    assert "no tracing" in out["stats"] and "MACs saved" in out["stats"]
+    assert "Wall-clock** (cpu): measuring" in out["stats"] and "MACs saved" in out["stats"], "/timing measures"
     for name in ("gate", "kept", "strip", "predictions"):
         assert Image.open(out[name]).size[0] >= 448
     summary = out["summary"]
     assert summary["layer"] == 5 and summary["images"] == [photo.name, examples.digits[0].name]
     assert summary["trace"]["batch_size"] == 2
-    latency = summary["latency_ms"]
+    files = [handle_file(str(f)) for f in (photo, examples.digits[0])]
+    stats, timed = client.predict(
+        files=files, model=TINY, selector="learned gate", threshold=0.5, layer=5, api_name="/timing"
+    )
+    assert re.search(r"Wall-clock\*\* \(cpu, batch of 2, \d+ threads?; median of \d+ runs each", stats)
+    assert "no tracing" in stats and "MACs saved" in stats
+    latency = timed["latency_ms"]
     assert latency["dense"] > 0 and latency["spa"] > 0 and latency["batch"] == 2 and latency["device"] == "cpu"
     layout = json.loads(out["layout"]["plot"])
     assert "B′ =" in layout["layout"]["title"]["text"]
