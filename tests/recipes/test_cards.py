@@ -12,7 +12,15 @@ from spa_viz.recipes.cards import render_card
 from spa_viz.recipes.detection.card import model_card as detection_card
 from spa_viz.recipes.saliency.card import model_card as saliency_card
 
-SHIPPED = ["dense-vit-digits", "spa-vit-digits", "spa-vit-digits-noselect", "spt-digits", "spa-dinov2-s14-saliency"]
+SHIPPED = [
+    "dense-vit-digits",
+    "spa-vit-digits",
+    "spa-vit-digits-noselect",
+    "spa-vit-digits-noselect-bias0",
+    "dense-spt-digits",
+    "spt-digits",
+    "spa-dinov2-s14-saliency",
+]
 
 
 def present() -> list[str]:

@@ -18,7 +18,14 @@ from spa_viz.models.twin import dense_twin
 from spa_viz.models.zoo import checkpoints_dir
 from spa_viz.recipes.detection.evaluate import dense_gmacs, evaluate, main
 
-SHIPPED = ("dense-vit-digits", "spa-vit-digits", "spa-vit-digits-noselect", "spt-digits")
+SHIPPED = (
+    "dense-vit-digits",
+    "spa-vit-digits",
+    "spa-vit-digits-noselect",
+    "spa-vit-digits-noselect-bias0",
+    "dense-spt-digits",
+    "spt-digits",
+)
 #: Tolerances for re-running on another CPU (BLAS differences can flip a borderline score or gate).
 TOL = {"AP50": 0.02, "AP": 0.02, "keep": 0.01, "mac_saving": 0.01}
 
