@@ -24,7 +24,7 @@ import uuid
 import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -53,7 +53,7 @@ from spa_viz.selection.labels import labels_from_masks
 from spa_viz.selection.selectors import SELECTORS, applicable_selectors, install_selector, remove_selector
 from spa_viz.viz import figures, panels
 
-__all__ = ["Analysis", "AnalysisService", "AttributionView", "SPASettings", "UserError", "WallClock"]
+__all__ = ["SAVED_FUSION", "Analysis", "AnalysisService", "AttributionView", "SPASettings", "UserError", "WallClock"]
 
 _log = logging.getLogger(__name__)
 K = TypeVar("K", bound=Hashable)
@@ -89,12 +89,17 @@ class LRUCache(Generic[K, V]):
         return value
 
 
+SAVED_FUSION = "saved"
+"""The ``fusion`` value that means "the mode this model was saved with" (the app's default)."""
+
+
 @dataclass(frozen=True)
 class SPASettings:
     """The inference settings that change an SPA forward pass.
 
     ``selector`` None runs the model's learned gates (with ``threshold`` and the score ``fusion``
-    mode, one of :data:`~spa_viz.layers.gate.FUSION_MODES`); a name of
+    mode, one of :data:`~spa_viz.layers.gate.FUSION_MODES`, or :data:`SAVED_FUSION`: the mode the
+    model was saved with, so a model trained with chain fusion is shown as it was trained); a name of
     :data:`~spa_viz.selection.selectors.SELECTORS` runs that training-free selector, keeping
     ``selector_amount`` (its ratio or p, see :func:`app.models.selector_amount`); selector scores
     are not fused.
@@ -105,7 +110,7 @@ class SPASettings:
     threshold: float = 0.5
     policy: str = "image"
     container_len: int = 49
-    fusion: str = "stage"
+    fusion: str = SAVED_FUSION
 
     def key(self) -> tuple[Any, ...]:
         """Cache key: only what matters for the chosen selector and policy."""
@@ -492,14 +497,21 @@ class AnalysisService:
     @staticmethod
     def _check(spa: SPASettings) -> None:
         """Refuse settings no model could run, before any work."""
-        if spa.fusion not in FUSION_MODES:
-            raise UserError(f"unknown fusion mode {spa.fusion!r}; choose one of {list(FUSION_MODES)}")
+        if spa.fusion not in (*FUSION_MODES, SAVED_FUSION):
+            allowed = [*FUSION_MODES, SAVED_FUSION]
+            raise UserError(f"unknown fusion mode {spa.fusion!r}; choose one of {allowed}")
+
+    @staticmethod
+    def _resolve(entry: LoadedModel, spa: SPASettings) -> SPASettings:
+        """``spa`` with :data:`SAVED_FUSION` replaced by the mode ``entry`` was saved with."""
+        return replace(spa, fusion=entry.saved_fusion) if spa.fusion == SAVED_FUSION else spa
 
     def _run(
         self, paths: Sequence[str | Path] | None, model: str, spa: SPASettings, layer: int | None, image_index: int
     ) -> _Run:
         self._check(spa)
         entry = self.model(model)
+        spa = self._resolve(entry, spa)
         batch = self._prepare(entry, paths)
         forward = self._spa_forward(entry, batch, spa)
         dense = self._dense_forward(entry, batch)
@@ -589,6 +601,7 @@ class AnalysisService:
         (the UI shows the views first).
         """
         run = self._run(paths, model, spa, layer, image_index)
+        spa = run.spa  # the fusion mode resolved for this model
         entry, batch, trace, record, index = run.entry, run.batch, run.trace, run.record, run.index
         learned = spa.selector is None
         display = batch.displays[index]
@@ -656,14 +669,14 @@ class AnalysisService:
         """The wall-clock of the dense twin vs SPA for a batch and settings (measured once, then cached)."""
         self._check(spa)
         entry = self.model(model)
-        return self._wall_clock(entry, self._prepare(entry, paths), spa)
+        return self._wall_clock(entry, self._prepare(entry, paths), self._resolve(entry, spa))
 
     def timing(
         self, paths: Sequence[str | Path] | None, model: str, spa: SPASettings, layer: int | None, image_index: int
     ) -> tuple[str, dict[str, Any]]:
         """The cost text and the JSON summary of one view, with the wall-clock measured (cached)."""
         run = self._run(paths, model, spa, layer, image_index)
-        wall = self._wall_clock(run.entry, run.batch, spa)
+        wall = self._wall_clock(run.entry, run.batch, run.spa)
         labels, _ = self._label_metrics(run)
         return self._stats(run, wall), self._summary(run, wall, labels)
 
@@ -683,6 +696,7 @@ class AnalysisService:
             raise UserError(f"unknown attribution method {method!r}; choose one of {list(attribution.METHODS)}")
         self._check(spa)
         entry = self.model(model)
+        spa = self._resolve(entry, spa)
         batch = self._prepare(entry, paths)
         forward = self._spa_forward(entry, batch, spa)
         index = min(max(int(image_index), 0), len(batch.images) - 1)

@@ -33,7 +33,7 @@ from app.examples import Examples
 from app.files import BoundedFolder
 from app.models import LEARNED_GATE, LoadedModel, selector_names
 from app.models import selector_amount as amount_of
-from app.service import AnalysisService, SPASettings, UserError
+from app.service import SAVED_FUSION, AnalysisService, SPASettings, UserError
 from spa_viz.analysis.attribution import METHODS
 from spa_viz.layers.gate import FUSION_MODES
 from spa_viz.layers.packing import POLICIES
@@ -168,7 +168,7 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
         """The API's arguments -> :class:`SPASettings` (the picker's "learned gate" label is selector None)."""
         chosen = None if selector in (None, "", LEARNED_GATE) else selector
         return SPASettings(
-            chosen, float(amount), float(threshold), policy or "image", int(container_len), fusion or "stage"
+            chosen, float(amount), float(threshold), policy or "image", int(container_len), fusion or SAVED_FUSION
         )
 
     def views(
@@ -220,7 +220,7 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
         container_len: float,
         layer: float,
         image_index: float,
-        fusion: str = "stage",
+        fusion: str = SAVED_FUSION,
     ) -> tuple[Any, ...]:
         """All views of a batch at one SPA layer and image: status, cost text (backbone MACs dense vs SPA;
         the wall-clock when already measured for these images and settings, else call ``/timing``), gate
@@ -245,7 +245,7 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
         container_len: float,
         layer: float,
         image_index: float,
-        fusion: str = "stage",
+        fusion: str = SAVED_FUSION,
     ) -> tuple[str, dict[str, Any]]:
         """The cost text and the summary JSON with the wall-clock measured: the median of several runs of
         the dense twin and of SPA, alternating, without tracing (cached per images and settings)."""
@@ -262,7 +262,7 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
         container_len: float,
         image_index: float,
         method: str,
-        fusion: str = "stage",
+        fusion: str = SAVED_FUSION,
         progress: gr.Progress = gr.Progress(),  # noqa: B008  (gradio injects progress through this default)
     ) -> tuple[Any, str]:
         """Per-token attribution (integrated_gradients, feature_ablation, occlusion, attention_rollout)
@@ -287,7 +287,7 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
         container_len: float,
         layer: float,
         image_index: float,
-        fusion: str = "stage",
+        fusion: str = SAVED_FUSION,
     ) -> str:
         """A zip with the PNG panels, the plotly figures (JSON) and the summary (JSON, wall-clock measured)."""
         spa = spa_settings(selector, selector_amount, threshold, policy, container_len, fusion)
@@ -309,7 +309,7 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
             gr.Dropdown(choices=choices, value=entry.key),
             gr.Slider(minimum=spa_layers[0], maximum=spa_layers[-1], value=spa_layers[0], step=1),
             gr.Dropdown(choices=entry.selectors, value=chosen),
-            gr.Radio(label=fusion_label(entry)),
+            gr.Radio(label=fusion_label(entry), value=entry.saved_fusion),
         )
 
     def load_model(source: str) -> dict[str, Any]:
@@ -334,7 +334,7 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
         return {
             "models": registry.choices(),
             "selectors": selector_names(),
-            "fusion_modes": list(FUSION_MODES),
+            "fusion_modes": [*FUSION_MODES, SAVED_FUSION],
             "attribution_methods": list(METHODS),
             "policies": list(POLICIES),
         }
@@ -405,7 +405,7 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
                 )
                 fusion = gr.Radio(
                     list(FUSION_MODES),
-                    value="stage",
+                    value=default_entry.saved_fusion,
                     label=fusion_label(default_entry),
                     info=FUSION_HELP,
                     elem_id="fusion",

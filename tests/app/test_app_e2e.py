@@ -293,7 +293,7 @@ def test_report_and_models_endpoints(client: Client, examples) -> None:
     assert summary["layer"] == 5 and summary["trace"]["layers"] and summary["latency_ms"]["spa"] > 0
     listing = client.predict(api_name="/models")
     assert TINY in listing["models"] and "attention_rollout" in listing["attribution_methods"]
-    assert listing["fusion_modes"] == ["stage", "chain", "none"]
+    assert listing["fusion_modes"] == ["stage", "chain", "none", "saved"]
 
 
 @pytest.mark.skipif(

@@ -107,12 +107,14 @@ def test_upload_then_threshold_and_fusion_change_the_views(tmp_path: Path) -> No
         expect(stats).to_contain_text("no tracing", timeout=TIMEOUT_MS)
         page.wait_for_load_state("networkidle")
         before_strip = strip.get_attribute("src")
-        page.locator("#fusion").get_by_text("chain", exact=True).click()
+        saved = page.locator("#fusion input[type=radio]:checked").input_value()  # the page opens on the model's mode
+        other = "stage" if saved == "chain" else "chain"
+        page.locator("#fusion").get_by_text(other, exact=True).click()
         expect(strip).not_to_have_attribute("src", before_strip, timeout=TIMEOUT_MS)
         expect(stats).to_contain_text("selection score: own logit", timeout=TIMEOUT_MS)  # the first SPA layer
-        chained = strip.get_attribute("src")
-        page.locator("#fusion").get_by_text("stage", exact=True).click()  # back to the default for the screenshot
-        expect(strip).not_to_have_attribute("src", chained, timeout=TIMEOUT_MS)
+        switched = strip.get_attribute("src")
+        page.locator("#fusion").get_by_text(saved, exact=True).click()  # back to the saved mode for the screenshot
+        expect(strip).not_to_have_attribute("src", switched, timeout=TIMEOUT_MS)
         expect(stats).to_contain_text("no tracing", timeout=TIMEOUT_MS)
 
         page.wait_for_load_state("networkidle")

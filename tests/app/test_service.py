@@ -97,8 +97,20 @@ def test_fusion_mode_is_a_live_setting_and_bad_values_name_the_allowed(
         "a plain ViT has one stage: nothing to fuse"
     )
     assert not np.array_equal(chain.strip, stage.strip)
-    with pytest.raises(UserError, match=r"unknown fusion mode 'cascade'; choose one of \['stage', 'chain', 'none'\]"):
+    with pytest.raises(
+        UserError, match=r"unknown fusion mode 'cascade'; choose one of \['stage', 'chain', 'none', 'saved'\]"
+    ):
         service.analyze(photo, TINY, SPASettings(fusion="cascade"))
+
+
+@pytest.mark.skipif("spt-digits" not in spa_viz.available(), reason="the spt-digits checkpoint is not here")
+def test_default_fusion_is_the_mode_the_model_was_saved_with(service: AnalysisService, examples: Examples) -> None:
+    entry = service.model("spt-digits")
+    spa_viz.configure(entry.model, fusion="chain")  # another request left the shared model in another mode
+    shown = service.analyze(examples.digits[:1], "spt-digits", SPASettings(), measure=False)
+    assert SPASettings().fusion == "saved" and entry.saved_fusion == "stage"
+    assert {layer["fusion"] for layer in shown.summary["trace"]["layers"]} == {"stage"}
+    assert shown.summary["settings"]["fusion"] == "stage"
 
 
 @pytest.mark.skipif("spt-digits" not in spa_viz.available(), reason="the spt-digits checkpoint is not here")
