@@ -11,20 +11,14 @@ from spa_viz.models.zoo import checkpoints_dir
 from spa_viz.recipes.cards import render_card
 from spa_viz.recipes.detection.card import model_card as detection_card
 from spa_viz.recipes.saliency.card import model_card as saliency_card
+from tests.recipes.shipped import DIGIT_DETECTORS
+from tests.recipes.shipped import present as shipped_present
 
-SHIPPED = [
-    "dense-vit-digits",
-    "spa-vit-digits",
-    "spa-vit-digits-noselect",
-    "spa-vit-digits-noselect-bias0",
-    "dense-spt-digits",
-    "spt-digits",
-    "spa-dinov2-s14-saliency",
-]
+SHIPPED = (*DIGIT_DETECTORS, "spa-dinov2-s14-saliency")
 
 
 def present() -> list[str]:
-    return [name for name in SHIPPED if (checkpoints_dir() / name / "metrics.json").is_file()]
+    return shipped_present(SHIPPED)
 
 
 @pytest.mark.parametrize("name", present())

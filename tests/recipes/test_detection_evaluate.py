@@ -17,21 +17,16 @@ from spa_viz.models.detection import Detector, build_spa_vit_detector
 from spa_viz.models.twin import dense_twin
 from spa_viz.models.zoo import checkpoints_dir
 from spa_viz.recipes.detection.evaluate import dense_gmacs, evaluate, main
+from tests.recipes.shipped import DIGIT_DETECTORS
+from tests.recipes.shipped import present as shipped_present
 
-SHIPPED = (
-    "dense-vit-digits",
-    "spa-vit-digits",
-    "spa-vit-digits-noselect",
-    "spa-vit-digits-noselect-bias0",
-    "dense-spt-digits",
-    "spt-digits",
-)
+SHIPPED = DIGIT_DETECTORS
 #: Tolerances for re-running on another CPU (BLAS differences can flip a borderline score or gate).
 TOL = {"AP50": 0.02, "AP": 0.02, "keep": 0.01, "mac_saving": 0.01}
 
 
 def present() -> list[str]:
-    return [name for name in SHIPPED if (checkpoints_dir() / name / "metrics.json").is_file()]
+    return shipped_present(SHIPPED)
 
 
 @cache
