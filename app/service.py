@@ -494,24 +494,19 @@ class AnalysisService:
         chosen = layers[0] if layer is None else min(layers, key=lambda candidate: abs(candidate - int(layer)))
         return record.layer(chosen)
 
-    @staticmethod
-    def _check(spa: SPASettings) -> None:
-        """Refuse settings no model could run, before any work."""
-        if spa.fusion not in (*FUSION_MODES, SAVED_FUSION):
-            allowed = [*FUSION_MODES, SAVED_FUSION]
+    def _settle(self, model: str, spa: SPASettings) -> tuple[LoadedModel, SPASettings]:
+        """The loaded model and ``spa`` with :data:`SAVED_FUSION` replaced by the mode it was saved with;
+        settings no model could run are refused before the model is loaded."""
+        allowed = [*FUSION_MODES, SAVED_FUSION]
+        if spa.fusion not in allowed:
             raise UserError(f"unknown fusion mode {spa.fusion!r}; choose one of {allowed}")
-
-    @staticmethod
-    def _resolve(entry: LoadedModel, spa: SPASettings) -> SPASettings:
-        """``spa`` with :data:`SAVED_FUSION` replaced by the mode ``entry`` was saved with."""
-        return replace(spa, fusion=entry.saved_fusion) if spa.fusion == SAVED_FUSION else spa
+        entry = self.model(model)
+        return entry, replace(spa, fusion=entry.saved_fusion) if spa.fusion == SAVED_FUSION else spa
 
     def _run(
         self, paths: Sequence[str | Path] | None, model: str, spa: SPASettings, layer: int | None, image_index: int
     ) -> _Run:
-        self._check(spa)
-        entry = self.model(model)
-        spa = self._resolve(entry, spa)
+        entry, spa = self._settle(model, spa)
         batch = self._prepare(entry, paths)
         forward = self._spa_forward(entry, batch, spa)
         dense = self._dense_forward(entry, batch)
@@ -667,9 +662,8 @@ class AnalysisService:
 
     def measure(self, paths: Sequence[str | Path] | None, model: str, spa: SPASettings) -> WallClock:
         """The wall-clock of the dense twin vs SPA for a batch and settings (measured once, then cached)."""
-        self._check(spa)
-        entry = self.model(model)
-        return self._wall_clock(entry, self._prepare(entry, paths), self._resolve(entry, spa))
+        entry, spa = self._settle(model, spa)
+        return self._wall_clock(entry, self._prepare(entry, paths), spa)
 
     def timing(
         self, paths: Sequence[str | Path] | None, model: str, spa: SPASettings, layer: int | None, image_index: int
@@ -694,9 +688,7 @@ class AnalysisService:
         """Per-token attribution of the model's output for one image of the batch, drawn over it."""
         if method not in attribution.METHODS:
             raise UserError(f"unknown attribution method {method!r}; choose one of {list(attribution.METHODS)}")
-        self._check(spa)
-        entry = self.model(model)
-        spa = self._resolve(entry, spa)
+        entry, spa = self._settle(model, spa)
         batch = self._prepare(entry, paths)
         forward = self._spa_forward(entry, batch, spa)
         index = min(max(int(image_index), 0), len(batch.images) - 1)

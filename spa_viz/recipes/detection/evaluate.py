@@ -39,14 +39,13 @@ from spa_viz.models.spa_vit import configure
 from spa_viz.models.twin import dense_twin
 from spa_viz.models.zoo import checkpoints_dir, load
 from spa_viz.recipes.detection.card import model_card
-from spa_viz.recipes.detection.measures import latency_record, measure_latency, pooled_selection, selection_rows, spa_on
+from spa_viz.recipes.detection.measures import latency_record, pooled_selection, selection_rows, spa_on
 from spa_viz.viz.tables import markdown_table
 
 __all__ = [
     "dense_gmacs",
     "evaluate",
     "main",
-    "measure_latency",
     "predict",
     "selection_metrics",
 ]

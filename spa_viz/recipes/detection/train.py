@@ -87,6 +87,15 @@ BUILDERS: dict[str, Callable[[dict[str, Any]], Model]] = {
 }
 
 
+def _trained_state(loaded: nn.Module, part: nn.Module) -> dict[str, Tensor]:
+    """``part``'s state dict (``part`` is ``loaded`` or a module of it), without the gates when ``loaded``
+    is a dense twin: its gates were never trained."""
+    state = part.state_dict()
+    if spa_context(loaded).config.enabled:
+        return state
+    return {k: v for k, v in state.items() if ".gate." not in k}
+
+
 def init_backbone(model: Model, source: str) -> None:
     """Load backbone weights into ``model``'s SPA backbone from a checkpoint folder (its backbone's
     tensors; e.g. a CenterNet detector's SPT for a Mask R-CNN) or a timm weights file (Swin weights
@@ -98,9 +107,7 @@ def init_backbone(model: Model, source: str) -> None:
     backbone = find_backbone(model)
     if Path(source).is_dir():
         loaded = load_checkpoint(source)
-        state = find_backbone(loaded).state_dict()
-        if not spa_context(loaded).config.enabled:
-            state = {k: v for k, v in state.items() if ".gate." not in k}
+        state = _trained_state(loaded, find_backbone(loaded))
         check_state_dict(backbone.state_dict(), state, partial=True, source=f"{source} (its backbone)")
         missing = backbone.load_state_dict(state, strict=False).missing_keys
     else:
@@ -131,10 +138,8 @@ def build_model(config: Recipe) -> Model:
     source = config.init_from
     if source:
         loaded = load_checkpoint(source)
-        state = loaded.state_dict()
-        check_state_dict(model.state_dict(), state, source=str(source))
-        if not spa_context(loaded).config.enabled:
-            state = {k: v for k, v in state.items() if ".gate." not in k}
+        check_state_dict(model.state_dict(), loaded.state_dict(), source=str(source))
+        state = _trained_state(loaded, loaded)
         missing = model.load_state_dict(state, strict=False).missing_keys
         if any(".gate." not in k for k in missing):
             raise TrainingError(f"{source} lacks {[k for k in missing if '.gate.' not in k][:5]}")
