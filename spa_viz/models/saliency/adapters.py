@@ -80,9 +80,13 @@ class _MergedLinear(nn.Linear):
         raise NotImplementedError
 
     def merged_weight(self) -> Tensor:
-        """The updated weight (no gradient), cached until the weight or an update parameter changes."""
+        """The updated weight (no gradient), cached until the weight or an update parameter changes.
+
+        Tensors made under ``torch.inference_mode`` (a model loaded there) have no version counter;
+        they are keyed by storage alone.
+        """
         tensors = (self.weight, *self._update_parameters())
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+        key = tuple((t.data_ptr(), -1 if t.is_inference() else t._version, t.dtype, t.device) for t in tensors)
         cached = self._merged
         if cached is None or cached[0] != key:
             with torch.no_grad():

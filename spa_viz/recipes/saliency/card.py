@@ -10,8 +10,8 @@ from typing import Any
 
 from spa_viz.io.files import write_atomic, write_text_atomic
 from spa_viz.recipes.cards import render_card
-from spa_viz.recipes.saliency.evaluate import TARGETS, _interpolate, results_table
 from spa_viz.recipes.saliency.figures import peer_figure, save_peer_png
+from spa_viz.recipes.saliency.tables import TARGETS, interpolate, results_table
 
 __all__ = ["PEER_HTML", "PEER_PNG", "comparison_verdict", "model_card", "target_lines", "write_figures"]
 
@@ -25,7 +25,7 @@ def _beaten_at(
     """(GMACs, learned MAE, rival MAE) at the learned gate's points where the rival's curve is lower."""
     beaten = []
     for point in learned:
-        other = _interpolate(rival, point["gmacs"])
+        other = interpolate(rival, point["gmacs"])
         if other is not None and other < point["mae"]:
             beaten.append((point["gmacs"], point["mae"], other))
     return beaten
