@@ -250,6 +250,10 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f} ms" if seconds < 0.01 else f"{seconds * 1000:.0f} ms"
 
 
+def _gap_dict(gap: tuple[str, float] | None) -> dict[str, Any] | None:
+    return None if gap is None else {"measure": gap[0], "value": round(gap[1], 5)}
+
+
 def _change(saving: float) -> str:
     """A saving share as words: 'saving 12.3%', 'overhead 4.0%' or 'no change' (never '-0.0%')."""
     if abs(saving) < 0.0005:
@@ -526,10 +530,15 @@ class AnalysisService:
                 f"{self.settings.timing_repeats} runs each, alternating, no tracing)…"
             )
         )
+        gap = run.entry.adapter.output_gap(run.forward.output, run.dense.output, run.index)
+        output_line = (
+            "" if gap is None else f"**Output vs the dense twin** (image {run.index + 1}): {gap[0]} {gap[1]:.4f}  \n"
+        )
         return (
             f'**Backbone GMACs** (multiply-adds, the SPA paper\'s "GFLOPs"; 1 MAC = 2 FLOPs; batch of '
             f"{trace.batch_size}): dense {trace.backbone_macs_dense / 1e9:.3f} → SPA "
             f"{trace.backbone_macs_run / 1e9:.3f}, **MACs saved {trace.backbone_saving:.1%}**  \n"
+            f"{output_line}"
             f"{clock}  \n"
             f"**Kept tokens**: {trace.mean_keep_ratio:.1%} on average over SPA layers and images · "
             f"layer {record.layer}: B′ = {plan.num_rows} row{'s' if plan.num_rows != 1 else ''} × L = {plan.row_len}, "
@@ -565,6 +574,7 @@ class AnalysisService:
             "layer": run.record.layer,
             "latency_ms": wall.to_dict() if wall is not None else None,
             "predictions": entry.adapter.predictions(run.forward.output, run.index),
+            "output_vs_dense": _gap_dict(entry.adapter.output_gap(run.forward.output, run.dense.output, run.index)),
             "selection_labels": {"source": labels[0], "per_layer": {str(k): v for k, v in labels[1].items()}}
             if labels is not None
             else None,

@@ -73,6 +73,11 @@ class TaskAdapter:
         """Pixels the dense teacher marks as object (input geometry), if this task has a teacher."""
         return None
 
+    @staticmethod
+    def output_gap(output: Any, dense_output: Any, index: int) -> tuple[str, float] | None:
+        """(name, value) of how far image ``index``'s SPA output is from its dense twin's, if this task has one."""
+        return None
+
 
 class SaliencyTask(TaskAdapter):
     """Saliency models (B, 1, H, W) in [0, 1]; the dense twin's salient pixels are the teacher label."""
@@ -107,6 +112,12 @@ class SaliencyTask(TaskAdapter):
 
     def teacher_mask(self, dense_output: Tensor, index: int) -> Tensor:
         return salient(dense_output[index, 0].float().cpu())
+
+    @staticmethod
+    def output_gap(output: Tensor, dense_output: Tensor, index: int) -> tuple[str, float]:
+        """Mean absolute difference of the saliency maps (what the model card's MAE measures)."""
+        gap = (output[index].float().cpu() - dense_output[index].float().cpu()).abs().mean()
+        return "saliency MAE vs the dense teacher", float(gap)
 
 
 class DetectionTask(TaskAdapter):

@@ -306,6 +306,9 @@ def test_default_checkpoint_end_to_end(examples) -> None:
         assert "task: saliency" in out["status"] and "trained gates" in out["status"]
         assert out["summary"]["selection_labels"]["source"] == "dense teacher's saliency > 0.5"
         assert out["summary"]["trace"]["mean_keep_ratio"] < 1.0
+        gap = out["summary"]["output_vs_dense"]
+        assert gap["measure"] == "saliency MAE vs the dense teacher" and 0.0 < gap["value"] < 0.5
+        assert "Output vs the dense twin" in out["stats"]
 
 
 DETECTORS = [
