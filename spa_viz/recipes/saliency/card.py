@@ -39,9 +39,11 @@ def comparison_verdict(checks: Mapping[str, Mapping[str, Any]]) -> str:
         learned = curves["learned gate"]
         losses = {peer: _beaten_at(learned, points) for peer, points in curves.items() if peer != "learned gate"}
         losses = {peer: found for peer, found in losses.items() if found}
+        outside = _better_outside(learned, curves)
         if not losses:
             sentences.append(
                 f"{name}: the learned gate has the lowest MAE of every method wherever their MAC ranges overlap."
+                + outside
             )
             continue
         parts = []
@@ -54,8 +56,29 @@ def comparison_verdict(checks: Mapping[str, Mapping[str, Any]]) -> str:
             f"{name}: the learned gate is NOT the best curve everywhere; lower at some of its MAC levels: "
             + "; ".join(parts)
             + "."
+            + outside
         )
     return "\n".join(f"- {s}" for s in sentences)
+
+
+def _better_outside(learned: Sequence[Mapping[str, float]], curves: Mapping[str, Sequence[Mapping[str, float]]]) -> str:
+    """A sentence on peers whose curve lies outside the learned gate's MAC range and reaches a lower MAE
+    than the gate's best (no equal-compute comparison exists there, so the overlap test cannot see them)."""
+    low, high = min(p["gmacs"] for p in learned), max(p["gmacs"] for p in learned)
+    best = min(learned, key=lambda p: p["mae"])
+    parts = []
+    for peer, points in curves.items():
+        beyond = [p for p in points if not low <= p["gmacs"] <= high and p["mae"] < best["mae"]]
+        if peer != "learned gate" and beyond:
+            top = min(beyond, key=lambda p: p["gmacs"])
+            parts.append(f"{peer} reaches MAE {top['mae']:.4f} at {top['gmacs']:.2f} GMACs")
+    if not parts:
+        return ""
+    return (
+        f" Outside the gate's range ({low:.2f}-{high:.2f} GMACs; its best MAE {best['mae']:.4f} at {best['gmacs']:.2f}): "
+        + "; ".join(parts)
+        + ". There the gate has no point at equal compute: it saves more MACs, these keep the output closer."
+    )
 
 
 def target_lines(checks: Mapping[str, Mapping[str, Any]]) -> str:

@@ -468,6 +468,17 @@ def evaluate_selection(model: nn.Module, image: Tensor, teacher: Tensor) -> dict
 # --------------------------------------------------------------------------------------------------
 
 
+def corpus_card_data() -> dict[str, Any]:
+    """The photo corpus' preparation command and provenance tables for the model card (empty without the corpus)."""
+    from spa_viz.data.photo_corpus import CorpusError, provenance, provenance_markdown
+
+    try:
+        return {"command": provenance()["command"], "provenance": provenance_markdown()}
+    except CorpusError as err:
+        log.warning("photo corpus not available (%s); the card keeps its previous data section", err)
+        return {}
+
+
 def write_checkpoint(
     model: nn.Module,
     out: Path,
@@ -486,7 +497,7 @@ def write_checkpoint(
     metrics: dict[str, Any] = {"training": training}
     if evaluate_now:
         reloaded = load(out)
-        metrics.update(evaluate(reloaded, corpus_sets(), **options))
+        metrics.update(evaluate(reloaded, corpus_sets(), **options), data=corpus_card_data())
     write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
     if evaluate_now:
         full = json.loads((out / "config.json").read_text())
@@ -538,7 +549,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
         folder = Path(args.checkpoint) if Path(args.checkpoint).is_dir() else checkpoints_dir() / args.checkpoint
         previous = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").is_file() else {}
-        metrics = {"training": previous.get("training", {}), **results}
+        metrics = {
+            "training": previous.get("training", {}),
+            "data": corpus_card_data() or previous.get("data", {}),
+            **results,
+        }
         write_text_atomic(folder / "metrics.json", json.dumps(metrics, indent=1) + "\n")
         write_figures(metrics, folder)
         write_text_atomic(folder / "README.md", model_card(json.loads((folder / "config.json").read_text()), metrics))
