@@ -11,6 +11,7 @@ token row ``floor(i * gh / H)`` (the convention of :mod:`spa_viz.selection.label
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -380,3 +381,10 @@ def layer_strip(
         panels.append(panel)
     rows = [hstack(panels[i : i + columns]) for i in range(0, len(panels), columns)]
     return vstack(rows)
+
+
+def to_jpeg(panel: np.ndarray, quality: int = 85) -> bytes:
+    """``panel`` as JPEG bytes: stored notebook outputs stay small (a PNG of a photo panel is ~10x larger)."""
+    buffer = io.BytesIO()
+    Image.fromarray(_check_image(panel)).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()

@@ -111,3 +111,14 @@ def test_draw_detections_colours_boxes_by_label(image: np.ndarray) -> None:
 def test_bad_image_is_rejected() -> None:
     with pytest.raises(ValueError, match="uint8 RGB"):
         overlays.keep_overlay(np.zeros((8, 8), np.uint8), torch.ones(2, 2, dtype=torch.bool))
+
+
+def test_to_jpeg_round_trips_the_picture(image: np.ndarray) -> None:
+    from io import BytesIO
+
+    from PIL import Image
+
+    data = overlays.to_jpeg(image)
+    assert data[:2] == b"\xff\xd8"  # JPEG start-of-image marker
+    decoded = np.asarray(Image.open(BytesIO(data)))
+    assert decoded.shape == image.shape and np.abs(decoded.astype(int) - image).mean() < 8
