@@ -29,6 +29,7 @@ def execute(path: Path) -> int:
         if cell.cell_type == "code":
             cell.outputs, cell.execution_count = [], None
     os.environ.pop("SPA_VIZ_SMALL", None)  # the kernel inherits the environment: full size
+    os.environ["TQDM_DISABLE"] = "1"  # progress bars would be stored as output noise
     start = time.perf_counter()
     NotebookClient(
         book, timeout=CELL_TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
