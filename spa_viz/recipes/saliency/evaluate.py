@@ -29,7 +29,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import statistics
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -539,6 +541,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         peer_stride=args.peer_stride,
         timing=not args.no_timing,
     )
+    results["command"] = "python -m spa_viz.evaluate_saliency " + shlex.join(sys.argv[1:] if argv is None else argv)
     print(results_table(results))
     if args.out is not None:
         write_text_atomic(args.out, json.dumps(results, indent=1) + "\n")
