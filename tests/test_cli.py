@@ -207,7 +207,8 @@ def test_train_evaluate_and_bench_run_the_recipes(capsys: pytest.CaptureFixture[
         with pytest.raises(SystemExit) as exit_info:
             main(command)
         assert exit_info.value.code == 0
-    assert "--select-steps" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--gate-steps" in out and "--rank" in out and "--ratios" in out
 
 
 def test_python_m_aliases_are_the_moved_modules() -> None:
