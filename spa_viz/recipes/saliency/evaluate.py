@@ -34,7 +34,7 @@ import statistics
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,6 @@ from spa_viz.data.photos import HELD_OUT, load_photo
 from spa_viz.io.checkpoint import save_checkpoint
 from spa_viz.io.files import write_text_atomic
 from spa_viz.io.timer import stopwatch
-from spa_viz.layers.config import SPAConfig
 from spa_viz.models.saliency import preprocess_image
 from spa_viz.models.saliency.labels import saliency_labels
 from spa_viz.models.saliency.spa import adapter_mode, trained_tensors
@@ -58,14 +57,14 @@ from spa_viz.models.twin import dense_twin
 from spa_viz.models.zoo import load
 from spa_viz.recipes.saliency.tables import TARGETS, meets, results_table
 from spa_viz.selection.merging import TokenMerging
-from spa_viz.selection.selectors import TokenSelector, install_selector, remove_selector, top_counts_mask
+from spa_viz.selection.selectors import install_selector, remove_selector
 
 __all__ = [
     "CHECKPOINT",
     "PEERS",
     "SWEEP_THRESHOLDS",
     "EvalSet",
-    "LabelOracle",
+    "CheckSettings",
     "corpus_sets",
     "evaluate",
     "evaluate_selection",
@@ -95,6 +94,17 @@ PEER_MODES = {"imported": "off", "tuned": "on"}
 LATENCY_REPEATS = 20
 LATENCY_THREADS = 1
 BATCH = 8
+
+
+@dataclass(frozen=True)
+class CheckSettings:
+    """What each check measures: the threshold sweep, the peers and their view subset, latency."""
+
+    thresholds: Sequence[float] = SWEEP_THRESHOLDS
+    peers: Mapping[str, tuple[str, Sequence[float]]] = field(default_factory=lambda: dict(PEERS))
+    peer_stride: int = 3  # peer curves on every peer_stride-th view
+    timing: bool = True
+    repeats: int = LATENCY_REPEATS
 
 
 # --------------------------------------------------------------------------------------------------
@@ -323,32 +333,23 @@ def _alternating_latency(model: nn.Module, images: Tensor, repeats: int) -> dict
     }
 
 
-def evaluate_check(
-    model: nn.Module,
-    data: EvalSet,
-    *,
-    operating: float,
-    thresholds: Sequence[float] = SWEEP_THRESHOLDS,
-    peers: Mapping[str, tuple[str, Sequence[float]]] = PEERS,
-    peer_stride: int = 3,
-    timing: bool = True,
-    repeats: int = LATENCY_REPEATS,
-) -> dict[str, Any]:
+def evaluate_check(model: nn.Module, data: EvalSet, *, operating: float, settings: CheckSettings) -> dict[str, Any]:
     """Every number of one check: the operating point, the threshold sweep, latency, the peer curves."""
     teacher = _teacher_maps(model, data)
     labels = saliency_labels(teacher, patch=model.patch_size)
-    timing_images = data.inputs(data.subset(max(len(data) // repeats, 1))[:repeats]) if timing else None
+    repeats = settings.repeats
+    timing_images = data.inputs(data.subset(max(len(data) // repeats, 1))[:repeats]) if settings.timing else None
     result: dict[str, Any] = {"views": len(data), "label_ratio": float(labels.float().mean())}
     if data.object_tokens is not None:
         result["object_ratio"] = float(data.object_tokens.float().mean())
-    peer_index = data.subset(peer_stride)
+    peer_index = data.subset(settings.peer_stride)
     result["peer_views"] = len(peer_index)
     sweep, per_view = [], {}
-    for value in sorted(set(thresholds) | {operating}):
+    for value in sorted(set(settings.thresholds) | {operating}):
         with threshold(model, value):
             records = score(model, data, teacher, desc=f"{data.name}, threshold {value}")
             row = {"threshold": value, **summarize(records)}
-            if timing:
+            if settings.timing:
                 row.update(latency(model, timing_images, repeats))
         row["peer_subset"] = summarize(records, peer_index)
         sweep.append(row)
@@ -357,7 +358,7 @@ def evaluate_check(
     result["sweep"] = sweep
     result["operating"] = next(r for r in sweep if r["threshold"] == operating)
     result["per_view_mae"] = per_view["mae"]
-    result["peers"] = _peer_curves(model, data, teacher, peers, peer_index, sweep)
+    result["peers"] = _peer_curves(model, data, teacher, settings.peers, peer_index, sweep)
     return result
 
 
@@ -402,29 +403,14 @@ def _curve_point(summary: Mapping[str, float]) -> dict[str, float]:
 
 
 def evaluate(
-    model: nn.Module,
-    sets: Sequence[EvalSet],
-    *,
-    operating: float | None = None,
-    thresholds: Sequence[float] = SWEEP_THRESHOLDS,
-    peers: Mapping[str, tuple[str, Sequence[float]]] = PEERS,
-    peer_stride: int = 3,
-    timing: bool = True,
-    repeats: int = LATENCY_REPEATS,
+    model: nn.Module, sets: Sequence[EvalSet], *, operating: float | None = None, settings: CheckSettings | None = None
 ) -> dict[str, Any]:
     """All numbers on every check in ``sets`` plus the package photos per photo, and which targets are met."""
     operating = spa_context(model).config.threshold if operating is None else operating
     results: dict[str, Any] = {"operating_threshold": operating, "targets": dict(TARGETS), "checks": {}}
     for data in sets:
         results["checks"][data.name] = evaluate_check(
-            model,
-            data,
-            operating=operating,
-            thresholds=thresholds,
-            peers=peers,
-            peer_stride=peer_stride,
-            timing=timing,
-            repeats=repeats,
+            model, data, operating=operating, settings=settings or CheckSettings()
         )
     photos = package_photos()
     teacher = _teacher_maps(model, photos)
@@ -437,25 +423,8 @@ def evaluate(
 
 
 # --------------------------------------------------------------------------------------------------
-# Label oracle (diagnostic) and single-image scoring (tests, app)
+# Single-image scoring (tests, app)
 # --------------------------------------------------------------------------------------------------
-
-
-class LabelOracle(TokenSelector):
-    """Diagnostic, not a baseline: keeps exactly the teacher-labelled tokens in every SPA layer."""
-
-    name = "label_oracle"
-    default_params: dict[str, Any] = {}
-
-    def __init__(self, block: nn.Module, labels: Tensor) -> None:
-        super().__init__(block, ratio=1.0)
-        object.__setattr__(self, "labels", labels)
-
-    def scores(self, patch_tokens: Tensor, prefix_tokens: Tensor) -> Tensor:
-        return self.labels.to(device=patch_tokens.device, dtype=patch_tokens.dtype)
-
-    def select(self, scores: Tensor, config: SPAConfig) -> Tensor:
-        return top_counts_mask(scores, (scores > 0).sum(1).clamp(min=min(config.min_keep, scores.shape[1])))
 
 
 def evaluate_selection(model: nn.Module, image: Tensor, teacher: Tensor) -> dict[str, float]:
@@ -489,22 +458,19 @@ def write_checkpoint(
     *,
     evaluate_now: bool = True,
     overwrite: bool = False,
-    **options: Any,
+    settings: CheckSettings | None = None,
 ) -> dict[str, Any]:
     """Write the partial checkpoint (float16 adapters and decoder), then its metrics, card and figures."""
-    from spa_viz.recipes.saliency.card import model_card, write_figures
+    from spa_viz.recipes.saliency.card import write_card
 
     tensors = trained_tensors(model, dtype=torch.float16)
     save_checkpoint(model, out, config, tensors=tensors, overwrite=overwrite)
     metrics: dict[str, Any] = {"training": training}
-    if evaluate_now:
-        reloaded = load(out)
-        metrics.update(evaluate(reloaded, corpus_sets(), **options), data=corpus_card_data())
-    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
-    if evaluate_now:
-        full = json.loads((out / "config.json").read_text())
-        write_figures(metrics, out)
-        write_text_atomic(out / "README.md", model_card(full, metrics))
+    if not evaluate_now:
+        write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
+        return metrics
+    metrics.update(evaluate(load(out), corpus_sets(), settings=settings), data=corpus_card_data())
+    write_card(out, metrics)
     return metrics
 
 
@@ -533,14 +499,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     except Exception as err:  # the corpus is optional: without it, the package photos alone
         log.warning("photo corpus not available (%s); scoring the package photos only", err)
         sets = [package_photos()]
-    results = evaluate(
-        model,
-        sets,
-        operating=args.threshold,
-        peers={} if args.no_peers else PEERS,
-        peer_stride=args.peer_stride,
-        timing=not args.no_timing,
+    settings = CheckSettings(
+        peers={} if args.no_peers else PEERS, peer_stride=args.peer_stride, timing=not args.no_timing
     )
+    results = evaluate(model, sets, operating=args.threshold, settings=settings)
     results["command"] = "python -m spa_viz.evaluate_saliency " + shlex.join(sys.argv[1:] if argv is None else argv)
     print(results_table(results))
     if args.out is not None:
@@ -548,7 +510,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         log.info("wrote %s", args.out)
     if args.write_card:
         from spa_viz.models.zoo import checkpoints_dir
-        from spa_viz.recipes.saliency.card import model_card, write_figures
+        from spa_viz.recipes.saliency.card import write_card
 
         folder = Path(args.checkpoint) if Path(args.checkpoint).is_dir() else checkpoints_dir() / args.checkpoint
         previous = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").is_file() else {}
@@ -557,9 +519,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "data": corpus_card_data() or previous.get("data", {}),
             **results,
         }
-        write_text_atomic(folder / "metrics.json", json.dumps(metrics, indent=1) + "\n")
-        write_figures(metrics, folder)
-        write_text_atomic(folder / "README.md", model_card(json.loads((folder / "config.json").read_text()), metrics))
+        write_card(folder, metrics)
     return results
 
 
