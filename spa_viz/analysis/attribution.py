@@ -224,7 +224,7 @@ def attention_rollout(model: nn.Module, images: Tensor, progress: Progress | Non
                 allowed = kept[:, :, None] & kept[:, None, :] & (groups[:, :, None] == groups[:, None, :])
                 # soft gating scales a kept token's attention branch by m = sigmoid(s): x + m * attn
                 factor = torch.ones(batch, seq_len, device=x.device, dtype=x.dtype)
-                if layer.learned and block.spa_context.config.soft_gating:
+                if layer.learned and layer.soft_gating:
                     factor[:, num_prefix:] = layer.soft_gate.to(x.device, x.dtype)
                 weights = _block_attention(block, x, allowed)
                 gated = (factor[..., None] * weights + eye) / (1.0 + factor[..., None])

@@ -8,7 +8,10 @@ For an SPA block we count the gate (or a training-free selector's scoring) on ev
 projections and the MLP on the kept tokens (the kernel runs them flat, without padding), and the
 attention scores as the kernel computed them: ``L^2`` per padded row for the row kernels (``sdpa``
 on rows, ``flex``; the padding's share is reported apart), or the sum of squared same-image run
-lengths for ``sdpa_runs``, ``varlen`` and ``reference``.
+lengths for ``sdpa_runs``, ``varlen`` and ``reference``. What unkept tokens cost depends on
+``SPAConfig.unkept``: nothing (``copy``), the output projection (``paper``: ``proj`` MACs per unkept
+token), or the similarity look-up (``refresh``: ``N x K_max x C`` per image, ``K_max`` the batch's
+largest kept patch count, as the kernel computes it against padded kept slots).
 """
 
 from __future__ import annotations
@@ -60,8 +63,23 @@ def _score_pairs(decision: BlockDecision) -> Tensor:
     return torch.tensor(pairs, dtype=torch.long)
 
 
+def _unkept_macs(decision: BlockDecision) -> tuple[Tensor, int]:
+    """MACs spent on unkept tokens: per image (B,), and the batch padding of the refresh look-up."""
+    costs, plan = decision.costs, decision.plan
+    kept = decision.keep.sum(1)
+    tokens = decision.keep.shape[1]
+    if decision.unkept == "paper":
+        return (tokens - kept) * costs.proj_macs, 0
+    if decision.unkept == "refresh":
+        longest = int(kept.max()) if kept.numel() else 0
+        per_image = tokens * kept * costs.dim
+        return per_image, plan.batch_size * tokens * longest * costs.dim - int(per_image.sum())
+    return torch.zeros(plan.batch_size, dtype=torch.long), 0
+
+
 def spa_block_macs(decision: BlockDecision) -> int:
-    """MACs of one SPA block of a batch, as run: scoring, projections/MLP on the kept tokens, attention."""
+    """MACs of one SPA block of a batch, as run: scoring, projections/MLP on the kept tokens, attention,
+    and what the ``unkept`` path spends on the other tokens."""
     costs, plan = decision.costs, decision.plan
     macs = plan.batch_size * plan.seq_len * costs.gate_macs
     macs += plan.num_kept * (costs.qkv_macs + costs.proj_macs)
@@ -73,15 +91,16 @@ def spa_block_macs(decision: BlockDecision) -> int:
         macs += plan.num_kept * costs.mlp_macs
     else:
         macs += plan.batch_size * plan.seq_len * costs.mlp_macs
-    return macs
+    unkept, unkept_padding = _unkept_macs(decision)
+    return macs + int(unkept.sum()) + unkept_padding
 
 
 @dataclass(frozen=True)
 class LayerCost:
     """Compute of one SPA layer: dense twin vs as run, for the batch and per image, in MACs.
 
-    Per-image run MACs leave out the attention over row padding, which belongs to no image;
-    ``padding_macs`` holds what it cost (so ``macs_run == per_image_macs_run.sum() + padding_macs``).
+    Per-image run MACs leave out the attention over row padding and the refresh look-up against
+    another image's longer kept list, which belong to no image; ``padding_macs`` holds what they cost (so ``macs_run == per_image_macs_run.sum() + padding_macs``).
     The ``*_flops`` properties are ``2 x`` the MACs.
     """
 
@@ -115,6 +134,7 @@ def layer_cost(decision: BlockDecision) -> LayerCost:
     per_image = per_image + 2 * _score_pairs(decision) * costs.attn_dim
     if not decision.sparse_mlp:
         per_image = per_image + plan.seq_len * costs.mlp_macs
+    per_image = per_image + _unkept_macs(decision)[0]
     return LayerCost(
         macs_dense=dense_one * plan.batch_size,
         macs_run=run,

@@ -12,38 +12,25 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spa_viz.analysis.flops import LayerCost, layer_cost, static_macs
 from spa_viz.layers.block import BlockDecision, find_context
-from spa_viz.layers.packing import PackPlan
 
 __all__ = ["LayerTrace", "Trace", "trace", "find_backbone"]
 
 
 @dataclass
-class LayerTrace:
-    """One SPA layer's decisions for a batch of B images on a (gh, gw) token grid.
+class LayerTrace(BlockDecision):
+    """One SPA layer's decisions for a batch of B images on a (gh, gw) token grid: the kernel's
+    :class:`~spa_viz.layers.block.BlockDecision` plus what it cost (``cost``).
 
     ``scores`` are what selection used (a learned gate's fused logits, or a selector's scores);
     ``raw_scores`` the learned gate's own logits before fusion.
     """
 
-    layer: int
-    grid: tuple[int, int]
-    num_prefix: int
-    selector: str
-    learned: bool
-    fusion: str
-    raw_scores: Tensor
-    scores: Tensor
-    keep: Tensor
-    plan: PackPlan
-    backend: str
-    cost: LayerCost
-    reused_plan: bool = False
-    fused_input: bool = False
-    """Whether the selection scores fused an earlier score in (else: the gate's own logit or a selector)."""
+    cost: LayerCost | None = None
 
     @property
     def soft_gate(self) -> Tensor:
@@ -68,6 +55,22 @@ class LayerTrace:
         """(gh, gw) keep mask of one image."""
         return self.keep[image].reshape(self.grid)
 
+    @property
+    def refreshed(self) -> Tensor:
+        """(B, N) bool: unkept tokens that still received an update (``paper``: their own output
+        projection; ``refresh``: a kept token's update, in images that kept any patch token)."""
+        unkept = ~self.keep
+        if self.unkept == "paper":
+            return unkept
+        if self.unkept == "refresh":
+            return unkept & (self.kept_counts > 0)[:, None]
+        return torch.zeros_like(self.keep)
+
+    @property
+    def stale(self) -> Tensor:
+        """(B, N) bool: tokens this layer passed on unchanged."""
+        return ~(self.keep | self.refreshed)
+
     def summary(self) -> dict[str, Any]:
         """JSON-ready numbers of this layer (compute in MACs and FLOPs = 2 x MACs)."""
         plan, cost = self.plan, self.cost
@@ -77,6 +80,13 @@ class LayerTrace:
             "selector": self.selector,
             "fusion": self.fusion if self.learned else None,
             "fused_input": self.fused_input,
+            "unkept": self.unkept,
+            "threshold": self.threshold,
+            "tau": self.tau,
+            "soft_gating": self.soft_gating,
+            "share_kept": round(float(self.keep.float().mean()), 4),
+            "share_refreshed": round(float(self.refreshed.float().mean()), 4),
+            "share_stale": round(float(self.stale.float().mean()), 4),
             "backend": self.backend,
             "policy": plan.policy,
             "kept_per_image": self.kept_counts.tolist(),
@@ -103,6 +113,33 @@ class Trace:
     batch_size: int
     static_macs: int
     """MACs per image of the backbone parts SPA does not change (embedding, dense blocks)."""
+    dense_after: bool = False
+    """Whether dense blocks follow the last SPA layer (they update every token: output age 0)."""
+
+    def token_ages(self) -> list[Tensor]:
+        """Per SPA layer, (B, N) long: how many SPA layers ago each token was last updated, after that
+        layer ran (0 = updated by it). Across a patch merging the oldest of the merged tokens counts."""
+        ages: list[Tensor] = []
+        previous: Tensor | None = None
+        grid: tuple[int, int] | None = None
+        for record in self.layers:
+            if previous is None:
+                previous = torch.zeros_like(record.keep, dtype=torch.long)
+            elif tuple(record.grid) != grid:
+                pooled = F.max_pool2d(previous.reshape(-1, 1, *grid).float(), kernel_size=2, stride=2, ceil_mode=True)
+                previous = pooled.reshape(previous.shape[0], -1).long()
+            age = torch.where(record.stale, previous + 1, 0)
+            ages.append(age)
+            previous, grid = age, tuple(record.grid)
+        return ages
+
+    def output_age(self) -> Tensor | None:
+        """(B, N_last) age of every token at the backbone output (0 everywhere when dense blocks follow),
+        or None without SPA layers."""
+        if not self.layers:
+            return None
+        last = self.token_ages()[-1]
+        return torch.zeros_like(last) if self.dense_after else last
 
     @property
     def backbone_macs_dense(self) -> int:
@@ -154,7 +191,11 @@ class Trace:
             "backbone_flops_dense": self.backbone_flops_dense,
             "backbone_flops_run": self.backbone_flops_run,
             "backbone_saving": round(self.backbone_saving, 4),
-            "layers": [t.summary() for t in self.layers],
+            "layers": [
+                {**t.summary(), "mean_age": round(float(age.float().mean()), 4)}
+                for t, age in zip(self.layers, self.token_ages(), strict=True)
+            ],
+            "output_mean_age": None if not self.layers else round(float(self.output_age().float().mean()), 4),
         }
 
 
@@ -168,22 +209,16 @@ def find_backbone(model: nn.Module) -> nn.Module:
 
 
 def _layer_trace(decision: BlockDecision) -> LayerTrace:
-    return LayerTrace(
-        layer=decision.layer,
-        grid=decision.grid,
-        num_prefix=decision.num_prefix,
-        selector=decision.selector,
-        learned=decision.learned,
-        fusion=decision.fusion,
-        raw_scores=decision.raw_scores,
-        scores=decision.scores,
-        keep=decision.keep,
-        plan=decision.plan,
-        backend=decision.backend,
-        cost=layer_cost(decision),
-        reused_plan=decision.reused_plan,
-        fused_input=decision.fused_input,
-    )
+    return LayerTrace(**vars(decision), cost=layer_cost(decision))
+
+
+def _dense_after_last_spa_layer(backbone: nn.Module) -> bool:
+    """Whether a dense block (no SPA) runs after the backbone's last SPA block (a ViT's dense tail)."""
+    blocks = getattr(backbone, "blocks", None)
+    if blocks is None:
+        return False
+    spa = [i for i, block in enumerate(blocks) if hasattr(block, "spa_layer")]
+    return bool(spa) and spa[-1] < len(blocks) - 1
 
 
 def trace(model: nn.Module, images: Tensor, *, grad: bool = False, **forward_kwargs: Any) -> tuple[Any, Trace]:
@@ -206,4 +241,5 @@ def trace(model: nn.Module, images: Tensor, *, grad: bool = False, **forward_kwa
         image_size=image_size,
         batch_size=int(images.shape[0]),
         static_macs=static_macs(backbone, image_size),
+        dense_after=_dense_after_last_spa_layer(backbone),
     )

@@ -12,14 +12,33 @@ Per kept token, with ``m`` the gate factor (below)::
     x' = x  + m * drop_path(ls1(attn(norm1(x))))        attention among kept tokens only
     y  = x' + m * drop_path(ls2(mlp(norm2(x'))))         with sparse_mlp (default): kept tokens only
 
-and an unkept token passes unchanged (``y = x``). **[ours]** The gate factor ``m`` scales the
-*branch outputs*: a LayerNorm follows the block input, so a per-token scale of the input (where
-the paper writes ``sigmoid(s) * r``) would be normalised away and the task loss would never reach
-the gate. On the branch output ``m -> 0`` means exactly "this token skips the block", the hard
-decision SPA takes for unkept tokens, so the relaxation and the hard rule agree. ``m`` is
-``sigmoid(s)`` with soft gating, times the straight-through multiplier of the Gumbel-sigmoid in
-training (value 1, gradient of the noisy soft gate); with soft gating off in evaluation, ``m = 1``.
-With ``sparse_mlp=False`` the MLP runs on every token and is not gated.
+**[ours]** The gate factor ``m`` scales the *branch outputs*: a LayerNorm follows the block input,
+so a per-token scale of the input (where the paper writes ``sigmoid(s) * r``) would be normalised
+away and the task loss would never reach the gate. ``m`` is ``sigmoid(s)`` while soft gating is
+active (``SPAConfig.soft_gating``: ``"always"``, ``"train"`` = training only, ``"off"``), times the
+straight-through multiplier of the Gumbel-sigmoid in training (value 1, gradient of the noisy soft
+gate); otherwise ``m = 1``. With ``sparse_mlp=False`` the MLP runs on every token and is not gated.
+
+What an *unkept* token becomes is ``SPAConfig.unkept`` (``u`` is its own gate factor, ``sigmoid(s)``
+while soft gating is active, else 1; no straight-through term, the token's path is fixed by the
+mask)::
+
+    copy      y = x                                   passes unchanged (v1-v2)
+    paper     y = x + u * ls1(W_o(norm1(x)))          the output projection of its own token
+    refresh   y = x + u * (y_j - x_j)                 the update of the most similar kept token j
+
+``paper`` **[ours]** is our reading of the paper's equations: ``r_g = sigmoid(s) * r`` is defined
+for every token and its cost formula charges the gate and the output projection ``W_o`` to all N
+tokens, Q/K/V and the attention product to the packed ones only. With no Q/K/V an unkept token's
+attention branch is ``W_o`` of its (normalised) token, scaled on the output like the kept tokens'
+branches; unkept tokens skip the MLP (the paper is silent; its cost formula covers attention only).
+``refresh`` **[ours]**, after ToMe's unmerge for dense outputs, Expedite's reconstruction and
+SViT's reactivation: ``j`` is the kept patch token of the same image whose block input is most
+similar by cosine, so an unkept token stays current at the cost of one similarity look-up
+(``N x K_max x C`` multiply-adds per image, ``K_max`` the batch's largest kept count). With
+``paper`` and ``refresh`` the task loss reaches every gate logit through ``u``; with ``copy`` an
+unkept token's logit gets none. Every path keeps the invariant: all tokens kept and soft gating off
+is the dense twin.
 
 ``block.gate`` is a learned :class:`~spa_viz.layers.gate.TokenGate` or a training-free selector;
 both follow one protocol: ``gate(tokens, num_prefix) -> (B, N) scores`` on the block input, a
@@ -56,6 +75,7 @@ __all__ = [
     "SPAContext",
     "TokenLayout",
     "convert_block",
+    "nearest_kept",
     "find_context",
     "packed_drop_path",
     "spa_block_forward",
@@ -97,11 +117,13 @@ class TokenLayout(Protocol):
 
     ``key``: layouts with equal keys pack equal keep masks identically (so a plan can be reused).
     ``dense_window``: tokens each token attends in the dense twin (Swin windows); None = global.
+    ``stage``: index of the backbone stage the block belongs to (score fusion changes between stages).
     """
 
     grid: Grid
     key: Hashable
     dense_window: int | None
+    stage: int
 
     def plan(self, keep: Tensor, config: SPAConfig, counts: list[int] | None = None) -> PackPlan:
         """The pack plan of a (B, T) keep mask (prefix tokens first); ``counts``: its row sums, if known."""
@@ -119,6 +141,7 @@ class RasterLayout:
     grid: Grid
     key: Hashable = "raster"
     dense_window: int | None = None
+    stage: int = 0
 
     def plan(self, keep: Tensor, config: SPAConfig, counts: list[int] | None = None) -> PackPlan:
         return plan_packing(keep, config.policy, config.container_len, counts=counts)
@@ -169,6 +192,14 @@ class BlockDecision:
     reused_plan: bool = False
     fused_input: bool = False
     """Whether the selection scores fused an earlier score in (a learned gate with fusion)."""
+    unkept: str = "copy"
+    """What unkept tokens became (``SPAConfig.unkept``)."""
+    threshold: float = 0.5
+    tau: float = 1.0
+    soft_gating: bool = False
+    """Whether ``sigmoid(s)`` scaled the token updates in this run (the mode and train/eval decide)."""
+    refreshed_from: Tensor | None = None
+    """With ``unkept="refresh"``: (B, N) the patch token whose update each unkept token took."""
 
 
 @dataclass
@@ -206,7 +237,7 @@ class SPAContext:
     grid: Grid = (0, 0)
     gates: list[GateOutput] = field(default_factory=list)
     records: list[BlockDecision] | None = None
-    _stage_grid: Grid | None = None
+    _stage: int | None = None
     _stage_input: Tensor | None = None
     _last_fused: Tensor | None = None
     _last_grid: Grid | None = None
@@ -216,19 +247,20 @@ class SPAContext:
         """Reset the per-forward state before the first block runs."""
         self.grid = tuple(grid)
         self.gates = []
-        self._stage_grid = self._stage_input = self._last_fused = self._last_grid = None
+        self._stage = self._stage_input = self._last_fused = self._last_grid = None
         self._pack_state = None
 
-    def fuse(self, raw: Tensor, grid: Grid) -> tuple[Tensor, bool]:
+    def fuse(self, raw: Tensor, grid: Grid, stage: int = 0) -> tuple[Tensor, bool]:
         """This block's selection score from its raw logits by the config's fusion mode, and whether an
-        earlier score was fused in."""
+        earlier score was fused in. ``stage`` is the block's stage index: the first block of a stage
+        takes the previous stage's last fused score (pooled to ``grid``)."""
         mode = self.config.fusion
         incoming = None
         if mode == "chain":
             incoming = None if self._last_fused is None else pool_scores(self._last_fused, self._last_grid, grid)
         elif mode == "stage":
-            if self._stage_grid != tuple(grid):  # the first block of a stage takes the previous stage's score
-                self._stage_grid = tuple(grid)
+            if self._stage != stage:  # the first block of a stage takes the previous stage's score
+                self._stage = stage
                 self._stage_input = (
                     None if self._last_fused is None else pool_scores(self._last_fused, self._last_grid, grid)
                 )
@@ -260,8 +292,11 @@ class SPAContext:
         self._pack_state = _PackState(keep, layout.key, plan, packed_out, out)
 
 
-def packed_drop_path(y: Tensor, plan: PackPlan, module: nn.Module, training: bool) -> Tensor:
-    """timm's per-sample drop path on the flat kept tokens (n, C), applied per source image."""
+def packed_drop_path(
+    y: Tensor, plan: PackPlan, module: nn.Module, training: bool, sources: Tensor | None = None
+) -> Tensor:
+    """timm's per-sample drop path on flat tokens (n, C), applied per source image; ``sources`` are
+    their ``image * seq_len + token`` indices (default: the plan's kept tokens)."""
     prob = float(getattr(module, "drop_prob", 0.0))
     if not training or prob == 0.0:
         return y
@@ -269,30 +304,26 @@ def packed_drop_path(y: Tensor, plan: PackPlan, module: nn.Module, training: boo
     scale = keep.to(y.dtype)
     if getattr(module, "scale_by_keep", True):
         scale = scale / (1.0 - prob)
-    return y * scale[plan.sources // plan.seq_len].unsqueeze(-1)
-
-
-def _gate_factor(scores: Tensor, multiplier: Tensor | None, soft_gating: bool) -> Tensor | None:
-    """(B, N) factor ``m`` on the kept tokens' branches, or None when it is 1 everywhere."""
-    if soft_gating:
-        soft = torch.sigmoid(scores)
-        return soft if multiplier is None else soft * multiplier
-    return multiplier
+    sources = plan.sources if sources is None else sources
+    return y * scale[sources // plan.seq_len].unsqueeze(-1)
 
 
 @dataclass
 class _Selection:
-    """One block's decision before packing: scores, patch keep mask and counts, and the gate factor."""
+    """One block's decision before packing: scores, patch keep mask and counts, and the gate factors
+    of kept (``factor``) and unkept (``unkept_factor``) tokens (None: 1 everywhere)."""
 
     raw: Tensor
     scores: Tensor
     keep: Tensor
     counts: list[int]
     factor: Tensor | None
+    unkept_factor: Tensor | None = None
     fused_input: bool = False
+    soft_gating: bool = False
 
 
-def _decide(block: nn.Module, x: Tensor, ctx: SPAContext, layer: int, grid: Grid) -> _Selection:
+def _decide(block: nn.Module, x: Tensor, ctx: SPAContext, layer: int, grid: Grid, stage: int) -> _Selection:
     """Score, fuse and select the patch tokens of one block (``min_keep`` enforced on the counts)."""
     cfg = ctx.config
     gate = block.gate
@@ -300,7 +331,7 @@ def _decide(block: nn.Module, x: Tensor, ctx: SPAContext, layer: int, grid: Grid
     if not gate.learned:
         keep = gate.select(raw, cfg)
         return _Selection(raw, raw, keep, keep.sum(1).tolist(), None)
-    scores, fused_input = ctx.fuse(raw, grid)
+    scores, fused_input = ctx.fuse(raw, grid, stage)
     keep, soft = gumbel_keep(scores, threshold=cfg.threshold, tau=cfg.tau, training=block.training)
     counts = keep.sum(1).tolist()
     if min(counts) < min(cfg.min_keep, scores.shape[1]):
@@ -308,8 +339,12 @@ def _decide(block: nn.Module, x: Tensor, ctx: SPAContext, layer: int, grid: Grid
         counts = keep.sum(1).tolist()
     ctx.gates.append(GateOutput(layer, tuple(grid), raw, scores, keep, fused_input))
     multiplier = None if soft is None else straight_through(keep, soft)
-    factor = _gate_factor(scores, multiplier, cfg.soft_gating)
-    return _Selection(raw, scores, keep, counts, factor, fused_input)
+    soft_gating = cfg.soft_gating_active(block.training)
+    if not soft_gating:
+        return _Selection(raw, scores, keep, counts, multiplier, None, fused_input)
+    gate = torch.sigmoid(scores)
+    factor = gate if multiplier is None else gate * multiplier
+    return _Selection(raw, scores, keep, counts, factor, gate, fused_input, True)
 
 
 def _add_branch(
@@ -319,6 +354,66 @@ def _add_branch(
     if training and float(getattr(drop_path, "drop_prob", 0.0)) > 0.0:
         return packed + packed_drop_path(branch if factor is None else branch * factor, plan, drop_path, training)
     return packed + branch if factor is None else torch.addcmul(packed, branch, factor)
+
+
+def _project_unkept(
+    block: nn.Module, x: Tensor, out: Tensor, keep: Tensor, factor: Tensor | None, prefix: int, plan: PackPlan
+) -> Tensor:
+    """``unkept="paper"``: add ``u * ls1(W_o(norm1(x)))`` to every unkept token of ``out`` (B, T, C)."""
+    batch, seq_len, dim = x.shape
+    attn = block.attn
+    if attn.proj.in_features != dim:
+        raise ValueError(
+            f"unkept='paper' applies the output projection to the token itself, which needs the "
+            f"attention width ({attn.proj.in_features}) to equal the token width ({dim})"
+        )
+    sources = (~keep).reshape(-1).nonzero().squeeze(1)
+    if sources.numel() == 0:
+        return out
+    tokens = x.reshape(batch * seq_len, dim).index_select(0, sources)
+    branch = block.ls1(attn.proj_drop(attn.proj(block.norm1(tokens))))
+    if factor is not None:
+        full = F.pad(factor, (prefix, 0), value=1.0) if prefix else factor
+        branch = branch * full.reshape(-1).index_select(0, sources).unsqueeze(-1)
+    branch = packed_drop_path(branch, plan, block.drop_path1, block.training, sources)
+    return out.reshape(batch * seq_len, dim).index_add(0, sources, branch).view(batch, seq_len, dim)
+
+
+def nearest_kept(features: Tensor, keep: Tensor, counts: list[int]) -> Tensor:
+    """(B, N) index of the kept token of the same image most similar (cosine) to every token.
+
+    ``features`` (B, N, C), ``keep`` (B, N) bool with ``counts`` kept per image. Similarities are
+    taken against the first ``max(counts)`` kept slots of each image (the batch's ``K_max``), which is
+    what the MAC count charges. An image that keeps nothing points at one of its own unkept tokens.
+    """
+    longest = max(counts, default=0)
+    if longest == 0:
+        return torch.zeros(keep.shape, dtype=torch.long, device=keep.device)
+    with torch.no_grad():
+        order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :longest]
+        unit = F.normalize(features.float(), dim=-1)
+        kept = unit.gather(1, order.unsqueeze(-1).expand(-1, -1, unit.shape[-1]))
+        similarity = unit @ kept.transpose(1, 2)
+        valid = torch.arange(longest, device=keep.device) < torch.tensor(counts, device=keep.device)[:, None]
+        similarity.masked_fill_(~valid[:, None, :], float("-inf"))
+        return order.gather(1, similarity.argmax(-1))
+
+
+def _refresh_unkept(
+    x: Tensor, out: Tensor, keep: Tensor, counts: list[int], factor: Tensor | None, prefix: int
+) -> tuple[Tensor, Tensor]:
+    """``unkept="refresh"``: every unkept patch token of ``out`` adds ``u`` times the update (output minus
+    input) of its most similar kept patch token (:func:`nearest_kept` on the block input).
+
+    Returns the refreshed output and the (B, N) patch index each token took its update from."""
+    patches = x[:, prefix:]
+    nearest = nearest_kept(patches, keep, counts)
+    delta = out[:, prefix:] - patches  # zero on unkept tokens, so an image that keeps nothing stays put
+    borrowed = delta.gather(1, nearest.unsqueeze(-1).expand(-1, -1, delta.shape[-1]))
+    weight = (~keep).to(out.dtype) if factor is None else factor * (~keep).to(factor.dtype)
+    refreshed = out[:, prefix:] + borrowed * weight.unsqueeze(-1)
+    out = torch.cat([out[:, :prefix], refreshed], dim=1) if prefix else refreshed
+    return out, nearest
 
 
 def spa_block_forward(block: nn.Module, x: Tensor, ctx: SPAContext, layer: int, layout: TokenLayout) -> Tensor:
@@ -336,7 +431,7 @@ def spa_block_forward(block: nn.Module, x: Tensor, ctx: SPAContext, layer: int, 
             f"SPA block {layer} got {seq_len - prefix} patch tokens but the grid is {grid}; "
             "run the model through its own forward so the grid is set"
         )
-    chosen = _decide(block, x, ctx, layer, grid)
+    chosen = _decide(block, x, ctx, layer, grid, layout.stage)
     keep = F.pad(chosen.keep, (prefix, 0), value=True) if prefix else chosen.keep
     plan, packed, reused = ctx.pack(x, keep, layout, [count + prefix for count in chosen.counts])
     factor = None
@@ -351,9 +446,13 @@ def spa_block_forward(block: nn.Module, x: Tensor, ctx: SPAContext, layer: int, 
     if cfg.sparse_mlp:
         mlp_out = block.ls2(block.mlp(block.norm2(packed)))
         packed = _add_branch(packed, mlp_out, factor, plan, block.drop_path2, block.training)
-        out = scatter_kept(packed, plan, x)
-    else:
-        out = scatter_kept(packed, plan, x)
+    out = scatter_kept(packed, plan, x)
+    nearest = None
+    if cfg.unkept == "paper":
+        out = _project_unkept(block, x, out, keep, chosen.unkept_factor, prefix, plan)
+    elif cfg.unkept == "refresh":
+        out, nearest = _refresh_unkept(x, out, chosen.keep, chosen.counts, chosen.unkept_factor, prefix)
+    if not cfg.sparse_mlp:
         out = out + block.drop_path2(block.ls2(block.mlp(block.norm2(out))))
     ctx.remember(keep, layout, plan, packed, out)
 
@@ -376,6 +475,11 @@ def spa_block_forward(block: nn.Module, x: Tensor, ctx: SPAContext, layer: int, 
                 dense_window=layout.dense_window,
                 reused_plan=reused,
                 fused_input=chosen.fused_input,
+                unkept=cfg.unkept,
+                threshold=cfg.threshold,
+                tau=cfg.tau,
+                soft_gating=chosen.soft_gating,
+                refreshed_from=None if nearest is None else nearest.cpu(),
             )
         )
     return out

@@ -9,9 +9,13 @@ from spa_viz.layers.attention import BACKENDS
 from spa_viz.layers.gate import check_fusion
 from spa_viz.layers.packing import POLICIES
 
-__all__ = ["SPAConfig", "DEFAULT_CONTAINER_LEN"]
+__all__ = ["SPAConfig", "DEFAULT_CONTAINER_LEN", "SOFT_GATING_MODES", "UNKEPT_MODES"]
 
 DEFAULT_CONTAINER_LEN = 49  # the paper's L = M^2 for Swin windows of M = 7
+UNKEPT_MODES = ("copy", "paper", "refresh")
+"""What an unkept token becomes in an SPA block (see :mod:`spa_viz.layers.block`)."""
+SOFT_GATING_MODES = ("always", "train", "off")
+"""Where ``sigmoid(s)`` scales the token updates: training and evaluation, training only, never."""
 
 
 @dataclass
@@ -22,7 +26,11 @@ class SPAConfig:
     ``fusion`` is how a gate's logit is fused with earlier scores (``"stage"``, ``"chain"``,
     ``"none"``; see :mod:`spa_viz.layers.gate`). ``soft_gating`` scales the attention (and, with
     ``sparse_mlp``, the MLP) branch of each kept token by ``sigmoid(s)``, so the task loss reaches
-    the gate (see :mod:`spa_viz.layers.block`).
+    the gate: ``"always"``, ``"train"`` (training only: evaluation runs the hard decision alone) or
+    ``"off"``; ``True``/``False`` read as ``"always"``/``"off"`` (configs saved before v3).
+    ``unkept`` is what a token the gate did not keep becomes: ``"copy"`` (unchanged), ``"paper"``
+    (the paper's soft-gated output projection) or ``"refresh"`` (the update of its most similar kept
+    token); see :mod:`spa_viz.layers.block`.
     """
 
     start_layer: int = 0
@@ -32,10 +40,11 @@ class SPAConfig:
     tau: float = 1.0
     min_keep: int = 1
     sparse_mlp: bool = True
-    soft_gating: bool = True
+    soft_gating: str | bool = "always"
     backend: str = "auto"
     gate_init_bias: float = 3.0
     fusion: str = "stage"
+    unkept: str = "copy"
     enabled: bool = True
 
     def __post_init__(self) -> None:
@@ -44,6 +53,12 @@ class SPAConfig:
     def validate(self) -> None:
         """Raise ValueError with a fix for any out-of-range setting."""
         check_fusion(self.fusion)
+        if isinstance(self.soft_gating, bool):
+            self.soft_gating = "always" if self.soft_gating else "off"
+        if self.soft_gating not in SOFT_GATING_MODES:
+            raise ValueError(f"unknown soft gating mode {self.soft_gating!r}; choose one of {SOFT_GATING_MODES}")
+        if self.unkept not in UNKEPT_MODES:
+            raise ValueError(f"unknown unkept mode {self.unkept!r}; choose one of {UNKEPT_MODES}")
         if self.policy not in POLICIES:
             raise ValueError(f"unknown packing policy {self.policy!r}; choose one of {POLICIES}")
         if self.backend not in BACKENDS:
@@ -60,6 +75,10 @@ class SPAConfig:
             raise ValueError(f"min_keep must be >= 0, got {self.min_keep}")
         if self.start_layer < 0:
             raise ValueError(f"start_layer must be >= 0, got {self.start_layer}")
+
+    def soft_gating_active(self, training: bool) -> bool:
+        """Whether ``sigmoid(s)`` scales the token updates in this mode (training or evaluation)."""
+        return self.soft_gating == "always" or (training and self.soft_gating == "train")
 
     def update(self, **changes: Any) -> None:
         """Change settings in place (validated); unknown names raise ValueError."""

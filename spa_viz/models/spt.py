@@ -265,6 +265,8 @@ class SwinWindowLayout:
     window_size: int
     bias_table: Tensor
     container_len: int | None
+    stage: int = 0
+    """Index of the stage (the fusion state changes between stages, not within one)."""
 
     @property
     def key(self) -> tuple:
@@ -333,6 +335,7 @@ class SPTBlock(nn.Module):
         self.shifted = shifted
         self.spa_context = context
         self.spa_layer = layer
+        self.spa_stage = 0  # set by the stage that holds the block
         self.norm1 = nn.LayerNorm(dim)
         self.attn = SPTWindowAttention(dim, num_heads=num_heads, window_size=window_size, qkv_bias=qkv_bias)
         self.ls1 = nn.Identity()
@@ -366,6 +369,7 @@ class SPTBlock(nn.Module):
             self.window_size,
             self.attn.relative_position_bias_table,
             self._container_len(window),
+            self.spa_stage,
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -454,6 +458,8 @@ class SPTStage(nn.Module):
                 for i in range(depth)
             ]
         )
+        for block in self.blocks:
+            block.spa_stage = first_layer  # one stage, one index: the layer its first block has
 
     def forward(self, x: Tensor) -> Tensor:
         return self.blocks(self.downsample(x))

@@ -4,6 +4,11 @@
 paper). **[ours]** The BCE reads each gate's raw logit, not the fused score: a max-fused score passes
 gradient only to the branch that won the max, so later gates would learn from a fraction of their
 tokens. Without ``L_select`` the paper's gate keeps far more tokens.
+
+``alpha``: :data:`DEFAULT_ALPHA` = 0.01 is the paper's value and the library's default (also of a
+recipe that does not set it). Our digit recipes set ``alpha = 0.1`` in their JSON: our ``L_select``
+is the *mean* BCE over a block's tokens, summed over blocks, and the paper does not say how it
+normalises; the recipes' value is a recipe choice, recorded in every checkpoint's config and card.
 """
 
 from __future__ import annotations

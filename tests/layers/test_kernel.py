@@ -171,3 +171,13 @@ def test_reuse_is_refused_when_the_input_is_not_the_last_output() -> None:
         ctx.begin((4, 4))
         block(x)
         assert torch.equal(block(other), expected), "a fresh input is packed again, not read from the last output"
+
+
+def test_stage_fusion_starts_a_stage_by_its_index_not_by_a_new_grid() -> None:
+    """At 16 px SPT's stages 3 and 4 share the 1x1 grid: stage 4 still fuses stage 3's score in, and the
+    blocks of stage 3 fuse nothing (they are the first SPA stage)."""
+    torch.manual_seed(0)
+    model = SPT(img_size=16, embed_dim=16, depths=(1, 1, 2, 2), num_heads=(1, 2, 2, 4), window_size=4, num_classes=0)
+    _, tr = spa_viz.trace(model.eval(), torch.randn(2, 3, 16, 16))
+    assert {layer.grid for layer in tr.layers} == {(1, 1)}
+    assert [layer.fused_input for layer in tr.layers] == [False, False, True, True]

@@ -17,6 +17,7 @@ from typing import Any
 
 from spa_viz.data.splits import DataConfig, DigitsData, data_config
 from spa_viz.io.config import ConfigError, from_dict, to_dict
+from spa_viz.selection.loss import DEFAULT_ALPHA
 
 __all__ = ["AMP", "ARCHITECTURES", "EvalSettings", "Recipe", "TrainSettings", "TrainingError", "load_config"]
 
@@ -40,7 +41,7 @@ class TrainSettings:
     min_lr: float = 1e-5
     weight_decay: float = 0.05
     warmup_steps: int = 100
-    alpha: float = 0.01  # weight of the selection loss
+    alpha: float = DEFAULT_ALPHA  # weight of the selection loss (the paper's 0.01; see spa_viz.selection.loss)
     gate_lr_scale: float = 1.0  # learning-rate factor of the SPA gates (fresh gates on a trained backbone move fast)
     grad_clip: float = 1.0  # 0: off
     accumulate: int = 1  # batches whose gradients are summed per optimizer step

@@ -1,7 +1,8 @@
 """Train an SPA detector from a JSON config: ``python -m spa_viz.train --config configs/NAME.json``.
 
-Loss: ``L = L_task + alpha * L_select`` (CenterNet loss + the BCE of every SPA block's fused score
-against selection labels made from the masks, or boxes, at that block's token grid). The output
+Loss: ``L = L_task + alpha * L_select`` (CenterNet loss + the BCE of every SPA block's own gate logit,
+before fusion, against selection labels made from the masks, or boxes, at that block's token grid;
+``alpha`` as :mod:`spa_viz.selection.loss` documents it). The output
 folder receives, after every epoch, a loadable checkpoint (``model.safetensors`` + ``config.json``
 + ``metrics.json`` with the learning curves + ``README.md`` model card) and a ``last/`` resume
 state (weights, optimizer tensors and RNG state in safetensors, the rest in JSON; no pickle).
