@@ -87,8 +87,8 @@ class LoadedModel:
     """A model ready to analyse: the module, its task adapter, provenance, and a lock.
 
     Every forward pass (and every change of its SPA settings) happens under ``lock``, so
-    concurrent requests never see each other's settings. ``saved_fusion`` is the fusion mode the
-    model came with (the app changes the live one per request).
+    concurrent requests never see each other's settings. ``saved_fusion`` and ``saved_unkept`` are the
+    fusion mode and unkept path the model came with (the app changes the live one per request).
     """
 
     key: str
@@ -98,6 +98,7 @@ class LoadedModel:
     trained_gates: bool
     trained_weights: bool
     saved_fusion: str = "stage"
+    saved_unkept: str = "copy"
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -217,9 +218,16 @@ class ModelRegistry:
                 raise
             except (ValueError, RuntimeError, OSError, KeyError) as err:
                 raise ModelError(f"cannot load {source!r}: {err}") from err
-            fusion = spa_viz.spa_context(model).config.fusion
+            saved = spa_viz.spa_context(model).config
             entry = LoadedModel(
-                source, model.to(self.device).eval(), adapter, config, trained_gates, trained_weights, fusion
+                source,
+                model.to(self.device).eval(),
+                adapter,
+                config,
+                trained_gates,
+                trained_weights,
+                saved.fusion,
+                saved.unkept,
             )
             self._cache[source] = entry
             while len(self._cache) > self.capacity:

@@ -46,6 +46,7 @@ from spa_viz.analysis.trace import LayerTrace, Trace
 from spa_viz.io.checkpoint import CheckpointError
 from spa_viz.io.images import ImageInputError, InputImage, load_image
 from spa_viz.io.timer import median_seconds, stopwatch
+from spa_viz.layers.config import UNKEPT_MODES
 from spa_viz.layers.gate import FUSION_MODES
 from spa_viz.models.saliency.labels import SALIENT
 from spa_viz.models.twin import dense_twin
@@ -89,8 +90,22 @@ class LRUCache(Generic[K, V]):
         return value
 
 
+UNKEPT_HELP = {
+    "copy": "passed on unchanged",
+    "paper": "the paper's soft-gated output projection",
+    "refresh": "take the update of their most similar kept token",
+}
+"""One line per unkept path, for the cost text."""
+
+
+def _not_current(trace: Trace) -> float:
+    """Share of tokens at the backbone output that a block last updated before the last SPA layer."""
+    age = trace.output_age()
+    return 0.0 if age is None else float((age > 0).float().mean())
+
+
 SAVED_FUSION = "saved"
-"""The ``fusion`` value that means "the mode this model was saved with" (the app's default)."""
+"""The ``fusion`` (and ``unkept``) value that means "as this model was saved" (the app's default)."""
 
 
 @dataclass(frozen=True)
@@ -102,7 +117,9 @@ class SPASettings:
     model was saved with, so a model trained with chain fusion is shown as it was trained); a name of
     :data:`~spa_viz.selection.selectors.SELECTORS` runs that training-free selector, keeping
     ``selector_amount`` (its ratio or p, see :func:`app.models.selector_amount`); selector scores
-    are not fused.
+    are not fused. ``unkept`` is what tokens SPA does not keep become (one of
+    :data:`~spa_viz.layers.config.UNKEPT_MODES`, or :data:`SAVED_FUSION`: the path it was saved with),
+    for the learned gate and selectors alike.
     """
 
     selector: str | None = None
@@ -111,6 +128,7 @@ class SPASettings:
     policy: str = "image"
     container_len: int = 49
     fusion: str = SAVED_FUSION
+    unkept: str = SAVED_FUSION
 
     def key(self) -> tuple[Any, ...]:
         """Cache key: only what matters for the chosen selector and policy."""
@@ -118,7 +136,7 @@ class SPASettings:
             gate: tuple[Any, ...] = (None, round(self.threshold, 4), self.fusion)
         else:
             gate = (self.selector, round(self.selector_amount, 4))
-        return (*gate, self.policy, self.container_len if self.policy == "container" else None)
+        return (*gate, self.policy, self.container_len if self.policy == "container" else None, self.unkept)
 
 
 @dataclass
@@ -216,6 +234,7 @@ class Analysis:
     labels: np.ndarray | None
     labels_text: str
     strip: np.ndarray
+    age: np.ndarray
     predictions: np.ndarray
     layout: go.Figure
     macs: go.Figure
@@ -382,6 +401,7 @@ class AnalysisService:
                 policy=spa.policy,
                 container_len=container,
                 fusion=spa.fusion,
+                unkept=spa.unkept,
                 enabled=True,
             )
         except ValueError as err:
@@ -499,13 +519,20 @@ class AnalysisService:
         return record.layer(chosen)
 
     def _settle(self, model: str, spa: SPASettings) -> tuple[LoadedModel, SPASettings]:
-        """The loaded model and ``spa`` with :data:`SAVED_FUSION` replaced by the mode it was saved with;
-        settings no model could run are refused before the model is loaded."""
+        """The loaded model and ``spa`` with :data:`SAVED_FUSION` replaced by the fusion mode and unkept
+        path it was saved with; settings no model could run are refused before the model is loaded."""
         allowed = [*FUSION_MODES, SAVED_FUSION]
         if spa.fusion not in allowed:
             raise UserError(f"unknown fusion mode {spa.fusion!r}; choose one of {allowed}")
+        paths = [*UNKEPT_MODES, SAVED_FUSION]
+        if spa.unkept not in paths:
+            raise UserError(f"unknown unkept path {spa.unkept!r}; choose one of {paths}")
         entry = self.model(model)
-        return entry, replace(spa, fusion=entry.saved_fusion) if spa.fusion == SAVED_FUSION else spa
+        if spa.fusion == SAVED_FUSION:
+            spa = replace(spa, fusion=entry.saved_fusion)
+        if spa.unkept == SAVED_FUSION:
+            spa = replace(spa, unkept=entry.saved_unkept)
+        return entry, spa
 
     def _run(
         self, paths: Sequence[str | Path] | None, model: str, spa: SPASettings, layer: int | None, image_index: int
@@ -542,7 +569,9 @@ class AnalysisService:
             f"{clock}  \n"
             f"**Kept tokens**: {trace.mean_keep_ratio:.1%} on average over SPA layers and images · "
             f"layer {record.layer}: B′ = {plan.num_rows} row{'s' if plan.num_rows != 1 else ''} × L = {plan.row_len}, "
-            f"fill {plan.fill_ratio:.1%} ({plan.policy} policy) · selection score: {panels.score_source(record)}"
+            f"fill {plan.fill_ratio:.1%} ({plan.policy} policy) · selection score: {panels.score_source(record)}  \n"
+            f"**Unkept tokens** ({record.unkept}: {UNKEPT_HELP[record.unkept]}): at the backbone output "
+            f"{_not_current(trace):.0%} of tokens are not current"
         )
 
     def _summary(
@@ -567,6 +596,7 @@ class AnalysisService:
             "trained_gates": entry.trained_gates,
             "trained_weights": entry.trained_weights,
             "saved_fusion": entry.saved_fusion,
+            "saved_unkept": entry.saved_unkept,
             "device": str(self.device),
             "settings": asdict(run.spa),
             "images": [im.name for im in run.batch.images],
@@ -632,6 +662,8 @@ class AnalysisService:
             )
 
         strip = panels.strip_panel(display, trace.layers, index, name, highlight=record.layer)
+        difference = entry.adapter.output_difference(run.forward.output, run.dense.output, index)
+        age = panels.age_panel(display, trace, index, name, difference)
         predictions = entry.adapter.draw(display, run.forward.output, index)
 
         names = [f"{i}: {im.name}" for i, im in enumerate(batch.images)]
@@ -659,6 +691,7 @@ class AnalysisService:
             labels_img,
             labels_text,
             strip,
+            age,
             predictions,
             layout,
             run.forward.macs_figure,
@@ -759,6 +792,7 @@ class AnalysisService:
             "kept_tokens": result.kept,
             "selection_labels": result.labels,
             "all_layers": result.strip,
+            "token_age": result.age,
             "predictions": result.predictions,
         }
         with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:

@@ -33,7 +33,7 @@ from app.examples import Examples
 from app.files import BoundedFolder
 from app.models import LEARNED_GATE, LoadedModel, selector_names
 from app.models import selector_amount as amount_of
-from app.service import SAVED_FUSION, AnalysisService, SPASettings, UserError
+from app.service import SAVED_FUSION, UNKEPT_HELP, AnalysisService, SPASettings, UserError
 from spa_viz.analysis.attribution import METHODS
 from spa_viz.layers.gate import FUSION_MODES
 from spa_viz.layers.packing import POLICIES
@@ -53,6 +53,8 @@ INTRO = (
     "Upload one or several images (several = one batch), then move the threshold, the layer or the packing policy. "
     "Compute is counted in MACs (multiply-adds, what the SPA and Swin papers call FLOPs); 1 MAC = 2 FLOPs."
 )
+UNKEPT_CHOICES = list(UNKEPT_HELP)
+UNKEPT_TEXT = "; ".join(f"{mode} = {help}" for mode, help in UNKEPT_HELP.items())
 FUSION_HELP = (
     "stage = the paper's (fuse the previous stage's score), chain = each block with the one before, none = own logit"
 )
@@ -163,12 +165,24 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
     digit_paths = [str(p) for p in examples.digits] if examples else []
 
     def spa_settings(
-        selector: str, amount: float, threshold: float, policy: str, container_len: float, fusion: str
+        selector: str,
+        amount: float,
+        threshold: float,
+        policy: str,
+        container_len: float,
+        fusion: str,
+        unkept: str = SAVED_FUSION,
     ) -> SPASettings:
         """The API's arguments -> :class:`SPASettings` (the picker's "learned gate" label is selector None)."""
         chosen = None if selector in (None, "", LEARNED_GATE) else selector
         return SPASettings(
-            chosen, float(amount), float(threshold), policy or "image", int(container_len), fusion or SAVED_FUSION
+            chosen,
+            float(amount),
+            float(threshold),
+            policy or "image",
+            int(container_len),
+            fusion or SAVED_FUSION,
+            unkept or SAVED_FUSION,
         )
 
     def views(
@@ -182,12 +196,13 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
         layer: float,
         image_index: float,
         fusion: str,
+        unkept: str,
         measure: bool,
     ) -> tuple[Any, ...]:
         result = service.analyze(
             files,
             model or default,
-            spa_settings(selector, selector_amount, threshold, policy, container_len, fusion),
+            spa_settings(selector, selector_amount, threshold, policy, container_len, fusion, unkept),
             int(layer),
             int(image_index),
             measure=measure,
@@ -202,6 +217,7 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
             png(result.labels),
             result.labels_text,
             png(result.strip),
+            png(result.age),
             result.layout,
             result.macs,
             result.histogram,
@@ -221,14 +237,28 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
         layer: float,
         image_index: float,
         fusion: str = SAVED_FUSION,
+        unkept: str = SAVED_FUSION,
     ) -> tuple[Any, ...]:
         """All views of a batch at one SPA layer and image: status, cost text (backbone MACs dense vs SPA;
         the wall-clock when already measured for these images and settings, else call ``/timing``), gate
-        heat-map, kept mask, selection labels (image + text), all-layer strip, packed layout, MACs per
-        layer, kept-token histogram, predictions, batch gallery, summary JSON. ``fusion``: how a learned
-        gate's logit is fused with earlier scores (stage, chain, none)."""
+        heat-map, kept mask, selection labels (image + text), all-layer strip, token age with
+        |SPA - dense| of the output, packed layout, MACs per layer, kept-token histogram, predictions,
+        batch gallery, summary JSON. ``fusion``: how a learned gate's logit is fused with earlier scores
+        (stage, chain, none); ``unkept``: what tokens SPA does not keep become (copy, paper, refresh);
+        ``saved`` for either: as the model was saved."""
         return views(
-            files, model, selector, selector_amount, threshold, policy, container_len, layer, image_index, fusion, False
+            files,
+            model,
+            selector,
+            selector_amount,
+            threshold,
+            policy,
+            container_len,
+            layer,
+            image_index,
+            fusion,
+            unkept,
+            False,
         )
 
     def show(*args: Any) -> tuple[Any, ...]:
@@ -246,10 +276,11 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
         layer: float,
         image_index: float,
         fusion: str = SAVED_FUSION,
+        unkept: str = SAVED_FUSION,
     ) -> tuple[str, dict[str, Any]]:
         """The cost text and the summary JSON with the wall-clock measured: the median of several runs of
         the dense twin and of SPA, alternating, without tracing (cached per images and settings)."""
-        spa = spa_settings(selector, selector_amount, threshold, policy, container_len, fusion)
+        spa = spa_settings(selector, selector_amount, threshold, policy, container_len, fusion, unkept)
         return service.timing(files, model or default, spa, int(layer), int(image_index))
 
     def attribute(
@@ -263,6 +294,7 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
         image_index: float,
         method: str,
         fusion: str = SAVED_FUSION,
+        unkept: str = SAVED_FUSION,
         progress: gr.Progress = gr.Progress(),  # noqa: B008  (gradio injects progress through this default)
     ) -> tuple[Any, str]:
         """Per-token attribution (integrated_gradients, feature_ablation, occlusion, attention_rollout)
@@ -270,7 +302,7 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
         view = service.attribute(
             files,
             model or default,
-            spa_settings(selector, selector_amount, threshold, policy, container_len, fusion),
+            spa_settings(selector, selector_amount, threshold, policy, container_len, fusion, unkept),
             int(image_index),
             method,
             progress=lambda fraction, message: progress(fraction, desc=message),
@@ -288,13 +320,17 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
         layer: float,
         image_index: float,
         fusion: str = SAVED_FUSION,
+        unkept: str = SAVED_FUSION,
     ) -> str:
         """A zip with the PNG panels, the plotly figures (JSON) and the summary (JSON, wall-clock measured)."""
-        spa = spa_settings(selector, selector_amount, threshold, policy, container_len, fusion)
+        spa = spa_settings(selector, selector_amount, threshold, policy, container_len, fusion, unkept)
         return str(service.report(files, model or default, spa, int(layer), int(image_index)))
 
     def fusion_label(entry: LoadedModel) -> str:
         return f"Score fusion (learned gate; {entry.key} was saved with {entry.saved_fusion})"
+
+    def unkept_label(entry: LoadedModel) -> str:
+        return f"Unkept tokens become ({entry.key} was saved with {entry.saved_unkept})"
 
     def pick_model(source: str, selector: str) -> tuple[Any, ...]:
         """UI: load a model and set the picker, the layer slider, the selectors it can run and the fusion label."""
@@ -310,6 +346,7 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
             gr.Slider(minimum=spa_layers[0], maximum=spa_layers[-1], value=spa_layers[0], step=1),
             gr.Dropdown(choices=entry.selectors, value=chosen),
             gr.Radio(label=fusion_label(entry), value=entry.saved_fusion),
+            gr.Radio(label=unkept_label(entry), value=entry.saved_unkept),
         )
 
     def load_model(source: str) -> dict[str, Any]:
@@ -323,6 +360,7 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
             "spa_layers": entry.spa_layers,
             "selectors": entry.selectors,
             "saved_fusion": entry.saved_fusion,
+            "saved_unkept": entry.saved_unkept,
             "trained_gates": entry.trained_gates,
             "trained_weights": entry.trained_weights,
             "badge": entry.badge,
@@ -335,6 +373,7 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
             "models": registry.choices(),
             "selectors": selector_names(),
             "fusion_modes": [*FUSION_MODES, SAVED_FUSION],
+            "unkept_paths": [*UNKEPT_CHOICES, SAVED_FUSION],
             "attribution_methods": list(METHODS),
             "policies": list(POLICIES),
         }
@@ -411,6 +450,13 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
                     elem_id="fusion",
                     interactive=learned,
                 )
+                unkept = gr.Radio(
+                    UNKEPT_CHOICES,
+                    value=default_entry.saved_unkept,
+                    label=unkept_label(default_entry),
+                    info=UNKEPT_TEXT,
+                    elem_id="unkept",
+                )
                 policy = gr.Radio(
                     list(POLICIES),
                     value="image",
@@ -430,6 +476,7 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
                     labels = _output_image("Selection labels", "labels-image")
                 labels_text = gr.Markdown(label="Selection label metrics")
                 strip = _output_image("All SPA layers", "strip-image")
+                age = _output_image("Token age and |SPA - dense| of the output", "age-image")
                 layout = gr.Plot(label="Packed batch layout")
                 with gr.Row():
                     macs = gr.Plot(label="MACs per layer")
@@ -452,7 +499,7 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
                 api_analyze = gr.Button(visible=False)  # the /analyze endpoint (views and wall-clock in one answer)
 
         settings_inputs = [files, model, selector, amount, threshold, policy, container_len]
-        view_inputs = [*settings_inputs, layer, image_index, fusion]
+        view_inputs = [*settings_inputs, layer, image_index, fusion, unkept]
         view_outputs = [
             status,
             stats,
@@ -461,6 +508,7 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
             labels,
             labels_text,
             strip,
+            age,
             layout,
             macs,
             histogram,
@@ -490,6 +538,7 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
                 amount.change,
                 threshold.change,
                 fusion.change,
+                unkept.change,
                 policy.change,
                 container_len.change,
                 layer.change,
@@ -509,7 +558,7 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
         )
         demo.load(lambda: gr.Dropdown(choices=selectors), None, [selector], api_visibility="private", queue=False)
         # a new model first updates the picker, the layer slider and the selectors it can run, then shows
-        model_outputs = [status, model, layer, selector, fusion]
+        model_outputs = [status, model, layer, selector, fusion, unkept]
         picked = gr.on(
             triggers=[load_button.click, source.submit],
             fn=_guard(pick_model),
@@ -526,7 +575,7 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
             )
         attribute_button.click(
             _guard(attribute),
-            [*settings_inputs, image_index, method, fusion],
+            [*settings_inputs, image_index, method, fusion, unkept],
             [attribution_image, attribution_text],
             api_name="attribute",
             concurrency_limit=1,  # one long attribution at a time leaves the other slot to analyses

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 from plotly.offline import get_plotlyjs
 from tqdm import tqdm
@@ -45,9 +46,11 @@ from spa_viz.io.checkpoint import CheckpointError, checkpoint_config
 from spa_viz.io.files import OutputExistsError, refuse_overwrite
 from spa_viz.io.images import ImageInputError, load_image
 from spa_viz.io.timer import stopwatch
+from spa_viz.layers.config import UNKEPT_MODES
 from spa_viz.layers.gate import FUSION_MODES
 from spa_viz.layers.packing import POLICIES
 from spa_viz.models.spa_vit import configure, spa_context
+from spa_viz.models.twin import dense_twin
 from spa_viz.models.zoo import default_model, load
 from spa_viz.viz import figures, panels
 from spa_viz.viz.tasks import TaskAdapter, adapter_for
@@ -70,7 +73,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 #: ``spa-viz COMMAND TARGET ...`` -> the module whose ``main`` takes the rest of the command line.
 DELEGATED: dict[str, dict[str, str]] = {
     "train": {"detection": "spa_viz.recipes.detection.train", "saliency": "spa_viz.recipes.saliency.train"},
-    "evaluate": {"detection": "spa_viz.recipes.detection.evaluate", "saliency": "spa_viz.recipes.saliency.evaluate"},
+    "evaluate": {
+        "detection": "spa_viz.recipes.detection.evaluate",
+        "saliency": "spa_viz.recipes.saliency.evaluate",
+        "gate-probe": "spa_viz.recipes.detection.gate_probe",
+    },
     "bench": {
         "block": "spa_viz.benchmarks.block",
         "backbone": "spa_viz.benchmarks.backbone",
@@ -148,13 +155,17 @@ def analyze_image(
         x = task.preprocess(pixels)[None]
     with stopwatch() as forward:
         output, tr = trace(task.model, x)
+    with dense_twin(task.model), torch.no_grad():
+        dense_output = task.model(x)
     with stopwatch() as render:
         display = _enlarge(task.display(x[0]))
         preds = task.predictions(output, 0)
         folder.mkdir(parents=True, exist_ok=True)
-        files = ["predictions.png", "layers.png"]
+        files = ["predictions.png", "layers.png", "token_age.png"]
         save_png(folder / files[0], task.draw(display, output, 0))
         save_png(folder / files[1], panels.strip_panel(display, tr.layers, 0, folder.name))
+        difference = task.output_difference(output, dense_output, 0)
+        save_png(folder / files[2], panels.age_panel(display, tr, 0, folder.name, difference))
         layers = _draw_layers(tr, display, folder, threshold, tau)
         files += [name for record in layers for name in record["files"]]
     timings = {"preprocess_s": preprocess.wall, "forward_s": forward.wall, "render_s": render.wall}
@@ -247,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="how a learned gate's logit is fused with earlier scores: stage (the paper's: the previous "
         "stage's score), chain (the previous block's), none (own logit) (default: the model's)",
     )
+    analyze.add_argument(
+        "--unkept",
+        choices=UNKEPT_MODES,
+        help="what tokens SPA does not keep become: copy (unchanged), paper (the paper's soft-gated output "
+        "projection), refresh (the update of the most similar kept token) (default: the model's)",
+    )
     analyze.add_argument("--attribution", choices=("none", *ATTRIBUTIONS), default="none")
     analyze.add_argument("--overwrite", action="store_true", help="replace existing output files")
     analyze.add_argument("--device", default="cpu")
@@ -267,6 +284,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, TaskAdapter]:
             "policy": args.policy,
             "container_len": args.container_len,
             "fusion": args.fusion,
+            "unkept": args.unkept,
         }
         changes = {k: v for k, v in settings.items() if v is not None}
         if changes:
@@ -308,6 +326,7 @@ def analyze(args: argparse.Namespace) -> int:
             "threshold": config.threshold,
             "tau": config.tau,
             "fusion": config.fusion,
+            "unkept": config.unkept,
             "policy": config.policy,
             "container_len": config.container_len,
         },

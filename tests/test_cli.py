@@ -118,7 +118,7 @@ def test_outputs_per_image(first: Run, out: Path) -> None:
         assert layers and list(summary["kept_counts"]) == layers
         assert summary["compute"]["backbone_macs_dense"] > 0 and summary["compute"]["backbone_macs_run"] > 0
         assert {"preprocess_s", "forward_s", "render_s"} <= set(summary["timings"])
-        assert set(summary["score_sources"]) == set(layers) and "layers.png" in summary["files"]
+        assert set(summary["score_sources"]) == set(layers) and {"layers.png", "token_age.png"} <= set(summary["files"])
         assert summary["input_size"] == [64, 64]
         assert summary["predictions"]["top5"][0]["label"].startswith("shape ")
         assert sorted(summary["files"]) == sorted(p.name for p in (out / name).iterdir())

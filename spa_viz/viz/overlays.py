@@ -37,6 +37,7 @@ from spa_viz.viz.style import (
 
 __all__ = [
     "add_title",
+    "age_overlay",
     "as_numpy",
     "attribution_overlay",
     "colorbar",
@@ -54,7 +55,9 @@ __all__ = [
     "vstack",
 ]
 
-_CMAPS = {"viridis": cv2.COLORMAP_VIRIDIS, "cividis": cv2.COLORMAP_CIVIDIS}
+AGE_CMAP = "magma_r"
+"""Token ages: light = one layer behind, dark = the oldest (the colour bar of the age panel uses it too)."""
+_CMAPS = {"viridis": cv2.COLORMAP_VIRIDIS, "cividis": cv2.COLORMAP_CIVIDIS, "magma": cv2.COLORMAP_MAGMA}
 
 
 def _check_image(image: np.ndarray) -> np.ndarray:
@@ -83,9 +86,12 @@ def upsample_tokens(values: Tensor | np.ndarray, size: tuple[int, int]) -> np.nd
 
 
 def colorize(values: np.ndarray, vmin: float = 0.0, vmax: float = 1.0, cmap: str = "viridis") -> np.ndarray:
-    """Map a 2-D float array onto an RGB colour map (values clipped to ``[vmin, vmax]``)."""
+    """Map a 2-D float array onto an RGB colour map (values clipped to ``[vmin, vmax]``); a ``_r`` suffix
+    reverses the map."""
     span = max(vmax - vmin, 1e-12)
     scaled = np.clip((np.nan_to_num(np.asarray(values, dtype=np.float64)) - vmin) / span, 0.0, 1.0)
+    if cmap.endswith("_r"):
+        cmap, scaled = cmap[:-2], 1.0 - scaled
     bgr = cv2.applyColorMap(np.round(scaled * 255).astype(np.uint8), _CMAPS[cmap])
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
@@ -125,6 +131,16 @@ def score_overlay(
     if threshold is not None:
         out = _outline(out, values > threshold, (255, 255, 255), _line_width(image))
     return out
+
+
+def age_overlay(image: np.ndarray, ages: Tensor | np.ndarray, max_age: int, alpha: float = 0.7) -> np.ndarray:
+    """Token ages over the image: current tokens (age 0) as they are, older ones tinted on the reversed
+    magma map (light for 1 layer behind, dark for ``max_age``) and dimmed."""
+    image = _check_image(image)
+    values = upsample_tokens(as_numpy(ages).astype(np.float32), image.shape[:2])
+    stale = values > 0
+    tint = colorize(values, 0.0, max(max_age, 1), AGE_CMAP)
+    return np.where(stale[..., None], _blend(image, tint, alpha), image)
 
 
 def keep_overlay(image: np.ndarray, keep: Tensor | np.ndarray) -> np.ndarray:

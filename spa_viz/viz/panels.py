@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 from spa_viz.analysis.metrics import SelectionCounts
-from spa_viz.analysis.trace import LayerTrace
+from spa_viz.analysis.trace import LayerTrace, Trace
 from spa_viz.viz import overlays
 from spa_viz.viz.style import (
     DROPPED_COLOR,
@@ -27,6 +27,7 @@ from spa_viz.viz.style import (
 )
 
 __all__ = [
+    "age_panel",
     "attribution_panel",
     "fused_share",
     "gate_panel",
@@ -188,3 +189,54 @@ def layout_panel(record: LayerTrace, cell: int = 14, min_width: int = 360) -> np
     if picture.shape[1] < min_width:
         picture = np.pad(picture, ((0, 0), (0, min_width - picture.shape[1]), (0, 0)), constant_values=255)
     return overlays.add_title(picture, f"Packed batch · layer {record.layer} · {plan.policy} policy", subtitle)
+
+
+def age_panel(
+    display: np.ndarray,
+    trace: Trace,
+    index: int,
+    name: str,
+    difference: tuple[Tensor, str] | None = None,
+    panel_size: int = 160,
+) -> np.ndarray:
+    """Token age of image ``index``: after every SPA layer and at the backbone output, how many SPA
+    layers ago each token was last updated (0 = current), beside |SPA - dense| of the model's output.
+
+    ``difference``: the (h, w) map and what it is of (:meth:`~spa_viz.viz.tasks.TaskAdapter.output_difference`).
+    """
+    ages = trace.token_ages()
+    if not ages:
+        raise ValueError("no SPA layers to draw")
+    output_age = trace.output_age()
+    oldest = max(int(max(age[index].max() for age in ages)), 1)
+    small = np.ascontiguousarray(
+        np.asarray(Image.fromarray(display).resize((panel_size, panel_size), Image.Resampling.BILINEAR))
+    )
+    size = max(12, panel_size // 9)
+    tiles = []
+    for record, age in zip(trace.layers, ages, strict=True):
+        mean = float(age[index].float().mean())
+        stale = float(record.stale[index].float().mean())
+        tile = overlays.age_overlay(small, age[index].reshape(record.grid), oldest)
+        tiles.append(overlays.add_title(tile, f"L{record.layer} · age {mean:.1f}", f"{stale:.0%} stale", size=size))
+    grid = trace.layers[-1].grid
+    out_age = output_age[index]
+    note = "dense tail refreshed all" if trace.dense_after else f"{float((out_age > 0).float().mean()):.0%} not current"
+    tile = overlays.age_overlay(small, out_age.reshape(grid), oldest)
+    tiles.append(overlays.add_title(tile, f"output · age {float(out_age.float().mean()):.1f}", note, size=size))
+    if difference is not None:
+        values, what = difference
+        limit = max(float(values.max()), 1e-6)
+        heat = overlays.score_overlay(small, values.float(), vmax=limit, alpha=0.75, cmap="magma")
+        tiles.append(overlays.add_title(heat, "|SPA - dense|", f"{what}: mean {float(values.mean()):.3f}", size=size))
+    rows = [overlays.hstack(tiles[i : i + 8]) for i in range(0, len(tiles), 8)]
+    unkept = trace.layers[0].unkept
+    picture = overlays.add_title(
+        overlays.vstack(rows),
+        f"Token age · {name}",
+        f"SPA layers since each token was last updated (unkept = {unkept}); darker = older",
+    )
+    bar = overlays.colorbar(
+        picture.shape[1], 0.0, float(oldest), "layers since the last update", cmap=overlays.AGE_CMAP
+    )
+    return overlays.vstack([picture, bar], gap=0)

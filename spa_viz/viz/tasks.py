@@ -78,6 +78,20 @@ class TaskAdapter:
         """(name, value) of how far image ``index``'s SPA output is from its dense twin's, if this task has one."""
         return None
 
+    def output_map(self, output: Any, index: int) -> Tensor | None:
+        """(h, w) the model's output of image ``index`` as one map in [0, 1] (what |SPA - dense| is drawn
+        of), or None for outputs that are not maps (class scores)."""
+        return None
+
+    def output_difference(self, output: Any, dense_output: Any, index: int) -> tuple[Tensor, str] | None:
+        """(|SPA - dense| of :meth:`output_map`, what the map is), or None where there is no map."""
+        spa, dense = self.output_map(output, index), self.output_map(dense_output, index)
+        if spa is None or dense is None:
+            return None
+        return (spa - dense).abs(), self.output_map_name
+
+    output_map_name = "output"
+
 
 class SaliencyTask(TaskAdapter):
     """Saliency models (B, 1, H, W) in [0, 1]; the dense twin's salient pixels are the teacher label."""
@@ -112,6 +126,11 @@ class SaliencyTask(TaskAdapter):
 
     def teacher_mask(self, dense_output: Tensor, index: int) -> Tensor:
         return salient(dense_output[index, 0].float().cpu())
+
+    output_map_name = "saliency"
+
+    def output_map(self, output: Tensor, index: int) -> Tensor:
+        return output[index, 0].float().cpu()
 
     @staticmethod
     def output_gap(output: Tensor, dense_output: Tensor, index: int) -> tuple[str, float]:
@@ -150,6 +169,11 @@ class DetectionTask(TaskAdapter):
         one = {k: v[index : index + 1] for k, v in output.items()}
         boxes, scores, labels = self.model.decode(one, threshold=self.min_score)[0]
         return boxes.cpu(), scores.cpu(), labels.cpu()
+
+    output_map_name = "heat-map peak over classes"
+
+    def output_map(self, output: dict[str, Tensor], index: int) -> Tensor:
+        return torch.sigmoid(output["heatmap"][index].float()).amax(0).cpu()
 
     def predictions(self, output: dict[str, Tensor], index: int) -> dict[str, Any]:
         boxes, scores, labels = self._detections(output, index)
@@ -202,6 +226,15 @@ class MaskRCNNTask(DetectionTask):
         detection = output[index]
         keep = detection["scores"] >= self.min_score
         return detection["boxes"][keep].cpu(), detection["scores"][keep].cpu(), detection["labels"][keep].cpu()
+
+    output_map_name = "instance masks x score"
+
+    def output_map(self, output: list[dict[str, Tensor]], index: int) -> Tensor:
+        detection = output[index]
+        masks = detection["masks"][:, 0].float() * detection["scores"].float()[:, None, None]
+        if not len(masks):
+            return torch.zeros(self.input_size)
+        return masks.amax(0).cpu()
 
     def predictions(self, output: list[dict[str, Tensor]], index: int) -> dict[str, Any]:
         keep = output[index]["scores"] >= self.min_score

@@ -33,6 +33,7 @@ OUTPUTS = (
     "labels",
     "labels_text",
     "strip",
+    "age",
     "layout",
     "flops",
     "histogram",
@@ -143,6 +144,17 @@ def test_fusion_mode_changes_the_later_layers(client: Client, examples) -> None:
     with pytest.raises(AppError, match=r"stage.*chain.*none"):
         analyze(client, photo, fusion="cascade")
     assert_good_request_works(client, examples.photos[0])
+
+
+def test_unkept_argument_switches_the_path(client: Client, examples) -> None:
+    photo = [examples.photos[1]]
+    copy = analyze(client, photo, unkept="copy", threshold=0.6)["summary"]["trace"]
+    paper = analyze(client, photo, unkept="paper", threshold=0.6)["summary"]["trace"]
+    assert {layer["unkept"] for layer in copy["layers"]} == {"copy"}
+    assert {layer["unkept"] for layer in paper["layers"]} == {"paper"}
+    assert paper["backbone_macs_run"] > copy["backbone_macs_run"], "the output projection of unkept tokens is counted"
+    with pytest.raises(AppError, match=r"copy.*paper.*refresh"):
+        analyze(client, photo, unkept="drop")
 
 
 def test_timing_endpoint_measures_once_and_the_layer_slider_reuses_it(client: Client, served: Served, examples) -> None:
@@ -284,6 +296,7 @@ def test_report_and_models_endpoints(client: Client, examples) -> None:
         "kept_tokens.png",
         "selection_labels.png",
         "all_layers.png",
+        "token_age.png",
         "predictions.png",
         "packed_layout.plotly.json",
         "macs_per_layer.plotly.json",

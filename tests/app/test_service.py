@@ -124,6 +124,26 @@ def test_stage_fusion_on_spt_fuses_only_across_stages(service: AnalysisService, 
     assert {layer["score_source"] for layer in none.summary["trace"]["layers"]} == {"own logit"}
 
 
+@pytest.mark.skipif("spa-vit-digits" not in spa_viz.available(), reason="the spa-vit-digits checkpoint is not here")
+def test_unkept_switch_reruns_the_analysis_with_token_ages(service: AnalysisService, examples: Examples) -> None:
+    """The unkept path opens as saved, switches live, and the token-age view and summary follow it."""
+    digits = examples.digits[:2]
+    entry = service.model("spa-vit-digits")
+    saved = service.analyze(digits, "spa-vit-digits", SPASettings(), measure=False)
+    assert saved.summary["settings"]["unkept"] == entry.saved_unkept
+    copy = service.analyze(digits, "spa-vit-digits", SPASettings(unkept="copy"), measure=False)
+    refresh = service.analyze(digits, "spa-vit-digits", SPASettings(unkept="refresh"), measure=False)
+    copied, refreshed = copy.summary["trace"], refresh.summary["trace"]
+    assert {layer["unkept"] for layer in copied["layers"]} == {"copy"}
+    assert all(layer["share_stale"] > 0 and layer["share_refreshed"] == 0 for layer in copied["layers"])
+    assert all(layer["share_stale"] == 0 and layer["mean_age"] == 0 for layer in refreshed["layers"])
+    assert copied["output_mean_age"] > 0 and refreshed["output_mean_age"] == 0
+    assert copy.age.shape[2] == 3 and not np.array_equal(copy.age, refresh.age)
+    assert "refresh" in refresh.stats and "not current" in refresh.stats
+    with pytest.raises(UserError, match=r"unknown unkept path 'drop'.*copy.*paper.*refresh"):
+        service.analyze(digits, "spa-vit-digits", SPASettings(unkept="drop"), measure=False)
+
+
 def test_wall_clock_is_measured_once_per_batch_and_settings(service: AnalysisService, examples: Examples) -> None:
     photo = examples.photos[2:4]
     spa = SPASettings(threshold=0.45)

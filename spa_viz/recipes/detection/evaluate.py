@@ -34,6 +34,7 @@ from spa_viz.data.coco import collate
 from spa_viz.data.splits import data_config, load_split
 from spa_viz.io.checkpoint import checkpoint_config, load_checkpoint
 from spa_viz.io.files import write_text_atomic
+from spa_viz.layers.config import SOFT_GATING_MODES, UNKEPT_MODES
 from spa_viz.models.detection import Detector, SPAMaskRCNN
 from spa_viz.models.spa_vit import configure
 from spa_viz.models.twin import dense_twin
@@ -189,6 +190,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--num", type=int, default=None, help="first N images of the split (default: all of it)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: 32 (CenterNet), 8 (Mask R-CNN)")
     parser.add_argument("--threshold", type=float, default=None, help="override the SPA keep threshold")
+    parser.add_argument(
+        "--unkept", choices=UNKEPT_MODES, default=None, help="override what unkept tokens become (SPA v3 paths)"
+    )
+    parser.add_argument(
+        "--soft-gating",
+        choices=SOFT_GATING_MODES,
+        default=None,
+        help="override soft gating (always, train = training only, off); the evaluation runs in eval mode",
+    )
     parser.add_argument("--no-timing", action="store_true", help="skip the wall-clock measurement")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-cache", action="store_true", help="regenerate digits instead of using the cache")
@@ -208,11 +218,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not isinstance(model, Detector) and not mask_rcnn:
         parser.error(f"{args.checkpoint} is not a detector checkpoint")
     config = checkpoint_config(model)
-    if args.threshold is not None:
-        configure(model, threshold=args.threshold)
-    if args.update_metrics and (args.split != "test" or args.num is not None or args.threshold is not None):
+    overrides = {
+        name: value
+        for name, value in {"threshold": args.threshold, "unkept": args.unkept, "soft_gating": args.soft_gating}.items()
+        if value is not None
+    }
+    if overrides:
+        configure(model, **overrides)
+    if args.update_metrics and (args.split != "test" or args.num is not None or overrides):
         parser.error(
-            "--update-metrics evaluates the whole test split at the saved settings: drop --split/--num/--threshold"
+            "--update-metrics evaluates the whole test split at the saved settings: "
+            "drop --split/--num/--threshold/--unkept/--soft-gating"
         )
     image_size = int(config["image_size"])
     cache = False if args.no_cache else None
