@@ -77,6 +77,7 @@ DELEGATED: dict[str, dict[str, str]] = {
         "detection": "spa_viz.recipes.detection.evaluate",
         "saliency": "spa_viz.recipes.saliency.evaluate",
         "gate-probe": "spa_viz.recipes.detection.gate_probe",
+        "saliency-drift": "spa_viz.recipes.saliency.drift",
     },
     "bench": {
         "block": "spa_viz.benchmarks.block",

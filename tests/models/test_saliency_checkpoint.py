@@ -104,3 +104,16 @@ def test_wrongly_shaped_gate_names_the_tensor(tmp_path) -> None:
     save_file(state, str(folder / "model.safetensors"))
     with pytest.raises(CheckpointError, match=name.replace(".", r"\.")):
         load_checkpoint(folder)
+
+
+def test_keep_all_drift_comes_from_the_adapters_and_soft_gating(model) -> None:
+    """At threshold 0 (every token kept) only the adapters / tuned decoder and soft gating separate the
+    model from its teacher: with both off it is the teacher (float32 recomputation: 1e-5)."""
+    from spa_viz.recipes.saliency.drift import keep_all_drift
+
+    images = held_out_batch(PHOTOS)
+    rows = {(r.adapters, r.soft_gating): r for r in keep_all_drift(model, images, (0.0,), ("copy",))}
+    assert all(r.keep == 1.0 for r in rows.values())
+    assert rows[(False, False)].mae < 1e-5
+    assert rows[(True, False)].mae > 0.01 and rows[(False, True)].mae > 0.01
+    assert spa_viz.spa_context(model).config.threshold == 0.5, "the settings are restored"
