@@ -7,6 +7,10 @@ DIGIT_DETECTORS = (
     "spa-vit-digits",
     "spa-vit-digits-noselect",
     "spa-vit-digits-noselect-bias0",
+    "spa-vit-digits-refresh",
+    "spa-vit-digits-paper",
+    "spa-vit-digits-noselect-refresh",
+    "spa-vit-digits-softoff",
     "dense-spt-digits",
     "spt-digits",
 )

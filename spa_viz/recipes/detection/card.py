@@ -124,6 +124,7 @@ def _mask_rcnn_card(config: Mapping[str, Any], metrics: Mapping[str, Any], comma
         "policy": spa.get("policy"),
         "container_len": spa.get("container_len"),
         "start_layer": spa.get("start_layer", "(SPT stages)"),
+        **_v3_fields(spa),
         "head": json.dumps(config.get("head", {})),
         "transform": json.dumps(config.get("transform", {})),
         "init_from": config.get("init_from") or "scratch (random init)",
@@ -136,6 +137,15 @@ def _mask_rcnn_card(config: Mapping[str, Any], metrics: Mapping[str, Any], comma
         "device_note": f"{machine.get('device', 'cpu')} ({machine.get('threads', '?')} torch threads)",
     }
     return render_card("mask_rcnn", fields)
+
+
+def _v3_fields(spa: Mapping[str, Any]) -> dict[str, Any]:
+    """What unkept tokens become and where soft gating acts (configs saved before v3: copy, bool)."""
+    soft = spa.get("soft_gating", True)
+    return {
+        "unkept": spa.get("unkept", "copy"),
+        "soft_gating": ("always" if soft else "off") if isinstance(soft, bool) else soft,
+    }
 
 
 def model_card(config: Mapping[str, Any], metrics: Mapping[str, Any], command: str) -> str:
@@ -160,6 +170,7 @@ def model_card(config: Mapping[str, Any], metrics: Mapping[str, Any], command: s
         "threshold": spa.get("threshold"),
         "policy": spa.get("policy"),
         "start_layer": spa.get("start_layer", "(SPT stages)"),
+        **_v3_fields(spa),
         "image_size": config["image_size"],
         "canvas_size": config["data"].get("canvas_size", "?"),
         "init_from": config.get("init_from") or "scratch (random init)",
