@@ -384,36 +384,60 @@ def nearest_kept(features: Tensor, keep: Tensor, counts: list[int]) -> Tensor:
 
     ``features`` (B, N, C), ``keep`` (B, N) bool with ``counts`` kept per image. Similarities are
     taken against the first ``max(counts)`` kept slots of each image (the batch's ``K_max``), which is
-    what the MAC count charges. An image that keeps nothing points at one of its own unkept tokens.
+    what the MAC count charges. Only the kept side is normalised: the argmax over one token's row does
+    not depend on that token's own norm. An image that keeps nothing points at one of its own unkept
+    tokens.
     """
     longest = max(counts, default=0)
     if longest == 0:
         return torch.zeros(keep.shape, dtype=torch.long, device=keep.device)
     with torch.no_grad():
         order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :longest]
-        unit = F.normalize(features.float(), dim=-1)
-        kept = unit.gather(1, order.unsqueeze(-1).expand(-1, -1, unit.shape[-1]))
-        similarity = unit @ kept.transpose(1, 2)
-        valid = torch.arange(longest, device=keep.device) < torch.tensor(counts, device=keep.device)[:, None]
-        similarity.masked_fill_(~valid[:, None, :], float("-inf"))
+        kept = features.gather(1, order.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
+        kept = kept / kept.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        similarity = torch.bmm(features, kept.transpose(1, 2))
+        if min(counts) < longest:
+            valid = torch.arange(longest, device=keep.device) < torch.tensor(counts, device=keep.device)[:, None]
+            similarity.masked_fill_(~valid[:, None, :], float("-inf"))
         return order.gather(1, similarity.argmax(-1))
 
 
 def _refresh_unkept(
-    x: Tensor, out: Tensor, keep: Tensor, counts: list[int], factor: Tensor | None, prefix: int
+    x: Tensor,
+    out: Tensor,
+    update: Tensor,
+    plan: PackPlan,
+    keep: Tensor,
+    counts: list[int],
+    factor: Tensor | None,
+    prefix: int,
 ) -> tuple[Tensor, Tensor]:
-    """``unkept="refresh"``: every unkept patch token of ``out`` adds ``u`` times the update (output minus
-    input) of its most similar kept patch token (:func:`nearest_kept` on the block input).
+    """``unkept="refresh"``: every unkept patch token of ``out`` (B, T, C) adds ``u`` times the update of its
+    most similar kept patch token (:func:`nearest_kept` on the block input ``x``).
 
-    Returns the refreshed output and the (B, N) patch index each token took its update from."""
-    patches = x[:, prefix:]
-    nearest = nearest_kept(patches, keep, counts)
-    delta = out[:, prefix:] - patches  # zero on unkept tokens, so an image that keeps nothing stays put
-    borrowed = delta.gather(1, nearest.unsqueeze(-1).expand(-1, -1, delta.shape[-1]))
-    weight = (~keep).to(out.dtype) if factor is None else factor * (~keep).to(factor.dtype)
-    refreshed = out[:, prefix:] + borrowed * weight.unsqueeze(-1)
-    out = torch.cat([out[:, :prefix], refreshed], dim=1) if prefix else refreshed
-    return out, nearest
+    ``update`` (n, C) is the block's update of the kept tokens in the plan's flat order (output minus
+    input), ``keep`` (B, N) and ``counts`` the patch keep mask and counts. Only the unkept tokens are
+    touched (one gather and one indexed add of (unkept, C)). Returns the refreshed output and the
+    (B, N) patch index each token took its update from."""
+    batch, seq_len, dim = out.shape
+    tokens = seq_len - prefix
+    nearest = nearest_kept(x[:, prefix:], keep, counts)
+    unkept = (~keep).reshape(-1).nonzero().squeeze(1)  # image * N + token
+    if unkept.numel() == 0:
+        return out, nearest
+    image = unkept // tokens
+    target = image * seq_len + prefix + unkept % tokens
+    position = torch.full((batch * seq_len,), -1, dtype=torch.long, device=out.device)
+    position[plan.sources] = torch.arange(plan.num_kept, device=out.device)
+    source = position[image * seq_len + prefix + nearest.reshape(-1)[unkept]]
+    if min(counts) == 0:  # an image that kept no patch token has nothing to borrow
+        found = source >= 0
+        unkept, target, source = unkept[found], target[found], source[found]
+    borrowed = update.index_select(0, source)
+    if factor is not None:
+        borrowed = borrowed * factor.reshape(-1).index_select(0, unkept).unsqueeze(-1).to(borrowed.dtype)
+    refreshed = out.reshape(batch * seq_len, dim).index_add(0, target, borrowed)
+    return refreshed.view(batch, seq_len, dim), nearest
 
 
 def spa_block_forward(block: nn.Module, x: Tensor, ctx: SPAContext, layer: int, layout: TokenLayout) -> Tensor:
@@ -434,6 +458,7 @@ def spa_block_forward(block: nn.Module, x: Tensor, ctx: SPAContext, layer: int, 
     chosen = _decide(block, x, ctx, layer, grid, layout.stage)
     keep = F.pad(chosen.keep, (prefix, 0), value=True) if prefix else chosen.keep
     plan, packed, reused = ctx.pack(x, keep, layout, [count + prefix for count in chosen.counts])
+    packed_in = packed
     factor = None
     if chosen.factor is not None:
         full = F.pad(chosen.factor, (prefix, 0), value=1.0) if prefix else chosen.factor
@@ -451,7 +476,9 @@ def spa_block_forward(block: nn.Module, x: Tensor, ctx: SPAContext, layer: int, 
     if cfg.unkept == "paper":
         out = _project_unkept(block, x, out, keep, chosen.unkept_factor, prefix, plan)
     elif cfg.unkept == "refresh":
-        out, nearest = _refresh_unkept(x, out, chosen.keep, chosen.counts, chosen.unkept_factor, prefix)
+        out, nearest = _refresh_unkept(
+            x, out, packed - packed_in, plan, chosen.keep, chosen.counts, chosen.unkept_factor, prefix
+        )
     if not cfg.sparse_mlp:
         out = out + block.drop_path2(block.ls2(block.mlp(block.norm2(out))))
     ctx.remember(keep, layout, plan, packed, out)

@@ -24,6 +24,8 @@ from app.settings import REPO_ROOT, AppSettings
 from tests.app.conftest import TINY, default_checkpoint_available, serve
 
 CHROMIUM = Path("/usr/bin/chromium")
+MEASURED = "dense twin and SPA alternating"
+"""Only the measured wall-clock line says this (the "measuring ..." placeholder does not)."""
 SCREENSHOT = REPO_ROOT / "docs" / "screenshots" / "app.png"
 FLAGS = [
     "--no-sandbox",
@@ -93,7 +95,7 @@ def test_upload_then_threshold_and_fusion_change_the_views(tmp_path: Path) -> No
         kept = page.locator("#kept-image img")
         stats = page.locator("#stats")
         expect(stats).to_contain_text("Backbone GMACs")
-        expect(stats).to_contain_text("no tracing", timeout=TIMEOUT_MS)  # the wall-clock follows the views
+        expect(stats).to_contain_text(MEASURED, timeout=TIMEOUT_MS)  # the wall-clock follows the views
         page.wait_for_load_state("networkidle")
         before_mask, before_stats = kept.get_attribute("src"), stats.inner_text()
 
@@ -104,7 +106,7 @@ def test_upload_then_threshold_and_fusion_change_the_views(tmp_path: Path) -> No
         assert "Backbone GMACs" in stats.inner_text()
 
         strip = page.locator("#strip-image img")
-        expect(stats).to_contain_text("no tracing", timeout=TIMEOUT_MS)
+        expect(stats).to_contain_text(MEASURED, timeout=TIMEOUT_MS)
         page.wait_for_load_state("networkidle")
         before_strip = strip.get_attribute("src")
         saved = page.locator("#fusion input[type=radio]:checked").input_value()  # the page opens on the model's mode
@@ -115,7 +117,19 @@ def test_upload_then_threshold_and_fusion_change_the_views(tmp_path: Path) -> No
         switched = strip.get_attribute("src")
         page.locator("#fusion").get_by_text(saved, exact=True).click()  # back to the saved mode for the screenshot
         expect(strip).not_to_have_attribute("src", switched, timeout=TIMEOUT_MS)
-        expect(stats).to_contain_text("no tracing", timeout=TIMEOUT_MS)
+        expect(stats).to_contain_text(MEASURED, timeout=TIMEOUT_MS)
+
+        age = page.locator("#age-image img")
+        page.wait_for_load_state("networkidle")
+        before_age = age.get_attribute("src")
+        path = page.locator("#unkept input[type=radio]:checked").input_value()  # the path the model was saved with
+        other_path = "refresh" if path != "refresh" else "copy"
+        page.locator("#unkept").get_by_text(other_path, exact=True).click()
+        expect(stats).to_contain_text(f"Unkept tokens ({other_path}", timeout=TIMEOUT_MS)
+        expect(age).not_to_have_attribute("src", before_age, timeout=TIMEOUT_MS)
+        page.locator("#unkept").get_by_text(path, exact=True).click()
+        expect(stats).to_contain_text(f"Unkept tokens ({path}", timeout=TIMEOUT_MS)
+        expect(stats).to_contain_text(MEASURED, timeout=TIMEOUT_MS)
 
         page.wait_for_load_state("networkidle")
         screenshot.parent.mkdir(parents=True, exist_ok=True)

@@ -58,11 +58,22 @@ def test_result_targets_in_the_table() -> None:
         "spa-vit-digits", 4, 10.0, 6.0, 200, 100, 0.2, 3, ideal_spa_ms=5.0, unkept="copy", dense_block_ms=1.0
     )
     refresh = BackboneResult(
-        "spa-vit-digits", 4, 10.0, 6.05, 200, 99, 0.2, 3, ideal_spa_ms=5.0, unkept="refresh", dense_block_ms=1.0
+        "spa-vit-digits",
+        4,
+        10.0,
+        6.36,
+        200,
+        99,
+        0.2,
+        3,
+        ideal_spa_ms=5.0,
+        unkept="refresh",
+        dense_block_ms=1.0,
+        spa_blocks=4,
     )
     table = format_backbone_table([bounded, refresh])
     assert "<= 1.1x zero-overhead: MISSED" in table and "1.20x" in table
-    assert "+0.05" in table and "refresh <= 0.10 block over copy: met" in table
+    assert "+0.36 (+0.090)" in table and "refresh <= 0.10 dense block per SPA block over copy: met" in table
     slow = BackboneResult(
         "spt-digits", 1, dense_ms=10.0, spa_ms=11.0, macs_dense=200, macs_run=150, keep_ratio=0.3, repeats=3
     )
