@@ -92,11 +92,23 @@ def test_eval_returns_detections_with_zero_based_labels_and_masks(kind: str) -> 
         assert n == 0 or (detection["boxes"][:, 2] <= size[1] + 1e-3).all()
 
 
+# Backbone features: float32 recomputation of the same sums in another order (packed vs windowed) agrees
+# to ~1e-6 on the CPUs seen; 1e-5 leaves headroom.
+FEATURE_ATOL = 1e-5
+# Detections of the trained model: scores to 1e-5 like the features; boxes to 1e-5 relative (+1e-4 px);
+# mask probabilities pass the mask head and a bilinear paste that amplify the features' ~1e-6
+# differences (measured up to 1.6e-5 on an AMD EPYC), so 1e-4.
+SCORE_ATOL, MASK_ATOL = 1e-5, 1e-4
+
+
 @pytest.mark.parametrize("kind", ["spt", "vit"])
 @pytest.mark.parametrize("size_divisible", [32, 128])
 def test_keep_all_equals_the_dense_twin(kind: str, size_divisible: int) -> None:
-    """Keep-all SPA in eval = the dense twin to 1e-5. SPT: on grids its windows tile (square 64 px inputs
-    with size_divisible 32; any inputs once size_divisible = 32 x window pads them to such grids)."""
+    """Keep-all SPA in eval = the dense twin: backbone features to 1e-5. SPT: on grids its windows tile
+    (square 64 px inputs with size_divisible 32; any inputs once size_divisible = 32 x window pads them
+    to such grids). With random weights many proposals tie in score to ~1e-7, and NMS breaks such ties by
+    differences far below the feature tolerance, so detections are compared as sorted score lists; the
+    trained model (next test) is compared detection by detection."""
     model = BUILDERS[kind](spa=KEEP_ALL).eval()
     model.transform.size_divisible = size_divisible
     model.roi_heads.detections_per_img = 1000  # no cut among near-tied scores
@@ -114,23 +126,43 @@ def test_keep_all_equals_the_dense_twin(kind: str, size_divisible: int) -> None:
         with dense_twin(model):
             dense_features, dense_out = model.backbone(image_list.tensors), model(images)
     assert spa_viz.spa_context(model).config.enabled
-    assert max(float((spa_features[k] - dense_features[k]).abs().max()) for k in spa_features) < 1e-5
+    assert max(float((spa_features[k] - dense_features[k]).abs().max()) for k in spa_features) < FEATURE_ATOL
+    for spa, dense in zip(spa_out, dense_out):
+        assert len(spa["labels"]) == len(dense["labels"]) > 0
+        spa_scores = spa["scores"].sort(descending=True).values
+        dense_scores = dense["scores"].sort(descending=True).values
+        assert float((spa_scores - dense_scores).abs().max()) < SCORE_ATOL
+
+
+@pytest.mark.skipif("spt-maskrcnn-digits" not in spa_viz.available(), reason="the trained checkpoint is not here")
+def test_trained_model_keep_all_detections_equal_the_dense_twin() -> None:
+    from spa_viz.data.splits import data_config, load_split
+    from spa_viz.io.checkpoint import checkpoint_config
+
+    model = spa_viz.load("spt-maskrcnn-digits").eval()
+    spa_viz.configure(model, **KEEP_ALL)
+    dataset = load_split(data_config(checkpoint_config(model)["data"]), "test", None, num=2)
+    images = [dataset[i][0] for i in range(2)]
+    with torch.no_grad():
+        spa_out = model(images)
+        with dense_twin(model):
+            dense_out = model(images)
     for spa, dense in zip(spa_out, dense_out):
         assert len(spa["labels"]) == len(dense["labels"]) > 0
         assert _matched(spa, dense)
 
 
 def _matched(spa: dict, dense: dict) -> bool:
-    """Every dense detection has its own SPA detection of the same class with score and mask within 1e-5
-    and box within 1e-5 relative (near-tied scores may list them in another order)."""
+    """Every dense detection has its own SPA detection of the same class with score within SCORE_ATOL,
+    mask within MASK_ATOL and box within 1e-5 relative (near-tied scores may list them in another order)."""
     free = list(range(len(spa["labels"])))
     for i in range(len(dense["labels"])):
         for j in free:
             if (
                 spa["labels"][j] == dense["labels"][i]
-                and abs(float(spa["scores"][j] - dense["scores"][i])) < 1e-5
+                and abs(float(spa["scores"][j] - dense["scores"][i])) < SCORE_ATOL
                 and torch.allclose(spa["boxes"][j], dense["boxes"][i], rtol=1e-5, atol=1e-4)
-                and torch.allclose(spa["masks"][j], dense["masks"][i], atol=1e-5)
+                and torch.allclose(spa["masks"][j], dense["masks"][i], atol=MASK_ATOL)
             ):
                 free.remove(j)
                 break
