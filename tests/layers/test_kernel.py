@@ -11,27 +11,9 @@ from spa_viz.layers.gate import threshold_logit
 from spa_viz.models.spt import SPT
 from spa_viz.selection.labels import multiscale_labels
 from spa_viz.selection.selectors import SELECTORS, applicable_selectors, install_selector, remove_selector
-from tests.conftest import tiny_vit
-
-
-def _spt(**spa) -> SPT:
-    torch.manual_seed(0)
-    return SPT(
-        img_size=64, embed_dim=16, depths=(1, 1, 2, 2), num_heads=(1, 2, 2, 4), window_size=4, num_classes=0, spa=spa
-    ).eval()
-
-
-def _vit(**spa) -> torch.nn.Module:
-    return spa_viz.patch(tiny_vit(depth=4, global_pool="avg"), 1, **spa).eval()
-
-
-def _random_gates(model: torch.nn.Module, std: float = 1.0, bias: float = 0.0, seed: int = 0) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for block in spa_viz.spa_blocks(model):
-            block.gate.proj.weight.copy_(torch.randn(block.gate.proj.weight.shape, generator=generator) * std)
-            block.gate.proj.bias.fill_(bias)
-
+from tests.layers.small_models import random_gates as _random_gates
+from tests.layers.small_models import small_spt as _spt
+from tests.layers.small_models import small_vit as _vit
 
 MODELS = {"vit": (_vit, (2, 3, 32, 32)), "spt": (_spt, (2, 3, 64, 64))}
 
@@ -119,19 +101,6 @@ def test_soft_gating_changes_the_output(kind: str) -> None:
         spa_viz.configure(model, soft_gating=False)
         plain = model.forward_features(images)
     assert (gated - plain).abs().max() > 1e-2
-
-
-@pytest.mark.parametrize("kind", sorted(MODELS))
-def test_keep_all_without_soft_gating_equals_the_dense_twin(kind: str) -> None:
-    build, shape = MODELS[kind]
-    model = build(threshold=0.0, soft_gating=False)
-    _random_gates(model)
-    images = torch.randn(*shape)
-    with torch.no_grad():
-        spa = model.forward_features(images)
-        spa_viz.configure(model, enabled=False)
-        dense = model.forward_features(images)
-    assert torch.allclose(spa, dense, atol=1e-5)
 
 
 @pytest.mark.parametrize("tau", [0.5, 2.0])

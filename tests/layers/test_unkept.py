@@ -13,31 +13,18 @@ from torch.utils.flop_counter import FlopCounterMode
 import spa_viz
 from spa_viz.layers.block import nearest_kept
 from spa_viz.layers.config import UNKEPT_MODES, SPAConfig
-from spa_viz.models.spt import SPT
 from tests.conftest import tiny_vit
+from tests.layers.small_models import random_gates
+from tests.layers.small_models import small_spt as _spt
+from tests.layers.small_models import small_vit as _vit
 
 # float32 on the CPU: a block computed twice with the same weights agrees to ~1e-6; 1e-5 leaves
 # headroom for the different op order of packed and dense execution (the suite's twin tolerance)
 TWIN_ATOL = 1e-5
 
 
-def _spt(**spa) -> SPT:
-    torch.manual_seed(0)
-    return SPT(
-        img_size=64, embed_dim=16, depths=(1, 1, 2, 2), num_heads=(1, 2, 2, 4), window_size=4, num_classes=0, spa=spa
-    ).eval()
-
-
-def _vit(**spa) -> torch.nn.Module:
-    return spa_viz.patch(tiny_vit(depth=4, global_pool="avg"), 1, **spa).eval()
-
-
-def _random_gates(model: torch.nn.Module, std: float = 1.0, bias: float = 0.0) -> None:
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for block in spa_viz.spa_blocks(model):
-            block.gate.proj.weight.copy_(torch.randn(block.gate.proj.weight.shape, generator=generator) * std)
-            block.gate.proj.bias.fill_(bias)
+def _random_gates(model: torch.nn.Module) -> None:
+    random_gates(model, seed=1)
 
 
 MODELS = {"vit": (_vit, (3, 3, 32, 32)), "spt": (_spt, (2, 3, 64, 64))}
