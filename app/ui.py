@@ -327,10 +327,10 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
         return str(service.report(files, model or default, spa, int(layer), int(image_index)))
 
     def fusion_label(entry: LoadedModel) -> str:
-        return f"Score fusion (learned gate; {entry.key} was saved with {entry.saved_fusion})"
+        return f"Score fusion (learned gate; saved = {entry.saved_fusion}, the mode {entry.key} was saved with)"
 
     def unkept_label(entry: LoadedModel) -> str:
-        return f"Unkept tokens become ({entry.key} was saved with {entry.saved_unkept})"
+        return f"Unkept tokens become (saved = {entry.saved_unkept}, the path {entry.key} was saved with)"
 
     def pick_model(source: str, selector: str) -> tuple[Any, ...]:
         """UI: load a model and set the picker, the layer slider, the selectors it can run and the fusion label."""
@@ -345,8 +345,8 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
             gr.Dropdown(choices=choices, value=entry.key),
             gr.Slider(minimum=spa_layers[0], maximum=spa_layers[-1], value=spa_layers[0], step=1),
             gr.Dropdown(choices=entry.selectors, value=chosen),
-            gr.Radio(label=fusion_label(entry), value=entry.saved_fusion),
-            gr.Radio(label=unkept_label(entry), value=entry.saved_unkept),
+            gr.Radio(label=fusion_label(entry), value=SAVED_FUSION),
+            gr.Radio(label=unkept_label(entry), value=SAVED_FUSION),
         )
 
     def load_model(source: str) -> dict[str, Any]:
@@ -443,16 +443,16 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
                     interactive=learned,
                 )
                 fusion = gr.Radio(
-                    list(FUSION_MODES),
-                    value=default_entry.saved_fusion,
+                    [SAVED_FUSION, *FUSION_MODES],
+                    value=SAVED_FUSION,
                     label=fusion_label(default_entry),
                     info=FUSION_HELP,
                     elem_id="fusion",
                     interactive=learned,
                 )
                 unkept = gr.Radio(
-                    UNKEPT_CHOICES,
-                    value=default_entry.saved_unkept,
+                    [SAVED_FUSION, *UNKEPT_CHOICES],
+                    value=SAVED_FUSION,
                     label=unkept_label(default_entry),
                     info=UNKEPT_TEXT,
                     elem_id="unkept",

@@ -153,6 +153,9 @@ def test_unkept_argument_switches_the_path(client: Client, examples) -> None:
     assert {layer["unkept"] for layer in copy["layers"]} == {"copy"}
     assert {layer["unkept"] for layer in paper["layers"]} == {"paper"}
     assert paper["backbone_macs_run"] > copy["backbone_macs_run"], "the output projection of unkept tokens is counted"
+    saved = analyze(client, photo, unkept="saved", fusion="saved", threshold=0.6)["summary"]
+    assert saved["settings"]["unkept"] == saved["saved_unkept"] == "copy", "the API takes 'saved', as documented"
+    assert saved["settings"]["fusion"] == saved["saved_fusion"]
     with pytest.raises(AppError, match=r"copy.*paper.*refresh"):
         analyze(client, photo, unkept="drop")
 
