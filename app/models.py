@@ -87,8 +87,8 @@ class LoadedModel:
     """A model ready to analyse: the module, its task adapter, provenance, and a lock.
 
     Every forward pass (and every change of its SPA settings) happens under ``lock``, so
-    concurrent requests never see each other's settings. ``saved_fusion`` and ``saved_unkept`` are the
-    fusion mode and unkept path the model came with (the app changes the live one per request).
+    concurrent requests never see each other's settings. ``saved_fusion``, ``saved_unkept`` and
+    ``saved_threshold`` are the fusion mode, unkept path and operating threshold the model came with (the app changes the live one per request).
     """
 
     key: str
@@ -99,6 +99,7 @@ class LoadedModel:
     trained_weights: bool
     saved_fusion: str = "stage"
     saved_unkept: str = "copy"
+    saved_threshold: float = 0.5
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -228,6 +229,7 @@ class ModelRegistry:
                 trained_weights,
                 saved.fusion,
                 saved.unkept,
+                saved.threshold,
             )
             self._cache[source] = entry
             while len(self._cache) > self.capacity:

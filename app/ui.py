@@ -333,7 +333,8 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
         return f"Unkept tokens become (saved = {entry.saved_unkept}, the path {entry.key} was saved with)"
 
     def pick_model(source: str, selector: str) -> tuple[Any, ...]:
-        """UI: load a model and set the picker, the layer slider, the selectors it can run and the fusion label."""
+        """UI: load a model and set the picker, the layer slider, the selectors it can run, the fusion and
+        unkept labels and the model's operating threshold."""
         entry = service.model(source or default)
         spa_layers = entry.spa_layers
         choices = registry.choices()
@@ -347,6 +348,7 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
             gr.Dropdown(choices=entry.selectors, value=chosen),
             gr.Radio(label=fusion_label(entry), value=SAVED_FUSION),
             gr.Radio(label=unkept_label(entry), value=SAVED_FUSION),
+            gr.Slider(value=entry.saved_threshold),
         )
 
     def load_model(source: str) -> dict[str, Any]:
@@ -361,6 +363,7 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
             "selectors": entry.selectors,
             "saved_fusion": entry.saved_fusion,
             "saved_unkept": entry.saved_unkept,
+            "saved_threshold": entry.saved_threshold,
             "trained_gates": entry.trained_gates,
             "trained_weights": entry.trained_weights,
             "badge": entry.badge,
@@ -436,7 +439,7 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
                 threshold = gr.Slider(
                     0.0,
                     1.0,
-                    value=0.5,
+                    value=default_entry.saved_threshold,  # the operating threshold saved with the model
                     step=0.01,
                     label="Gate threshold (learned gate): keep where sigmoid(s / tau) > threshold",
                     elem_id="threshold",
@@ -558,7 +561,7 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
         )
         demo.load(lambda: gr.Dropdown(choices=selectors), None, [selector], api_visibility="private", queue=False)
         # a new model first updates the picker, the layer slider and the selectors it can run, then shows
-        model_outputs = [status, model, layer, selector, fusion, unkept]
+        model_outputs = [status, model, layer, selector, fusion, unkept, threshold]
         picked = gr.on(
             triggers=[load_button.click, source.submit],
             fn=_guard(pick_model),

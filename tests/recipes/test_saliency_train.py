@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 from timm.models import VisionTransformer
 
+import spa_viz
 from spa_viz.models.saliency.decoder import DecoderConfig, DinoSaliency, SaliencyDecoder
 from spa_viz.models.spa_vit import spa_blocks
 from spa_viz.recipes.saliency import train
@@ -93,3 +94,34 @@ def test_validation_scores_match_a_direct_computation() -> None:
     expected = (torch.sigmoid(logits) - rows["saliency"].float()).abs().mean()
     assert math.isclose(scores.mae, float(expected), rel_tol=1e-5)
     assert 0.0 <= scores.keep_first <= 1.0 and 0.0 <= scores.recall_first <= 1.0
+
+
+def test_gates_only_refresh_recipe_keeps_the_teacher_at_keep_all_and_chooses_its_threshold() -> None:
+    """SPA v3's photo recipe: no adapters, no tuned decoder, refresh, soft gating in training only.
+    Only the gates train; with every token kept the student is its teacher exactly (the v2 drift cannot
+    happen); the operating threshold is the lowest val MAE under the keep cap."""
+    spa = {**train.SPA_SETTINGS, "start_layer": 1, "unkept": "refresh", "soft_gating": "train"}
+    architecture = train.checkpoint_config(spa, 1, None, depth=4, tuned_decoder=False)
+    assert architecture["adapters"] is None and not architecture["tuned_decoder"]
+    model = train.build_model(architecture, base=tiny_base())
+    assert {k.split(".gate.")[0] for k in train.trained_tensors(model)} == {"backbone.blocks.1", "backbone.blocks.2"}
+    before = {k: v.clone() for k, v in train.trained_tensors(model).items()}
+    config = train.TrainConfig(gate_steps=1, gate_batch=4, steps=3, batch_size=2, val_every=3, log_every=1)
+    val = SyntheticTeacher(4, 1)
+    train.train(model, SyntheticTeacher(8, 0), val, config, deadline=math.inf)
+    after = train.trained_tensors(model)
+    assert all(not torch.equal(after[k], before[k]) for k in after if k.endswith(".weight"))
+
+    rows = val.rows(range(4))
+    spa_viz.configure(model.backbone, threshold=0.0)
+    with torch.no_grad():
+        student, _ = train.student_forward(model, rows["tokens_in"].float())
+        with spa_viz.dense_twin(model.backbone):
+            teacher, _ = train.student_forward(model, rows["tokens_in"].float())
+    assert torch.equal(student, teacher)
+
+    threshold, sweep = train.choose_threshold(model, val, max_keep=0.6, thresholds=(0.2, 0.5, 0.8))
+    allowed = [row for row in sweep if row["keep_first"] <= 0.6]
+    expected = min(allowed, key=lambda row: row["mae"]) if allowed else min(sweep, key=lambda row: row["keep_first"])
+    assert threshold == expected["threshold"] == spa_viz.spa_context(model.backbone).config.threshold
+    assert [row["threshold"] for row in sweep] == [0.2, 0.5, 0.8]

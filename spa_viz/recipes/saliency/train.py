@@ -9,6 +9,13 @@ and ``fc2`` of every block from ``start_layer`` on, and a tuned copy of the sali
 adapters and the tuned decoder act only while SPA runs, so the dense twin, which every number is
 measured against, is the unchanged imported model.
 
+**SPA v3 settings** (flags; the defaults reproduce v2): ``--unkept refresh`` (unkept tokens take their
+most similar kept token's update), ``--soft-gating train`` (no sigmoid(s) scaling in evaluation),
+``--rank 0 --no-tuned-decoder`` (gates only: with every token kept the model is its teacher exactly;
+v2's adapters and decoder moved the output by MAE 0.065 even then, ``spa-viz evaluate saliency-drift``),
+and ``--max-keep 0.35`` (the operating threshold is chosen on the val views: the lowest val MAE whose
+first-SPA-layer keep is at most 0.35; saved in config.json, the app opens at it).
+
 **Data**: the photo corpus (:mod:`spa_viz.data.photo_corpus`, split by source photo): its train views
 train, its val views select the checkpoint; test views and the second check are read only by the
 evaluation (:mod:`spa_viz.recipes.saliency.evaluate`).
@@ -55,6 +62,7 @@ from tqdm import tqdm
 from spa_viz.io.files import OutputExistsError, refuse_overwrite, write_atomic
 from spa_viz.io.paths import cache_dir
 from spa_viz.io.timer import stopwatch
+from spa_viz.layers.config import SOFT_GATING_MODES, UNKEPT_MODES
 from spa_viz.layers.gate import threshold_logit
 from spa_viz.models.saliency.adapters import ADAPTER_TARGETS, DeltaLinear, LowRankLinear, adapter_parameters
 from spa_viz.models.saliency.cache import load_dino_saliency
@@ -75,6 +83,7 @@ __all__ = [
     "TrainConfig",
     "build_model",
     "checkpoint_config",
+    "choose_threshold",
     "gate_learning_rates",
     "image_size",
     "main",
@@ -150,10 +159,16 @@ class TrainConfig:
 
 
 def checkpoint_config(
-    spa: dict[str, Any], dense_tail: int, adapters: dict[str, Any], depth: int = 12
+    spa: dict[str, Any],
+    dense_tail: int,
+    adapters: dict[str, Any] | None,
+    depth: int = 12,
+    tuned_decoder: bool = True,
 ) -> dict[str, Any]:
     """The architecture part of config.json (what :func:`~spa_viz.models.saliency.spa.build_img_focus_spa` reads):
-    adapters on every block from ``start_layer`` on, SPA blocks up to the dense tail."""
+    adapters (None: none) on every block from ``start_layer`` on, SPA blocks up to the dense tail, and
+    whether the decoder has a tuned copy. Without adapters and tuned decoder only the gates train, and
+    with every token kept and soft gating off in evaluation the model is its teacher exactly."""
     layers = list(range(spa["start_layer"], depth))
     return {
         "architecture": "img_focus_spa",
@@ -162,8 +177,8 @@ def checkpoint_config(
         "spa": dict(spa),
         "dense_tail": dense_tail,
         "spa_layers": layers[: len(layers) - dense_tail],
-        "adapters": {**adapters, "layers": layers},
-        "tuned_decoder": True,
+        "adapters": None if adapters is None else {**adapters, "layers": layers},
+        "tuned_decoder": tuned_decoder,
         "labels": {"reduce": LABEL_REDUCE, "threshold": SALIENT, "patch": 14},
     }
 
@@ -177,7 +192,7 @@ def build_model(
         load_dino_saliency() if base is None else base,
         config["spa"],
         dense_tail=config["dense_tail"],
-        adapters=dict(config["adapters"]),
+        adapters=None if config["adapters"] is None else dict(config["adapters"]),
         tuned_decoder=config["tuned_decoder"],
     ).to(device)
     trainable = {id(p) for p in trained_tensors_parameters(model)}
@@ -396,6 +411,27 @@ def validate(model: SPASaliency, data: TeacherTokens, count: int, batch_size: in
     return ValResult(**{k: v / n for k, v in totals.items()})
 
 
+THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+"""Thresholds :func:`choose_threshold` scores on the val views."""
+
+
+def choose_threshold(
+    model: SPASaliency, val: TeacherTokens, max_keep: float, thresholds: Sequence[float] = THRESHOLDS, count: int = 0
+) -> tuple[float, list[dict[str, float]]]:
+    """The operating threshold from the val views: the lowest saliency MAE among the thresholds whose
+    first-SPA-layer keep is at most ``max_keep`` (else the one that keeps least), and every threshold's
+    scores. The model's threshold is left at the choice."""
+    config = spa_context(model.backbone).config
+    sweep = []
+    for threshold in thresholds:
+        config.update(threshold=float(threshold))
+        sweep.append({"threshold": float(threshold), **validate(model, val, count).as_dict()})
+    allowed = [row for row in sweep if row["keep_first"] <= max_keep]
+    best = min(allowed, key=lambda row: row["mae"]) if allowed else min(sweep, key=lambda row: row["keep_first"])
+    config.update(threshold=best["threshold"])
+    return best["threshold"], sweep
+
+
 def _trainable_state(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in trained_tensors(model).items()}
 
@@ -419,12 +455,13 @@ def train(
     groups = [{"params": list(b.gate.parameters()), "lr": r, "base_lr": r} for b, r in zip(blocks, rates)]
     low_rank = [p for m in model.modules() if isinstance(m, LowRankLinear) for p in (m.lora_a, m.lora_b)]
     full = [m.delta for m in model.modules() if isinstance(m, DeltaLinear)]
-    groups.append({"params": low_rank, "lr": config.adapter_lr, "base_lr": config.adapter_lr})
+    if low_rank:
+        groups.append({"params": low_rank, "lr": config.adapter_lr, "base_lr": config.adapter_lr})
     if full:
         groups.append({"params": full, "lr": config.delta_lr, "base_lr": config.delta_lr})
-    groups.append(
-        {"params": list(model.tuned_decoder.parameters()), "lr": config.decoder_lr, "base_lr": config.decoder_lr}
-    )
+    if model.tuned_decoder is not None:
+        decoder = list(model.tuned_decoder.parameters())
+        groups.append({"params": decoder, "lr": config.decoder_lr, "base_lr": config.decoder_lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
     trainable = [p for group in groups for p in group["params"]]
     autocast = torch.autocast(
@@ -553,6 +590,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         default=ADAPTERS.get("full_layers", []),
         help="blocks tuned in full (weight deltas)",
     )
+    parser.add_argument(
+        "--unkept", choices=UNKEPT_MODES, default="copy", help="what unkept tokens become (SPA v3: refresh)"
+    )
+    parser.add_argument(
+        "--soft-gating",
+        choices=SOFT_GATING_MODES,
+        default="always",
+        help="where sigmoid(s) scales the updates (SPA v3: train, so evaluation at keep-all is the teacher)",
+    )
+    parser.add_argument(
+        "--no-tuned-decoder", action="store_true", help="decode with the imported decoder (rank 0 + this: gates only)"
+    )
+    parser.add_argument(
+        "--max-keep",
+        type=float,
+        default=None,
+        help="choose the operating threshold on the val views: the lowest val MAE with first-layer keep <= this "
+        "(saved with the checkpoint; default: keep 0.5)",
+    )
     parser.add_argument("--feature-weight", type=float, default=TrainConfig.feature_weight)
     parser.add_argument("--select-weight", type=float, default=TrainConfig.select_weight)
     parser.add_argument("--val-every", type=int, default=TrainConfig.val_every)
@@ -581,9 +637,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         select_weight=args.select_weight,
         val_every=args.val_every,
     )
-    spa = {**SPA_SETTINGS, "start_layer": args.start_layer}
-    adapters = {**ADAPTERS, "rank": args.rank, "alpha": float(args.rank), "full_layers": list(args.full_layers)}
-    architecture = checkpoint_config(spa, args.dense_tail, adapters)
+    spa = {
+        **SPA_SETTINGS,
+        "start_layer": args.start_layer,
+        "unkept": args.unkept,
+        "soft_gating": args.soft_gating,
+    }
+    adapters = (
+        None
+        if args.rank == 0 and not args.full_layers
+        else {**ADAPTERS, "rank": args.rank, "alpha": float(args.rank), "full_layers": list(args.full_layers)}
+    )
+    architecture = checkpoint_config(spa, args.dense_tail, adapters, tuned_decoder=not args.no_tuned_decoder)
     model = build_model(architecture, args.device)
 
     with stopwatch() as teacher_timing:
@@ -591,6 +656,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         val = teacher_tokens("val", spa["start_layer"], args.device)
     with stopwatch() as training_timing:
         result = train(model, data, val, config, time.perf_counter() + 60 * config.minutes)
+    if args.max_keep is not None:
+        threshold, sweep = choose_threshold(model, val, args.max_keep)
+        architecture["spa"]["threshold"] = threshold
+        result["threshold_choice"] = {"max_keep": args.max_keep, "threshold": threshold, "val_sweep": sweep}
+        log.info("operating threshold %.2f (val first-layer keep <= %.2f, lowest val MAE)", threshold, args.max_keep)
     flags = ["--out", str(args.out), "--minutes", f"{args.minutes:g}", "--seed", str(args.seed)]
     for flag in (
         "steps",
@@ -600,13 +670,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "start_layer",
         "dense_tail",
         "full_layers",
+        "unkept",
+        "soft_gating",
+        "no_tuned_decoder",
+        "max_keep",
         "feature_weight",
         "select_weight",
         "val_every",
     ):
         value = getattr(args, flag)
         if value != parser.get_default(flag):
-            flags += [f"--{flag.replace('_', '-')}", *(map(str, value) if isinstance(value, list) else [str(value)])]
+            flag_name = f"--{flag.replace('_', '-')}"
+            if isinstance(value, bool):
+                flags.append(flag_name)
+            else:
+                flags += [flag_name, *(map(str, value) if isinstance(value, list) else [str(value)])]
     if args.device != "cpu":
         flags += ["--device", args.device]
     if args.threads != 1:
