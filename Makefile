@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup app lint format test test-slow test-timm bench bench-quick notebooks notebooks-outputs clean-venv
+.PHONY: setup app lint format test test-slow test-timm bench bench-quick notebooks notebooks-outputs screenshots clean-venv
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ test: lint
 test-slow: $(STAMP)
 	$(PY) -m pytest -n 2 --timeout 3600 -m slow $(PYTEST_ARGS)
 	$(MAKE) test-timm
+
+# refresh docs/screenshots/*.png from the browser test (make test never writes into the tree)
+screenshots: $(STAMP)
+	SPA_VIZ_SCREENSHOTS=1 $(PY) -m pytest -q -p no:xdist tests/app/test_browser.py
 
 # timm's own tests/test_models.py on the spa_vit_*/spt_* presets; fetches the timm sdist once into .cache/
 test-timm: $(STAMP)

@@ -336,7 +336,16 @@ DETECTORS = [
 def test_detector_checkpoint_draws_boxes_and_labels(client: Client, examples) -> None:
     out = analyze(client, [examples.digits[0]], model=DETECTORS[0])
     assert "task: detection" in out["status"]
-    assert isinstance(out["summary"]["predictions"]["detections"], list)
+    detections = out["summary"]["predictions"]["detections"]
+    assert detections, "the trained detector finds digits in the example"
+    names = {str(digit) for digit in range(10)}
+    height, width = Image.open(examples.digits[0]).size[::-1]
+    for detection in detections:
+        x0, y0, x1, y1 = detection["box_xyxy"]
+        assert detection["label"] in names and detection["score"] >= 0.3
+        assert -1 <= x0 < x1 <= width + 1 and -1 <= y0 < y1 <= height + 1, "boxes in the image's own pixels"
+    with Image.open(out["predictions"]) as drawn:
+        assert drawn.size[0] >= width, "the predictions are drawn on the enlarged display image"
     assert out["summary"]["selection_labels"]["source"] == "object masks of the example"
     _, text = client.predict(
         files=[handle_file(str(examples.digits[0]))],
