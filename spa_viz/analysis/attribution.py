@@ -14,7 +14,8 @@ the SPA keep masks) share one grid:
   class-token row (the mean query row when there is no prefix token). Attention is recomputed from
   each block's own ``qkv`` on its recorded input, and for SPA blocks restricted as the block ran it:
   only kept tokens attend, only to kept tokens of the same packed row; dropped tokens pass through
-  (identity rows).
+  (identity rows), or with ``unkept="refresh"`` mix in the attention row of the kept token whose update
+  they took.
 
 ``target`` turns the model's output into one differentiable score per image (the selected class
 logit, detection score or saliency sum): ``target(model(images)) -> (B,)``.
@@ -229,6 +230,15 @@ def attention_rollout(model: nn.Module, images: Tensor, progress: Progress | Non
                 weights = _block_attention(block, x, allowed)
                 gated = (factor[..., None] * weights + eye) / (1.0 + factor[..., None])
                 mixed = torch.where(kept[..., None], gated, eye)
+                if layer.refreshed_from is not None:
+                    # refresh: an unkept token takes the update of its nearest kept token, so its row
+                    # mixes in that token's attention row, weighted by its own gate factor
+                    source = layer.refreshed_from.to(x.device) + num_prefix
+                    borrowed = weights.gather(1, source[..., None].expand(-1, -1, seq_len))
+                    own = factor[:, num_prefix:, None]
+                    refreshed = (own * borrowed + eye[:, num_prefix:]) / (1.0 + own)
+                    patch_rows = torch.where(kept[:, num_prefix:, None], mixed[:, num_prefix:], refreshed)
+                    mixed = torch.cat([mixed[:, :num_prefix], patch_rows], dim=1)
             mixed = mixed / mixed.sum(-1, keepdim=True)
             rollout = mixed @ rollout
             if progress is not None:

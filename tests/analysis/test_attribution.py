@@ -71,8 +71,11 @@ def test_integrated_gradients_completeness() -> None:
     assert torch.allclose(result.maps[0, 2:], torch.zeros(2, 4))
 
 
-def test_rollout_ignores_tokens_spa_dropped_everywhere() -> None:
+@pytest.mark.parametrize("unkept", ["copy", "refresh"])
+def test_rollout_ignores_tokens_spa_dropped_everywhere(unkept: str) -> None:
+    """A token no layer keeps is attended by nobody: refreshed or not, it carries no class-token mass."""
     model = _spa_model(start_layer=0, bias=-20.0)  # every gate drops everything but min_keep = 1 token
+    spa_viz.configure(model, unkept=unkept)
     images = torch.randn(2, 3, 32, 32)
     _, record = spa_viz.trace(model, images)
     ever_kept = torch.stack([t.keep for t in record.layers]).any(0).reshape(2, 4, 4)
