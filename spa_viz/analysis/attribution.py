@@ -37,7 +37,15 @@ from spa_viz.analysis.trace import find_backbone, trace
 from spa_viz.io.timer import stopwatch
 from spa_viz.models.spa_vit import is_spa_model
 
-__all__ = ["METHODS", "Attribution", "Progress", "attention_rollout", "attribute", "patch_size_of"]
+__all__ = [
+    "METHODS",
+    "Attribution",
+    "Progress",
+    "attention_rollout",
+    "attribute",
+    "method_support",
+    "patch_size_of",
+]
 
 METHODS = ("integrated_gradients", "feature_ablation", "occlusion", "attention_rollout")
 Progress = Callable[[float, str], None]
@@ -64,6 +72,32 @@ def _vit_backbone(model: nn.Module) -> nn.Module:
             if hasattr(module, "patch_embed"):
                 return module
     raise ValueError(f"{type(model).__name__} has no patch embedding; pass patch_size explicitly")
+
+
+def _has_plain_vit_blocks(model: nn.Module) -> bool:
+    try:
+        blocks = list(getattr(_vit_backbone(model), "blocks", []))
+    except ValueError:
+        return False
+    return bool(blocks) and all(hasattr(b, "attn") and hasattr(b.attn, "qkv") for b in blocks)
+
+
+def method_support(model: nn.Module) -> dict[str, str | None]:
+    """For every method of :data:`METHODS`: None if it runs on ``model``, else why not (a sentence)."""
+    from spa_viz.models.detection import SPAMaskRCNN
+
+    support: dict[str, str | None] = dict.fromkeys(METHODS)
+    if not _has_plain_vit_blocks(model):
+        support["attention_rollout"] = (
+            "attention rollout reads a plain ViT's attention (timm blocks with one qkv projection); "
+            "this backbone has windowed stages"
+        )
+    if isinstance(model, SPAMaskRCNN):
+        support["integrated_gradients"] = (
+            "integrated gradients needs a gradient from the input to the score; torchvision's Mask R-CNN "
+            "selects and post-processes its detections without one"
+        )
+    return support
 
 
 def patch_size_of(model: nn.Module) -> tuple[int, int]:
@@ -188,10 +222,10 @@ def _block_attention(block: nn.Module, x: Tensor, allowed: Tensor | None) -> Ten
 
 def attention_rollout(model: nn.Module, images: Tensor, progress: Progress | None = None) -> Tensor:
     """Attention rollout (B, gh, gw) of a ViT or SPA-ViT, with SPA's selection and packing as run."""
-    backbone = _vit_backbone(model)
-    blocks = list(getattr(backbone, "blocks", []))
-    if not blocks or not all(hasattr(b, "attn") and hasattr(b.attn, "qkv") for b in blocks):
+    if not _has_plain_vit_blocks(model):
         raise ValueError("attention rollout needs a plain ViT backbone (timm blocks with a fused qkv)")
+    backbone = _vit_backbone(model)
+    blocks = list(backbone.blocks)
     inputs: dict[int, Tensor] = {}
     hooks = [
         b.register_forward_pre_hook(lambda _m, args, i=i: inputs.__setitem__(i, args[0].detach()))

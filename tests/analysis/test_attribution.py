@@ -107,3 +107,18 @@ def test_unknown_method_and_bad_size_are_rejected() -> None:
         attribute(model, torch.randn(1, 3, 32, 32), lambda out: out[:, 0], "gradcam")
     with pytest.raises(ValueError, match="multiple of the patch size"):
         attribute(model, torch.randn(1, 3, 30, 32), lambda out: out[:, 0], "occlusion")
+
+
+def test_method_support_follows_the_backbone() -> None:
+    from spa_viz.analysis.attribution import METHODS, method_support
+    from spa_viz.models.spt import SPT
+
+    assert method_support(_spa_model()) == dict.fromkeys(METHODS)
+    spt = SPT(img_size=64, embed_dim=16, depths=(1, 1, 2, 2), num_heads=(1, 2, 2, 4), window_size=4, num_classes=3)
+    support = method_support(spt)
+    assert support["attention_rollout"] is not None and "plain ViT" in support["attention_rollout"]
+    assert [name for name, why in support.items() if why is None] == [
+        "integrated_gradients",
+        "feature_ablation",
+        "occlusion",
+    ]

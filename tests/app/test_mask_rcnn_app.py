@@ -11,7 +11,7 @@ from torch import nn
 
 from app.examples import Examples, build_examples
 from app.models import ModelRegistry
-from app.service import AnalysisService, SPASettings
+from app.service import AnalysisService, SPASettings, UserError
 from app.settings import AppSettings
 from spa_viz.io.checkpoint import set_checkpoint_config
 from spa_viz.models.detection import spt_mask_rcnn
@@ -56,3 +56,14 @@ def test_analysis_draws_detections_and_scores_selection(service: AnalysisService
 def test_attribution_explains_a_detection_score(service: AnalysisService, examples: Examples) -> None:
     view = service.attribute(examples.digits[:1], NAME, SPASettings(), 0, "feature_ablation")
     assert "detection" in view.info["target"] and len(view.info["map"]) == 32
+
+
+def test_only_methods_that_run_are_offered(service: AnalysisService, examples: Examples) -> None:
+    """Mask R-CNN on SPT: no attention rollout (windowed stages), no integrated gradients (no gradient
+    through torchvision's detection post-processing); asking for one names the reason and the others."""
+    entry = service.model(NAME)
+    assert entry.methods == ["feature_ablation", "occlusion"]
+    with pytest.raises(UserError, match=r"integrated_gradients does not run.*gradient.*feature_ablation"):
+        service.attribute(examples.digits[:1], NAME, SPASettings(), 0, "integrated_gradients")
+    with pytest.raises(UserError, match=r"attention_rollout does not run.*plain ViT"):
+        service.attribute(examples.digits[:1], NAME, SPASettings(), 0, "attention_rollout")
