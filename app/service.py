@@ -98,6 +98,15 @@ UNKEPT_HELP = {
 """One line per unkept path, for the cost text."""
 
 
+def _image_index(requested: float, batch: int) -> tuple[int, str | None]:
+    """The image of the batch to show, and a note when ``requested`` lies outside it (the nearest is shown)."""
+    index = int(requested)
+    shown = min(max(index, 0), batch - 1)
+    if shown == index:
+        return shown, None
+    return shown, f"image index {index} is outside the batch of {batch} (0-{batch - 1}): showing image {shown}"
+
+
 def _not_current(trace: Trace) -> float:
     """Share of tokens at the backbone output that a block last updated before the last SPA layer."""
     age = trace.output_age()
@@ -219,6 +228,8 @@ class _Run:
     dense: _Dense
     record: LayerTrace
     index: int
+    notes: list[str] = field(default_factory=list)
+    """Warnings about the request itself (e.g. an image index past the batch)."""
 
     @property
     def trace(self) -> Trace:
@@ -542,8 +553,8 @@ class AnalysisService:
         forward = self._spa_forward(entry, batch, spa)
         dense = self._dense_forward(entry, batch)
         record = self._pick_layer(forward.trace, layer)
-        index = min(max(int(image_index), 0), len(batch.images) - 1)
-        return _Run(entry, batch, spa, forward, dense, record, index)
+        index, note = _image_index(image_index, len(batch.images))
+        return _Run(entry, batch, spa, forward, dense, record, index, [note] if note else [])
 
     def _stats(self, run: _Run, wall: WallClock | None) -> str:
         """The cost text: backbone MACs dense -> SPA, the wall-clock line, kept tokens and packing."""
@@ -679,8 +690,9 @@ class AnalysisService:
             self._wall_clock(entry, batch, spa) if measure else self._timings.get(self._timing_key(entry, batch, spa))
         )
         status = f"{entry.badge}  \n{len(batch.images)} image(s): " + ", ".join(names)
-        if batch.warnings:
-            status += "  \n⚠ " + "  \n⚠ ".join(batch.warnings)
+        warnings = [*batch.warnings, *run.notes]
+        if warnings:
+            status += "  \n⚠ " + "  \n⚠ ".join(warnings)
         gallery = [
             (d, f"{i}: {im.name} · {float(record.keep_ratio[i]):.0%} kept")
             for i, (d, im) in enumerate(zip(batch.displays, batch.images))
@@ -700,7 +712,7 @@ class AnalysisService:
             status,
             self._summary(run, wall, labels),
             gallery,
-            batch.warnings,
+            warnings,
         )
 
     def measure(self, paths: Sequence[str | Path] | None, model: str, spa: SPASettings) -> WallClock:
@@ -739,7 +751,7 @@ class AnalysisService:
         entry, spa = self._settle(model, spa)
         batch = self._prepare(entry, paths)
         forward = self._spa_forward(entry, batch, spa)
-        index = min(max(int(image_index), 0), len(batch.images) - 1)
+        index, _ = _image_index(image_index, len(batch.images))
         target, described = entry.adapter.target(forward.output, index)
         key = (entry.key, batch.digests[index], spa.key(), method, described)
         result = self._attributions.get(key)

@@ -572,6 +572,14 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
             selector_controls, [selector], [threshold, amount, fusion], api_visibility="private", queue=False
         )
         demo.load(lambda: gr.Dropdown(choices=selectors), None, [selector], api_visibility="private", queue=False)
+        # the image slider spans the batch that is loaded (the service names an index past it)
+        files.change(
+            lambda chosen: gr.Slider(maximum=max(len(chosen or []) - 1, 1)),
+            [files],
+            [image_index],
+            api_visibility="private",
+            queue=False,
+        )
         # a new model first updates the picker, the layer slider and the selectors it can run, then shows
         model_outputs = [status, model, layer, selector, fusion, unkept, threshold, method]
         picked = gr.on(

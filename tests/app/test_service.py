@@ -212,3 +212,13 @@ def test_app_files_are_removed_on_close(tmp_path: Path) -> None:
     files.close()
     assert not files.root.exists()
     files.close()  # idempotent
+
+
+def test_an_image_index_past_the_batch_is_named(service: AnalysisService, examples: Examples) -> None:
+    photos = examples.photos[:2]
+    shown = service.analyze(photos, TINY, SPASettings(), image_index=5, measure=False)
+    assert shown.summary["image_index"] == 1
+    assert any("image index 5 is outside the batch of 2 (0-1): showing image 1" in w for w in shown.warnings)
+    assert "outside the batch" in shown.status
+    inside = service.analyze(photos, TINY, SPASettings(), image_index=1, measure=False)
+    assert not any("outside the batch" in w for w in inside.warnings)
