@@ -203,6 +203,17 @@ class WallClock:
             f"**Wall-clock** ({self.device}, batch of {self.batch}, {threads}; median of {self.repeats} runs each, "
             f"dense twin and SPA alternating, no tracing): dense {_ms(self.dense_s)} → SPA {_ms(self.spa_s)}, "
             f"**{_change(self.saving)}** · MACs saved {macs_saving:.1%}"
+            + (self.why_slower(macs_saving) if self.saving < 0 else "")
+        )
+
+    def why_slower(self, macs_saving: float) -> str:
+        """Plain words for a run where SPA took longer than the dense twin."""
+        return (
+            f"  \n*Why SPA is slower here*: it skips {macs_saving:.0%} of the multiply-adds, but every SPA layer "
+            "also pays a fixed cost (scoring the tokens, deciding, gathering the kept tokens into packed rows "
+            f"and scattering them back). On a batch of {self.batch} on {self.device} the skipped work is "
+            "smaller than that cost; more images per batch, more dropped tokens or a larger model turn it "
+            "into a saving."
         )
 
     def to_dict(self) -> dict[str, Any]:

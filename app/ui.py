@@ -53,6 +53,19 @@ INTRO = (
     "Upload one or several images (several = one batch), then move the threshold, the layer or the packing policy. "
     "Compute is counted in MACs (multiply-adds, what the SPA and Swin papers call FLOPs); 1 MAC = 2 FLOPs."
 )
+GLOSSARY = (
+    "- **sigmoid(s / tau)**: the gate's keep probability for a token (s: its score, tau: the temperature); "
+    "a token is kept where it exceeds the threshold.\n"
+    "- **B′ rows × L**: the kept tokens of the whole batch are packed into B′ rows of L slots each; "
+    "attention runs on these rows only.\n"
+    "- **fill**: the share of packed slots holding a real token (the rest is padding).\n"
+    "- **fused: N% earlier**: with score fusion, N% of this layer's tokens were decided by a score carried "
+    "over from an earlier stage (the max of the two), not by this layer's own gate.\n"
+    "- **MACs**: multiply-adds (what the SPA and Swin papers call FLOPs); 1 MAC = 2 FLOPs.\n"
+    "- **token age**: how many SPA layers ago a token was last updated; 0 = current.\n"
+    "- **unkept**: what a token the gate does not keep becomes: copy (unchanged), paper (the output "
+    "projection of itself), refresh (the update of its most similar kept token)."
+)
 UNKEPT_CHOICES = list(UNKEPT_HELP)
 UNKEPT_TEXT = "; ".join(f"{mode} = {help}" for mode, help in UNKEPT_HELP.items())
 FUSION_HELP = (
@@ -480,6 +493,8 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
                 )
             with gr.Column(scale=3):
                 stats = gr.Markdown(elem_id="stats", label="Cost")
+                with gr.Accordion("What the numbers mean", open=False):
+                    gr.Markdown(GLOSSARY)
                 with gr.Row():
                     gate = _output_image("Gate scores", "gate-image")
                     kept = _output_image("Kept tokens", "kept-image")

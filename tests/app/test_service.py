@@ -222,3 +222,12 @@ def test_an_image_index_past_the_batch_is_named(service: AnalysisService, exampl
     assert "outside the batch" in shown.status
     inside = service.analyze(photos, TINY, SPASettings(), image_index=1, measure=False)
     assert not any("outside the batch" in w for w in inside.warnings)
+
+
+def test_a_slower_spa_run_says_why() -> None:
+    from app.service import WallClock
+
+    slow = WallClock(dense_s=0.010, spa_s=0.015, repeats=5, batch=1, threads=1, device="cpu")
+    fast = WallClock(dense_s=0.010, spa_s=0.006, repeats=5, batch=8, threads=1, device="cpu")
+    assert "Why SPA is slower here" in slow.line(0.4) and "40%" in slow.line(0.4) and "batch of 1" in slow.line(0.4)
+    assert "Why SPA is slower" not in fast.line(0.4)
