@@ -37,7 +37,12 @@ def create_app(
         _log.warning("no example images (%s)", err)
         examples = None
     registry = ModelRegistry(
-        settings.torch_device, settings.allow_dirs, settings.model_cache_size, extra_models, settings.default_model
+        settings.torch_device,
+        settings.allow_dirs,
+        settings.model_cache_size,
+        extra_models,
+        settings.default_model,
+        settings.max_params,
     )
     files = AppFiles(panel_capacity=settings.panel_files, report_capacity=settings.report_files)
     # served in place: gradio would copy them into its cache, and its sweep would remove the example copies

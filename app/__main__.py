@@ -47,6 +47,12 @@ def parse_args(argv: Sequence[str] | None = None) -> AppSettings:
     parser.add_argument("--max-file-size", default=defaults.max_file_size, help="upload limit per file, e.g. 25mb")
     parser.add_argument("--max-batch", type=int, default=defaults.max_batch, help="images per analysis")
     parser.add_argument("--model-cache", type=int, default=defaults.model_cache_size, help="models kept loaded")
+    parser.add_argument(
+        "--max-params",
+        type=int,
+        default=defaults.max_params,
+        help="largest timm model (in parameters) the app builds when a user names one",
+    )
     parser.add_argument("--concurrency", type=int, default=defaults.concurrency, help="requests processed at once")
     parser.add_argument(
         "--threads",
@@ -83,6 +89,7 @@ def parse_args(argv: Sequence[str] | None = None) -> AppSettings:
         max_file_size=args.max_file_size,
         max_batch=args.max_batch,
         model_cache_size=args.model_cache,
+        max_params=args.max_params,
         concurrency=args.concurrency,
         threads=args.threads,
         cache_age_s=args.cache_age,

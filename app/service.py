@@ -314,7 +314,9 @@ class AnalysisService:
     ) -> None:
         self.settings = settings
         self.device = settings.torch_device
-        self.registry = registry or ModelRegistry(self.device, settings.allow_dirs, settings.model_cache_size)
+        self.registry = registry or ModelRegistry(
+            self.device, settings.allow_dirs, settings.model_cache_size, max_params=settings.max_params
+        )
         self.annotations = examples.annotations if examples is not None else {}
         self.files = files or AppFiles(panel_capacity=settings.panel_files, report_capacity=settings.report_files)
         self._images: LRUCache[tuple[str, float, int], InputImage] = LRUCache(settings.image_cache_size)

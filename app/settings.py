@@ -15,6 +15,8 @@ __all__ = ["ALLOW_ENV_VAR", "REPO_ROOT", "AppSettings", "configure_torch", "reso
 #: Extra folders (os.pathsep-separated) users may load checkpoints from, besides checkpoints/.
 ALLOW_ENV_VAR = "SPA_VIZ_APP_ALLOW"
 REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MAX_PARAMS = 100_000_000
+"""Largest timm model (random weights) the app builds on request: ViT-B/16 (86M) fits, ViT-L (304M) not."""
 
 
 def resolve_device(device: str) -> torch.device:
@@ -51,6 +53,7 @@ class AppSettings:
     max_image_side: int = 1024  # larger images are downscaled on load
     max_batch: int = 8  # images per analysis
     model_cache_size: int = 2  # models kept loaded (LRU)
+    max_params: int = DEFAULT_MAX_PARAMS  # largest timm model built on request (random weights)
     result_cache_size: int = 24  # forward passes kept (LRU)
     image_cache_size: int = 64  # decoded images kept (LRU)
     concurrency: int = 2  # events run at once (a model runs one forward at a time)

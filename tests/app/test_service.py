@@ -17,7 +17,7 @@ import torch
 import spa_viz
 from app.examples import Examples, build_examples
 from app.files import AppFiles, BoundedFolder
-from app.models import LEARNED_GATE, ModelRegistry, selector_amount
+from app.models import LEARNED_GATE, ModelError, ModelRegistry, selector_amount
 from app.service import AnalysisService, SPASettings, UserError
 from app.settings import AppSettings
 from app.ui import PanelFiles
@@ -231,3 +231,34 @@ def test_a_slower_spa_run_says_why() -> None:
     fast = WallClock(dense_s=0.010, spa_s=0.006, repeats=5, batch=8, threads=1, device="cpu")
     assert "Why SPA is slower here" in slow.line(0.4) and "40%" in slow.line(0.4) and "batch of 1" in slow.line(0.4)
     assert "Why SPA is slower" not in fast.line(0.4)
+
+
+def test_a_large_timm_name_is_refused_before_it_is_built() -> None:
+    registry = ModelRegistry(torch.device("cpu"), max_params=10_000_000)
+    with pytest.raises(ModelError, match=r"vit_large_patch16_224 has 304M parameters.*--max-params"):
+        registry.get("vit_large_patch16_224")
+    assert registry.loaded() == []
+
+
+def test_a_model_being_built_does_not_hold_up_loaded_ones() -> None:
+    """One request builds a slow model; another, for a model already loaded, is answered meanwhile."""
+    import threading
+
+    started, release = threading.Event(), threading.Event()
+
+    def slow() -> torch.nn.Module:
+        started.set()
+        assert release.wait(30), "the test released the build"
+        return tiny_model()
+
+    registry = ModelRegistry(torch.device("cpu"), capacity=2, extra={TINY: tiny_model, "slow": slow})
+    registry.get(TINY)
+    builder = threading.Thread(target=registry.get, args=("slow",))
+    builder.start()
+    assert started.wait(30)
+    answered = threading.Event()
+    threading.Thread(target=lambda: (registry.get(TINY), answered.set())).start()
+    assert answered.wait(10), "a loaded model is served while another one builds"
+    release.set()
+    builder.join(30)
+    assert sorted(registry.loaded()) == sorted([TINY, "slow"])
