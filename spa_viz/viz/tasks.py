@@ -139,6 +139,9 @@ class SaliencyTask(TaskAdapter):
         return "saliency MAE vs the dense teacher", float(gap)
 
 
+DETECTION_AGREEMENT = "detections agreeing with the dense twin's (same class, IoU >= 0.5)"
+
+
 class DetectionTask(TaskAdapter):
     """Detectors with ``decode(outputs) -> [(boxes, scores, labels)]``; input letterboxed."""
 
@@ -171,6 +174,25 @@ class DetectionTask(TaskAdapter):
         return boxes.cpu(), scores.cpu(), labels.cpu()
 
     output_map_name = "heat-map peak over classes"
+
+    def output_gap(self, output: Any, dense_output: Any, index: int) -> tuple[str, float]:
+        """Share of detections (score > ``min_score``) that SPA and the dense twin agree on: pairs of the
+        same class with box IoU >= 0.5, matched greedily by score, over the larger of the two counts
+        (1.0 when neither finds anything)."""
+        boxes, scores, labels = self._detections(output, index)
+        dense_boxes, _, dense_labels = self._detections(dense_output, index)
+        larger = max(len(labels), len(dense_labels))
+        if larger == 0:
+            return DETECTION_AGREEMENT, 1.0
+        overlap = box_iou(boxes, dense_boxes) if len(labels) and len(dense_labels) else torch.zeros(0, 0)
+        free = set(range(len(dense_labels)))
+        matched = 0
+        for i in scores.argsort(descending=True).tolist():
+            candidates = [j for j in free if dense_labels[j] == labels[i] and overlap[i, j] >= 0.5]
+            if candidates:
+                free.remove(max(candidates, key=lambda j: float(overlap[i, j])))
+                matched += 1
+        return DETECTION_AGREEMENT, matched / larger
 
     def output_map(self, output: dict[str, Tensor], index: int) -> Tensor:
         return torch.sigmoid(output["heatmap"][index].float()).amax(0).cpu()

@@ -339,6 +339,8 @@ def test_detector_checkpoint_draws_boxes_and_labels(client: Client, examples) ->
     assert "task: detection" in out["status"]
     detections = out["summary"]["predictions"]["detections"]
     assert detections, "the trained detector finds digits in the example"
+    gap = out["summary"]["output_vs_dense"]
+    assert gap["measure"].startswith("detections agreeing with the dense twin") and 0.5 <= gap["value"] <= 1.0
     names = {str(digit) for digit in range(10)}
     height, width = Image.open(examples.digits[0]).size[::-1]
     for detection in detections:
