@@ -488,10 +488,11 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
                 container_len = gr.Slider(8, 256, value=49, step=1, label="Container length L (container policy)")
                 layer = gr.Slider(layers[0], layers[-1], value=layers[0], step=1, label="SPA layer")
                 image_index = gr.Slider(0, settings.max_batch - 1, value=0, step=1, label="Image of the batch (index)")
+            with gr.Column(scale=3):
+                # status and cost first: where the eye starts on the page
                 status = gr.Markdown(
                     "  \n".join([default_entry.badge, *problems]), elem_id="status-box", label="Status"
                 )
-            with gr.Column(scale=3):
                 stats = gr.Markdown(elem_id="stats", label="Cost")
                 with gr.Accordion("What the numbers mean", open=False):
                     gr.Markdown(GLOSSARY)
