@@ -56,6 +56,8 @@ def packed_layout_figure(
     Hovering a slot shows its image, token row/column and gate score (``scores``: (B, N) soft gate
     of the patch tokens). Prefix tokens (class, registers) are marked with a star.
     """
+    if plan.batch_size == 1:
+        return _single_image_layout(plan, grid, num_prefix, scores, image_names)
     rows, length = plan.num_rows, plan.row_len
     slot_image = plan.slot_image.numpy()
     slot_token = plan.slot_token.numpy()
@@ -149,6 +151,55 @@ def packed_layout_figure(
     return fig
 
 
+def _single_image_layout(
+    plan: PackPlan,
+    grid: tuple[int, int],
+    num_prefix: int,
+    scores: Tensor | None,
+    image_names: Sequence[str] | None,
+) -> go.Figure:
+    """One image: its token grid, each kept token coloured by where it sits in the packed rows (row x L +
+    slot), dropped tokens blank; hovering names the row and slot (a row-by-slot plot of one image is a
+    single uniform bar)."""
+    height, width = grid
+    position = np.full(height * width, np.nan)
+    hover = np.array(["dropped (not packed)"] * (height * width), dtype=object)
+    slot_token = plan.slot_token.numpy()
+    score_np = None if scores is None else as_numpy(scores)[0]
+    for r in range(plan.num_rows):
+        for c in range(plan.row_len):
+            token = int(slot_token[r, c]) - num_prefix
+            if token < 0:
+                continue
+            position[token] = r * plan.row_len + c
+            text = f"token row {token // width}, col {token % width}<br>packed row {r}, slot {c}"
+            if score_np is not None:
+                text += f"<br>gate score {float(score_np[token]):.3f}"
+            hover[token] = text
+    fig = go.Figure(
+        go.Heatmap(
+            z=position.reshape(grid),
+            colorscale="Viridis",
+            colorbar=dict(title="packed position<br>(row × L + slot)"),
+            text=hover.reshape(grid),
+            hoverinfo="text",
+            xgap=1,
+            ygap=1,
+        )
+    )
+    name = (list(image_names) if image_names else ["image 0"])[0]
+    prefix = f" + {num_prefix} prefix token{'s' if num_prefix != 1 else ''} (always kept)" if num_prefix else ""
+    title = _title(
+        f"Packed tokens of one image · {plan.policy} policy",
+        f"{name}: {plan.num_kept - num_prefix} of {height * width} patch tokens{prefix} in B′ = {plan.num_rows} "
+        f"row{'s' if plan.num_rows != 1 else ''} × L = {plan.row_len} · fill {plan.fill_ratio:.1%} · blank = dropped",
+    )
+    _figure_layout(fig, title, height=min(760, 160 + 22 * height))
+    fig.update_xaxes(title_text="token column", showgrid=False, zeroline=False)
+    fig.update_yaxes(title_text="token row", autorange="reversed", showgrid=False, zeroline=False, scaleanchor="x")
+    return fig
+
+
 def macs_figure(trace: Trace) -> go.Figure:
     """Per-SPA-layer compute in GMACs (multiply-adds, the paper's "GFLOPs"), dense vs as run, with the
     whole backbone's saving in the title."""
@@ -190,9 +241,36 @@ def macs_figure(trace: Trace) -> go.Figure:
     return fig
 
 
+def _kept_per_layer_figure(trace: Trace, highlight: int) -> go.Figure:
+    """Kept patch tokens of one image at every SPA layer, the shown layer highlighted."""
+    names = [f"L{t.layer}" for t in trace.layers]
+    counts = [int(t.kept_counts[0]) for t in trace.layers]
+    total = trace.layers[0].keep.shape[1]
+    colors = [hex_color(OKABE_ITO["vermillion"] if t.layer == highlight else OKABE_ITO["blue"]) for t in trace.layers]
+    fig = go.Figure(
+        go.Bar(
+            x=names,
+            y=counts,
+            marker_color=colors,
+            text=[f"{c / max(t.keep.shape[1], 1):.0%}" for c, t in zip(counts, trace.layers)],
+            textposition="outside",
+            hovertemplate="%{x}: %{y} tokens kept<extra></extra>",
+        )
+    )
+    title = _title("Kept tokens per SPA layer · one image", f"of {total} patch tokens at the first SPA layer")
+    _figure_layout(fig, title, height=360)
+    fig.update_yaxes(title_text="kept patch tokens", rangemode="tozero")
+    fig.update_xaxes(title_text="model layer")
+    fig.update_layout(showlegend=False)
+    return fig
+
+
 def kept_histogram_figure(trace: Trace, layer: int | None = None) -> go.Figure:
-    """Histogram of kept patch tokens per image at one SPA layer (default: the first)."""
+    """Histogram of kept patch tokens per image at one SPA layer (default: the first); for a single
+    image, its kept tokens at every SPA layer (a histogram of one count says nothing)."""
     record = trace.layer(layer) if layer is not None else trace.layers[0]
+    if trace.batch_size == 1:
+        return _kept_per_layer_figure(trace, record.layer)
     counts = record.kept_counts.numpy()
     total = record.keep.shape[1]
     mean = float(counts.mean()) if counts.size else 0.0

@@ -51,3 +51,25 @@ def test_kept_histogram_counts_images(traced) -> None:
     fig = figures.kept_histogram_figure(traced, layer.layer)
     assert sorted(fig.data[0].x) == sorted(layer.kept_counts.tolist())
     assert f"layer {layer.layer}" in fig.layout.title.text
+
+
+def test_one_image_is_drawn_on_its_token_grid() -> None:
+    """A single image: its token grid with each kept token's packed position, dropped tokens blank."""
+    keep = torch.tensor([[True, True, False, True, False, False, True]])  # prefix + 6 patches (2 x 3)
+    plan = plan_packing(keep, "container", 2)
+    fig = figures.packed_layout_figure(plan, grid=(2, 3), num_prefix=1, image_names=["one"])
+    z = np.asarray(fig.data[0].z, dtype=float)
+    assert z.shape == (2, 3)
+    # flat slots: 0 = prefix, 1 = patch 0, 2 = patch 2, 3 = patch 5
+    assert z[0, 0] == 1 and z[0, 2] == 2 and z[1, 2] == 3 and np.isnan(z[0, 1]) and np.isnan(z[1, 0])
+    assert "packed row 1, slot 0" in fig.data[0].text[0][2] and "dropped" in fig.data[0].text[0][1]
+    assert "3 of 6 patch tokens" in fig.layout.title.text and "B′ = 2 rows" in fig.layout.title.text
+
+
+def test_one_image_histogram_shows_every_layer() -> None:
+    model = mixed_gate_tiny_vit()
+    _, one = spa_viz.trace(model, torch.randn(1, 3, 32, 32))
+    fig = figures.kept_histogram_figure(one, one.layers[1].layer)
+    assert list(fig.data[0].x) == [f"L{t.layer}" for t in one.layers]
+    assert list(fig.data[0].y) == [int(t.kept_counts[0]) for t in one.layers]
+    assert len(set(fig.data[0].marker.color)) == 2, "the shown layer is highlighted"
