@@ -205,7 +205,11 @@ def draw_detections(
     class_names: Sequence[str] | None = None,
     scale: float = 1.0,
 ) -> np.ndarray:
-    """Boxes (xyxy, in the image's pixels before ``scale``) with class name and score tags."""
+    """Boxes (xyxy, in the image's pixels before ``scale``) with class name and score tags.
+
+    Drawn from the least to the most confident, so the most confident box and tag end on top; a tag
+    that would cover an earlier tag moves down (inside its box) until it is clear.
+    """
     image = _check_image(image)
     boxes = as_numpy(boxes).reshape(-1, 4).astype(np.float64) * scale
     labels = as_numpy(labels).astype(int).ravel()
@@ -214,17 +218,33 @@ def draw_detections(
     draw = ImageDraw.Draw(pil)
     font = _font(max(12, round(max(image.shape[:2]) / 28)))
     width = _line_width(image) + 1
-    for i, (box, label) in enumerate(zip(boxes, labels)):
-        color = image_color(int(label))
-        draw.rectangle([float(v) for v in box], outline=color, width=width)
+    order = range(len(boxes)) if scores is None else np.argsort(scores, kind="stable")
+    for i in order:
+        box, label = boxes[i], int(labels[i])
+        draw.rectangle([float(v) for v in box], outline=image_color(label), width=width)
+    placed: list[tuple[float, float, float, float]] = []
+    tags = []
+    for i in reversed(list(order)):  # tags of the most confident first: they keep their place
+        label = int(labels[i])
         name = class_names[label] if class_names is not None and 0 <= label < len(class_names) else str(label)
         tag = name if scores is None else f"{name} {scores[i]:.2f}"
-        x0, y0 = float(box[0]), float(box[1])
-        left, top, right, bottom = draw.textbbox((x0, y0), tag, font=font)
-        y_shift = (bottom - top) + 4 if y0 - (bottom - top) - 4 >= 0 else 0
-        draw.rectangle([left - 2, top - y_shift - 2, right + 2, bottom - y_shift + 2], fill=color)
-        draw.text((x0, y0 - y_shift), tag, fill=(0, 0, 0) if sum(color) > 380 else (255, 255, 255), font=font)
+        x0, y0 = float(boxes[i][0]), float(boxes[i][1])
+        left, top, right, bottom = draw.textbbox((x0, 0), tag, font=font)
+        height = bottom - top + 4
+        y = y0 - height if y0 - height >= 0 else y0  # above the box, or inside it at the image's top
+        while any(_overlaps((left - 2, y, right + 2, y + height), other) for other in placed):
+            y += height
+        placed.append((left - 2, y, right + 2, y + height))
+        tags.append((label, tag, x0, y + 2 - top))
+    for (label, tag, x, y), rect in zip(tags, placed):
+        color = image_color(label)
+        draw.rectangle(rect, fill=color)
+        draw.text((x, y), tag, fill=(0, 0, 0) if sum(color) > 380 else (255, 255, 255), font=font)
     return np.asarray(pil)
+
+
+def _overlaps(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
 def draw_masks(

@@ -122,3 +122,20 @@ def test_to_jpeg_round_trips_the_picture(image: np.ndarray) -> None:
     assert data[:2] == b"\xff\xd8"  # JPEG start-of-image marker
     decoded = np.asarray(Image.open(BytesIO(data)))
     assert decoded.shape == image.shape and np.abs(decoded.astype(int) - image).mean() < 8
+
+
+def test_overlapping_detection_tags_stay_readable() -> None:
+    """Two near-identical boxes: the more confident tag keeps its place, untouched, and the other is drawn
+    clear of it (below) instead of covering it."""
+    from spa_viz.viz.style import image_color
+
+    image = np.full((256, 256, 3), 200, np.uint8)
+    boxes = np.array([[40.0, 60.0, 120.0, 140.0], [45.0, 62.0, 125.0, 150.0]])
+    names = [str(i) for i in range(10)]
+    alone = overlays.draw_detections(image, boxes[1:], [5], [0.9], names)
+    both = overlays.draw_detections(image, boxes, [3, 5], [0.5, 0.9], names)
+    tag = (alone[:60] == np.array(image_color(5), np.uint8)).all(-1)  # the confident tag's fill, above its box
+    assert tag.sum() > 100
+    assert np.array_equal(both[:60][tag], alone[:60][tag]), "the confident tag is not covered"
+    moved = (both[60:90, 38:90] == np.array(image_color(3), np.uint8)).all(-1)
+    assert moved.sum() > 100, "the other tag is drawn just below it"
