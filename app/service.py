@@ -52,7 +52,7 @@ from spa_viz.models.saliency.labels import SALIENT
 from spa_viz.models.twin import dense_twin
 from spa_viz.selection.labels import labels_from_masks
 from spa_viz.selection.selectors import SELECTORS, applicable_selectors, install_selector, remove_selector
-from spa_viz.viz import figures, panels
+from spa_viz.viz import figures, overlays, panels
 
 __all__ = ["SAVED_FUSION", "Analysis", "AnalysisService", "AttributionView", "SPASettings", "UserError", "WallClock"]
 
@@ -505,6 +505,29 @@ class AnalysisService:
 
     # ------------------------------------------------------------------------------ analysis
 
+    def _truth_boxes(self, run: _Run) -> Tensor | None:
+        """Ground-truth boxes of the shown image in the model's input pixels (the digit examples), or None."""
+        image = run.batch.images[run.index]
+        annotation = self.annotations.get(image.digest)
+        mapper = getattr(run.entry.adapter, "map_boxes", None)
+        if annotation is None or mapper is None:
+            return None
+        boxes = np.asarray(annotation.boxes, dtype=np.float32).reshape(-1, 4)
+        if annotation.masks.ndim == 3 and annotation.masks.shape[-2:] != image.pixels.shape[:2]:
+            (mh, mw), (h, w) = annotation.masks.shape[-2:], image.pixels.shape[:2]
+            boxes = boxes * np.array([w / mw, h / mh, w / mw, h / mh], dtype=np.float32)
+        return mapper(image.pixels.shape[:2], boxes)
+
+    def _predictions(self, run: _Run, display: np.ndarray) -> np.ndarray:
+        """The model's predictions; detectors show SPA's and the dense twin's side by side, both over the
+        ground truth when the example has it."""
+        adapter, truth = run.entry.adapter, self._truth_boxes(run)
+        drawn = adapter.draw(display, run.forward.output, run.index, truth)
+        if adapter.task != "detection":
+            return drawn
+        dense = adapter.draw(display, run.dense.output, run.index, truth)
+        return overlays.hstack([overlays.add_title(drawn, "SPA"), overlays.add_title(dense, "dense twin")])
+
     def _label_mask(self, entry: LoadedModel, batch: _Prepared, dense: _Dense, index: int) -> tuple[Tensor | None, str]:
         """Object pixels of image ``index`` in input geometry, and where they come from."""
         image = batch.images[index]
@@ -688,7 +711,7 @@ class AnalysisService:
         strip = panels.strip_panel(display, trace.layers, index, name, highlight=record.layer)
         difference = entry.adapter.output_difference(run.forward.output, run.dense.output, index)
         age = panels.age_panel(display, trace, index, name, difference)
-        predictions = entry.adapter.draw(display, run.forward.output, index)
+        predictions = self._predictions(run, display)
 
         names = [f"{i}: {im.name}" for i, im in enumerate(batch.images)]
         scores = record.soft_gate if learned else record.scores

@@ -42,6 +42,7 @@ __all__ = [
     "attribution_overlay",
     "colorbar",
     "colorize",
+    "draw_boxes",
     "draw_detections",
     "draw_masks",
     "hstack",
@@ -240,6 +241,22 @@ def draw_detections(
         color = image_color(label)
         draw.rectangle(rect, fill=color)
         draw.text((x, y), tag, fill=(0, 0, 0) if sum(color) > 380 else (255, 255, 255), font=font)
+    return np.asarray(pil)
+
+
+def draw_boxes(
+    image: np.ndarray, boxes: Tensor | np.ndarray, color: Color = (255, 255, 255), scale: float = 1.0
+) -> np.ndarray:
+    """Plain box outlines (xyxy, in the image's pixels before ``scale``), e.g. the ground truth, with a
+    dark rim so white stays visible on light images."""
+    image = _check_image(image)
+    boxes = as_numpy(boxes).reshape(-1, 4).astype(np.float64) * scale
+    pil = Image.fromarray(image.copy())
+    draw = ImageDraw.Draw(pil)
+    width = _line_width(image)
+    for box in boxes:
+        draw.rectangle([float(v) for v in box], outline=(0, 0, 0), width=width + 2)
+        draw.rectangle([float(v) for v in box], outline=color, width=width)
     return np.asarray(pil)
 
 

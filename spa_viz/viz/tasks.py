@@ -61,8 +61,9 @@ class TaskAdapter:
         """JSON-ready predictions of image ``index``."""
         raise NotImplementedError
 
-    def draw(self, display: np.ndarray, output: Any, index: int) -> np.ndarray:
-        """The predictions of image ``index`` drawn on its display image."""
+    def draw(self, display: np.ndarray, output: Any, index: int, truth: Tensor | None = None) -> np.ndarray:
+        """The predictions of image ``index`` drawn on its display image (with the ground-truth boxes
+        ``truth``, in input pixels, where the task has boxes)."""
         raise NotImplementedError
 
     def target(self, output: Any, index: int) -> tuple[Target, str]:
@@ -105,7 +106,7 @@ class SaliencyTask(TaskAdapter):
             "salient_share": round(float(salient(sal).float().mean()), 4),
         }
 
-    def draw(self, display: np.ndarray, output: Tensor, index: int) -> np.ndarray:
+    def draw(self, display: np.ndarray, output: Tensor, index: int, truth: Tensor | None = None) -> np.ndarray:
         sal = output[index, 0].float().cpu().numpy()
         return overlays.add_title(
             overlays.saliency_overlay(display, sal),
@@ -210,11 +211,25 @@ class DetectionTask(TaskAdapter):
             ]
         }
 
-    def draw(self, display: np.ndarray, output: dict[str, Tensor], index: int) -> np.ndarray:
+    def map_boxes(self, image_size: tuple[int, int], boxes: np.ndarray) -> Tensor:
+        """xyxy boxes in an image's own pixels (``image_size`` = (H, W)) -> the model's input pixels."""
+        image = torch.zeros(3, *image_size, dtype=torch.uint8)
+        _, target = self.transform(image, {"boxes": torch.as_tensor(np.asarray(boxes), dtype=torch.float32)})
+        return target["boxes"]
+
+    def _truth_note(self, truth: Tensor | None) -> str:
+        return "" if truth is None else f" · white: {len(truth)} ground-truth box{'es' if len(truth) != 1 else ''}"
+
+    def draw(
+        self, display: np.ndarray, output: dict[str, Tensor], index: int, truth: Tensor | None = None
+    ) -> np.ndarray:
         boxes, scores, labels = self._detections(output, index)
         scale = display.shape[1] / self.input_size[1]
-        drawn = overlays.draw_detections(display, boxes, labels, scores, self.class_names, scale=scale)
-        return overlays.add_title(drawn, f"Detections (score > {self.min_score:g})", f"{len(scores)} found")
+        drawn = display if truth is None else overlays.draw_boxes(display, truth, scale=scale)
+        drawn = overlays.draw_detections(drawn, boxes, labels, scores, self.class_names, scale=scale)
+        return overlays.add_title(
+            drawn, f"Detections (score > {self.min_score:g})", f"{len(scores)} found{self._truth_note(truth)}"
+        )
 
     def target(self, output: dict[str, Tensor], index: int) -> tuple[Target, str]:
         boxes, scores, labels = self._detections(output, index)
@@ -266,14 +281,21 @@ class MaskRCNNTask(DetectionTask):
             entry["mask_pixels"] = int(area)
         return found
 
-    def draw(self, display: np.ndarray, output: list[dict[str, Tensor]], index: int) -> np.ndarray:
+    def draw(
+        self, display: np.ndarray, output: list[dict[str, Tensor]], index: int, truth: Tensor | None = None
+    ) -> np.ndarray:
         boxes, scores, labels = self._detections(output, index)
         keep = output[index]["scores"] >= self.min_score
         masks = output[index]["masks"][keep, 0].float().cpu()
         scale = display.shape[1] / self.input_size[1]
         drawn = overlays.draw_masks(display, masks, labels)
+        drawn = drawn if truth is None else overlays.draw_boxes(drawn, truth, scale=scale)
         drawn = overlays.draw_detections(drawn, boxes, labels, scores, self.class_names, scale=scale)
-        return overlays.add_title(drawn, f"Detections and masks (score > {self.min_score:g})", f"{len(scores)} found")
+        return overlays.add_title(
+            drawn,
+            f"Detections and masks (score > {self.min_score:g})",
+            f"{len(scores)} found{self._truth_note(truth)}",
+        )
 
     def target(self, output: list[dict[str, Tensor]], index: int) -> tuple[Target, str]:
         boxes, scores, labels = self._detections(output, index)
@@ -328,7 +350,7 @@ class ClassificationTask(TaskAdapter):
     def predictions(self, output: Tensor, index: int) -> dict[str, Any]:
         return {"top5": [{"label": n, "probability": round(p, 4)} for n, p in self._top(output, index)]}
 
-    def draw(self, display: np.ndarray, output: Tensor, index: int) -> np.ndarray:
+    def draw(self, display: np.ndarray, output: Tensor, index: int, truth: Tensor | None = None) -> np.ndarray:
         top = self._top(output, index, 3)
         lines = " · ".join(f"{n} {p:.0%}" for n, p in top[1:])
         return overlays.add_title(display, f"Top-1: {top[0][0]} ({top[0][1]:.0%})", lines or None)

@@ -262,3 +262,28 @@ def test_a_model_being_built_does_not_hold_up_loaded_ones() -> None:
     release.set()
     builder.join(30)
     assert sorted(registry.loaded()) == sorted([TINY, "slow"])
+
+
+@pytest.mark.skipif("spa-vit-digits" not in spa_viz.available(), reason="the spa-vit-digits checkpoint is not here")
+def test_detector_predictions_show_the_dense_twin_and_the_ground_truth(
+    service: AnalysisService, examples: Examples
+) -> None:
+    digit = examples.digits[:1]
+    without_truth = service.analyze(digit, "spa-vit-digits", SPASettings(), measure=False)
+    single = service.analyze(examples.photos[:1], TINY, SPASettings(), measure=False)
+    assert without_truth.predictions.shape[1] > 1.8 * without_truth.gate.shape[1], "SPA and dense twin side by side"
+    assert single.predictions.shape[1] < 1.5 * single.gate.shape[1], "other tasks: one picture"
+
+    settings = AppSettings(device="cpu")
+    annotated = AnalysisService(settings, ModelRegistry(settings.torch_device, capacity=1), examples)
+    try:
+        with_truth = annotated.analyze(digit, "spa-vit-digits", SPASettings(), measure=False)
+        entry = annotated.model("spa-vit-digits")
+    finally:
+        annotated.close()
+    assert with_truth.predictions.shape == without_truth.predictions.shape
+    white = lambda picture: int((picture == 255).all(-1).sum())  # noqa: E731
+    assert white(with_truth.predictions) > white(without_truth.predictions), "ground-truth boxes drawn in white"
+    truth = next(iter(examples.annotations.values())).boxes
+    mapped = entry.adapter.map_boxes((128, 128), truth)
+    assert mapped.shape == (len(truth), 4) and float(mapped.max()) <= 96 + 1e-3, "letterboxed to the 96 px input"
