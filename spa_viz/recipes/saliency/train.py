@@ -9,12 +9,16 @@ and ``fc2`` of every block from ``start_layer`` on, and a tuned copy of the sali
 adapters and the tuned decoder act only while SPA runs, so the dense twin, which every number is
 measured against, is the unchanged imported model.
 
-**SPA v3 settings** (flags; the defaults reproduce v2): ``--unkept refresh`` (unkept tokens take their
-most similar kept token's update), ``--soft-gating train`` (no sigmoid(s) scaling in evaluation),
+**SPA v3 options** (flags; the defaults reproduce v2): ``--unkept`` (``refresh``: unkept tokens take their
+most similar kept token's update), ``--soft-gating`` (``train``: no sigmoid(s) scaling in evaluation),
 ``--rank 0 --no-tuned-decoder`` (gates only: with every token kept the model is its teacher exactly;
 v2's adapters and decoder moved the output by MAE 0.065 even then, ``spa-viz evaluate saliency-drift``),
-and ``--max-keep 0.35`` (the operating threshold is chosen on the val views: the lowest val MAE whose
-first-SPA-layer keep is at most 0.35; saved in config.json, the app opens at it).
+and ``--max-keep`` (the operating threshold chosen on the val views: the lowest val MAE whose
+first-SPA-layer keep is at most that; saved in config.json, the app opens at it). Measured (2026-12,
+CPU, not shipped): gates only with ``refresh`` reach val MAE 0.30-0.32 at first-layer keep 0.27-0.36
+with soft gating ``off`` (step 160-260), 0.21-0.23 at keep 0.54-0.60 with ``train`` (whose training
+and evaluation are different functions: training L1 0.09); v2 with adapters reached 0.083. Gates alone
+cannot carry the photo model; the adapters need a keep-all constraint instead.
 
 **Data**: the photo corpus (:mod:`spa_viz.data.photo_corpus`, split by source photo): its train views
 train, its val views select the checkpoint; test views and the second check are read only by the
