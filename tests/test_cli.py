@@ -127,7 +127,7 @@ def test_outputs_per_image(first: Run, out: Path) -> None:
                 with Image.open(out / name / f"{kind}_L{layer}.png") as picture:
                     assert picture.mode == "RGB" and min(picture.size) > 50
             html = (out / name / f"layout_L{layer}.html").read_text()
-            assert "../plotly.min.js" in html and "Packed batch" in html
+            assert "../plotly.min.js" in html and "Packed tokens of one image" in html  # one image: its token grid
 
 
 def test_refuses_to_overwrite_without_flag(first: Run, inputs: Path, out: Path, model: str) -> None:
