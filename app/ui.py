@@ -67,6 +67,8 @@ GLOSSARY = (
     "projection of itself), refresh (the update of its most similar kept token)."
 )
 UNKEPT_CHOICES = list(UNKEPT_HELP)
+MAX_LAYER = 64
+"""Widest layer index the API takes (deeper than any model the app serves); the page shows the model's range."""
 UNKEPT_TEXT = "; ".join(f"{mode} = {help}" for mode, help in UNKEPT_HELP.items())
 FUSION_HELP = (
     "stage = the paper's (fuse the previous stage's score), chain = each block with the one before, none = own logit"
@@ -486,7 +488,9 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
                     label="Packing policy (container = the paper's, image = exact per image)",
                 )
                 container_len = gr.Slider(8, 256, value=49, step=1, label="Container length L (container policy)")
-                layer = gr.Slider(layers[0], layers[-1], value=layers[0], step=1, label="SPA layer")
+                # the API accepts any layer of any model (the nearest SPA layer is shown); the page narrows
+                # the slider to the loaded model's SPA layers on load and on every model change
+                layer = gr.Slider(0, MAX_LAYER, value=layers[0], step=1, label="SPA layer")
                 image_index = gr.Slider(0, settings.max_batch - 1, value=0, step=1, label="Image of the batch (index)")
             with gr.Column(scale=3):
                 # status and cost first: where the eye starts on the page
@@ -587,7 +591,13 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
         selector.change(
             selector_controls, [selector], [threshold, amount, fusion], api_visibility="private", queue=False
         )
-        demo.load(lambda: gr.Dropdown(choices=selectors), None, [selector], api_visibility="private", queue=False)
+        demo.load(
+            lambda: (gr.Dropdown(choices=selectors), gr.Slider(minimum=layers[0], maximum=layers[-1])),
+            None,
+            [selector, layer],
+            api_visibility="private",
+            queue=False,
+        )
         # the image slider spans the batch that is loaded (the service names an index past it)
         files.change(
             lambda chosen: gr.Slider(maximum=max(len(chosen or []) - 1, 1)),

@@ -334,6 +334,14 @@ DETECTORS = [
 
 
 @pytest.mark.skipif(not DETECTORS, reason="no digit detector checkpoint in checkpoints/")
+def test_api_layer_follows_the_requested_model(client: Client, examples) -> None:
+    """The API's layer range is not the default model's slider range: layer 2 of spa-vit-digits is shown."""
+    if "spa-vit-digits" not in spa_viz.available():
+        pytest.skip("the spa-vit-digits checkpoint is not here")
+    out = analyze(client, [examples.digits[0]], model="spa-vit-digits", layer=2)
+    assert out["summary"]["layer"] == 2
+
+
 def test_detector_checkpoint_draws_boxes_and_labels(client: Client, examples) -> None:
     out = analyze(client, [examples.digits[0]], model=DETECTORS[0])
     assert "task: detection" in out["status"]
