@@ -16,14 +16,47 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["AppFiles", "BoundedFolder", "DiskUsage", "disk_usage"]
+__all__ = ["AppFiles", "BoundedFolder", "DiskUsage", "disk_usage", "gradio_cache_dir", "sweep_upload_leftovers"]
 
 _log = logging.getLogger(__name__)
+
+
+def gradio_cache_dir() -> Path:
+    """Gradio's cache folder: ``$GRADIO_TEMP_DIR`` (``python -m app`` sets one per process), else gradio's
+    default under the system temp folder."""
+    return Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio")
+
+
+def sweep_upload_leftovers(folder: Path, age_s: float, now: float | None = None) -> int:
+    """Remove the empty ``tmp*`` files older than ``age_s`` directly in ``folder`` (gradio's cache) and
+    return how many went. Gradio's multipart parser streams every upload into such a temporary file,
+    keeps its own copy under a hashed folder, and leaves the temporary file behind empty; its own cache
+    sweep does not remove them, so browser use piled them up. Files with content and young ones stay."""
+    now = time.time() if now is None else now
+    removed = 0
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return 0
+    for entry in entries:
+        if not entry.name.startswith("tmp"):
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+            if entry.is_file(follow_symlinks=False) and info.st_size == 0 and now - info.st_mtime > age_s:
+                os.unlink(entry.path)
+                removed += 1
+        except OSError:  # gone meanwhile, or not ours to remove
+            continue
+    if removed:
+        _log.info("removed %d empty upload leftovers from %s", removed, folder)
+    return removed
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import threading
+import time
 import uuid
 import zipfile
 from collections import OrderedDict
@@ -37,7 +39,7 @@ from torch import Tensor
 
 import spa_viz
 from app.examples import Examples
-from app.files import AppFiles
+from app.files import AppFiles, gradio_cache_dir, sweep_upload_leftovers
 from app.models import LoadedModel, ModelError, ModelRegistry, selector_amount, selector_names
 from app.settings import AppSettings
 from spa_viz.analysis import attribution
@@ -330,6 +332,7 @@ class AnalysisService:
         self._timings: LRUCache[tuple[Any, ...], WallClock] = LRUCache(settings.result_cache_size)
         self.forward_count = 0  # traced SPA + dense forward passes run (tests and the benchmark read it)
         self.timing_count = 0  # wall-clock measurements run
+        self._last_sweep = -math.inf
 
     def close(self) -> None:
         """Remove the files the app wrote (panels, reports)."""
@@ -362,7 +365,16 @@ class AnalysisService:
             )
         return cached
 
+    def _sweep_uploads(self) -> None:
+        """At most every ``cache_check_s``: remove gradio's empty upload leftovers older than ``cache_age_s``."""
+        now = time.monotonic()
+        if now - self._last_sweep < self.settings.cache_check_s:
+            return
+        self._last_sweep = now
+        sweep_upload_leftovers(gradio_cache_dir(), self.settings.cache_age_s)
+
     def _prepare(self, entry: LoadedModel, paths: Sequence[str | Path] | None) -> _Prepared:
+        self._sweep_uploads()
         if not paths:
             raise UserError("no image: upload one or more images (several make one batch), or click an example")
         paths = [Path(p) for p in paths]
