@@ -77,6 +77,7 @@ __all__ = [
     "convert_block",
     "nearest_kept",
     "find_context",
+    "drop_path_scale",
     "packed_drop_path",
     "spa_block_forward",
     "spa_blocks",
@@ -292,20 +293,21 @@ class SPAContext:
         self._pack_state = _PackState(keep, layout.key, plan, packed_out, out)
 
 
-def packed_drop_path(
-    y: Tensor, plan: PackPlan, module: nn.Module, training: bool, sources: Tensor | None = None
-) -> Tensor:
-    """timm's per-sample drop path on flat tokens (n, C), applied per source image; ``sources`` are
-    their ``image * seq_len + token`` indices (default: the plan's kept tokens)."""
+def drop_path_scale(module: nn.Module, batch: int, training: bool, like: Tensor) -> Tensor | None:
+    """timm's per-sample drop path of one branch as a (B,) factor per image (0, or ``1 / (1 - p)`` with
+    ``scale_by_keep``), drawn once per block so every token of an image (kept or not) shares it; None
+    when nothing is dropped."""
     prob = float(getattr(module, "drop_prob", 0.0))
     if not training or prob == 0.0:
-        return y
-    keep = torch.rand(plan.batch_size, device=y.device, dtype=y.dtype) >= prob
-    scale = keep.to(y.dtype)
-    if getattr(module, "scale_by_keep", True):
-        scale = scale / (1.0 - prob)
-    sources = plan.sources if sources is None else sources
-    return y * scale[sources // plan.seq_len].unsqueeze(-1)
+        return None
+    scale = (torch.rand(batch, device=like.device, dtype=like.dtype) >= prob).to(like.dtype)
+    return scale / (1.0 - prob) if getattr(module, "scale_by_keep", True) else scale
+
+
+def packed_drop_path(y: Tensor, scale: Tensor | None, sources: Tensor, seq_len: int) -> Tensor:
+    """Flat tokens (n, C) times their image's drop-path factor (:func:`drop_path_scale`); ``sources``
+    are their ``image * seq_len + token`` indices."""
+    return y if scale is None else y * scale[sources // seq_len].unsqueeze(-1)
 
 
 @dataclass
@@ -347,19 +349,18 @@ def _decide(block: nn.Module, x: Tensor, ctx: SPAContext, layer: int, grid: Grid
     return _Selection(raw, scores, keep, counts, factor, gate, fused_input, True)
 
 
-def _add_branch(
-    packed: Tensor, branch: Tensor, factor: Tensor | None, plan: PackPlan, drop_path: nn.Module, training: bool
-) -> Tensor:
-    """``packed + drop_path(factor * branch)`` (one fused op when nothing is dropped)."""
-    if training and float(getattr(drop_path, "drop_prob", 0.0)) > 0.0:
-        return packed + packed_drop_path(branch if factor is None else branch * factor, plan, drop_path, training)
+def _add_branch(packed: Tensor, branch: Tensor, factor: Tensor | None, plan: PackPlan, drop: Tensor | None) -> Tensor:
+    """``packed + drop * factor * branch`` on the flat kept tokens (one fused op when nothing is dropped);
+    ``drop``: the branch's (B,) drop-path factors."""
+    branch = packed_drop_path(branch, drop, plan.sources, plan.seq_len)
     return packed + branch if factor is None else torch.addcmul(packed, branch, factor)
 
 
 def _project_unkept(
-    block: nn.Module, x: Tensor, out: Tensor, keep: Tensor, factor: Tensor | None, prefix: int, plan: PackPlan
+    block: nn.Module, x: Tensor, out: Tensor, keep: Tensor, factor: Tensor | None, prefix: int, drop: Tensor | None
 ) -> Tensor:
-    """``unkept="paper"``: add ``u * ls1(W_o(norm1(x)))`` to every unkept token of ``out`` (B, T, C)."""
+    """``unkept="paper"``: add ``u * ls1(W_o(norm1(x)))`` to every unkept token of ``out`` (B, T, C);
+    ``drop``: the attention branch's (B,) drop-path factors, the same the kept tokens got."""
     batch, seq_len, dim = x.shape
     attn = block.attn
     if attn.proj.in_features != dim:
@@ -375,7 +376,7 @@ def _project_unkept(
     if factor is not None:
         full = F.pad(factor, (prefix, 0), value=1.0) if prefix else factor
         branch = branch * full.reshape(-1).index_select(0, sources).unsqueeze(-1)
-    branch = packed_drop_path(branch, plan, block.drop_path1, block.training, sources)
+    branch = packed_drop_path(branch, drop, sources, seq_len)
     return out.reshape(batch * seq_len, dim).index_add(0, sources, branch).view(batch, seq_len, dim)
 
 
@@ -427,9 +428,7 @@ def _refresh_unkept(
         return out, nearest
     image = unkept // tokens
     target = image * seq_len + prefix + unkept % tokens
-    position = torch.full((batch * seq_len,), -1, dtype=torch.long, device=out.device)
-    position[plan.sources] = torch.arange(plan.num_kept, device=out.device)
-    source = position[image * seq_len + prefix + nearest.reshape(-1)[unkept]]
+    source = plan.flat_position[image * seq_len + prefix + nearest.reshape(-1)[unkept]]
     if min(counts) == 0:  # an image that kept no patch token has nothing to borrow
         found = source >= 0
         unkept, target, source = unkept[found], target[found], source[found]
@@ -467,14 +466,16 @@ def spa_block_forward(block: nn.Module, x: Tensor, ctx: SPAContext, layer: int, 
     attn_out, backend = packed_attention(
         block.attn, block.norm1(packed), plan, cfg.backend, attn_bias=layout.attention_bias(plan)
     )
-    packed = _add_branch(packed, block.ls1(attn_out), factor, plan, block.drop_path1, block.training)
+    drop1 = drop_path_scale(block.drop_path1, batch, block.training, x)
+    packed = _add_branch(packed, block.ls1(attn_out), factor, plan, drop1)
     if cfg.sparse_mlp:
         mlp_out = block.ls2(block.mlp(block.norm2(packed)))
-        packed = _add_branch(packed, mlp_out, factor, plan, block.drop_path2, block.training)
+        drop2 = drop_path_scale(block.drop_path2, batch, block.training, x)
+        packed = _add_branch(packed, mlp_out, factor, plan, drop2)
     out = scatter_kept(packed, plan, x)
     nearest = None
     if cfg.unkept == "paper":
-        out = _project_unkept(block, x, out, keep, chosen.unkept_factor, prefix, plan)
+        out = _project_unkept(block, x, out, keep, chosen.unkept_factor, prefix, drop1)
     elif cfg.unkept == "refresh":
         out, nearest = _refresh_unkept(
             x, out, packed - packed_in, plan, chosen.keep, chosen.counts, chosen.unkept_factor, prefix

@@ -98,6 +98,14 @@ class PackPlan:
         return self.sources
 
     @cached_property
+    def flat_position(self) -> Tensor:
+        """(B * seq_len,) long: where each ``image * seq_len + token`` sits in the flat kept order, -1 if
+        not kept (the inverse of :attr:`sources`)."""
+        position = torch.full((self.batch_size * self.seq_len,), -1, dtype=torch.long, device=self.sources.device)
+        position[self.sources] = torch.arange(self.num_kept, device=self.sources.device)
+        return position
+
+    @cached_property
     def slot_source(self) -> Tensor:
         """(B', L) long: ``image * seq_len + token`` of every slot, -1 for padding."""
         slot_source = torch.full((self.num_slots,), -1, dtype=torch.long, device=self.sources.device)

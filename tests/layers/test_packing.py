@@ -120,3 +120,12 @@ def test_pack_rejects_mismatched_tensor() -> None:
     plan = plan_packing(torch.ones(2, 3, dtype=torch.bool), "image")
     with pytest.raises(ValueError, match="plan is for"):
         pack(torch.zeros(2, 4, 1), plan)
+
+
+def test_flat_position_inverts_the_sources() -> None:
+    keep = torch.tensor([[True, False, True, True], [False, True, False, True]])
+    for policy, row_len in (("image", None), ("container", 3)):
+        plan = plan_packing(keep, policy, row_len)
+        position = plan.flat_position
+        assert torch.equal(position[plan.sources], torch.arange(plan.num_kept))
+        assert torch.equal(position >= 0, keep.reshape(-1))

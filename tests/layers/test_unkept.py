@@ -5,6 +5,7 @@ soft gating per mode, and token ages."""
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -230,3 +231,28 @@ def test_spt_ages_cross_patch_merging_by_the_oldest_token() -> None:
     pooled = F.max_pool2d(before, 2, 2, ceil_mode=True).reshape(2, -1).long()
     stale = tr.layers[change].stale
     assert torch.equal(ages[change][stale], pooled[stale] + 1)
+
+
+def test_paper_drops_an_images_attention_branch_for_kept_and_unkept_tokens_together() -> None:
+    """Stochastic depth is per image: the draw that drops an image's attention branch for its kept tokens
+    drops the unkept tokens' output projection too (one draw per block, not one per token group)."""
+    torch.manual_seed(0)
+    model = spa_viz.patch(tiny_vit(depth=1), 0, unkept="paper", soft_gating="off").train()
+    random_gates(model, seed=1)
+    block = model.blocks[0]
+    block.drop_path1 = timm.layers.DropPath(0.5, scale_by_keep=False)
+    with torch.no_grad():  # no MLP update: a kept token changes only through its attention branch
+        block.mlp.fc2.weight.zero_()
+        block.mlp.fc2.bias.zero_()
+    tokens = model._pos_embed(model.patch_embed(torch.randn(8, 3, 32, 32)))
+    ctx = spa_viz.spa_context(model)
+    ctx.begin((4, 4))
+    with torch.no_grad():
+        out = block(tokens)
+    keep = ctx.gates[0].keep
+    changed = (out[:, 1:] - tokens[:, 1:]).abs().amax(-1) > 0
+    kept_changed = torch.stack([changed[i][keep[i]].any() for i in range(8)])
+    unkept_changed = torch.stack([changed[i][~keep[i]].any() for i in range(8)])
+    assert keep.any(1).all() and (~keep).any(1).all()
+    assert kept_changed.any() and not kept_changed.all(), "the seed drops some images and keeps others"
+    assert torch.equal(kept_changed, unkept_changed)
