@@ -521,14 +521,13 @@ class AnalysisService:
         """Ground-truth boxes of the shown image in the model's input pixels (the digit examples), or None."""
         image = run.batch.images[run.index]
         annotation = self.annotations.get(image.digest)
-        mapper = getattr(run.entry.adapter, "map_boxes", None)
-        if annotation is None or mapper is None:
+        if annotation is None:
             return None
         boxes = np.asarray(annotation.boxes, dtype=np.float32).reshape(-1, 4)
         if annotation.masks.ndim == 3 and annotation.masks.shape[-2:] != image.pixels.shape[:2]:
             (mh, mw), (h, w) = annotation.masks.shape[-2:], image.pixels.shape[:2]
             boxes = boxes * np.array([w / mw, h / mh, w / mw, h / mh], dtype=np.float32)
-        return mapper(image.pixels.shape[:2], boxes)
+        return run.entry.adapter.map_boxes(image.pixels.shape[:2], boxes)
 
     def _predictions(self, run: _Run, display: np.ndarray) -> np.ndarray:
         """The model's predictions; detectors show SPA's and the dense twin's side by side, both over the

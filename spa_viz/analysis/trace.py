@@ -133,12 +133,12 @@ class Trace:
             previous, grid = age, tuple(record.grid)
         return ages
 
-    def output_age(self) -> Tensor | None:
+    def output_age(self, ages: list[Tensor] | None = None) -> Tensor | None:
         """(B, N_last) age of every token at the backbone output (0 everywhere when dense blocks follow),
-        or None without SPA layers."""
+        or None without SPA layers; ``ages``: :meth:`token_ages`, when the caller has them already."""
         if not self.layers:
             return None
-        last = self.token_ages()[-1]
+        last = (self.token_ages() if ages is None else ages)[-1]
         return torch.zeros_like(last) if self.dense_after else last
 
     @property
@@ -181,6 +181,7 @@ class Trace:
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready summary of the whole trace (MACs = multiply-adds, the paper's "FLOPs"; FLOPs = 2 x MACs)."""
+        ages = self.token_ages()
         return {
             "image_size": list(self.image_size),
             "batch_size": self.batch_size,
@@ -193,9 +194,9 @@ class Trace:
             "backbone_saving": round(self.backbone_saving, 4),
             "layers": [
                 {**t.summary(), "mean_age": round(float(age.float().mean()), 4)}
-                for t, age in zip(self.layers, self.token_ages(), strict=True)
+                for t, age in zip(self.layers, ages, strict=True)
             ],
-            "output_mean_age": None if not self.layers else round(float(self.output_age().float().mean()), 4),
+            "output_mean_age": None if not self.layers else round(float(self.output_age(ages).float().mean()), 4),
         }
 
 

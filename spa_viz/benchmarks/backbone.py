@@ -19,7 +19,8 @@ a path's cost on top of ``copy`` is judged.
 
 For SPA-ViT the benchmark also times the *ideal* SPA at every batch size: the dense time minus, for
 every SPA block, (its dense time on all tokens - its dense time on a rectangular batch of the mean
-number of tokens SPA kept per image), measured on the block's real inputs. That is what SPA would cost with zero selection and packing overhead; the gap
+number of tokens SPA kept per image), measured on the block's real inputs. That is what SPA would
+cost with zero selection and packing overhead; the gap
 to it is the kernel's overhead, and the ideal's own realized fraction shows how much of the MAC
 saving the hardware can turn into time for so few tokens (small matrix products are slower per MAC).
 """
@@ -37,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from spa_viz.analysis.trace import find_backbone, trace
+from spa_viz.analysis.trace import Trace, find_backbone, trace
 from spa_viz.io.timer import median_seconds
 from spa_viz.layers.block import find_context
 from spa_viz.layers.config import UNKEPT_MODES
@@ -133,9 +134,10 @@ def _forward(backbone: nn.Module, images: Tensor, unkept: str | None) -> Callabl
     return run
 
 
-def _spa_inputs(backbone: nn.Module, images: Tensor) -> tuple[list[nn.Module], dict[int, Tensor], Any]:
-    """The SPA blocks of a ViT-style backbone, each one's input on ``images`` and the trace of that run."""
-    blocks = [b for b in backbone.blocks if hasattr(b, "spa_layer")]
+def _trace_spa(backbone: nn.Module, images: Tensor) -> tuple[Trace, list[nn.Module], dict[int, Tensor]]:
+    """One traced run of ``images``; for a ViT-style backbone (``blocks``) also its SPA blocks and each
+    one's input, for the zero-overhead bound (none for other backbones)."""
+    blocks = [b for b in getattr(backbone, "blocks", []) if hasattr(b, "spa_layer")]
     inputs: dict[int, Tensor] = {}
     hooks = [b.register_forward_pre_hook(lambda m, args: inputs.__setitem__(m.spa_layer, args[0])) for b in blocks]
     try:
@@ -143,27 +145,29 @@ def _spa_inputs(backbone: nn.Module, images: Tensor) -> tuple[list[nn.Module], d
     finally:
         for hook in hooks:
             hook.remove()
-    return blocks, inputs, tr
+    return tr, blocks, inputs
 
 
-def _dense_block_seconds(backbone: nn.Module, images: Tensor, repeats: int) -> float | None:
-    """Median seconds of the first SPA block run densely on its real input (None without ``blocks``)."""
-    if not hasattr(backbone, "blocks"):
+def _dense_block_seconds(
+    backbone: nn.Module, blocks: list[nn.Module], inputs: dict[int, Tensor], repeats: int
+) -> float | None:
+    """Median seconds of the first SPA block run densely on its recorded input (None without blocks)."""
+    if not blocks:
         return None
-    blocks, inputs, _ = _spa_inputs(backbone, images)
     block = blocks[0]
     with dense_twin(backbone), torch.inference_mode():
         return median_seconds({"block": partial(block, inputs[block.spa_layer])}, repeats, warmup=3)["block"]
 
 
-def _dense_block_savings(backbone: nn.Module, images: Tensor, repeats: int) -> float | None:
-    """Seconds the SPA blocks of a ViT would save on ``images`` with zero overhead: per block, dense time
-    on all its input tokens minus dense time on a rectangular batch of the tokens SPA kept (the batch's
-    mean kept count per image; the sum of squares of unequal counts is at least that, so this bounds
-    what any packing can reach). None for non-ViT backbones."""
-    if not hasattr(backbone, "blocks"):
+def _dense_block_savings(
+    backbone: nn.Module, tr: Trace, blocks: list[nn.Module], inputs: dict[int, Tensor], repeats: int
+) -> float | None:
+    """Seconds the SPA blocks of a ViT would save on the traced images with zero overhead: per block, dense
+    time on all its input tokens minus dense time on a rectangular batch of the tokens SPA kept (the
+    batch's mean kept count per image; the sum of squares of unequal counts is at least that, so this
+    bounds what any packing can reach). None for non-ViT backbones."""
+    if not blocks:
         return None
-    blocks, inputs, tr = _spa_inputs(backbone, images)
     prefix = find_context(backbone).num_prefix
     saved = 0.0
     with dense_twin(backbone), torch.inference_mode():
@@ -205,23 +209,27 @@ def bench_backbone(
             totals = dict.fromkeys(["dense", *paths], 0.0)
             ideal_saved: dict[str, float | None] = dict.fromkeys(paths, 0.0)
             macs_run = dict.fromkeys(paths, 0)
+            layers = dict.fromkeys(paths, 0)
             kept: dict[str, list[float]] = {path: [] for path in paths}
             macs_dense = 0
             block_s: float | None = 0.0
             for group in groups:
                 for path in paths:
                     config.update(unkept=path)
-                    _, tr = trace(backbone, group)
+                    tr, blocks, inputs = _trace_spa(backbone, group)
+                    if path == paths[0]:
+                        macs_dense += tr.backbone_macs_dense
                     macs_run[path] += tr.backbone_macs_run
+                    layers[path] = len(tr.layers)
                     kept[path].append(tr.mean_keep_ratio)
-                    macs_dense = macs_dense if path != paths[0] else macs_dense + tr.backbone_macs_dense
-                    saved = _dense_block_savings(backbone, group, repeats)
+                    saved = _dense_block_savings(backbone, tr, blocks, inputs, repeats)
                     previous = ideal_saved[path]
                     ideal_saved[path] = None if saved is None or previous is None else previous + saved
                 work = {"dense": _forward(backbone, group, None)} | {p: _forward(backbone, group, p) for p in paths}
                 for key, seconds in median_seconds(work, repeats, warmup=3).items():
                     totals[key] += seconds
-                one_block = _dense_block_seconds(backbone, group, repeats)
+                # the first SPA block's input comes before any SPA block: the same on every path
+                one_block = _dense_block_seconds(backbone, blocks, inputs, repeats)
                 block_s = None if one_block is None or block_s is None else block_s + one_block
             for path in paths:
                 saved = ideal_saved[path]
@@ -237,7 +245,7 @@ def bench_backbone(
                     None if saved is None else 1e3 * (totals["dense"] - saved),
                     path,
                     None if block_s is None else 1e3 * block_s,
-                    len(tr.layers),
+                    layers[path],
                 )
                 _log.info(
                     "%s (%s) batch %d: dense %.2f ms, SPA %.2f ms, speed-up %.2fx, MAC ratio %.2fx, realized %.2f",

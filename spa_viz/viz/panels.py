@@ -207,7 +207,7 @@ def age_panel(
     ages = trace.token_ages()
     if not ages:
         raise ValueError("no SPA layers to draw")
-    output_age = trace.output_age()
+    output_age = trace.output_age(ages)
     oldest = max(int(max(age[index].max() for age in ages)), 1)
     small = np.ascontiguousarray(
         np.asarray(Image.fromarray(display).resize((panel_size, panel_size), Image.Resampling.BILINEAR))

@@ -79,6 +79,11 @@ class TaskAdapter:
         """(name, value) of how far image ``index``'s SPA output is from its dense twin's, if this task has one."""
         return None
 
+    def map_boxes(self, image_size: tuple[int, int], boxes: np.ndarray) -> Tensor | None:
+        """xyxy boxes in an image's own pixels (``image_size`` = (H, W)) in the model's input pixels, for
+        tasks that draw boxes (None: this task draws none)."""
+        return None
+
     def output_map(self, output: Any, index: int) -> Tensor | None:
         """(h, w) the model's output of image ``index`` as one map in [0, 1] (what |SPA - dense| is drawn
         of), or None for outputs that are not maps (class scores)."""

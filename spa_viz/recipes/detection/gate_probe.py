@@ -84,17 +84,16 @@ def probe_gates(
         per_layer: dict[int, dict[str, list[Any]]] = {}
         for start in range(0, batches * batch_size, batch_size):
             images, targets = collate([dataset[i] for i in range(start, start + batch_size)])
-            model.zero_grad(set_to_none=True)
             outputs = model(images)
             task = model.loss(outputs, targets)["task"]
-            gates = ctx.gates
-            score_grads = torch.autograd.grad(task, [g.fused for g in gates], retain_graph=True)
-            task.backward()
-            for gate, grad, block in zip(gates, score_grads, spa_blocks(model), strict=True):
+            gates, blocks = ctx.gates, spa_blocks(model)
+            grads = torch.autograd.grad(task, [g.fused for g in gates] + [b.gate.proj.bias for b in blocks])
+            score_grads, bias_grads = grads[: len(gates)], grads[len(gates) :]
+            for gate, grad, bias_grad in zip(gates, score_grads, bias_grads, strict=True):
                 stats = per_layer.setdefault(gate.layer, {k: [] for k in ("keep", "bias", "kept", "unkept", "zero")})
                 kept = gate.keep
                 stats["keep"].append(float(kept.float().mean()))
-                stats["bias"].append(float(block.gate.proj.bias.grad))
+                stats["bias"].append(float(bias_grad))
                 stats["kept"].append(grad[kept] < 0)
                 stats["unkept"].append(grad[~kept] < 0)
                 stats["zero"].append(grad[~kept] == 0)
