@@ -255,14 +255,17 @@ class ModelRegistry:
                 if source in self._cache:  # another request built it meanwhile
                     self._cache.move_to_end(source)
                     return self._cache[source]
-            entry = self._load(source)
+            try:
+                entry = self._load(source)
+            finally:  # a failed name leaves nothing behind (names come from users)
+                with self._lock:
+                    self._building.pop(source, None)
             with self._lock:
                 self._cache[source] = entry
                 evicted = []
                 while len(self._cache) > self.capacity:
                     name, _ = self._cache.popitem(last=False)
                     evicted.append(name)
-                self._building.pop(source, None)
         if evicted:
             gc.collect()  # the evicted modules' memory goes back now, not at some later collection
             if self.device.type == "cuda":

@@ -237,7 +237,7 @@ def test_a_large_timm_name_is_refused_before_it_is_built() -> None:
     registry = ModelRegistry(torch.device("cpu"), max_params=10_000_000)
     with pytest.raises(ModelError, match=r"vit_large_patch16_224 has 304M parameters.*--max-params"):
         registry.get("vit_large_patch16_224")
-    assert registry.loaded() == []
+    assert registry.loaded() == [] and not registry._building, "a refused name leaves no build lock behind"
 
 
 def test_a_model_being_built_does_not_hold_up_loaded_ones() -> None:
