@@ -17,7 +17,9 @@ so a per-token scale of the input (where the paper writes ``sigmoid(s) * r``) wo
 away and the task loss would never reach the gate. ``m`` is ``sigmoid(s)`` while soft gating is
 active (``SPAConfig.soft_gating``: ``"always"``, ``"train"`` = training only, ``"off"``), times the
 straight-through multiplier of the Gumbel-sigmoid in training (value 1, gradient of the noisy soft
-gate); otherwise ``m = 1``. With ``sparse_mlp=False`` the MLP runs on every token and is not gated.
+gate); otherwise ``m = 1``. ``"gradient"`` **[ours]** uses ``1 + sigmoid(s) - sg(sigmoid(s))`` in
+training (``sg``: no gradient) and 1 in evaluation: the value of no soft gating, the gradient of
+soft gating, so the task loss reaches the gate without a train/evaluation mismatch. With ``sparse_mlp=False`` the MLP runs on every token and is not gated.
 
 What an *unkept* token becomes is ``SPAConfig.unkept`` (``u`` is its own gate factor, ``sigmoid(s)``
 while soft gating is active, else 1; no straight-through term, the token's path is fixed by the
@@ -345,6 +347,8 @@ def _decide(block: nn.Module, x: Tensor, ctx: SPAContext, layer: int, grid: Grid
     if not soft_gating:
         return _Selection(raw, scores, keep, counts, multiplier, None, fused_input)
     gate = torch.sigmoid(scores)
+    if cfg.soft_gating == "gradient":
+        gate = gate - gate.detach() + 1.0
     factor = gate if multiplier is None else gate * multiplier
     return _Selection(raw, scores, keep, counts, factor, gate, fused_input, True)
 

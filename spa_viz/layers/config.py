@@ -14,7 +14,7 @@ __all__ = ["SPAConfig", "DEFAULT_CONTAINER_LEN", "SOFT_GATING_MODES", "UNKEPT_MO
 DEFAULT_CONTAINER_LEN = 49  # the paper's L = M^2 for Swin windows of M = 7
 UNKEPT_MODES = ("copy", "paper", "refresh")
 """What an unkept token becomes in an SPA block (see :mod:`spa_viz.layers.block`)."""
-SOFT_GATING_MODES = ("always", "train", "off")
+SOFT_GATING_MODES = ("always", "train", "gradient", "off")
 """Where ``sigmoid(s)`` scales the token updates: training and evaluation, training only, never."""
 
 
@@ -26,7 +26,9 @@ class SPAConfig:
     ``fusion`` is how a gate's logit is fused with earlier scores (``"stage"``, ``"chain"``,
     ``"none"``; see :mod:`spa_viz.layers.gate`). ``soft_gating`` scales the attention (and, with
     ``sparse_mlp``, the MLP) branch of each kept token by ``sigmoid(s)``, so the task loss reaches
-    the gate: ``"always"``, ``"train"`` (training only: evaluation runs the hard decision alone) or
+    the gate: ``"always"``, ``"train"`` (training only: evaluation runs the hard decision alone),
+    ``"gradient"`` (**[ours]** straight-through: the factor's value is 1, in training its gradient is
+    sigmoid(s)'s, so training and evaluation run the same function and keep-all is the dense twin) or
     ``"off"``; ``True``/``False`` read as ``"always"``/``"off"`` (configs saved before v3).
     ``unkept`` is what a token the gate did not keep becomes: ``"copy"`` (unchanged), ``"paper"``
     (the paper's soft-gated output projection) or ``"refresh"`` (the update of its most similar kept
@@ -78,7 +80,7 @@ class SPAConfig:
 
     def soft_gating_active(self, training: bool) -> bool:
         """Whether ``sigmoid(s)`` scales the token updates in this mode (training or evaluation)."""
-        return self.soft_gating == "always" or (training and self.soft_gating == "train")
+        return self.soft_gating == "always" or (training and self.soft_gating in ("train", "gradient"))
 
     def update(self, **changes: Any) -> None:
         """Change settings in place (validated); unknown names raise ValueError."""

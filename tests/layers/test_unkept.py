@@ -37,6 +37,8 @@ def test_unkept_mode_is_validated_and_saved_with_the_config() -> None:
     config = SPAConfig(unkept="refresh", soft_gating="train")
     assert SPAConfig.from_dict(config.to_dict()) == config
     assert SPAConfig(soft_gating=True).soft_gating == "always" and SPAConfig(soft_gating=False).soft_gating == "off"
+    assert SPAConfig(soft_gating="gradient").soft_gating_active(True)
+    assert not SPAConfig(soft_gating="gradient").soft_gating_active(False)
     with pytest.raises(ValueError, match="unknown soft gating mode"):
         SPAConfig(soft_gating="sometimes")
 
@@ -185,6 +187,36 @@ def test_soft_gating_in_training_only_leaves_evaluation_ungated(unkept: str) -> 
         assert all(layer.soft_gating == (mode == "always") for layer in tr.layers)
     assert torch.equal(outputs["train"], outputs["off"])
     assert (outputs["always"] - outputs["off"]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("unkept", ["copy", "refresh"])
+def test_gradient_soft_gating_trains_the_function_it_evaluates(unkept: str) -> None:
+    """``"gradient"``: in training the same forward values as soft gating off (same Gumbel draw), the
+    gate logits get the gradient soft gating gives them; in evaluation it is soft gating off."""
+    images = torch.randn(2, 3, 32, 32)
+    model = _vit(unkept=unkept, fusion="none").train()
+    for module in model.modules():
+        if hasattr(module, "drop_prob"):
+            module.drop_prob = 0.0
+    _random_gates(model)
+    outputs, grads = {}, {}
+    for mode in ("gradient", "off"):
+        spa_viz.configure(model, soft_gating=mode)
+        torch.manual_seed(3)
+        outputs[mode] = model.forward_features(images)
+        gates = spa_viz.spa_context(model).gates
+        grads[mode] = torch.autograd.grad(outputs[mode].square().mean(), [g.fused for g in gates])
+        model.eval()
+        with torch.no_grad():
+            outputs[mode + " eval"] = model.forward_features(images)
+        model.train()
+    assert torch.allclose(outputs["gradient"], outputs["off"], atol=TWIN_ATOL)
+    assert torch.equal(outputs["gradient eval"], outputs["off eval"])
+    for with_factor, without, gate in zip(grads["gradient"], grads["off"], gates, strict=True):
+        kept_extra = (with_factor - without)[gate.keep]
+        assert (kept_extra != 0).all()  # sigmoid(s)'s gradient on top of the Gumbel straight-through one
+        if unkept == "refresh":
+            assert (with_factor[~gate.keep] != 0).all()
 
 
 def test_token_age_counts_layers_since_the_last_update() -> None:

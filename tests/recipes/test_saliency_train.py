@@ -73,7 +73,7 @@ def test_training_runs_both_phases_and_keeps_the_best_val_state() -> None:
     phases = [record["phase"] for record in result["history"]]
     assert phases[:2] == ["gates", "gates"] and "joint" in phases
     scored = [record for record in result["history"] if "val" in record]
-    assert len(scored) == 2 and result["best"]["mae"] == min(r["val"]["mae"] for r in scored)
+    assert len(scored) == 2 and result["best"]["error"] == min(r["val"]["mae"] for r in scored)
     after = train.trained_tensors(model)
     changed = {k for k in after if not torch.equal(after[k], before[k])}
     assert any(".lora_b" in k for k in changed) and any(".delta" in k for k in changed)
@@ -125,3 +125,28 @@ def test_gates_only_refresh_recipe_keeps_the_teacher_at_keep_all_and_chooses_its
     expected = min(allowed, key=lambda row: row["mae"]) if allowed else min(sweep, key=lambda row: row["keep_first"])
     assert threshold == expected["threshold"] == spa_viz.spa_context(model.backbone).config.threshold
     assert [row["threshold"] for row in sweep] == [0.2, 0.5, 0.8]
+
+
+def test_keep_all_term_trains_and_selects_on_the_keep_all_error_too() -> None:
+    """With ``keep_all_weight``: each joint step adds a keep-all forward's error, validation measures the
+    keep-all MAE (equal to a direct computation at threshold 0) and the best state minimises the sum."""
+    spa = {**train.SPA_SETTINGS, "start_layer": 1, "unkept": "refresh", "soft_gating": "gradient"}
+    architecture = train.checkpoint_config(spa, 1, {**train.ADAPTERS, "rank": 2}, depth=4)
+    model = train.build_model(architecture, base=tiny_base())
+    config = train.TrainConfig(
+        gate_steps=1, gate_batch=4, steps=4, batch_size=2, val_every=2, log_every=1, keep_all_weight=1.0
+    )
+    val = SyntheticTeacher(4, 1)
+    result = train.train(model, SyntheticTeacher(8, 0), val, config, deadline=math.inf)
+    joint = [record for record in result["history"] if record["phase"] == "joint"]
+    assert joint and all(record["keep_all"] > 0 for record in joint)
+    scored = [record["val"] for record in result["history"] if "val" in record]
+    assert result["best"]["error"] == min(v["mae"] + v["mae_keep_all"] for v in scored)
+
+    scores = train.validate(model, val, 0, keep_all=True)
+    rows = val.rows(range(4))
+    spa_viz.configure(model.backbone, threshold=0.0)
+    with torch.no_grad():
+        logits, _ = train.student_forward(model, rows["tokens_in"].float())
+    expected = (torch.sigmoid(logits) - rows["saliency"].float()).abs().mean()
+    assert math.isclose(scores.mae_keep_all, float(expected), rel_tol=1e-5)

@@ -185,7 +185,12 @@ def model_card(config: Mapping[str, Any], metrics: Mapping[str, Any]) -> str:
 
 def _soft_gating(value: str | bool) -> str:
     mode = ("always" if value else "off") if isinstance(value, bool) else value
-    return {"always": "on the kept tokens' branches", "train": "in training only", "off": "off"}[mode]
+    return {
+        "always": "on the kept tokens' branches",
+        "train": "in training only",
+        "gradient": "gradient only (value 1: training and evaluation run the same function)",
+        "off": "off",
+    }[mode]
 
 
 def _adapted(config: Mapping[str, Any]) -> bool:

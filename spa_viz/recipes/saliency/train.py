@@ -51,7 +51,8 @@ import math
 import platform
 import shlex
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -145,6 +146,7 @@ class TrainConfig:
     bce_weight: float = 0.5
     feature_weight: float = 0.1
     select_weight: float = 0.5
+    keep_all_weight: float = 0.0  # > 0: a second forward with every token kept must give the teacher's map
     val_every: int = 150
     val_views: int = 0  # 0: every val view
     minutes: float = 90.0  # wall-clock budget of both phases (the teacher pass is not counted)
@@ -383,26 +385,50 @@ class ValResult:
     keep_first: float
     keep_mean: float
     recall_first: float
+    mae_keep_all: float | None = None
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
 
 
-def validate(model: SPASaliency, data: TeacherTokens, count: int, batch_size: int = 16) -> ValResult:
-    """Saliency MAE vs the teacher, keep ratios and first-layer recall of the teacher labels on val views."""
+@contextmanager
+def keeping_every_token(model: SPASaliency) -> Iterator[None]:
+    """SPA (and so the adapters and tuned decoder) on, threshold 0: every token kept."""
+    config = spa_context(model.backbone).config
+    threshold = config.threshold
+    config.update(threshold=0.0)
+    try:
+        yield
+    finally:
+        config.update(threshold=threshold)
+
+
+def _saliency_error(model: SPASaliency, rows: dict[str, Tensor], device: torch.device) -> float:
+    """Summed per-view saliency MAE of the student vs the teacher map on ``rows``."""
+    logits, _ = student_forward(model, rows["tokens_in"].float().to(device))
+    return float((torch.sigmoid(logits.float()).cpu() - rows["saliency"].float()).abs().mean((1, 2, 3)).sum())
+
+
+def validate(
+    model: SPASaliency, data: TeacherTokens, count: int, batch_size: int = 16, keep_all: bool = False
+) -> ValResult:
+    """Saliency MAE vs the teacher, keep ratios and first-layer recall of the teacher labels on val views;
+    with ``keep_all`` also the MAE with every token kept (what the adapters do when nothing is saved)."""
     device = next(model.parameters()).device
     ctx = spa_context(model.backbone)
     cut = threshold_logit(ctx.config.threshold, ctx.config.tau)
     totals = {"mae": 0.0, "keep_first": 0.0, "keep_mean": 0.0, "recall_first": 0.0}
+    if keep_all:
+        totals["mae_keep_all"] = 0.0
     model.eval()
     n = min(count, len(data)) if count else len(data)
     with torch.inference_mode():
         for start in range(0, n, batch_size):
             rows = data.rows(range(start, min(start + batch_size, n)))
-            logits, _ = student_forward(model, rows["tokens_in"].float().to(device))
-            totals["mae"] += float(
-                (torch.sigmoid(logits.float()).cpu() - rows["saliency"].float()).abs().mean((1, 2, 3)).sum()
-            )
+            if keep_all:
+                with keeping_every_token(model):
+                    totals["mae_keep_all"] += _saliency_error(model, rows, device)
+            totals["mae"] += _saliency_error(model, rows, device)
             keeps = [(gate.fused > cut).float().cpu() for gate in ctx.gates]
             labels = rows["labels"]
             first = keeps[0]
@@ -434,6 +460,12 @@ def choose_threshold(
     best = min(allowed, key=lambda row: row["mae"]) if allowed else min(sweep, key=lambda row: row["keep_first"])
     config.update(threshold=best["threshold"])
     return best["threshold"], sweep
+
+
+def _selection_error(scores: ValResult) -> float:
+    """What picks the best val state: the saliency MAE at the threshold, plus the keep-all MAE when it is
+    measured (a keep-all term trains), so a state that only wins by drifting at keep-all is not kept."""
+    return scores.mae + (scores.mae_keep_all or 0.0)
 
 
 def _trainable_state(model: nn.Module) -> dict[str, Tensor]:
@@ -480,9 +512,10 @@ def train(
         index, order = sorted(order[:size]), order[size:]
         return {k: v.to(device) for k, v in data.rows(index).items()}
 
+    keep_all_trains = config.keep_all_weight > 0
     history: list[dict[str, Any]] = []
     running = RunningMeans()
-    best: dict[str, Any] = {"mae": math.inf}
+    best: dict[str, Any] = {"error": math.inf}
     total = config.gate_steps + config.steps
     bar = tqdm(range(total), desc="train", unit="step")
     step = 0
@@ -517,6 +550,15 @@ def train(
             sel = model_selection_loss(model.backbone, rows["labels"], alpha=1.0 / len(blocks))
             loss = l1 + config.bce_weight * bce + config.feature_weight * feature + config.select_weight * sel
             terms = {"l1": l1.item(), "bce": bce.item(), "feature": feature.item(), "select": sel.item()}
+            gate_logits = [g.raw for g in ctx.gates]
+            if config.keep_all_weight > 0:
+                with autocast, keeping_every_token(model):
+                    all_logits, _ = student_forward(model, rows["tokens_in"].float())
+                all_logits = all_logits.float()
+                keep_all = (torch.sigmoid(all_logits) - target).abs().mean()
+                keep_all = keep_all + config.bce_weight * F.binary_cross_entropy_with_logits(all_logits, target)
+                loss = loss + config.keep_all_weight * keep_all
+                terms["keep_all"] = keep_all.item()
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
         optimizer.zero_grad(set_to_none=True)
@@ -525,7 +567,7 @@ def train(
             torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
         optimizer.step()
         cut = threshold_logit(ctx.config.threshold, ctx.config.tau)
-        logits_now = [g.raw for g in ctx.gates] if phase == "joint" else [score for _, score in scores]
+        logits_now = gate_logits if phase == "joint" else [score for _, score in scores]
         keep = [float((score > cut).float().mean()) for score in logits_now]
         running.add(loss=loss.item(), keep=sum(keep) / len(keep), keep_first=keep[0], **terms)
         bar.set_postfix(phase=phase, loss=f"{loss.item():.4f}", keep=f"{keep[0]:.2f}")
@@ -535,11 +577,11 @@ def train(
             record = {"step": done, "phase": phase, "lr_factor": round(factor, 4), **running.means()}
             running.reset()
             if validate_now:
-                scores_val = validate(model, val, config.val_views)
+                scores_val = validate(model, val, config.val_views, keep_all=keep_all_trains)
                 record["val"] = scores_val.as_dict()
-                if scores_val.mae < best["mae"]:
+                if _selection_error(scores_val) < best["error"]:
                     best = {
-                        "mae": scores_val.mae,
+                        "error": _selection_error(scores_val),
                         "step": done,
                         "val": scores_val.as_dict(),
                         "state": _trainable_state(model),
@@ -556,10 +598,15 @@ def train(
         step = total
     model.eval()
     if "state" not in best or stopped == "time budget":
-        final = validate(model, val, config.val_views)
+        final = validate(model, val, config.val_views, keep_all=keep_all_trains)
         history.append({"step": step, "phase": "final", "val": final.as_dict()})
-        if final.mae < best["mae"]:
-            best = {"mae": final.mae, "step": step, "val": final.as_dict(), "state": _trainable_state(model)}
+        if _selection_error(final) < best["error"]:
+            best = {
+                "error": _selection_error(final),
+                "step": step,
+                "val": final.as_dict(),
+                "state": _trainable_state(model),
+            }
     model.load_state_dict(best.pop("state"), strict=False)
     return {"history": history, "best": best, "steps_run": step, "stopped_by": stopped}
 
@@ -615,6 +662,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--feature-weight", type=float, default=TrainConfig.feature_weight)
     parser.add_argument("--select-weight", type=float, default=TrainConfig.select_weight)
+    parser.add_argument(
+        "--keep-all-weight",
+        type=float,
+        default=TrainConfig.keep_all_weight,
+        help="weight of a second forward with every token kept against the teacher map (SPA v3: adapters "
+        "that leave keep-all at the teacher)",
+    )
     parser.add_argument("--val-every", type=int, default=TrainConfig.val_every)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast on cuda)")
@@ -639,6 +693,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         batch_size=args.batch_size,
         feature_weight=args.feature_weight,
         select_weight=args.select_weight,
+        keep_all_weight=args.keep_all_weight,
         val_every=args.val_every,
     )
     spa = {
@@ -680,6 +735,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "max_keep",
         "feature_weight",
         "select_weight",
+        "keep_all_weight",
         "val_every",
     ):
         value = getattr(args, flag)
