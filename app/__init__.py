@@ -8,12 +8,12 @@ from collections.abc import Callable
 import gradio as gr
 from torch import nn
 
-from app.examples import Examples, build_examples
-from app.files import AppFiles
-from app.models import ModelRegistry
-from app.service import AnalysisService
-from app.settings import AppSettings, configure_torch
-from app.ui import CSS, THEME, build_ui
+from .examples import Examples, build_examples
+from .files import AppFiles
+from .models import ModelRegistry
+from .service import AnalysisService
+from .settings import AppSettings, configure_torch
+from .ui import CSS, THEME, build_ui
 
 __all__ = ["AnalysisService", "AppSettings", "create_app", "launch"]
 

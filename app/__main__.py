@@ -17,8 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 
-from app import launch
-from app.settings import AppSettings, resolve_device
+from . import launch
+from .settings import AppSettings, resolve_device
 
 GRADIO_CACHE_ENV = "GRADIO_TEMP_DIR"
 

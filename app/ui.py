@@ -29,14 +29,15 @@ from gradio.data_classes import FileData
 from gradio.utils import NamedString
 from PIL import Image
 
-from app.examples import Examples
-from app.files import BoundedFolder
-from app.models import LEARNED_GATE, LoadedModel, selector_names
-from app.models import selector_amount as amount_of
-from app.service import SAVED_FUSION, UNKEPT_HELP, AnalysisService, SPASettings, UserError
 from spa_viz.analysis.attribution import METHODS
 from spa_viz.layers.gate import FUSION_MODES
 from spa_viz.layers.packing import POLICIES
+
+from .examples import Examples
+from .files import BoundedFolder
+from .models import LEARNED_GATE, LoadedModel, selector_names
+from .models import selector_amount as amount_of
+from .service import SAVED_FUSION, UNKEPT_HELP, AnalysisService, SPASettings, UserError
 
 __all__ = ["CSS", "THEME", "build_ui"]
 
