@@ -7,8 +7,7 @@
 * ``spa-viz app [--port 7860 ...]``
 
 ``train``, ``evaluate`` and ``bench`` pass the rest of the command line to the recipe or benchmark
-(``spa-viz train detection --help`` lists its options); the ``python -m spa_viz.train`` style
-modules run the very same code.
+(``spa-viz train detection --help`` lists its options).
 
 ``analyze`` writes, for every image, into ``OUT/<image name>/``: the gate and kept-token panels of
 every SPA layer (PNG), the predictions drawn on the input, the packed layout of each SPA layer

@@ -1,6 +1,6 @@
 """Per-block benchmark: dense ViT block vs masked selection vs pad-to-max vs SPA packing.
 
-Run ``spa-viz bench block`` or ``python -m spa_viz.bench`` (``--quick`` for a short run, ``--json PATH``
+Run ``spa-viz bench block`` (``--quick`` for a short run, ``--json PATH``
 to save results).
 One transformer block of ViT-S width (dim 384, 6 heads, MLP 4x, 196 patch tokens + 1 class token)
 runs in these ways on the same weights and the same inputs:
@@ -553,7 +553,7 @@ def _environment(config: BenchConfig) -> dict[str, Any]:
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m spa_viz.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="spa-viz bench block", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="short run: keeps 0.3/0.7/0.9, warm-up 1, 3 repeats")
     parser.add_argument("--json", metavar="PATH", help="write config, environment, results and targets here")
     parser.add_argument("--batch", type=int, nargs="+", help="batch sizes (default 32 1)")

@@ -1,6 +1,6 @@
 """Benchmark on the CPU: SPT vs a dense Swin of the same depth and width.
 
-``spa-viz bench spt [--quick] [--json PATH]`` (or ``python -m spa_viz.bench_spt``)
+``spa-viz bench spt [--quick] [--json PATH]``
 
 The dense baseline is timm's own ``SwinTransformer`` (``swin_tiny_patch4_window7_224`` widths, no
 pretrained weights); the SPT is :func:`spt_from_swin` of it, so both share every weight. The keep
@@ -259,7 +259,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m spa_viz.bench_spt", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="spa-viz bench spt", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--quick", action="store_true", help="4 keep ratios, batch 8, 3 repeats, dense timed once (< 3 min on 2 cores)"
     )

@@ -60,7 +60,7 @@ def test_the_shipped_checkpoints_are_there_and_small() -> None:
     assert {"dense-vit-digits", "spa-vit-digits", "spa-vit-digits-noselect"} <= set(names)
     for name in names:
         assert (checkpoints_dir() / name / "model.safetensors").stat().st_size < 20 * 2**20
-        assert "python -m spa_viz.train --config configs/" in (checkpoints_dir() / name / "README.md").read_text()
+        assert "spa-viz train detection --config configs/" in (checkpoints_dir() / name / "README.md").read_text()
 
 
 @pytest.mark.parametrize("name", present())

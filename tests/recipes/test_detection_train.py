@@ -70,7 +70,7 @@ def test_smoke_run_lowers_both_losses_and_writes_a_checkpoint(trained) -> None:
         assert (out / name).is_file(), name
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["status"] == "complete" and "AP50" in saved["test"] and saved["ci_subset"]["num"] == 8
-    assert "python -m spa_viz.train --config" in (out / "README.md").read_text()
+    assert "spa-viz train detection --config" in (out / "README.md").read_text()
 
 
 def test_checkpoint_loads_back_bit_exactly(trained) -> None:
@@ -186,7 +186,9 @@ def test_torchrun_ddp_two_processes(tmp_path) -> None:
             "--nproc_per_node",
             "2",
             "-m",
-            "spa_viz.train",
+            "spa_viz.cli",
+            "train",
+            "detection",
             "--config",
             str(config),
             "--out",

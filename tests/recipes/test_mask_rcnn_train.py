@@ -191,7 +191,7 @@ def test_torchrun_two_gloo_ranks(tmp_path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-        + ["-m", "spa_viz.train", "--config", str(config), "--out", str(tmp_path / "out")],
+        + ["-m", "spa_viz.cli", "train", "detection", "--config", str(config), "--out", str(tmp_path / "out")],
         capture_output=True,
         text=True,
         timeout=600,

