@@ -43,7 +43,7 @@ from spa_viz.analysis.metrics import SelectionCounts
 from spa_viz.analysis.trace import LayerTrace, Trace
 from spa_viz.io.checkpoint import CheckpointError
 from spa_viz.io.images import ImageInputError, InputImage, load_image
-from spa_viz.io.timer import median_seconds, stopwatch
+from spa_viz.io.timer import PairedTiming, stopwatch, time_paired
 from spa_viz.layers.config import UNKEPT_MODES
 from spa_viz.layers.gate import FUSION_MODES
 from spa_viz.models.saliency.labels import SALIENT
@@ -193,6 +193,11 @@ class WallClock:
     batch: int
     threads: int
     device: str
+
+    @classmethod
+    def of(cls, timing: PairedTiming, batch: int) -> WallClock:
+        """The dense and SPA medians of a paired timing of one batch, with how they were measured."""
+        return cls(timing.median("dense"), timing.median("spa"), timing.repeats, batch, timing.threads, timing.device)
 
     @property
     def saving(self) -> float:
@@ -509,12 +514,9 @@ class AnalysisService:
                 return cached
             self._apply(entry, spa)
             with torch.no_grad():
-                seconds = median_seconds({"dense": dense, "spa": sparse}, repeats, warmup=1, device=self.device)
+                timing = time_paired({"dense": dense, "spa": sparse}, repeats, warmup=1, device=self.device)
             self.timing_count += 1
-        measured = WallClock(
-            seconds["dense"], seconds["spa"], repeats, len(batch.images), torch.get_num_threads(), str(self.device)
-        )
-        return self._timings.put(key, measured)
+        return self._timings.put(key, WallClock.of(timing, len(batch.images)))
 
     # ------------------------------------------------------------------------------ analysis
 

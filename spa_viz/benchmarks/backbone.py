@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from spa_viz.analysis.trace import Trace, find_backbone, trace
-from spa_viz.io.timer import median_seconds
+from spa_viz.io.timer import time_paired
 from spa_viz.layers.block import find_context
 from spa_viz.layers.config import UNKEPT_MODES
 from spa_viz.models.twin import dense_twin
@@ -156,7 +156,8 @@ def _dense_block_seconds(
         return None
     block = blocks[0]
     with dense_twin(backbone), torch.inference_mode():
-        return median_seconds({"block": partial(block, inputs[block.spa_layer])}, repeats, warmup=3)["block"]
+        x = inputs[block.spa_layer]
+        return time_paired({"block": partial(block, x)}, repeats, warmup=3, device=x.device).median("block")
 
 
 def _dense_block_savings(
@@ -175,8 +176,9 @@ def _dense_block_savings(
             x = inputs[block.spa_layer]
             kept = prefix + max(1, round(float(record.kept_counts.float().mean())))
             x_kept = x[:, :kept].contiguous()
-            seconds = median_seconds({"all": partial(block, x), "kept": partial(block, x_kept)}, repeats, warmup=3)
-            saved += seconds["all"] - seconds["kept"]
+            work = {"all": partial(block, x), "kept": partial(block, x_kept)}
+            timing = time_paired(work, repeats, warmup=3, device=x.device)
+            saved += timing.median("all") - timing.median("kept")
     return saved
 
 
@@ -226,7 +228,7 @@ def bench_backbone(
                     previous = ideal_saved[path]
                     ideal_saved[path] = None if saved is None or previous is None else previous + saved
                 work = {"dense": _forward(backbone, group, None)} | {p: _forward(backbone, group, p) for p in paths}
-                for key, seconds in median_seconds(work, repeats, warmup=3).items():
+                for key, seconds in time_paired(work, repeats, warmup=3, device=group.device).medians.items():
                     totals[key] += seconds
                 # the first SPA block's input comes before any SPA block: the same on every path
                 one_block = _dense_block_seconds(backbone, blocks, inputs, repeats)

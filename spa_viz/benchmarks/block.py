@@ -24,9 +24,11 @@ FLOPs are analytic forward FLOPs (``spa_viz.analysis.flops``); the realized frac
 the FLOP saving. Training steps (forward + backward of the output sum) use the same forward-FLOP
 ratio, since backward FLOPs scale with forward FLOPs for every matrix product here.
 
-Timing: medians of ``perf_counter`` over interleaved (round-robin) runs after warm-up, with all CPU
-cores by default (``--threads``). On a shared machine each run first waits for other processes to go
-idle and disturbed runs are repeated (``--quiet-budget``); where the machine stays busy,
+Timing: :func:`spa_viz.io.timer.time_paired`, the variants alternating in one loop after warm-up
+(each round starting one variant later), median of the repeats, with all CPU cores by default
+(``--threads``). On a shared machine each run first waits for other processes to go idle and
+disturbed runs are repeated (:class:`~spa_viz.io.timer.QuietGuard`, ``--quiet-budget``); where the
+machine stays busy,
 ``--threads 1 --clock cpu`` times this process's CPU time instead, which others cannot inflate.
 """
 
@@ -38,8 +40,6 @@ import json
 import logging
 import os
 import platform
-import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -52,17 +52,15 @@ from tqdm import tqdm
 
 from spa_viz.analysis.flops import dense_block_macs, spa_block_macs
 from spa_viz.benchmarks.backbone import SHIPPED, BackboneResult, bench_checkpoints, environment, format_backbone_table
-from spa_viz.io.timer import stopwatch
+from spa_viz.io.timer import CLOCKS, QuietGuard, stopwatch, time_paired
 from spa_viz.layers.block import BlockCosts, SPAContext, convert_block
 from spa_viz.layers.config import SPAConfig
 from spa_viz.layers.gate import TokenGate
 from spa_viz.viz.tables import markdown_table
 
 __all__ = [
-    "CLOCKS",
     "BenchConfig",
     "Measurement",
-    "RunTimer",
     "TargetCheck",
     "Variant",
     "make_block",
@@ -78,7 +76,6 @@ __all__ = [
 ]
 
 _log = logging.getLogger(__name__)
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 MODES = ("inference", "training")
 PRIMARY_SPA = "spa-c49"
@@ -291,89 +288,6 @@ def build_variants(block: Block, x: Tensor, keep: Tensor, config: BenchConfig) -
     return variants
 
 
-def _machine_busy_seconds() -> float | None:
-    """Busy CPU seconds of the whole machine since boot, all cores (/proc/stat); None off Linux."""
-    try:
-        with open("/proc/stat", encoding="ascii") as handle:
-            ticks = [int(v) for v in handle.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return None
-    return (sum(ticks) - ticks[3] - ticks[4]) / _CLOCK_TICKS
-
-
-CLOCKS = ("wall", "cpu")
-
-
-class RunTimer:
-    """Times one run with :func:`~spa_viz.io.timer.stopwatch`, guarded against other processes.
-
-    ``clock="wall"``: ``perf_counter`` (synchronizing CUDA), the default. ``clock="cpu"``: this
-    process's CPU time (``process_time``), which time slices taken by other processes do not inflate;
-    meaningful with one torch thread only (with more, it sums all threads, spin-waits included).
-
-    On a shared CPU, OpenMP threads slow down several-fold when another process takes a core. With a
-    positive ``budget`` (seconds in all), each run first waits (up to ``per_run_wait`` s) until other
-    processes use under ``threshold`` cores, and a run during which they took more CPU than that is
-    run again (up to ``retries`` times). Runs still disturbed when the budget is spent are counted.
-    """
-
-    def __init__(
-        self,
-        device: torch.device,
-        budget: float = 0.0,
-        per_run_wait: float = 10.0,
-        retries: int = 3,
-        threshold: float = 0.3,
-        clock: str = "wall",
-    ) -> None:
-        if clock not in CLOCKS:
-            raise ValueError(f"unknown clock {clock!r}; choose one of {CLOCKS}")
-        if clock == "cpu" and device.type != "cpu":
-            raise ValueError("the cpu clock times CPU work only; use clock='wall' on CUDA")
-        self.device = device
-        self.clock = clock
-        self.remaining = budget
-        self.per_run_wait = per_run_wait
-        self.retries = retries
-        self.threshold = threshold
-        self.waited = 0.0
-        self.reruns = 0
-        self.guarded = device.type == "cpu" and budget > 0 and _machine_busy_seconds() is not None
-
-    def _others(self, since: tuple[float, float]) -> float:
-        """CPU seconds other processes used since ``since`` = (machine busy, own process time)."""
-        return (_machine_busy_seconds() or 0.0) - since[0] - (time.process_time() - since[1])
-
-    def _wait_idle(self, window: float = 0.1) -> None:
-        start = time.monotonic()
-        deadline = start + min(self.per_run_wait, max(self.remaining, 0.0))
-        while time.monotonic() < deadline:
-            mark = (_machine_busy_seconds() or 0.0, time.process_time())
-            time.sleep(window)
-            if self._others(mark) < self.threshold * window:
-                break
-        spent = time.monotonic() - start
-        self.remaining -= spent
-        self.waited += spent
-
-    def __call__(self, step: Callable[[], None]) -> tuple[float, bool]:
-        """(milliseconds, disturbed) of one run of ``step``."""
-        for _ in range(self.retries + 1):
-            if self.guarded:
-                self._wait_idle()
-            mark = (_machine_busy_seconds() or 0.0, time.process_time())
-            with stopwatch(self.device) as timing:
-                step()
-            elapsed = timing.wall
-            measured = timing.cpu if self.clock == "cpu" else elapsed
-            disturbed = self.guarded and self._others(mark) > max(self.threshold * elapsed, 3 / _CLOCK_TICKS)
-            if not disturbed or self.remaining <= 0:
-                return 1000.0 * measured, disturbed
-            self.remaining -= elapsed
-            self.reruns += 1
-        return 1000.0 * measured, disturbed
-
-
 def _step(variant: Variant, x: Tensor, training: bool) -> Callable[[], None]:
     """One timed unit: a no-grad forward (inference) or forward + backward of the output sum (training)."""
     if not training:
@@ -396,35 +310,30 @@ def _reset_grads(variant: Variant, x: Tensor) -> None:
 
 
 def run_cell(
-    config: BenchConfig, block: Block, mode: str, batch: int, keep: float, timer: RunTimer | None = None
+    config: BenchConfig, block: Block, mode: str, batch: int, keep: float, guard: QuietGuard | None = None
 ) -> list[Measurement]:
-    """Time every variant on one (mode, batch, keep) input, interleaved round-robin, medians in ms."""
+    """Time every variant on one (mode, batch, keep) input with :func:`~spa_viz.io.timer.time_paired`
+    (alternating, each round starting one variant later), medians in ms."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
     training = mode == "training"
-    timer = timer or RunTimer(torch.device(config.device), clock=config.clock)
     x, keep_mask = make_inputs(config, batch, keep)
     variants = build_variants(block, x, keep_mask, config)
     for variant in variants.values():
         variant.module.train(training)
     x = x.requires_grad_(training)
-    steps = {name: _step(v, x, training) for name, v in variants.items()}
-    names = list(variants)
-    for _ in range(config.warmup):
-        for name in names:
-            _reset_grads(variants[name], x)
-            steps[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    disturbed = 0
-    for rep in range(config.repeats):
-        for name in names[rep % len(names) :] + names[: rep % len(names)]:
-            _reset_grads(variants[name], x)
-            elapsed, busy = timer(steps[name])
-            times[name].append(elapsed)
-            disturbed += busy
+    timing = time_paired(
+        {name: _step(v, x, training) for name, v in variants.items()},
+        config.repeats,
+        config.warmup,
+        config.device,
+        clock=config.clock,
+        rotate=True,
+        before=lambda name: _reset_grads(variants[name], x),
+        guard=guard,
+    )
     block.train(False)
     keep_real = float(keep_mask[:, config.num_prefix :].float().mean())
-    dense_time = statistics.median(times["dense"])
     return [
         Measurement(
             mode=mode,
@@ -432,36 +341,36 @@ def run_cell(
             keep=keep,
             keep_real=keep_real,
             variant=name,
-            time_ms=statistics.median(times[name]),
-            times_ms=times[name],
-            flops=variants[name].flops,
-            dense_time_ms=dense_time,
+            time_ms=1e3 * timing.median(name),
+            times_ms=[1e3 * seconds for seconds in timing.runs[name]],
+            flops=variant.flops,
+            dense_time_ms=1e3 * timing.median("dense"),
             dense_flops=variants["dense"].flops,
-            layout=variants[name].layout,
-            disturbed_runs=disturbed,
+            layout=variant.layout,
+            disturbed_runs=timing.disturbed,
         )
-        for name in names
+        for name, variant in variants.items()
     ]
 
 
 def run_benchmark(config: BenchConfig, progress: bool = True) -> list[Measurement]:
     """Every (mode, batch, keep) cell of ``config``; one shared block of weights."""
     block = make_block(config)
-    timer = RunTimer(torch.device(config.device), config.quiet_budget, clock=config.clock)
+    guard = QuietGuard(config.quiet_budget) if torch.device(config.device).type == "cpu" else None
     cells = [(m, b, k) for m in config.modes for b in config.batches for k in config.keeps]
     results: list[Measurement] = []
     bar = tqdm(cells, disable=not progress, unit="cell")
     for mode, batch, keep in bar:
         bar.set_description(f"{mode} B={batch} keep={keep}")
-        cell = run_cell(config, block, mode, batch, keep, timer)
+        cell = run_cell(config, block, mode, batch, keep, guard)
         _log.debug("%s", [(m.variant, round(m.time_ms, 2)) for m in cell])
         results.extend(cell)
-    if timer.guarded:
+    if guard is not None and guard.active:
         disturbed = sum(m.disturbed_runs for m in results if m.variant == "dense")
         _log.info(
             "waited %.0f s for an idle CPU, re-ran %d disturbed runs; %d kept disturbed",
-            timer.waited,
-            timer.reruns,
+            guard.waited,
+            guard.reruns,
             disturbed,
         )
     return results

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from spa_viz.analysis.trace import trace
-from spa_viz.io.timer import median_seconds
+from spa_viz.io.timer import time_paired
 from spa_viz.models.spt import SPT, SPTBlock, spt_from_swin
 from spa_viz.viz.tables import markdown_table
 
@@ -131,7 +131,7 @@ def _timings(
                 )
                 fns[name] = _train_step(model, forward) if mode == "train" else forward
             with torch.set_grad_enabled(mode == "train"):
-                measured = median_seconds(fns, repeats, warmup)
+                measured = time_paired(fns, repeats, warmup).medians
             out.update({f"{name}_{mode}_{part}": 1000 * t for name, t in measured.items()})
     for model in models.values():
         model.eval()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import statistics
 from dataclasses import replace
 
 import pytest
 import torch
 
 from spa_viz.benchmarks import block as bench
+from spa_viz.io.timer import QuietGuard
 
 TINY = bench.BenchConfig(
     dim=64,
@@ -130,16 +132,21 @@ def test_cli_json(tmp_path, capsys) -> None:
     assert "Targets" in capsys.readouterr().out
 
 
-def test_run_timer_guarded() -> None:
-    timer = bench.RunTimer(torch.device("cpu"), budget=1.0, per_run_wait=0.2, retries=1)
-    elapsed, disturbed = timer(lambda: None)
-    assert elapsed >= 0 and isinstance(disturbed, bool)
-    assert timer.remaining <= 1.0
+def test_cell_times_are_the_medians_of_its_alternating_runs() -> None:
+    config = replace(TINY, modes=("inference",), repeats=3)
+    cell = bench.run_cell(config, bench.make_block(config), "inference", 2, 0.3)
+    dense = next(m for m in cell if m.variant == "dense")
+    for m in cell:
+        assert len(m.times_ms) == 3 and m.time_ms == pytest.approx(statistics.median(m.times_ms))
+        assert m.dense_time_ms == dense.time_ms and m.disturbed_runs == 0
 
 
-def test_cpu_clock() -> None:
-    timer = bench.RunTimer(torch.device("cpu"), clock="cpu")
-    elapsed, disturbed = timer(lambda: sum(range(10_000)))
-    assert elapsed >= 0 and not disturbed
+def test_cpu_clock_and_quiet_guard_in_a_cell() -> None:
+    config = replace(TINY, modes=("training",), clock="cpu", repeats=2)
+    block = bench.make_block(config)
+    guard = QuietGuard(budget=0.5, per_run_wait=0.05, retries=1)
+    cell = bench.run_cell(config, block, "training", 2, 0.3, guard)
+    assert {m.variant for m in cell} == VARIANTS and all(m.time_ms >= 0 and len(m.times_ms) == 2 for m in cell)
+    assert guard.remaining <= 0.5
     with pytest.raises(ValueError, match="unknown clock"):
-        bench.RunTimer(torch.device("cpu"), clock="gpu")
+        bench.run_cell(replace(config, clock="gpu"), block, "training", 2, 0.3)

@@ -1,5 +1,5 @@
 """Measurements shared by the detection evaluations (CenterNet and Mask R-CNN): selection quality and
-compute pooled over traced batches, and wall-clock of SPA against its dense twin."""
+compute pooled over traced batches, and wall-clock of SPA against its dense twin (:mod:`spa_viz.io.timer`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from spa_viz.analysis.metrics import SelectionCounts
 from spa_viz.analysis.trace import Trace
-from spa_viz.io.timer import median_seconds
+from spa_viz.io.timer import PairedTiming, time_paired
 from spa_viz.layers.block import find_context
 from spa_viz.models.twin import dense_twin
 
@@ -108,12 +108,11 @@ def selection_rows(result: Mapping[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
-def measure_latency(model: nn.Module, images: Tensor | Sequence[Tensor], repeats: int = 5) -> dict[str, float]:
-    """Median wall-clock milliseconds per image of ``model(images)`` in eval mode, SPA (when on) and its
-    dense twin alternating run by run after one warm-up each. ``images``: a batch tensor, or a list of
-    (3, H, W) images for models that take lists (torchvision's R-CNNs)."""
+def measure_latency(model: nn.Module, images: Tensor | Sequence[Tensor], repeats: int = 5) -> PairedTiming:
+    """:func:`~spa_viz.io.timer.time_paired` of ``model(images)`` in eval mode: its dense twin (the
+    baseline) and SPA (when on) alternating after one warm-up round. ``images``: a batch tensor, or a
+    list of (3, H, W) images for models that take lists (torchvision's R-CNNs)."""
     model.eval()
-    count = images.shape[0] if isinstance(images, Tensor) else len(images)
 
     def dense() -> None:
         with dense_twin(model):
@@ -123,22 +122,22 @@ def measure_latency(model: nn.Module, images: Tensor | Sequence[Tensor], repeats
     if spa_on(model):
         work["spa"] = lambda: model(images)
     with torch.no_grad():
-        seconds = median_seconds(work, repeats, warmup=1, device=next(model.parameters()).device)
-    return {name: 1000.0 * value / count for name, value in seconds.items()}
+        return time_paired(work, repeats, warmup=1, device=next(model.parameters()).device)
 
 
 def latency_record(model: nn.Module, images: Tensor | Sequence[Tensor], repeats: int = 5) -> dict[str, Any]:
-    """:func:`measure_latency` with how it was measured (batch, threads, device, repeats) and the speed-up,
-    as stored under ``latency`` in metrics.json."""
-    latency = measure_latency(model, images, repeats)
+    """:func:`measure_latency` as stored under ``latency`` in metrics.json: how it was measured (batch,
+    threads, device, repeats), median milliseconds per image of the dense twin and SPA, and the speed-up."""
+    timing = measure_latency(model, images, repeats)
+    batch = images.shape[0] if isinstance(images, Tensor) else len(images)
     record: dict[str, Any] = {
-        "batch": images.shape[0] if isinstance(images, Tensor) else len(images),
-        "threads": torch.get_num_threads(),
-        "device": str(next(model.parameters()).device),
-        "repeats": repeats,
-        "dense_ms_per_image": latency["dense"],
+        "batch": batch,
+        "threads": timing.threads,
+        "device": timing.device,
+        "repeats": timing.repeats,
+        "dense_ms_per_image": 1000.0 * timing.median("dense") / batch,
     }
-    if "spa" in latency:
-        record["spa_ms_per_image"] = latency["spa"]
-        record["speedup"] = latency["dense"] / latency["spa"]
+    if "spa" in timing.runs:
+        record["spa_ms_per_image"] = 1000.0 * timing.median("spa") / batch
+        record["speedup"] = 1.0 / timing.ratio("spa")
     return record

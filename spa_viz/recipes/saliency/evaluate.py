@@ -27,6 +27,7 @@ adapters and decoder.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import shlex
@@ -48,7 +49,7 @@ from spa_viz.analysis.trace import trace
 from spa_viz.data.photos import HELD_OUT, load_photo
 from spa_viz.io.checkpoint import save_checkpoint
 from spa_viz.io.files import write_text_atomic
-from spa_viz.io.timer import stopwatch
+from spa_viz.io.timer import time_paired
 from spa_viz.models.saliency import preprocess_image
 from spa_viz.models.saliency.labels import saliency_labels
 from spa_viz.models.saliency.spa import adapter_mode, trained_tensors
@@ -309,27 +310,28 @@ def latency(
 
 
 def _alternating_latency(model: nn.Module, images: Tensor, repeats: int) -> dict[str, float]:
+    """:func:`~spa_viz.io.timer.time_paired` of the dense twin and SPA, each run ``k`` (warm-up included)
+    on image ``k % len(images)``, so both see the same image in every round."""
+    views = [images[i : i + 1] for i in range(len(images))]
+
+    def on_views(run: Callable[[Tensor], object]) -> Callable[[], object]:
+        cycle = itertools.cycle(views)
+        return lambda: run(next(cycle))
 
     def run_dense(x: Tensor) -> None:
         with dense_twin(model):
             model(x)
 
-    times: dict[str, list[float]] = {"dense": [], "spa": []}
     with torch.inference_mode():
-        for i in range(repeats + 2):
-            x = images[i % len(images)][None]
-            for name, fn in (("dense", run_dense), ("spa", model)):
-                with stopwatch(x.device) as timing:
-                    fn(x)
-                if i >= 2:
-                    times[name].append(timing.wall)
-    dense_ms, spa_ms = (1e3 * statistics.median(times[k]) for k in ("dense", "spa"))
+        timing = time_paired(
+            {"dense": on_views(run_dense), "spa": on_views(model)}, repeats, warmup=2, device=images.device
+        )
     return {
-        "dense_ms": dense_ms,
-        "spa_ms": spa_ms,
-        "latency_ratio": spa_ms / dense_ms,
-        "repeats": repeats,
-        "threads": torch.get_num_threads(),
+        "dense_ms": 1e3 * timing.median("dense"),
+        "spa_ms": 1e3 * timing.median("spa"),
+        "latency_ratio": timing.ratio("spa"),
+        "repeats": timing.repeats,
+        "threads": timing.threads,
     }
 
 
