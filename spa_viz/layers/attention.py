@@ -33,7 +33,14 @@ from torch import Tensor, nn
 
 from spa_viz.layers.packing import PackPlan, from_rows, to_rows
 
-__all__ = ["BACKENDS", "SEGMENT_LOOP_MAX", "resolve_backend", "packed_attention", "check_attention_module"]
+__all__ = [
+    "BACKENDS",
+    "SEGMENT_LOOP_MAX",
+    "attention_weights",
+    "check_attention_module",
+    "packed_attention",
+    "resolve_backend",
+]
 
 BACKENDS = ("auto", "sdpa", "flex", "varlen", "reference")
 SEGMENT_LOOP_MAX = 8
@@ -221,3 +228,17 @@ def packed_attention(
     if hasattr(attn, "proj_drop"):
         out = attn.proj_drop(out)
     return out, chosen
+
+
+def attention_weights(attn: nn.Module, tokens: Tensor, query: int, bias: Tensor | None = None) -> Tensor:
+    """(heads, m) softmax attention weights of token ``query`` over ``tokens`` (m, C), the normalised
+    tokens one attention call saw together, computed with ``attn``'s own projections and scale;
+    ``bias`` (heads, m, m) is the additive bias that call added (e.g. Swin's relative positions)."""
+    heads = attn.num_heads
+    head_dim = getattr(attn, "head_dim", attn.qkv.out_features // (3 * heads))
+    q, k, _ = attn.qkv(tokens).view(tokens.shape[0], 3, heads, head_dim).unbind(1)
+    q, k = attn.q_norm(q[query : query + 1]), attn.k_norm(k)
+    logits = torch.einsum("qhd,khd->hk", q, k) * getattr(attn, "scale", head_dim**-0.5)
+    if bias is not None:
+        logits = logits + bias[:, query].to(logits.dtype)
+    return logits.float().softmax(-1)

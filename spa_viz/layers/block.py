@@ -240,6 +240,9 @@ class SPAContext:
     grid: Grid = (0, 0)
     gates: list[GateOutput] = field(default_factory=list)
     records: list[BlockDecision] | None = None
+    inputs: dict[int, tuple[Tensor, TokenLayout]] | None = None
+    """When a dict: each SPA block stores its input tokens (B, T, C, detached) and layout under its
+    layer (what the token view recomputes one token's attention from)."""
     _stage: int | None = None
     _stage_input: Tensor | None = None
     _last_fused: Tensor | None = None
@@ -458,6 +461,8 @@ def spa_block_forward(block: nn.Module, x: Tensor, ctx: SPAContext, layer: int, 
             f"SPA block {layer} got {seq_len - prefix} patch tokens but the grid is {grid}; "
             "run the model through its own forward so the grid is set"
         )
+    if ctx.inputs is not None:
+        ctx.inputs[layer] = (x.detach(), layout)
     chosen = _decide(block, x, ctx, layer, grid, layout.stage)
     keep = F.pad(chosen.keep, (prefix, 0), value=True) if prefix else chosen.keep
     plan, packed, reused = ctx.pack(x, keep, layout, [count + prefix for count in chosen.counts])

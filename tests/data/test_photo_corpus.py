@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from spa_viz.data import photo_corpus as pc
-from spa_viz.data.photo_corpus import Candidate, PhotoRecord
+from spa_viz.data.photo_corpus import Candidate, PhotoRecord, filtering, shards
 from spa_viz.data.views import ViewConfig
 from spa_viz.io.images import IMAGENET_MEAN, IMAGENET_STD
 from spa_viz.models.saliency.labels import SALIENT as LABEL_THRESHOLD
@@ -125,7 +125,7 @@ def corpus(tmp_path_factory):
     roots = {name: tmp_path_factory.mktemp(name) for name in ("a", "b", "c")}
     dirs = {"b": pc.prepare(0, CONFIG, roots["b"], stub_teacher, _candidates())}
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(pc, "SHARD_SIZE", 4)
+        patch.setattr(shards, "SHARD_SIZE", 4)
         dirs["a"] = pc.prepare(0, CONFIG, roots["a"], stub_teacher, _candidates())
         dirs["c"] = pc.prepare(1, CONFIG, roots["c"], stub_teacher, _candidates())
     return roots, dirs
@@ -175,7 +175,7 @@ def test_perceptual_hash_finds_resized_copies_only() -> None:
     assert pc.hamming(pc.perceptual_hash(original), copy_hash) <= pc.DUPLICATE_BITS
     others = [pc.perceptual_hash(_photo(seed, (640, 480))) for seed in range(4, 12)]
     assert min(pc.hamming(copy_hash, h) for h in others) > pc.DUPLICATE_BITS
-    thumbs = [pc._colour_thumb(i) for i in (original, _jpeg(original, (300, 225)), _photo(4))]
+    thumbs = [filtering.colour_thumb(i) for i in (original, _jpeg(original, (300, 225)), _photo(4))]
     hashes = [pc.perceptual_hash(i) for i in (original, _jpeg(original, (300, 225)), _photo(4))]
     assert pc.group_duplicates(hashes, thumbs) == [[0, 1], [2]]
 
