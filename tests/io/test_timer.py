@@ -90,6 +90,14 @@ def test_real_sleeps_give_their_medians_and_ratio() -> None:
     assert result.ratio("fast") < 1.0
 
 
+def test_cuda_queue_is_drained_around_every_timed_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    events: list[str] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append("sync"))
+    result = time_paired({"a": lambda: events.append("a"), "b": lambda: events.append("b")}, 2, device="cuda")
+    assert events == ["a", "b"] + ["sync", "a", "sync", "sync", "b", "sync"] * 2, "warm-up unsynchronised"
+    assert result.device == "cuda"
+
+
 def test_one_run_has_no_spread() -> None:
     assert PairedTiming({"a": (0.1,)}, warmup=0, threads=1, device="cpu").iqr("a") == 0.0
 
