@@ -39,7 +39,6 @@ from torch import Tensor
 
 import spa_viz
 from spa_viz.analysis import attribution
-from spa_viz.analysis.metrics import SelectionCounts
 from spa_viz.analysis.trace import LayerTrace, Trace
 from spa_viz.io.checkpoint import CheckpointError
 from spa_viz.io.images import ImageInputError, InputImage, load_image
@@ -50,7 +49,8 @@ from spa_viz.models.saliency.labels import SALIENT
 from spa_viz.models.twin import dense_twin
 from spa_viz.selection.labels import labels_from_masks
 from spa_viz.selection.selectors import SELECTORS, applicable_selectors, install_selector, remove_selector
-from spa_viz.viz import figures, overlays, panels
+from spa_viz.viz import panels
+from spa_viz.viz.views import VIEW_NAMES, SelectionLabels, Views, compose_views
 
 from .examples import Examples
 from .files import AppFiles, gradio_cache_dir, sweep_upload_leftovers
@@ -175,11 +175,10 @@ class _Dense:
 @dataclass
 class _Sparse(_Dense):
     """A traced SPA forward pass: its trace, how long it took (tracing included: only an estimate
-    for sizing later work), the config's tau, and its MAC figure (the same for every layer and image)."""
+    for sizing later work), and its MAC figure (the same for every layer and image)."""
 
     trace: Trace
     traced_seconds: float
-    tau: float
     macs_figure: go.Figure | None = None
 
 
@@ -255,25 +254,19 @@ class _Run:
         return self.forward.trace
 
 
-@dataclass
-class Analysis:
-    """Every view of one analysis, ready for any front end (numpy images, plotly figures, text)."""
+@dataclass(frozen=True, kw_only=True)
+class Analysis(Views):
+    """Every view of one analysis (:class:`~spa_viz.viz.views.Views`, with the app's settings and
+    wall-clock in ``summary``) plus the app's own text: the status line, the cost text and warnings."""
 
-    gate: np.ndarray
-    kept: np.ndarray
-    labels: np.ndarray | None
-    labels_text: str
-    strip: np.ndarray
-    age: np.ndarray
-    predictions: np.ndarray
-    layout: go.Figure
-    macs: go.Figure
-    histogram: go.Figure
-    stats: str
     status: str
-    summary: dict[str, Any]
-    gallery: list[tuple[np.ndarray, str]]
+    stats: str
     warnings: list[str] = field(default_factory=list)
+
+
+_SHOWN_VIEWS = tuple(name for name in VIEW_NAMES if name not in ("macs", "layout_picture"))
+"""The views the service renders per request: the MAC figure is rendered once per forward pass, the
+layout picture is for files (the app shows the interactive layout)."""
 
 
 @dataclass
@@ -297,10 +290,6 @@ def _to_cpu(output: Any) -> Any:
 
 def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f} ms" if seconds < 0.01 else f"{seconds * 1000:.0f} ms"
-
-
-def _gap_dict(gap: tuple[str, float] | None) -> dict[str, Any] | None:
-    return None if gap is None else {"measure": gap[0], "value": round(gap[1], 5)}
 
 
 def _change(saving: float) -> str:
@@ -331,9 +320,7 @@ class AnalysisService:
         self._prepared: LRUCache[tuple[str, str], tuple[Tensor, np.ndarray]] = LRUCache(settings.image_cache_size)
         self._spa: LRUCache[tuple[Any, ...], _Sparse] = LRUCache(settings.result_cache_size)
         self._dense: LRUCache[tuple[Any, ...], _Dense] = LRUCache(settings.result_cache_size)
-        self._labels: LRUCache[tuple[str, str], tuple[str, dict[tuple[int, int], Tensor]]] = LRUCache(
-            settings.image_cache_size
-        )
+        self._labels: LRUCache[tuple[str, str], SelectionLabels] = LRUCache(settings.image_cache_size)
         self._attributions: LRUCache[tuple[Any, ...], attribution.Attribution] = LRUCache(16)
         self._timings: LRUCache[tuple[Any, ...], WallClock] = LRUCache(settings.result_cache_size)
         self.forward_count = 0  # traced SPA + dense forward passes run (tests and the benchmark read it)
@@ -459,12 +446,11 @@ class AnalysisService:
             if cached is not None:
                 return cached
             self._apply(entry, spa)
-            tau = spa_viz.spa_context(entry.model).config.tau
             x = batch.inputs.to(self.device)
             with stopwatch(self.device) as timing:
                 output, record = spa_viz.trace(entry.model, x)
             self.forward_count += 1
-        return self._spa.put(key, _Sparse(_to_cpu(output), record, timing.wall, tau))
+        return self._spa.put(key, _Sparse(_to_cpu(output), record, timing.wall))
 
     def _dense_forward(self, entry: LoadedModel, batch: _Prepared) -> _Dense:
         key = (entry.key, batch.digests)
@@ -532,16 +518,6 @@ class AnalysisService:
             boxes = boxes * np.array([w / mw, h / mh, w / mw, h / mh], dtype=np.float32)
         return run.entry.adapter.map_boxes(image.pixels.shape[:2], boxes)
 
-    def _predictions(self, run: _Run, display: np.ndarray) -> np.ndarray:
-        """The model's predictions; detectors show SPA's and the dense twin's side by side, both over the
-        ground truth when the example has it."""
-        adapter, truth = run.entry.adapter, self._truth_boxes(run)
-        drawn = adapter.draw(display, run.forward.output, run.index, truth)
-        if adapter.task != "detection":
-            return drawn
-        dense = adapter.draw(display, run.dense.output, run.index, truth)
-        return overlays.hstack([overlays.add_title(drawn, "SPA"), overlays.add_title(dense, "dense twin")])
-
     def _label_mask(self, entry: LoadedModel, batch: _Prepared, dense: _Dense, index: int) -> tuple[Tensor | None, str]:
         """Object pixels of image ``index`` in input geometry, and where they come from."""
         image = batch.images[index]
@@ -559,8 +535,8 @@ class AnalysisService:
             return teacher, f"dense teacher's saliency > {SALIENT:g}"
         return None, ""
 
-    def _selection_labels(self, run: _Run) -> tuple[str, dict[tuple[int, int], Tensor]] | None:
-        """(source, labels (N,) per token grid) of the run's image, or None when it has no labels."""
+    def _selection_labels(self, run: _Run) -> SelectionLabels | None:
+        """The selection labels of the run's image (per token grid), or None when it has none."""
         key = (run.entry.key, run.batch.images[run.index].digest)
         cached = self._labels.get(key)
         if cached is None:
@@ -568,7 +544,9 @@ class AnalysisService:
             if mask is None:
                 return None
             grids = {t.grid for t in run.trace.layers}
-            cached = self._labels.put(key, (source, {grid: labels_from_masks(mask, grid) for grid in grids}))
+            cached = self._labels.put(
+                key, SelectionLabels(source, {grid: labels_from_masks(mask, grid) for grid in grids})
+            )
         return cached
 
     @staticmethod
@@ -635,25 +613,28 @@ class AnalysisService:
             f"{_not_current(trace):.0%} of tokens are not current"
         )
 
-    def _summary(
-        self,
-        run: _Run,
-        wall: WallClock | None,
-        labels: tuple[str, dict[int, dict[str, float]]] | None,
-    ) -> dict[str, Any]:
-        """The JSON summary of one view: settings, per-layer trace (with each layer's score source), timing."""
-        entry, trace = run.entry, run.trace
-        trace_summary = trace.summary()
-        for layer_summary, record in zip(trace_summary["layers"], trace.layers):
-            share = panels.fused_share(record)
-            # what selection used: a selector, the gate's own logit, or a score an earlier one was fused into
-            # (share: tokens where the earlier score won)
-            source = "selector" if not record.learned else "own logit" if share is None else "fused"
-            layer_summary["score_source"] = source
-            layer_summary["fused_share"] = None if share is None else round(share, 4)
+    def _views(self, run: _Run, only: tuple[str, ...] = _SHOWN_VIEWS) -> Views:
+        """The ``only`` views of the run's image and layer (:func:`~spa_viz.viz.views.compose_views`)."""
+        return compose_views(
+            run.trace,
+            run.batch.displays,
+            run.entry.adapter,
+            run.forward.output,
+            dense_output=run.dense.output,
+            index=run.index,
+            layer=run.record.layer,
+            names=[image.name for image in run.batch.images],
+            truth=self._truth_boxes(run),
+            labels=self._selection_labels(run),
+            only=only,
+        )
+
+    def _summary(self, run: _Run, wall: WallClock | None, views: Views) -> dict[str, Any]:
+        """The JSON summary of one view: the model and settings, the image's summary (predictions,
+        selection labels, per-layer trace with each layer's score source), and the wall-clock."""
+        entry = run.entry
         return {
             "model": entry.key,
-            "task": entry.adapter.task,
             "trained_gates": entry.trained_gates,
             "trained_weights": entry.trained_weights,
             "saved_fusion": entry.saved_fusion,
@@ -664,22 +645,8 @@ class AnalysisService:
             "image_index": run.index,
             "layer": run.record.layer,
             "latency_ms": wall.to_dict() if wall is not None else None,
-            "predictions": entry.adapter.predictions(run.forward.output, run.index),
-            "output_vs_dense": _gap_dict(entry.adapter.output_gap(run.forward.output, run.dense.output, run.index)),
-            "selection_labels": {"source": labels[0], "per_layer": {str(k): v for k, v in labels[1].items()}}
-            if labels is not None
-            else None,
-            "trace": trace_summary,
+            **views.summary,
         }
-
-    def _label_metrics(self, run: _Run) -> tuple[tuple[str, dict[int, dict[str, float]]] | None, Tensor | None]:
-        """((source, metrics per layer), labels of the shown layer) of the run's image, or (None, None)."""
-        found = self._selection_labels(run)
-        if found is None:
-            return None, None
-        source, by_grid = found
-        metrics = {t.layer: SelectionCounts.of(t.keep[run.index], by_grid[t.grid]).to_dict() for t in run.trace.layers}
-        return (source, metrics), by_grid[run.record.grid]
 
     def analyze(
         self,
@@ -697,73 +664,22 @@ class AnalysisService:
         (the UI shows the views first).
         """
         run = self._run(paths, model, spa, layer, image_index)
-        spa = run.spa  # the fusion mode resolved for this model
-        entry, batch, trace, record, index = run.entry, run.batch, run.trace, run.record, run.index
-        learned = spa.selector is None
-        display = batch.displays[index]
-        name = batch.images[index].name
-
-        gate = panels.gate_panel(
-            display, record, index, spa.threshold if learned else None, spa.selector, tau=run.forward.tau
-        )
-        kept = panels.kept_panel(display, record, index, name)
-        labels, shown_labels = self._label_metrics(run)
-        labels_img = None
-        labels_text = (
-            "No selection labels for this image (they exist for the digit examples, and come from the dense "
-            "teacher for saliency models)."
-        )
-        if labels is not None and shown_labels is not None:
-            m = labels[1][record.layer]
-            labels_img = panels.labels_panel(display, record, index, shown_labels)
-            labels_text = (
-                f"**Selection labels** ({labels[0]}) at layer {record.layer}: precision **{m['precision']:.2f}**, "
-                f"recall **{m['recall']:.2f}**, IoU **{m['iou']:.2f}** (TP {m['tp']}, FP {m['fp']}, FN {m['fn']}). "
-                "White outline: label-positive tokens."
-            )
-
-        strip = panels.strip_panel(display, trace.layers, index, name, highlight=record.layer)
-        difference = entry.adapter.output_difference(run.forward.output, run.dense.output, index)
-        age = panels.age_panel(display, trace, index, name, difference)
-        predictions = self._predictions(run, display)
-
-        names = [f"{i}: {im.name}" for i, im in enumerate(batch.images)]
-        scores = record.soft_gate if learned else record.scores
-        layout = figures.packed_layout_figure(
-            record.plan, grid=record.grid, num_prefix=record.num_prefix, scores=scores, image_names=names
-        )
+        entry, batch, spa = run.entry, run.batch, run.spa  # the fusion mode resolved for this model
+        views = self._views(run)
         if run.forward.macs_figure is None:
-            run.forward.macs_figure = figures.macs_figure(trace)
-        histogram = figures.kept_histogram_figure(trace, record.layer)
-
+            run.forward.macs_figure = self._views(run, ("macs",)).macs
         wall = (
             self._wall_clock(entry, batch, spa) if measure else self._timings.get(self._timing_key(entry, batch, spa))
         )
-        status = f"{entry.badge}  \n{len(batch.images)} image(s): " + ", ".join(names)
+        status = f"{entry.badge}  \n{len(batch.images)} image(s): " + ", ".join(
+            f"{i}: {im.name}" for i, im in enumerate(batch.images)
+        )
         warnings = [*batch.warnings, *run.notes]
         if warnings:
             status += "  \n⚠ " + "  \n⚠ ".join(warnings)
-        gallery = [
-            (d, f"{i}: {im.name} · {float(record.keep_ratio[i]):.0%} kept")
-            for i, (d, im) in enumerate(zip(batch.displays, batch.images))
-        ]
-        return Analysis(
-            gate,
-            kept,
-            labels_img,
-            labels_text,
-            strip,
-            age,
-            predictions,
-            layout,
-            run.forward.macs_figure,
-            histogram,
-            self._stats(run, wall),
-            status,
-            self._summary(run, wall, labels),
-            gallery,
-            warnings,
-        )
+        shown = {name: getattr(views, name) for name in VIEW_NAMES}
+        shown |= {"macs": run.forward.macs_figure, "summary": self._summary(run, wall, views)}
+        return Analysis(**shown, status=status, stats=self._stats(run, wall), warnings=warnings)
 
     def measure(self, paths: Sequence[str | Path] | None, model: str, spa: SPASettings) -> WallClock:
         """The wall-clock of the dense twin vs SPA for a batch and settings (measured once, then cached)."""
@@ -776,8 +692,7 @@ class AnalysisService:
         """The cost text and the JSON summary of one view, with the wall-clock measured (cached)."""
         run = self._run(paths, model, spa, layer, image_index)
         wall = self._wall_clock(run.entry, run.batch, run.spa)
-        labels, _ = self._label_metrics(run)
-        return self._stats(run, wall), self._summary(run, wall, labels)
+        return self._stats(run, wall), self._summary(run, wall, self._views(run, ("summary",)))
 
     # --------------------------------------------------------------------------- attribution
 

@@ -225,22 +225,16 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
         )
         for warning in result.warnings:
             gr.Warning(warning)
-        return (
-            result.status,
-            result.stats,
-            png(result.gate),
-            png(result.kept),
-            png(result.labels),
-            result.labels_text,
-            png(result.strip),
-            png(result.age),
-            result.layout,
-            result.macs,
-            result.histogram,
-            png(result.predictions),
-            [(png(image), caption) for image, caption in result.gallery],
-            result.summary,
-        )
+        # view_components (built with the layout below): one component per field of the analysis
+        return tuple(as_shown(component, getattr(result, name)) for name, component in view_components.items())
+
+    def as_shown(component: Any, value: Any) -> Any:
+        """A view as its component takes it: pictures as PNG files (a gallery: each picture), the rest as is."""
+        if isinstance(component, gr.Image):
+            return png(value)
+        if isinstance(component, gr.Gallery):
+            return [(png(image), caption) for image, caption in value]
+        return value
 
     def analyze(
         files: list[str] | None,
@@ -536,22 +530,24 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
 
         settings_inputs = [files, model, selector, amount, threshold, policy, container_len]
         view_inputs = [*settings_inputs, layer, image_index, fusion, unkept]
-        view_outputs = [
-            status,
-            stats,
-            gate,
-            kept,
-            labels,
-            labels_text,
-            strip,
-            age,
-            layout,
-            macs,
-            histogram,
-            predictions,
-            gallery,
-            summary,
-        ]
+        # field of the analysis (app.service.Analysis) -> its component; /analyze answers in this order
+        view_components = {
+            "status": status,
+            "stats": stats,
+            "gate": gate,
+            "kept": kept,
+            "labels": labels,
+            "labels_text": labels_text,
+            "strip": strip,
+            "age": age,
+            "layout": layout,
+            "macs": macs,
+            "histogram": histogram,
+            "predictions": predictions,
+            "gallery": gallery,
+            "summary": summary,
+        }
+        view_outputs = list(view_components.values())
 
         def then_measure(event: Any, api_name: str | None = None) -> None:
             """After the views are shown, measure the wall-clock (one measurement at a time)."""

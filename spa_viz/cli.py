@@ -10,11 +10,12 @@
 (``spa-viz train detection --help`` lists its options).
 
 ``analyze`` writes, for every image, into ``OUT/<image name>/``: the gate and kept-token panels of
-every SPA layer (PNG), the predictions drawn on the input, the packed layout of each SPA layer
-(plotly HTML plus a PNG drawn with pillow, since plotly's own PNG export needs kaleido and Chrome),
-an optional attribution map, the strip of every SPA layer, and ``summary.json`` (kept counts,
-compute in MACs and FLOPs, what each layer selected by, timings of the traced run: stages of the
-work, not a speed measurement); the panels are the app's.
+every SPA layer (PNG), the predictions drawn on the input (detectors: beside the dense twin's), the
+packed layout of each SPA layer (plotly HTML plus a PNG drawn with pillow, since plotly's own PNG
+export needs kaleido and Chrome), an optional attribution map, the strip of every SPA layer, the
+token ages, and ``summary.json`` (kept counts, compute in MACs and FLOPs, what each layer selected
+by, timings of the traced run: stages of the work, not a speed measurement); the views are the
+app's (:func:`spa_viz.viz.views.compose_views`).
 ``OUT/summary.json`` lists what was analysed and skipped. ``--model`` defaults to the model the app
 opens on; ``--fusion`` switches how the learned gates fuse their scores (``stage``, ``chain``,
 ``none``; default: as the model was saved). Exit codes: 0 ok, 1 some inputs skipped, 2 usage error.
@@ -28,7 +29,7 @@ import json
 import logging
 import runpy
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from spa_viz.analysis.attribution import attribute
-from spa_viz.analysis.trace import Trace, trace
+from spa_viz.analysis.trace import trace
 from spa_viz.io.checkpoint import CheckpointError, checkpoint_config
 from spa_viz.io.files import OutputExistsError, refuse_overwrite
 from spa_viz.io.images import ImageInputError, load_image
@@ -51,8 +52,9 @@ from spa_viz.layers.packing import POLICIES
 from spa_viz.models.spa_vit import configure, spa_context
 from spa_viz.models.twin import dense_twin
 from spa_viz.models.zoo import default_model, load
-from spa_viz.viz import figures, panels
+from spa_viz.viz import panels
 from spa_viz.viz.tasks import TaskAdapter, adapter_for
+from spa_viz.viz.views import Views, compose_views
 
 __all__ = ["analyze_image", "main"]
 
@@ -139,17 +141,22 @@ def _enlarge(pixels: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(pixels.repeat(factor, 0).repeat(factor, 1))
 
 
-def analyze_image(
-    pixels: np.ndarray,
-    task: TaskAdapter,
-    folder: Path,
-    threshold: float,
-    attribution: str | None,
-    tau: float = 1.0,
-) -> dict[str, Any]:
+IMAGE_FILES = {"predictions": "predictions.png", "strip": "layers.png", "age": "token_age.png"}
+"""The views written once per image -> their file."""
+LAYER_FILES = {
+    "gate": "gate_L{}.png",
+    "kept": "keep_L{}.png",
+    "layout": "layout_L{}.html",
+    "layout_picture": "layout_L{}.png",
+}
+"""The views written for every SPA layer -> their file (``{}``: the layer)."""
+
+
+def analyze_image(pixels: np.ndarray, task: TaskAdapter, folder: Path, attribution: str | None) -> dict[str, Any]:
     """Run, draw and summarise one image into ``folder``; returns its JSON summary.
 
-    ``threshold`` and ``tau`` are the model's keep rule (``sigmoid(s / tau) > threshold``), drawn on the gate panels.
+    The pictures are the app's views (:func:`~spa_viz.viz.views.compose_views`); the gate panels
+    outline the keep rule the trace ran with.
     """
     with stopwatch() as preprocess:
         x = task.preprocess(pixels)[None]
@@ -159,17 +166,20 @@ def analyze_image(
         dense_output = task.model(x)
     with stopwatch() as render:
         display = _enlarge(task.display(x[0]))
-        preds = task.predictions(output, 0)
         folder.mkdir(parents=True, exist_ok=True)
-        files = ["predictions.png", "layers.png", "token_age.png"]
-        save_png(folder / files[0], task.draw(display, output, 0))
-        save_png(folder / files[1], panels.strip_panel(display, tr.layers, 0, folder.name))
-        difference = task.output_difference(output, dense_output, 0)
-        save_png(folder / files[2], panels.age_panel(display, tr, 0, folder.name, difference))
-        layers = _draw_layers(tr, display, folder, threshold, tau)
-        files += [name for record in layers for name in record["files"]]
+
+        def views(layer: int | None, only: Collection[str]) -> Views:
+            return compose_views(
+                tr, [display], task, output, dense_output=dense_output, layer=layer, names=[folder.name], only=only
+            )
+
+        shown = views(None, [*IMAGE_FILES, "summary"])
+        files = _write_views(shown, IMAGE_FILES, folder)
+        for record in tr.layers:
+            names = {view: name.format(record.layer) for view, name in LAYER_FILES.items()}
+            files += _write_views(views(record.layer, names), names, folder)
     timings = {"preprocess_s": preprocess.wall, "forward_s": forward.wall, "render_s": render.wall}
-    summary: dict[str, Any] = {"task": task.task, "input_size": list(task.input_size), "predictions": preds}
+    summary: dict[str, Any] = {"task": task.task, "input_size": list(task.input_size), **shown.summary}
     if attribution is not None:
         with stopwatch() as explain:
             target, explained = task.target(output, 0)
@@ -180,15 +190,14 @@ def analyze_image(
         summary["attribution"] = {"method": attribution, "target": explained, "settings": result.settings}
         timings["attribution_s"] = explain.wall
     summary |= {
-        "kept_counts": {str(r["layer"]): r["kept"] for r in layers},
-        "score_sources": {str(r["layer"]): r["score_source"] for r in layers},
+        "kept_counts": {str(record.layer): int(record.kept_counts[0]) for record in tr.layers},
+        "score_sources": {str(record.layer): panels.score_source(record, 0) for record in tr.layers},
         "compute": {
             "backbone_macs_dense": tr.backbone_macs_dense,
             "backbone_macs_run": tr.backbone_macs_run,
             "backbone_saving": round(tr.backbone_saving, 4),
             "units": "MACs = multiply-adds (the SPA paper's 'FLOPs'); FLOPs = 2 x MACs",
         },
-        "trace": tr.summary(),
         "timings": {k: round(v, 4) for k, v in timings.items()},
         "files": files + ["summary.json"],
     }
@@ -196,34 +205,15 @@ def analyze_image(
     return summary
 
 
-def _draw_layers(tr: Trace, display: np.ndarray, folder: Path, threshold: float, tau: float) -> list[dict[str, Any]]:
-    """Gate, kept-token and packed-layout pictures of every SPA layer (the app's panels)."""
-    drawn = []
-    for record in tr.layers:
-        layer = record.layer
-        names = [f"gate_L{layer}.png", f"keep_L{layer}.png", f"layout_L{layer}.html", f"layout_L{layer}.png"]
-        selector = None if record.learned else record.selector
-        gate = panels.gate_panel(display, record, 0, threshold if record.learned else None, selector, tau=tau)
-        save_png(folder / names[0], gate)
-        save_png(folder / names[1], panels.kept_panel(display, record, 0, folder.name))
-        figure = figures.packed_layout_figure(
-            record.plan,
-            grid=record.grid,
-            num_prefix=record.num_prefix,
-            scores=record.soft_gate,
-            image_names=[folder.name],
-        )
-        figure.write_html(folder / names[2], include_plotlyjs=f"../{PLOTLY_JS}")
-        save_png(folder / names[3], panels.layout_panel(record))
-        drawn.append(
-            {
-                "layer": layer,
-                "kept": int(record.kept_counts[0]),
-                "score_source": panels.score_source(record, 0),
-                "files": names,
-            }
-        )
-    return drawn
+def _write_views(views: Views, files: dict[str, str], folder: Path) -> list[str]:
+    """Write each named view to its file in ``folder`` (pictures as PNG, figures as HTML); returns the file names."""
+    for view, name in files.items():
+        value = getattr(views, view)
+        if isinstance(value, np.ndarray):
+            save_png(folder / name, value)
+        else:
+            value.write_html(folder / name, include_plotlyjs=f"../{PLOTLY_JS}")
+    return list(files.values())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -317,7 +307,7 @@ def analyze(args: argparse.Namespace) -> int:
                 skipped.append({"input": str(path), "reason": f"{err.reason} ({err})"})
                 _log.warning("skipped %s: %s", path, skipped[-1]["reason"])
                 continue
-            summary = analyze_image(pixels, task, args.out / name, config.threshold, method, config.tau)
+            summary = analyze_image(pixels, task, args.out / name, method)
             analysed.append({"input": str(path), "output": name, "kept_counts": summary["kept_counts"]})
     run = {
         "model": str(args.model),

@@ -1,8 +1,8 @@
 """The panels a reader sees: titled overlays with their legends, composed once for every front end.
 
-The app (:mod:`app.service`) and ``spa-viz analyze`` build their pictures from these functions,
-so a gate map, a keep mask or an attribution looks the same in the browser, in the files the CLI
-writes and in the notebooks.
+:func:`spa_viz.viz.views.compose_views` builds every view of the app, ``spa-viz analyze`` and the
+notebooks from these functions, so a gate map, a keep mask or an attribution looks the same in the
+browser, in the files the CLI writes and in the notebooks.
 """
 
 from __future__ import annotations
@@ -63,45 +63,38 @@ def score_source(record: LayerTrace, index: int | None = None) -> str:
     return f"fused: {share:.0%} earlier" if share == 0.0 else f"fused: {max(share, 0.005):.0%} earlier"
 
 
-def gate_values(record: LayerTrace, index: int, learned: bool, tau: float = 1.0) -> Tensor:
-    """(gh, gw) values to draw in [0, 1]: a learned gate's keep probability ``sigmoid(s / tau)`` (what the
-    threshold is compared with), or a selector's scores min-max normalized."""
-    if learned:
-        return torch.sigmoid(record.scores[index] / tau).reshape(record.grid)
+def gate_values(record: LayerTrace, index: int) -> Tensor:
+    """(gh, gw) values to draw in [0, 1]: a learned gate's keep probability ``sigmoid(s / tau)`` with the
+    record's tau (what its threshold was compared with), or a selector's scores min-max normalized."""
+    if record.learned:
+        return torch.sigmoid(record.scores[index] / record.tau).reshape(record.grid)
     scores = record.scores[index].float()
     low, high = scores.min(), scores.max()
     return ((scores - low) / (high - low).clamp(min=1e-12)).reshape(record.grid)
 
 
-def gate_panel(
-    display: np.ndarray,
-    record: LayerTrace,
-    index: int,
-    threshold: float | None,
-    selector: str | None = None,
-    tau: float = 1.0,
-) -> np.ndarray:
+def gate_panel(display: np.ndarray, record: LayerTrace, index: int) -> np.ndarray:
     """Gate scores of image ``index`` at one layer, titled, with a colour bar.
 
-    ``selector`` None: the learned gate (``sigmoid(s / tau)`` of the selection score, tokens above
-    ``threshold`` outlined, so the outline is the keep rule); otherwise the name of the
-    training-free selector whose scores the record holds.
+    A learned gate draws ``sigmoid(s / tau)`` of the selection score with the tokens above the
+    threshold outlined (the keep rule the record ran with); a training-free selector draws its scores.
     """
     width = display.shape[1]
-    learned = selector is None
-    values = gate_values(record, index, learned, tau)
-    picture = overlays.score_overlay(display, values, threshold=threshold if learned else None)
-    if learned:
-        outline = f"; outline: > {threshold:.2f}" if threshold is not None else ""
+    values = gate_values(record, index)
+    if record.learned:
+        threshold, tau = record.threshold, record.tau
+        picture = overlays.score_overlay(display, values, threshold=threshold)
         scaled = "s" if tau == 1.0 else f"s / {tau:g}"
         source = score_source(record, index)
         picture = overlays.add_title(
-            picture, f"Gate score · layer {record.layer}", f"sigmoid({scaled}), s = {source}{outline}"
+            picture, f"Gate score · layer {record.layer}", f"sigmoid({scaled}), s = {source}; outline: > {threshold:.2f}"
         )
         bar = overlays.colorbar(width, 0.0, 1.0, "keep probability", marker=threshold)
     else:
         picture = overlays.add_title(
-            picture, f"{selector} scores · layer {record.layer}", "min-max normalized per image"
+            overlays.score_overlay(display, values),
+            f"{record.selector} scores · layer {record.layer}",
+            "min-max normalized per image",
         )
         bar = overlays.colorbar(width, 0.0, 1.0, "selector score (normalized)")
     return overlays.vstack([picture, bar], gap=0)

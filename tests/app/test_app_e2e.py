@@ -25,6 +25,7 @@ from tests.app.conftest import TINY, Served, default_checkpoint_available, serve
 # gradio's queue uses pandas options that pandas 3 deprecates; not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")
 
+# the /analyze answer in its documented order (app/README.md): a client reads it by position
 OUTPUTS = (
     "status",
     "stats",
@@ -35,7 +36,7 @@ OUTPUTS = (
     "strip",
     "age",
     "layout",
-    "flops",
+    "macs",
     "histogram",
     "predictions",
     "gallery",
@@ -57,7 +58,7 @@ def analyze(client: Client, files: list[Path | str], **settings) -> dict:
     settings.setdefault("model", TINY)
     settings.setdefault("selector", "learned gate")
     result = client.predict(files=[handle_file(str(f)) for f in files], api_name="/analyze", **settings)
-    return dict(zip(OUTPUTS, result))
+    return dict(zip(OUTPUTS, result, strict=True))
 
 
 def assert_good_request_works(client: Client, image: Path) -> None:
@@ -84,8 +85,9 @@ def test_analysis_returns_every_view(client: Client, examples) -> None:
     assert "no tracing" in stats and "MACs saved" in stats
     latency = timed["latency_ms"]
     assert latency["dense"] > 0 and latency["spa"] > 0 and latency["batch"] == 2 and latency["device"] == "cpu"
-    layout = json.loads(out["layout"]["plot"])
-    assert "B′ =" in layout["layout"]["title"]["text"]
+    title = {name: json.loads(out[name]["plot"])["layout"]["title"]["text"] for name in ("layout", "macs", "histogram")}
+    assert "B′ =" in title["layout"] and "MACs per SPA layer" in title["macs"]
+    assert "Kept tokens per image · layer 5" in title["histogram"]
     assert len(out["gallery"]) == 2
 
 

@@ -24,7 +24,7 @@ def test_panels_stack_a_title_above_the_image_and_a_legend_below(display: np.nda
     record = tr.layers[0]
     labels = torch.ones(record.keep.shape[1], dtype=torch.bool)
     for panel in (
-        panels.gate_panel(display, record, 1, threshold=0.5),
+        panels.gate_panel(display, record, 1),
         panels.kept_panel(display, record, 1, "image"),
         panels.labels_panel(display, record, 1, labels),
         panels.attribution_panel(display, torch.randn(4, 4), "Attribution", "logit of class 0"),
@@ -38,24 +38,25 @@ def test_gate_values_normalize_selector_scores_only() -> None:
     model = mixed_gate_tiny_vit()
     images = torch.randn(2, 3, 32, 32)
     _, learned = spa_viz.trace(model, images)
-    assert torch.equal(panels.gate_values(learned.layers[0], 0, True), learned.layers[0].soft_gate[0].reshape(4, 4))
+    assert torch.equal(panels.gate_values(learned.layers[0], 0), learned.layers[0].soft_gate[0].reshape(4, 4))
     install_selector(model, "feature_norm")
     try:
         _, chosen = spa_viz.trace(model, images)
     finally:
         remove_selector(model)
-    values = panels.gate_values(chosen.layers[0], 0, False)
+    values = panels.gate_values(chosen.layers[0], 0)
     assert float(values.min()) == 0.0 and float(values.max()) == 1.0
 
 
-def test_gate_panel_outline_is_the_keep_rule_with_tau() -> None:
+def test_gate_panel_outline_is_the_keep_rule_the_trace_ran_with() -> None:
     model = mixed_gate_tiny_vit()
     spa_viz.configure(model, tau=3.0, threshold=0.6)
     _, tr = spa_viz.trace(model, torch.randn(2, 3, 32, 32))
     record = tr.layers[0]
-    values = panels.gate_values(record, 1, True, tau=3.0)
+    assert (record.threshold, record.tau) == (0.6, 3.0)
+    values = panels.gate_values(record, 1)
     assert torch.equal(values.reshape(-1) > 0.6, record.keep[1]), "drawn above the threshold = kept"
-    assert not torch.equal(panels.gate_values(record, 1, True).reshape(-1) > 0.6, record.keep[1])
+    assert not torch.equal(record.soft_gate[1] > 0.6, record.keep[1]), "tau 3 changes which tokens pass"
 
 
 def test_score_source_tells_own_logit_from_fused_scores() -> None:
