@@ -26,6 +26,8 @@ SPA blocks of a patched model are run through their parts too, so SPA selection 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -34,7 +36,7 @@ from torch import Tensor, nn
 
 from spa_viz.layers.block import BlockCosts
 
-__all__ = ["MergeResult", "TokenMerging", "bipartite_soft_matching", "merge_tokens"]
+__all__ = ["MergeResult", "TokenMerging", "bipartite_soft_matching", "merge_tokens", "merging_forward"]
 
 
 @dataclass
@@ -98,6 +100,8 @@ class MergeResult:
     tokens_per_block: list[int] = field(default_factory=list)
     merged_per_block: list[int] = field(default_factory=list)
     block_macs: int = 0
+    groups: Tensor | None = None
+    """(B, P + N) the final (merged) token each input token ended in: its merge group."""
 
 
 class TokenMerging(nn.Module):
@@ -181,6 +185,7 @@ class TokenMerging(nn.Module):
             result.tokens_per_block.append(current)
             result.merged_per_block.append(r)
             result.block_macs += self.block_macs(block, current, r)
+        result.groups = source
         return backbone.norm(self.unmerge(x, source)), result
 
     @staticmethod
@@ -190,3 +195,27 @@ class TokenMerging(nn.Module):
 
     def extra_repr(self) -> str:
         return f"schedule={self.schedule}"
+
+
+@contextmanager
+def merging_forward(model: nn.Module, backbone: nn.Module, merging: TokenMerging) -> Iterator[list[MergeResult]]:
+    """Inside the block, ``model``'s forward runs ``backbone`` through ``merging`` (unmerged output).
+
+    Works for any model that calls ``backbone.forward_features`` (timm classifiers, the saliency and
+    detection models of spa-viz): the backbone's ``forward_features`` is shadowed on the instance.
+    Yields the list each forward appends its :class:`MergeResult` to.
+    """
+    results: list[MergeResult] = []
+
+    def forward_features(images: Tensor, **unused: object) -> Tensor:
+        if any(value is not None and value is not False for value in unused.values()):
+            raise ValueError(f"token merging runs the plain forward; got {sorted(unused)}")
+        tokens, result = merging.forward_features(backbone, images)
+        results.append(result)
+        return tokens
+
+    backbone.forward_features = forward_features
+    try:
+        yield results
+    finally:
+        del backbone.forward_features
