@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import logging
-import runpy
 import sys
 from collections.abc import Collection, Sequence
 from pathlib import Path
@@ -45,6 +45,7 @@ from spa_viz.analysis.trace import trace
 from spa_viz.io.checkpoint import CheckpointError, checkpoint_config
 from spa_viz.io.files import OutputExistsError, refuse_overwrite
 from spa_viz.io.images import ImageInputError, load_image
+from spa_viz.io.paths import CHECKPOINTS_ENV_VAR, add_checkpoint_dirs
 from spa_viz.io.timer import stopwatch
 from spa_viz.layers.config import UNKEPT_MODES
 from spa_viz.layers.gate import FUSION_MODES
@@ -257,8 +258,17 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--attribution", choices=("none", *ATTRIBUTIONS), default="none")
     analyze.add_argument("--overwrite", action="store_true", help="replace existing output files")
     analyze.add_argument("--device", default="cpu")
-    app = commands.add_parser("app", help="serve the Gradio app (python -m app)", add_help=False)
-    app.add_argument("args", nargs=argparse.REMAINDER, help="options of the app (spa-viz app --help lists them)")
+    analyze.add_argument(
+        "--checkpoints",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="DIR",
+        help=f"a folder of named checkpoints, searched first (repeatable; then ${CHECKPOINTS_ENV_VAR}, then the "
+        "checkout's or the installed checkpoints/)",
+    )
+    # every option after `app` is the app's own (spa-viz app --help lists them): main passes them on unparsed
+    commands.add_parser("app", help="serve the Gradio app (spa-viz app --help lists its options)", add_help=False)
     return parser
 
 
@@ -328,38 +338,54 @@ def analyze(args: argparse.Namespace) -> int:
     return 1 if skipped else 0
 
 
+def _app_package() -> str:
+    """The app's package: the installed ``spa_viz_app``, else the ``app/`` folder of the checkout this
+    spa_viz runs from (put on ``sys.path``)."""
+    if importlib.util.find_spec("spa_viz_app") is not None:
+        return "spa_viz_app"
+    if (REPO_ROOT / "app" / "__main__.py").is_file():
+        if str(REPO_ROOT) not in sys.path:
+            sys.path.insert(0, str(REPO_ROOT))
+        return "app"
+    raise UsageError("the app is not installed with this spa_viz; install it with `pip install 'spa-viz[app]'`")
+
+
 def run_app(argv: Sequence[str]) -> int:
-    """``spa-viz app``: ``python -m app`` from the checkout this spa_viz belongs to."""
-    if not (REPO_ROOT / "app" / "__main__.py").is_file():
-        raise UsageError(
-            f"the app lives in the app/ folder of a spa-viz checkout, and there is none next to {REPO_ROOT / 'spa_viz'}; "
-            "clone the repository and run `make app`"
-        )
-    sys.path.insert(0, str(REPO_ROOT))
-    saved, sys.argv = sys.argv, ["spa-viz app", *argv]
+    """``spa-viz app [OPTIONS]``: the app's ``python -m app`` entry point (imported only now: the library
+    never imports gradio)."""
+    package = _app_package()
     try:
-        runpy.run_module("app", run_name="__main__", alter_sys=True)
-    finally:
-        sys.argv = saved
+        entry = importlib.import_module(f"{package}.__main__")
+    except ModuleNotFoundError as err:
+        if err.name is None or err.name.split(".")[0] == package:
+            raise
+        raise UsageError(f"the app needs {err.name}: install the app's extra, `pip install 'spa-viz[app]'`") from err
+    entry.main(list(argv), prog="spa-viz app")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point of ``spa-viz``; returns (and, as a script, exits with) the exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command != "app" and rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command in DELEGATED:
         # imported when its command runs, so `spa-viz analyze` does not load training code
         importlib.import_module(DELEGATED[args.command][args.target]).main(list(args.args))
         return 0
     if args.command == "app":
         try:
-            return run_app(args.args)
+            return run_app(rest)
         except UsageError as err:
             logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
             _log.error("%s", err)
             return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if missing := [str(p) for p in args.checkpoints if not p.is_dir()]:
+            raise UsageError(f"--checkpoints: no such folder: {', '.join(missing)}")
+        add_checkpoint_dirs(args.checkpoints)
         return analyze(args)
     except UsageError as err:
         _log.error("%s", err)

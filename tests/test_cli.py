@@ -187,6 +187,7 @@ def test_analyze_opens_on_the_apps_default_model(tmp_path: Path, model: str, mon
     shipped = tmp_path / "checkpoints"
     shutil.copytree(model, shipped / "spa-vit-digits")  # stands in for the shipped default
     monkeypatch.setenv("SPA_VIZ_CHECKPOINTS", str(shipped))
+    monkeypatch.setattr("spa_viz.io.paths.BUILTIN_CHECKPOINT_DIRS", ())  # the search path: only that folder
     Image.new("RGB", (40, 40), (200, 30, 30)).save(tmp_path / "red.png")
     run = run_cli("analyze", str(tmp_path / "red.png"), "--out", str(tmp_path / "o"))
     assert run.code == 0
