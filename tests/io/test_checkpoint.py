@@ -106,6 +106,7 @@ def test_pickles_are_refused_unless_weights_only(tmp_path) -> None:
 def test_load_by_name_folder_and_timm_name(saved, monkeypatch, tmp_path) -> None:
     _, folder = saved
     monkeypatch.setenv("SPA_VIZ_CHECKPOINTS", str(folder.parent))
+    monkeypatch.setattr("spa_viz.io.paths.BUILTIN_CHECKPOINT_DIRS", ())  # the search path: only that folder
     assert spa_viz.available() == ["ckpt"]
     assert spa_viz.is_spa_model(spa_viz.load("ckpt"))
     assert spa_viz.is_spa_model(spa_viz.load(folder))
