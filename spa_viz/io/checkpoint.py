@@ -1,14 +1,20 @@
 """Checkpoints: ``model.safetensors`` + ``config.json`` (+ ``metrics.json``, model card), never pickle.
 
 A checkpoint folder's ``config.json`` names an *architecture* (a builder registered here with
-:func:`register_architecture`) and its arguments. Loading builds the architecture, then checks
-the tensors against it: a missing, unexpected or wrongly shaped tensor fails with its name.
-A checkpoint may be *partial* (``"partial": true``): it stores only the trained tensors (e.g. the
-SPA gates) on top of a base model the builder provides (e.g. the imported DINOv2 backbone).
+:func:`register_architecture`) and its arguments. :func:`build_architecture` is the one way to
+build a model from such a config: loading builds through it, and so do the training recipes.
+Loading then checks the tensors against the model: a missing, unexpected or wrongly shaped tensor
+fails with its name. A checkpoint may be *partial* (``"partial": true``): it stores only the
+trained tensors (e.g. the SPA gates) on top of a base model the builder provides (e.g. the
+imported DINOv2 backbone).
+
+:func:`save_checkpoint` writes the tensors and ``config.json``; what is measured about them,
+``metrics.json`` and the model card, follows with :func:`spa_viz.recipes.record.write_record`.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from collections.abc import Callable
@@ -27,6 +33,7 @@ __all__ = [
     "CheckpointError",
     "register_architecture",
     "architectures",
+    "build_architecture",
     "save_checkpoint",
     "load_checkpoint",
     "read_config",
@@ -39,7 +46,9 @@ __all__ = [
 FORMAT = "spa-viz/1"
 _log = logging.getLogger(__name__)
 
-Builder = Callable[[dict[str, Any]], nn.Module]
+#: ``builder(config, **parts) -> model``; ``parts`` are prebuilt pieces a caller hands in (e.g. a
+#: small base model in tests) instead of the ones the config would load.
+Builder = Callable[..., nn.Module]
 _ARCHITECTURES: dict[str, Builder] = {}
 _CONFIG_ATTRIBUTE = "spa_viz_config"
 
@@ -62,20 +71,30 @@ def architectures() -> list[str]:
     return sorted(_ARCHITECTURES)
 
 
+def build_architecture(config: dict[str, Any], **parts: Any) -> nn.Module:
+    """The model ``config`` describes, built by the builder registered for ``config["architecture"]``.
+
+    ``parts`` go to the builder as keyword arguments. The config is not modified.
+    """
+    name = config.get("architecture")
+    if name not in _ARCHITECTURES:
+        raise CheckpointError(f"unknown architecture {name!r}; registered: {architectures()}")
+    return _ARCHITECTURES[name](copy.deepcopy(config), **parts)
+
+
 def save_checkpoint(
     model: nn.Module,
     directory: str | Path,
     config: dict[str, Any],
     *,
-    metrics: dict[str, Any] | None = None,
-    card: str | None = None,
     tensors: dict[str, torch.Tensor] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write a checkpoint folder; refuses to replace an existing checkpoint unless ``overwrite``.
+    """Write ``model.safetensors`` + ``config.json``; refuses to replace a checkpoint unless ``overwrite``.
 
     ``config`` must hold ``architecture`` (a registered name). ``tensors`` (default: the full
-    state dict) lets partial checkpoints store only what was trained.
+    state dict) lets partial checkpoints store only what was trained. Metrics and the model card
+    follow with :func:`spa_viz.recipes.record.write_record`.
     """
     directory = Path(directory)
     if config.get("architecture") not in _ARCHITECTURES:
@@ -88,10 +107,6 @@ def save_checkpoint(
     full = {"format": FORMAT, **config, "tensors": {k: list(v.shape) for k, v in sorted(state.items())}}
     write_atomic(directory / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": FORMAT}))
     write_text_atomic(directory / "config.json", json.dumps(full, indent=2) + "\n")
-    if metrics is not None:
-        write_text_atomic(directory / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    if card is not None:
-        write_text_atomic(directory / "README.md", card)
     return directory
 
 
@@ -159,7 +174,7 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
         if in_file != listed:
             names = sorted(k for k in set(in_file) | set(listed) if in_file.get(k) != listed.get(k))
             raise CheckpointError(f"{weights} does not match the tensor list in config.json: {names[:5]}")
-    model = _ARCHITECTURES[config["architecture"]](config)
+    model = build_architecture(config)
     check_state_dict(model.state_dict(), state, partial=bool(config.get("partial")), source=str(weights))
     model.load_state_dict(state, strict=not config.get("partial"))
     set_checkpoint_config(model, config)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from spa_viz.io.config import from_dict
 from spa_viz.layers.attention import BACKENDS
 from spa_viz.layers.gate import check_fusion
 from spa_viz.layers.packing import POLICIES
@@ -103,8 +104,5 @@ class SPAConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SPAConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown SPA settings {unknown} in config; known: {sorted(names)}")
-        return cls(**data)
+        """The settings of a config.json ``spa`` object, strictly (:func:`spa_viz.io.config.from_dict`)."""
+        return from_dict(cls, data, where="SPA settings")

@@ -59,6 +59,7 @@ from timm.models.swin_transformer import (
 )
 from torch import Tensor, nn
 
+from spa_viz.io.config import from_dict
 from spa_viz.layers.block import SPAContext, spa_block_forward
 from spa_viz.layers.config import SPAConfig
 from spa_viz.layers.gate import TokenGate
@@ -150,11 +151,8 @@ class SPTConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SPTConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown SPT settings {unknown}; known: {sorted(names)}")
-        return cls(**data)
+        """An SPT architecture from its JSON object, strictly (:func:`spa_viz.io.config.from_dict`)."""
+        return from_dict(cls, data, where="SPT settings")
 
 
 _PAIR_INDEX_MAX_TOKENS = 1024  # above this many tokens per image the (N, N) bias index is not cached

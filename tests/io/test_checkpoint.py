@@ -5,7 +5,13 @@ import pytest
 import torch
 
 import spa_viz
-from spa_viz.io.checkpoint import CheckpointError, load_checkpoint, load_torch_weights, save_checkpoint
+from spa_viz.io.checkpoint import (
+    CheckpointError,
+    build_architecture,
+    load_checkpoint,
+    load_torch_weights,
+    save_checkpoint,
+)
 from spa_viz.models.zoo import build_timm_spa_vit
 
 CONFIG = {
@@ -19,7 +25,7 @@ CONFIG = {
 @pytest.fixture
 def saved(tmp_path):
     model = build_timm_spa_vit(CONFIG)
-    return model, save_checkpoint(model, tmp_path / "ckpt", CONFIG, metrics={"ap50": 0.5}, card="# test\n")
+    return model, save_checkpoint(model, tmp_path / "ckpt", CONFIG)
 
 
 def test_roundtrip_is_bit_exact(saved) -> None:
@@ -31,13 +37,20 @@ def test_roundtrip_is_bit_exact(saved) -> None:
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model.eval()(images), loaded(images))
-    assert json.loads((folder / "metrics.json").read_text()) == {"ap50": 0.5}
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
 
 
 def test_refuses_to_overwrite(saved) -> None:
     model, folder = saved
     with pytest.raises(CheckpointError, match="overwrite=True"):
         save_checkpoint(model, folder, CONFIG)
+
+
+def test_build_architecture_builds_the_registered_model_and_names_unknown_ones() -> None:
+    model = build_architecture(CONFIG)
+    assert [b.spa_layer for b in spa_viz.spa_blocks(model)] == [1]
+    with pytest.raises(CheckpointError, match="unknown architecture 'nope'; registered: .*timm_spa_vit"):
+        build_architecture({"architecture": "nope"})
 
 
 def test_config_that_does_not_match_the_tensors_names_the_tensor(saved) -> None:

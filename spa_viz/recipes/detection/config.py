@@ -8,22 +8,21 @@ or :class:`~spa_viz.data.splits.CocoData`.
 
 from __future__ import annotations
 
-import copy
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from spa_viz.data.splits import DataConfig, DigitsData, data_config
-from spa_viz.io.config import ConfigError, from_dict, to_dict
+from spa_viz.io.config import ConfigError, from_dict, read_json, to_dict
 from spa_viz.selection.loss import DEFAULT_ALPHA
 
 __all__ = ["AMP", "ARCHITECTURES", "EvalSettings", "Recipe", "TrainSettings", "TrainingError", "load_config"]
 
 #: Mixed-precision modes of ``train.amp`` (CUDA only; the CPU always runs float32).
 AMP = ("bf16", "fp16", "none")
-#: The detector architectures a recipe may name (``model.architecture``).
+#: The registered architectures a detection recipe may name (``model.architecture``): the ones its
+#: training loop handles; the model is built through the registry (:func:`~spa_viz.io.checkpoint.build_architecture`).
 ARCHITECTURES = ("spa_vit_detector", "spt_detector", "spt_mask_rcnn", "spa_vit_mask_rcnn")
 
 
@@ -89,26 +88,11 @@ class Recipe:
 RESUME_KEYS = ("model", "data", "image_size", "seed", "init_from", "init_backbone_from")
 
 
-def _apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """``{"train.minutes": 5, "seed": 1}`` applied to the raw JSON object (dotted keys go one level deep)."""
-    raw = copy.deepcopy(raw)
-    for key, value in overrides.items():
-        section, _, name = key.rpartition(".")
-        (raw.setdefault(section, {}) if section else raw)[name] = value
-    return raw
-
-
 def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Recipe:
     """The recipe in the JSON file ``path`` (with ``overrides``), validated; TrainingError says what is wrong."""
     path = Path(path)
     try:
-        raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise TrainingError(f"cannot read config {path}: {err}") from err
-    if not isinstance(raw, dict):
-        raise TrainingError(f"{path} must hold a JSON object")
-    raw = _apply_overrides(raw, overrides or {})
-    try:
+        raw = read_json(path, overrides)
         if isinstance(raw.get("data"), Mapping):
             raw["data"] = data_config(raw["data"], where=f"{path}: data")
         recipe = from_dict(Recipe, raw, where=str(path))

@@ -33,7 +33,6 @@ from spa_viz.analysis.trace import Trace, find_backbone, trace
 from spa_viz.data.coco import collate
 from spa_viz.data.splits import data_config, load_split
 from spa_viz.io.checkpoint import checkpoint_config, load_checkpoint
-from spa_viz.io.files import write_text_atomic
 from spa_viz.layers.config import SOFT_GATING_MODES, UNKEPT_MODES
 from spa_viz.models.detection import Detector, SPAMaskRCNN
 from spa_viz.models.spa_vit import configure
@@ -41,6 +40,7 @@ from spa_viz.models.twin import dense_twin
 from spa_viz.models.zoo import checkpoints_dir, load
 from spa_viz.recipes.detection.card import model_card
 from spa_viz.recipes.detection.measures import latency_record, pooled_selection, selection_rows, spa_on
+from spa_viz.recipes.record import write_record
 from spa_viz.viz.tables import markdown_table
 
 __all__ = [
@@ -279,8 +279,7 @@ def _update_metrics(model: nn.Module, folder: Path | None, result: dict[str, Any
     else:
         ci = evaluate(model, subset, image_size, timing_batch=0)
     metrics["ci_subset"] = {"split": "test", "num": len(subset), **ci}
-    write_text_atomic(path, json.dumps(metrics, indent=2) + "\n")
-    write_text_atomic(folder / "README.md", model_card(config, metrics, metrics.get("command", "")))
+    write_record(folder, metrics, model_card, overwrite=True)  # --update-metrics asks for the rewrite
     log.info("updated %s and the model card", path)
 
 

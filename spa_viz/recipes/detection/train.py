@@ -2,11 +2,13 @@
 
 Loss: ``L = L_task + alpha * L_select`` (CenterNet loss + the BCE of every SPA block's own gate logit,
 before fusion, against selection labels made from the masks, or boxes, at that block's token grid;
-``alpha`` as :mod:`spa_viz.selection.loss` documents it). The output
-folder receives, after every epoch, a loadable checkpoint (``model.safetensors`` + ``config.json``
-+ ``metrics.json`` with the learning curves + ``README.md`` model card) and a ``last/`` resume
-state (weights, optimizer tensors and RNG state in safetensors, the rest in JSON; no pickle).
-At the end the model is evaluated on the test split (:mod:`spa_viz.recipes.detection.evaluate`).
+``alpha`` as :mod:`spa_viz.selection.loss` documents it). The model is built through the
+architecture registry (:func:`~spa_viz.io.checkpoint.build_architecture`) and started from other
+weights by :mod:`spa_viz.models.weights`. The output folder receives, after every epoch, a loadable
+checkpoint (``model.safetensors`` + ``config.json`` + ``metrics.json`` with the learning curves +
+``README.md`` model card, :func:`~spa_viz.recipes.record.write_record`) and a ``last/`` resume state
+(:mod:`spa_viz.recipes.resume`). At the end the model is evaluated on the test split
+(:mod:`spa_viz.recipes.detection.evaluate`).
 
 Mask R-CNN recipes (``model.architecture`` ``spt_mask_rcnn`` / ``spa_vit_mask_rcnn``) train
 torchvision's Mask R-CNN: ``L_task`` is the sum of its losses (RPN objectness and box, classifier, box,
@@ -22,129 +24,52 @@ optimizer step (effective batch = batch_size x accumulate x processes).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import os
 import shlex
-import shutil
 import sys
 import time
-from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from spa_viz.analysis.trace import find_backbone
 from spa_viz.data.coco import collate
 from spa_viz.data.splits import class_names, load_split
-from spa_viz.io.checkpoint import (
-    CheckpointError,
-    check_state_dict,
-    load_checkpoint,
-    load_torch_weights,
-    save_checkpoint,
-)
-from spa_viz.io.files import OutputExistsError, refuse_overwrite, write_atomic, write_text_atomic
-from spa_viz.models.detection import (
-    Detector,
-    SPAMaskRCNN,
-    build_spa_vit_detector,
-    build_spa_vit_mask_rcnn,
-    build_spt_detector,
-    build_spt_mask_rcnn,
-    keep_ratios,
-)
+from spa_viz.io.checkpoint import CheckpointError, build_architecture, save_checkpoint
+from spa_viz.models.detection import Detector, SPAMaskRCNN, keep_ratios
 from spa_viz.models.spa_vit import spa_context
-from spa_viz.models.spt import SPT, load_swin_weights
+from spa_viz.models.weights import init_backbone, init_from_checkpoint
 from spa_viz.recipes.detection.card import model_card
 from spa_viz.recipes.detection.config import RESUME_KEYS, Recipe, TrainingError, TrainSettings, load_config
 from spa_viz.recipes.detection.evaluate import evaluate
 from spa_viz.recipes.detection.mask_rcnn import collate_list, dataset_has_masks, evaluate_mask_rcnn
 from spa_viz.recipes.meters import RunningMeans
+from spa_viz.recipes.record import write_record
+from spa_viz.recipes.resume import RESUME_FOLDER, ResumeError, load_resume_state, prepare_output, save_resume_state
 from spa_viz.recipes.schedule import cosine_schedule
 from spa_viz.selection.loss import model_selection_loss
 
-__all__ = ["BUILDERS", "TrainingError", "build_model", "load_config", "main", "train"]
+__all__ = ["TrainingError", "build_model", "load_config", "main", "saved_config", "train"]
 
 log = logging.getLogger(__name__)
 
 Model = Detector | SPAMaskRCNN
 
-BUILDERS: dict[str, Callable[[dict[str, Any]], Model]] = {
-    "spa_vit_detector": build_spa_vit_detector,
-    "spt_detector": build_spt_detector,
-    "spt_mask_rcnn": build_spt_mask_rcnn,
-    "spa_vit_mask_rcnn": build_spa_vit_mask_rcnn,
-}
-
-
-def _trained_state(loaded: nn.Module, part: nn.Module) -> dict[str, Tensor]:
-    """``part``'s state dict (``part`` is ``loaded`` or a module of it), without the gates when ``loaded``
-    is a dense twin: its gates were never trained."""
-    state = part.state_dict()
-    if spa_context(loaded).config.enabled:
-        return state
-    return {k: v for k, v in state.items() if ".gate." not in k}
-
-
-def init_backbone(model: Model, source: str) -> None:
-    """Load backbone weights into ``model``'s SPA backbone from a checkpoint folder (its backbone's
-    tensors; e.g. a CenterNet detector's SPT for a Mask R-CNN) or a timm weights file (Swin weights
-    for an SPT via :func:`~spa_viz.models.spt.load_swin_weights`, ViT weights for an SPA-ViT).
-
-    Tensors the source lacks (SPA gates, the ``plus4`` extra blocks, a classifier) keep their init;
-    the gates of a dense-twin source were never trained and are not copied.
-    """
-    backbone = find_backbone(model)
-    if Path(source).is_dir():
-        loaded = load_checkpoint(source)
-        state = _trained_state(loaded, find_backbone(loaded))
-        check_state_dict(backbone.state_dict(), state, partial=True, source=f"{source} (its backbone)")
-        missing = backbone.load_state_dict(state, strict=False).missing_keys
-    else:
-        state = {k: v for k, v in load_torch_weights(source).items() if not k.startswith("head")}  # no classifier
-        if isinstance(backbone, SPT):
-            missing = load_swin_weights(backbone, state)
-        else:
-            from timm.models.vision_transformer import checkpoint_filter_fn
-
-            state = checkpoint_filter_fn(state, backbone)
-            check_state_dict(backbone.state_dict(), state, partial=True, source=source)
-            missing = backbone.load_state_dict(state, strict=False).missing_keys
-    log.info(
-        "backbone initialised from %s; %d tensors kept their init (%s)",
-        source,
-        len(missing),
-        ", ".join(sorted({k.split(".")[0] + "..." + k.rsplit(".", 2)[-2] for k in missing})[:6]) or "none",
-    )
-
 
 def build_model(config: Recipe) -> Model:
-    """The model of a recipe (weights from ``init_from``, backbone weights from ``init_backbone_from``).
-
-    The gates of a source whose SPA was disabled (a dense twin) were never trained: they are not
-    copied, so the new gates start as the recipe's ``gate_init_bias`` says.
-    """
-    model = BUILDERS[config.model["architecture"]](copy.deepcopy(config.model))
-    source = config.init_from
-    if source:
-        loaded = load_checkpoint(source)
-        check_state_dict(model.state_dict(), loaded.state_dict(), source=str(source))
-        state = _trained_state(loaded, loaded)
-        missing = model.load_state_dict(state, strict=False).missing_keys
-        if any(".gate." not in k for k in missing):
-            raise TrainingError(f"{source} lacks {[k for k in missing if '.gate.' not in k][:5]}")
-        log.info("initialised from %s%s", source, " (fresh gates: the source is a dense twin)" if missing else "")
+    """The model of a recipe, built through the architecture registry, with weights from ``init_from``
+    (the whole model) and ``init_backbone_from`` (its SPA backbone); see :mod:`spa_viz.models.weights`."""
+    model = build_architecture(config.model)
+    if config.init_from:
+        init_from_checkpoint(model, config.init_from)
     if config.init_backbone_from:
         init_backbone(model, config.init_backbone_from)
     return model
@@ -167,62 +92,6 @@ def _any_rank(flag: bool, device: torch.device, world: int) -> bool:
     value = torch.tensor([float(flag)], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
-
-
-# --------------------------------------------------------------------------------- resume state
-def save_resume_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """``folder/{model,optimizer}.safetensors`` + ``state.json``: everything to continue training."""
-    folder.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    opt = optimizer.state_dict()
-    tensors = {
-        f"state.{pid}.{name}": t.detach().contiguous().cpu()
-        for pid, entry in opt["state"].items()
-        for name, t in entry.items()
-    }
-    tensors["rng.cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    write_atomic(folder / "model.safetensors", lambda p: save_file(weights, str(p)))
-    write_atomic(folder / "optimizer.safetensors", lambda p: save_file(tensors, str(p)))
-    full = {**state, "param_groups": opt["param_groups"]}
-    write_text_atomic(folder / "state.json", json.dumps(full, indent=1) + "\n")
-
-
-def load_resume_state(
-    folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config: Recipe
-) -> dict[str, Any]:
-    """Restore model, optimizer and RNG from :func:`save_resume_state`; return the JSON state."""
-    try:
-        state = json.loads((folder / "state.json").read_text())
-        weights = load_file(str(folder / "model.safetensors"))
-        tensors = load_file(str(folder / "optimizer.safetensors"))
-    except (OSError, json.JSONDecodeError, SafetensorError, ValueError) as err:
-        raise TrainingError(
-            f"cannot resume from {folder}: the state is missing or corrupt ({err}); start again with --overwrite"
-        ) from err
-    saved, current = state.get("config", {}), config.to_dict()
-    changed = [k for k in RESUME_KEYS if saved.get(k) != current[k]]
-    if changed:
-        raise TrainingError(
-            f"cannot resume from {folder}: the config changed in {changed}; "
-            "use the config it was started with, or start again with --overwrite"
-        )
-    check_state_dict(model.state_dict(), weights, source=str(folder / "model.safetensors"))
-    model.load_state_dict(weights)
-    per_param: dict[int, dict[str, Tensor]] = defaultdict(dict)
-    for key, tensor in tensors.items():
-        if key.startswith("state."):
-            _, pid, name = key.split(".", 2)
-            per_param[int(pid)][name] = tensor
-    try:
-        optimizer.load_state_dict({"state": dict(per_param), "param_groups": state["param_groups"]})
-    except (KeyError, ValueError) as err:
-        raise TrainingError(f"cannot resume from {folder}: optimizer state does not fit ({err})") from err
-    torch.set_rng_state(tensors["rng.cpu"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
-    return state
 
 
 # ------------------------------------------------------------------------------------ training
@@ -288,7 +157,7 @@ def _autocast(device: torch.device, amp: str) -> Any:
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16, enabled=enabled)
 
 
-def _checkpoint_config(model: Model, config: Recipe, classes: list[str]) -> dict[str, Any]:
+def saved_config(model: Model, config: Recipe, classes: list[str]) -> dict[str, Any]:
     """What goes into config.json: the architecture, and the recipe and data that made the weights."""
     recipe = config.to_dict()
     return {
@@ -297,21 +166,6 @@ def _checkpoint_config(model: Model, config: Recipe, classes: list[str]) -> dict
         "class_names": classes,
         **{key: recipe[key] for key in ("data", "train", "eval", "seed", "init_from", "init_backbone_from")},
     }
-
-
-def _prepare_output(out: Path, resume: bool, overwrite: bool) -> None:
-    """Check the output folder against --resume / --overwrite; clear an old resume state on overwrite."""
-    last = out / "last"
-    if resume and not (last / "state.json").is_file():
-        raise TrainingError(f"--resume: {last} holds no resume state; start without --resume")
-    if not resume and not overwrite:
-        try:
-            refuse_overwrite([out / "model.safetensors", last], where=out)
-        except OutputExistsError as err:
-            raise TrainingError(f"{err} (or --resume to continue)") from err
-    if not resume:
-        shutil.rmtree(last, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
 
 
 def _to_device(targets: list[dict[str, Any]], device: torch.device) -> list[dict[str, Any]]:
@@ -431,9 +285,9 @@ def train(
     settings = config.train
     if settings.threads:
         torch.set_num_threads(int(settings.threads))
-    last = out / "last"
+    last = out / RESUME_FOLDER
     if rank == 0:
-        _prepare_output(out, resume, overwrite)
+        prepare_output(out, resume=resume, overwrite=overwrite)
 
     torch.manual_seed(config.seed)
     model = build_model(config).to(dev)
@@ -455,7 +309,7 @@ def train(
     history: list[dict[str, Any]] = []
     epoch, batch_done, elapsed = 0, 0, 0.0
     if resume:
-        state = load_resume_state(last, model, optimizer, config)
+        state = load_resume_state(last, model, optimizer, config.to_dict(), RESUME_KEYS)
         epoch, batch_done, elapsed, history = state["epoch"], state["batch"], state["elapsed_s"], state["history"]
         log.info("resumed from %s at epoch %d, step %d", last, epoch, batch_done)
 
@@ -574,7 +428,6 @@ def train(
                 entry["val_keep_ratio"],
                 entry["elapsed_min"],
             )
-            ckpt_config = _checkpoint_config(model, config, classes)
             state = {
                 "epoch": epoch,
                 "batch": batch_done,
@@ -583,9 +436,9 @@ def train(
                 "config": config.to_dict(),
             }
             save_resume_state(last, model, optimizer, state)
-            metrics = {"status": "training", "command": command, "history": history}
-            save_checkpoint(
-                model, out, ckpt_config, metrics=metrics, card=model_card(ckpt_config, metrics, command), overwrite=True
+            save_checkpoint(model, out, saved_config(model, config, classes), overwrite=True)
+            write_record(
+                out, {"status": "training", "command": command, "history": history}, model_card, overwrite=True
             )
         if world > 1:
             dist.barrier()
@@ -596,10 +449,8 @@ def train(
             model, config, history, image_size, stopped_early, (time.perf_counter() - clock) / 60, data_minutes
         )
         metrics["command"] = command
-        ckpt_config = _checkpoint_config(model, config, classes)
-        save_checkpoint(
-            model, out, ckpt_config, metrics=metrics, card=model_card(ckpt_config, metrics, command), overwrite=True
-        )
+        save_checkpoint(model, out, saved_config(model, config, classes), overwrite=True)
+        write_record(out, metrics, model_card, overwrite=True)
         log.info("wrote %s", out)
     if world > 1:
         dist.barrier()
@@ -714,5 +565,5 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
         )
         return train(config, out, resume=args.resume, overwrite=args.overwrite, command=command, device=args.device)
-    except (TrainingError, CheckpointError) as err:
+    except (TrainingError, ResumeError, CheckpointError) as err:
         parser.exit(2, f"error: {err}\n")

@@ -3,7 +3,6 @@ config.json and metrics.json, plus its figures (``peer_curve.png``, ``peer_curve
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 
 from spa_viz.io.files import write_atomic, write_text_atomic
 from spa_viz.recipes.cards import render_card
+from spa_viz.recipes.record import write_record
 from spa_viz.recipes.saliency.figures import peer_figure, save_peer_png
 from spa_viz.recipes.saliency.tables import TARGETS, interpolate, results_table
 
@@ -104,11 +104,11 @@ def target_lines(checks: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_card(folder: Path, metrics: Mapping[str, Any]) -> None:
-    """``metrics.json``, the figures and ``README.md`` of the checkpoint in ``folder`` (its config.json read there)."""
-    write_text_atomic(folder / "metrics.json", json.dumps(metrics, indent=1) + "\n")
+def write_card(folder: Path, metrics: Mapping[str, Any], *, overwrite: bool = False) -> None:
+    """``metrics.json`` and ``README.md`` of the checkpoint in ``folder`` (:func:`~spa_viz.recipes.record.write_record`:
+    the card from its config.json there; refused over an existing record unless ``overwrite``), then the figures."""
+    write_record(folder, dict(metrics), model_card, overwrite=overwrite, indent=1)
     write_figures(metrics, folder)
-    write_text_atomic(folder / "README.md", model_card(json.loads((folder / "config.json").read_text()), metrics))
 
 
 def write_figures(metrics: Mapping[str, Any], folder: Path) -> None:

@@ -56,6 +56,7 @@ from spa_viz.models.saliency.spa import adapter_mode, trained_tensors
 from spa_viz.models.spa_vit import configure, spa_blocks, spa_context
 from spa_viz.models.twin import dense_twin
 from spa_viz.models.zoo import load
+from spa_viz.recipes.record import write_record
 from spa_viz.recipes.saliency.tables import TARGETS, meets, results_table
 from spa_viz.selection.merging import TokenMerging
 from spa_viz.selection.selectors import install_selector, remove_selector
@@ -462,17 +463,18 @@ def write_checkpoint(
     overwrite: bool = False,
     settings: CheckSettings | None = None,
 ) -> dict[str, Any]:
-    """Write the partial checkpoint (float16 adapters and decoder), then its metrics, card and figures."""
+    """Write the partial checkpoint (float16 adapters and decoder), then its metrics, card and figures
+    (without ``evaluate_now``: metrics.json with the training record alone; ``--write-card`` adds the rest)."""
     from spa_viz.recipes.saliency.card import write_card
 
     tensors = trained_tensors(model, dtype=torch.float16)
     save_checkpoint(model, out, config, tensors=tensors, overwrite=overwrite)
     metrics: dict[str, Any] = {"training": training}
     if not evaluate_now:
-        write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
+        write_record(out, metrics, None, overwrite=overwrite, indent=1)
         return metrics
     metrics.update(evaluate(load(out), corpus_sets(), settings=settings), data=corpus_card_data())
-    write_card(out, metrics)
+    write_card(out, metrics, overwrite=overwrite)
     return metrics
 
 
@@ -521,7 +523,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "data": corpus_card_data() or previous.get("data", {}),
             **results,
         }
-        write_card(folder, metrics)
+        write_card(folder, metrics, overwrite=True)  # --write-card asks for the rewrite
     return results
 
 

