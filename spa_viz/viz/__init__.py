@@ -1,3 +1,4 @@
 """What people look at: overlays on the image (:mod:`.overlays`), plotly figures (:mod:`.figures`), the
-titled panels the app and the CLI compose (:mod:`.panels`), task adapters (:mod:`.tasks`), the
-palette (:mod:`.style`) and markdown tables (:mod:`.tables`)."""
+titled panels (:mod:`.panels`), every view of one image that the app, the CLI and the notebooks show
+(:mod:`.views`), task adapters (:mod:`.tasks`), the palette (:mod:`.style`) and markdown tables
+(:mod:`.tables`)."""

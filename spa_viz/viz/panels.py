@@ -87,7 +87,9 @@ def gate_panel(display: np.ndarray, record: LayerTrace, index: int) -> np.ndarra
         scaled = "s" if tau == 1.0 else f"s / {tau:g}"
         source = score_source(record, index)
         picture = overlays.add_title(
-            picture, f"Gate score · layer {record.layer}", f"sigmoid({scaled}), s = {source}; outline: > {threshold:.2f}"
+            picture,
+            f"Gate score · layer {record.layer}",
+            f"sigmoid({scaled}), s = {source}; outline: > {threshold:.2f}",
         )
         bar = overlays.colorbar(width, 0.0, 1.0, "keep probability", marker=threshold)
     else:
@@ -139,7 +141,7 @@ def strip_panel(
     return overlays.add_title(
         overlays.layer_strip(display, layers, index, highlight=highlight, captions=captions),
         f"Every SPA layer · {name}",
-        f"kept tokens and {how} · red frame: layer above",
+        f"kept tokens and {how}" + ("" if highlight is None else " · red frame: layer above"),
     )
 
 
