@@ -134,3 +134,14 @@ def test_installed_spa_viz_app_takes_its_options(installed: Path, outside: tuple
     run = _run([installed / "bin" / "spa-viz", "app", "--help"], cwd=folder, env=env)
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("usage: spa-viz app") and "--port" in run.stdout and "--checkpoints" in run.stdout
+
+
+def test_spa_viz_app_passes_every_option_to_the_app(capsys: pytest.CaptureFixture[str]) -> None:
+    from spa_viz.cli import main
+
+    with pytest.raises(SystemExit) as shown:
+        main(["app", "--help"])
+    assert shown.value.code == 0 and capsys.readouterr().out.startswith("usage: spa-viz app")
+    with pytest.raises(SystemExit) as refused:
+        main(["app", "--port", "not-a-port"])
+    assert refused.value.code == 2 and "--port: invalid int value" in capsys.readouterr().err
