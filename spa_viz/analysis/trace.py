@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spa_viz.analysis.flops import LayerCost, layer_cost, static_macs
-from spa_viz.layers.block import BlockDecision, find_context
+from spa_viz.layers.block import BlockDecision, find_backbone, find_context
 
 __all__ = ["LayerTrace", "Trace", "trace", "find_backbone"]
 
@@ -198,15 +198,6 @@ class Trace:
             ],
             "output_mean_age": None if not self.layers else round(float(self.output_age(ages).float().mean()), 4),
         }
-
-
-def find_backbone(model: nn.Module) -> nn.Module:
-    """The module that owns the SPA context (the model itself, or e.g. a detector's backbone)."""
-    ctx = find_context(model)
-    for module in model.modules():
-        if getattr(module, "spa_context", None) is ctx and not hasattr(module, "spa_layer"):
-            return module
-    raise ValueError("found SPA blocks but no backbone that owns them")
 
 
 def _layer_trace(decision: BlockDecision) -> LayerTrace:

@@ -78,6 +78,7 @@ __all__ = [
     "TokenLayout",
     "convert_block",
     "nearest_kept",
+    "find_backbone",
     "find_context",
     "drop_path_scale",
     "packed_drop_path",
@@ -564,6 +565,15 @@ def find_context(model: nn.Module) -> SPAContext:
         if isinstance(ctx, SPAContext):
             return ctx
     raise ValueError("this model has no SPA blocks; convert it with spa_viz.patch(model, start_layer)")
+
+
+def find_backbone(model: nn.Module) -> nn.Module:
+    """The module that owns the SPA context (the model itself, or e.g. a detector's backbone)."""
+    ctx = find_context(model)
+    for module in model.modules():
+        if getattr(module, "spa_context", None) is ctx and not hasattr(module, "spa_layer"):
+            return module
+    raise ValueError("found SPA blocks but no backbone that owns them")
 
 
 def spa_blocks(model: nn.Module) -> list[nn.Module]:

@@ -17,23 +17,14 @@ from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import Tensor, nn
 
 from spa_viz.io.checkpoint import CheckpointError, check_state_dict, load_checkpoint, load_torch_weights
-from spa_viz.layers.block import find_context
+from spa_viz.layers.block import find_backbone, find_context
 from spa_viz.models.spt import SPT, load_swin_weights
 
-__all__ = ["init_backbone", "init_from_checkpoint", "spa_backbone", "trained_state"]
+__all__ = ["init_backbone", "init_from_checkpoint", "trained_state"]
 
 log = logging.getLogger(__name__)
 
 _GATE = ".gate."
-
-
-def spa_backbone(model: nn.Module) -> nn.Module:
-    """The module that owns ``model``'s SPA context (the model itself, or e.g. a detector's backbone)."""
-    context = find_context(model)
-    for module in model.modules():
-        if getattr(module, "spa_context", None) is context and not hasattr(module, "spa_layer"):
-            return module
-    raise ValueError("found SPA blocks but no backbone that owns them")
 
 
 def trained_state(loaded: nn.Module, part: nn.Module) -> dict[str, Tensor]:
@@ -66,10 +57,10 @@ def init_backbone(model: nn.Module, source: str | Path) -> None:
 
     Tensors the source lacks (SPA gates, the ``plus4`` extra blocks, a classifier) keep their init.
     """
-    backbone = spa_backbone(model)
+    backbone = find_backbone(model)
     if Path(source).is_dir():
         loaded = load_checkpoint(source)
-        state = trained_state(loaded, spa_backbone(loaded))
+        state = trained_state(loaded, find_backbone(loaded))
         check_state_dict(backbone.state_dict(), state, partial=True, source=f"{source} (its backbone)")
         missing = backbone.load_state_dict(state, strict=False).missing_keys
     else:
