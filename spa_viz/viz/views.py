@@ -22,7 +22,7 @@ from spa_viz.analysis.trace import LayerTrace, Trace
 from spa_viz.viz import figures, overlays, panels
 from spa_viz.viz.tasks import TaskAdapter
 
-__all__ = ["RENDERERS", "VIEW_NAMES", "Scene", "SelectionLabels", "Views", "compose_views"]
+__all__ = ["NO_LABELS", "RENDERERS", "VIEW_NAMES", "Scene", "SelectionLabels", "Views", "compose_views"]
 
 NO_LABELS = (
     "No selection labels for this image (they exist for the digit examples, and come from the dense "
