@@ -16,7 +16,9 @@ export needs kaleido and Chrome), an optional attribution map, the strip of ever
 token ages, and ``summary.json`` (kept counts, compute in MACs and FLOPs, what each layer selected
 by, timings of the traced run: stages of the work, not a speed measurement); the views are the
 app's (:func:`spa_viz.viz.views.compose_views`).
-``OUT/summary.json`` lists what was analysed and skipped. ``--model`` defaults to the model the app
+``OUT/summary.json`` lists what was analysed and skipped. ``analyze --summary`` writes one summary of
+the whole set instead (:mod:`spa_viz.analysis.dataset`): ``OUT/dataset_summary.json`` and one row per
+image in ``OUT/dataset_rows.csv``. ``--model`` defaults to the model the app
 opens on; ``--fusion`` switches how the learned gates fuse their scores (``stage``, ``chain``,
 ``none``; default: as the model was saved). Exit codes: 0 ok, 1 some inputs skipped, 2 usage error.
 """
@@ -257,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     analyze.add_argument("--attribution", choices=("none", *ATTRIBUTIONS), default="none")
     analyze.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    analyze.add_argument(
+        "--summary",
+        action="store_true",
+        help="instead of views per image, one summary of the whole set: dataset_summary.json (per-layer keep and "
+        "precision/recall/IoU distributions, MACs saved, worst images) and dataset_rows.csv (one row per image)",
+    )
     analyze.add_argument("--device", default="cpu")
     analyze.add_argument(
         "--checkpoints",
@@ -295,9 +303,28 @@ def _load(args: argparse.Namespace) -> tuple[Any, TaskAdapter]:
     return model, task
 
 
+def summarise_inputs(args: argparse.Namespace, files: Sequence[Path]) -> int:
+    """``analyze --summary``: the dataset summary of ``files`` (:mod:`spa_viz.analysis.dataset`)."""
+    from spa_viz.analysis.dataset import write_dataset_summary
+    from spa_viz.data.sources import FolderSource
+
+    model, task = _load(args)
+    source = FolderSource(files, name="inputs")
+    try:
+        summary = write_dataset_summary(
+            model, task, source, args.out, overwrite=args.overwrite, meta={"model": args.model}
+        )
+    except ValueError as err:  # existing output, or no readable image
+        raise UsageError(str(err)) from err
+    print(f"spa-viz: summarised {summary.images} image(s), skipped {len(source.skipped)}; results in {args.out}")
+    return 1 if source.skipped else 0
+
+
 def analyze(args: argparse.Namespace) -> int:
     """The ``analyze`` command; returns the exit code."""
     files, folders = collect_inputs(args.inputs)
+    if args.summary:
+        return summarise_inputs(args, files)
     names = output_names(files)
     check_out(args.out, names, args.overwrite)
     model, task = _load(args)
