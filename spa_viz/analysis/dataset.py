@@ -345,24 +345,27 @@ def _bounded(
     cancel: Cancel | None,
     desc: str,
 ) -> Iterator[DatasetBatch]:
-    """``batches`` cut at ``max_images`` images, stopped when ``cancel()`` says so; a tqdm bar and
-    ``progress(fraction, text)`` after each batch."""
+    """``batches`` cut at ``max_images`` images and stopped when ``cancel()`` says so, both checked before
+    the next batch is read; a tqdm bar and ``progress(fraction, text)`` after each batch."""
     expected = max_images if total is None else min(total, max_images)
+    remaining = iter(batches)
     done = 0
     with tqdm(total=expected, desc=desc, unit="image", leave=False) as bar:
-        for batch in batches:
-            if done >= max_images:
-                return
+        while done < max_images:
             if cancel is not None and cancel():
                 log.info("%s cancelled after %d images", desc, done)
                 return
-            batch = batch.head(max_images - done) if done + len(batch) > max_images else batch
+            batch = next(remaining, None)
+            if batch is None:
+                return
+            if done + len(batch) > max_images:
+                batch = batch.head(max_images - done)
             yield batch
             done += len(batch)
             bar.update(len(batch))
             if progress is not None:
                 progress(min(done / expected, 1.0) if expected else 1.0, f"{done} images")
-    if done >= max_images and total is not None and total > max_images:
+    if total is not None and total > max_images:
         log.info("%s stopped at the cap of %d images (of %d)", desc, max_images, total)
 
 
