@@ -28,10 +28,10 @@ import cv2
 import numpy as np
 import torch
 
-import spa_viz
 from spa_viz.analysis.live import FrameAnalyser, FrameResult
 from spa_viz.io.files import write_text_atomic
 from spa_viz.io.timer import CLOCKS, time_paired
+from spa_viz.models.zoo import load
 
 __all__ = ["TARGET_FPS", "main", "markdown", "pan_frames", "run"]
 
@@ -88,7 +88,7 @@ def run(
 
     torch.set_num_threads(threads)
     load_before = os.getloadavg()
-    model = spa_viz.load(checkpoint, device=device)
+    model = load(checkpoint, device=device)
     pictures = pan_frames(load_photo(photo), frames, frame_size)
     spa = FrameAnalyser(model, layer=layer, device=device, window=repeats)
     dense = FrameAnalyser(model, layer=layer, dense=True, device=device, window=repeats)
