@@ -15,16 +15,16 @@ safely with :func:`~spa_viz.io.images.load_image`; unreadable files are skipped 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from spa_viz.data.splits import DigitsData, digits_samples
+from spa_viz.data.splits import DigitsData, data_config, digits_samples
 from spa_viz.io.images import IMAGENET_MEAN, IMAGENET_STD, ImageInputError, denormalize, load_image
 
 __all__ = [
@@ -264,13 +264,16 @@ class FolderSource:
 BUILTIN_SOURCES: tuple[str, ...] = ("digits/test", "photo_corpus/test", "photo_corpus/second_check")
 
 
-def builtin_source(name: str, data: DigitsData | None = None) -> ImageSource:
-    """The built-in source ``name`` (:data:`BUILTIN_SOURCES`); ``data`` sets the digits' seed and canvas.
+def builtin_source(name: str, config: Mapping[str, Any] | None = None) -> ImageSource:
+    """The built-in source ``name`` (:data:`BUILTIN_SOURCES`). ``config``: the model's checkpoint config;
+    a digits detector's ``data`` section gives the digits' seed and canvas (else the recipes' defaults).
 
     Raises :class:`SourceUnavailableError` for a corpus source that is not prepared here.
     """
     if name == "digits/test":
-        return DigitsSource("test", data or DigitsData())
+        section = (config or {}).get("data")
+        data = data_config(section) if section and section.get("kind", "digits") == "digits" else DigitsData()
+        return DigitsSource("test", data)
     if name in ("photo_corpus/test", "photo_corpus/second_check"):
         return CorpusSource(name.split("/", 1)[1])
     raise ValueError(f"unknown source {name!r}; use one of {BUILTIN_SOURCES} or a folder")

@@ -26,8 +26,15 @@ from spa_viz.analysis.dataset import (
     summary_to_json,
 )
 from spa_viz.analysis.trace import trace
-from spa_viz.data.sources import CorpusSource, DatasetBatch, DigitsSource, FolderSource, SourceUnavailableError
-from spa_viz.data.splits import DigitsData
+from spa_viz.data.sources import (
+    CorpusSource,
+    DatasetBatch,
+    DigitsSource,
+    FolderSource,
+    SourceUnavailableError,
+    builtin_source,
+)
+from spa_viz.data.splits import DigitsData, digits_samples
 from spa_viz.models.saliency.spa import spa_saliency
 from spa_viz.viz.tasks import DETECTION_AGREEMENT, ClassificationTask, SaliencyTask, adapter_for
 from tests.conftest import tiny_vit
@@ -295,3 +302,11 @@ def test_a_folder_source_skips_what_is_no_image(tmp_path, task) -> None:
     assert [b.names for b in batches] == [["a.png"], ["c.jpg"]] and [b.indices for b in batches] == [[0], [2]]
     assert batches[0].images.shape == (1, 3, 32, 32)
     assert [reason.split(" ")[0] for _, reason in source.skipped] == ["empty"]
+
+
+def test_builtin_sources_by_name() -> None:
+    source = builtin_source("digits/test", {"data": {"kind": "digits", "seed": 1, "test": 2, "cache": False}})
+    assert source.name == "digits/test" and len(source) == 2
+    assert np.array_equal(source.pixels(1), digits_samples("test", 2, seed=1)[1].image)
+    with pytest.raises(ValueError, match="unknown source"):
+        builtin_source("imagenet/val")
