@@ -67,6 +67,7 @@ __all__ = [
     "rows_to_csv",
     "summarise",
     "summary_to_json",
+    "sweep_settings",
     "write_dataset_summary",
 ]
 
@@ -181,7 +182,7 @@ class ImageRow:
             raw = row.get(key)
             if raw is None or raw == "":
                 return None
-            return kind(float(raw)) if kind is int else kind(raw)
+            return kind(raw)
 
         layers = sorted({int(m.group(1)) for key in row if (m := re.fullmatch(r"keep_L(\d+)", key))})
         per_layer: dict[str, list[float] | None] = {}
