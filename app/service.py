@@ -25,8 +25,8 @@ import time
 import uuid
 import zipfile
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -39,17 +39,24 @@ from torch import Tensor
 
 import spa_viz
 from spa_viz.analysis import attribution
-from spa_viz.analysis.trace import LayerTrace, Trace
+from spa_viz.analysis.compare import LEARNED_GATE as GATE_METHOD
+from spa_viz.analysis.compare import TOKEN_MERGING, Setting, available_methods, match_compute, run_setting
+from spa_viz.analysis.compare import tradeoff as tradeoff_sweep
+from spa_viz.analysis.metrics import SelectionCounts
+from spa_viz.analysis.token import BlockInputs, inspect_token, record_block_inputs
+from spa_viz.analysis.trace import LayerTrace, Trace, find_backbone
 from spa_viz.io.checkpoint import CheckpointError
 from spa_viz.io.images import ImageInputError, InputImage, load_image
 from spa_viz.io.timer import PairedTiming, stopwatch, time_paired
 from spa_viz.layers.config import UNKEPT_MODES
 from spa_viz.layers.gate import FUSION_MODES
+from spa_viz.layers.packing import POLICIES
 from spa_viz.models.saliency.labels import SALIENT
 from spa_viz.models.twin import dense_twin
 from spa_viz.selection.labels import labels_from_masks
+from spa_viz.selection.merging import TokenMerging, merging_forward
 from spa_viz.selection.selectors import SELECTORS, applicable_selectors, install_selector, remove_selector
-from spa_viz.viz import panels
+from spa_viz.viz import inspection, panels
 from spa_viz.viz.views import VIEW_NAMES, SelectionLabels, Views, compose_views
 
 from .examples import Examples
@@ -57,7 +64,21 @@ from .files import AppFiles, gradio_cache_dir, sweep_upload_leftovers
 from .models import LoadedModel, ModelError, ModelRegistry, selector_amount, selector_names
 from .settings import AppSettings
 
-__all__ = ["SAVED_FUSION", "Analysis", "AnalysisService", "AttributionView", "SPASettings", "UserError", "WallClock"]
+__all__ = [
+    "MAX_COLUMNS",
+    "SAVED_FUSION",
+    "Analysis",
+    "AnalysisService",
+    "AttributionView",
+    "Column",
+    "ColumnView",
+    "Comparison",
+    "SPASettings",
+    "TokenView",
+    "TradeoffView",
+    "UserError",
+    "WallClock",
+]
 
 _log = logging.getLogger(__name__)
 K = TypeVar("K", bound=Hashable)
@@ -278,6 +299,140 @@ class AttributionView:
     info: dict[str, Any]
 
 
+MAX_COLUMNS = 4
+"""Columns a comparison shows at most (and 2 at least)."""
+TRADEOFF_SKIPPED = ("random", "uniform_topk")
+"""Methods the trade-off leaves out unless asked for (baselines without a score of their own)."""
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of a comparison as requested: a model and how its backbone runs.
+
+    ``method``: ``learned_gate``, a training-free selector or ``token_merging`` (see
+    :func:`~spa_viz.analysis.compare.available_methods`); ``amount``: the gate's threshold, the
+    selector's ratio or p, or ToMe's tokens merged per SPA layer (None: the model's saved threshold,
+    the selector's default, or 8 merges); ``fusion`` / ``unkept``: :data:`SAVED_FUSION` = as saved.
+    """
+
+    model: str
+    method: str = GATE_METHOD
+    amount: float | None = None
+    policy: str = "image"
+    container_len: int = 49
+    fusion: str = SAVED_FUSION
+    unkept: str = SAVED_FUSION
+
+    @classmethod
+    def from_dict(cls, value: Mapping[str, Any], default_model: str) -> Column:
+        """A column from the API's JSON (unknown keys refused, so a typo is not silently ignored)."""
+        if not isinstance(value, Mapping):
+            raise UserError(f"a column is an object like {{'model': ..., 'method': ...}}, got {value!r}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise UserError(f"unknown column keys {unknown}; a column takes {sorted(known)}")
+        method = value.get("method") or GATE_METHOD
+        amount = value.get("amount")
+        try:
+            return cls(
+                model=str(value.get("model") or default_model),
+                method="learned_gate" if method in ("learned gate", GATE_METHOD) else str(method),
+                amount=None if amount in (None, "") else float(amount),
+                policy=str(value.get("policy") or "image"),
+                container_len=int(value.get("container_len") or 49),
+                fusion=str(value.get("fusion") or SAVED_FUSION),
+                unkept=str(value.get("unkept") or SAVED_FUSION),
+            )
+        except (TypeError, ValueError) as err:
+            raise UserError(f"column {dict(value)}: {err}") from err
+
+
+@dataclass
+class ColumnView:
+    """One column of a comparison: its title, its pictures and its table row (JSON-ready)."""
+
+    title: str
+    tokens: np.ndarray
+    """Kept tokens at the shown layer, or ToMe's merge groups."""
+    output: np.ndarray
+    """The model's output drawn by its task adapter."""
+    difference: np.ndarray
+    """|output - dense twin| as a map (or a note where the output is not a map)."""
+    row: dict[str, Any]
+
+
+@dataclass
+class Comparison:
+    """A comparison of 2-4 columns on one batch: a status line, the columns, the table and the summary."""
+
+    status: str
+    columns: list[ColumnView]
+    table: list[list[Any]]
+    summary: dict[str, Any]
+
+
+COMPARE_HEADERS = [
+    "column",
+    "model",
+    "setting (as run)",
+    "GMACs / image",
+    "MACs saved",
+    "ms dense → column",
+    "tokens kept",
+    "output error",
+    "error measure",
+    "label precision",
+    "label recall",
+]
+"""The comparison table's columns."""
+
+
+@dataclass
+class TokenView:
+    """One clicked token: its picture (attention per head, or ToMe's group) and its facts as JSON."""
+
+    image: np.ndarray
+    info: dict[str, Any]
+
+
+@dataclass
+class TradeoffView:
+    """The trade-off plot and its points."""
+
+    figure: go.Figure
+    info: dict[str, Any]
+
+
+@dataclass
+class _Merged:
+    """A token-merging run of a batch: output (CPU), compute, and each patch's merge group (B, gh, gw)."""
+
+    output: Any
+    macs: float
+    dense_macs: float
+    kept: float
+    groups: Tensor
+    seconds: float
+
+
+@dataclass
+class _ColumnRun:
+    """A column resolved and run: what it ran as, its output and compute, and its trace or merge groups."""
+
+    entry: LoadedModel
+    batch: _Prepared
+    setting: Setting
+    output: Any
+    dense: _Dense
+    macs: float
+    dense_macs: float
+    kept: float
+    trace: Trace | None = None
+    spa: SPASettings | None = None
+    merged: _Merged | None = None
+
+
 def _to_cpu(output: Any) -> Any:
     if isinstance(output, Tensor):
         return output.detach().cpu()
@@ -323,6 +478,11 @@ class AnalysisService:
         self._labels: LRUCache[tuple[str, str], SelectionLabels] = LRUCache(settings.image_cache_size)
         self._attributions: LRUCache[tuple[Any, ...], attribution.Attribution] = LRUCache(16)
         self._timings: LRUCache[tuple[Any, ...], WallClock] = LRUCache(settings.result_cache_size)
+        self._merged: LRUCache[tuple[Any, ...], _Merged] = LRUCache(settings.result_cache_size)
+        self._matches: LRUCache[tuple[Any, ...], Setting] = LRUCache(settings.result_cache_size)
+        # every SPA block's input of one SPA and one dense run (a click on a token reads them): large, few kept
+        self._block_inputs: LRUCache[tuple[Any, ...], tuple[Trace, BlockInputs]] = LRUCache(4)
+        self._tradeoffs: LRUCache[tuple[Any, ...], TradeoffView] = LRUCache(8)
         self.forward_count = 0  # traced SPA + dense forward passes run (tests and the benchmark read it)
         self.timing_count = 0  # wall-clock measurements run
         self._last_sweep = -math.inf
@@ -508,7 +668,10 @@ class AnalysisService:
 
     def _truth_boxes(self, run: _Run) -> Tensor | None:
         """Ground-truth boxes of the shown image in the model's input pixels (the digit examples), or None."""
-        image = run.batch.images[run.index]
+        return self._truth_of(run.entry, run.batch.images[run.index])
+
+    def _truth_of(self, entry: LoadedModel, image: InputImage) -> Tensor | None:
+        """Ground-truth boxes of ``image`` in ``entry``'s input pixels (the digit examples), or None."""
         annotation = self.annotations.get(image.digest)
         if annotation is None:
             return None
@@ -516,7 +679,7 @@ class AnalysisService:
         if annotation.masks.ndim == 3 and annotation.masks.shape[-2:] != image.pixels.shape[:2]:
             (mh, mw), (h, w) = annotation.masks.shape[-2:], image.pixels.shape[:2]
             boxes = boxes * np.array([w / mw, h / mh, w / mw, h / mh], dtype=np.float32)
-        return run.entry.adapter.map_boxes(image.pixels.shape[:2], boxes)
+        return entry.adapter.map_boxes(image.pixels.shape[:2], boxes)
 
     def _label_mask(self, entry: LoadedModel, batch: _Prepared, dense: _Dense, index: int) -> tuple[Tensor | None, str]:
         """Object pixels of image ``index`` in input geometry, and where they come from."""
@@ -537,13 +700,19 @@ class AnalysisService:
 
     def _selection_labels(self, run: _Run) -> SelectionLabels | None:
         """The selection labels of the run's image (per token grid), or None when it has none."""
-        key = (run.entry.key, run.batch.images[run.index].digest)
+        return self._labels_of(run.entry, run.batch, run.dense, run.index, run.trace)
+
+    def _labels_of(
+        self, entry: LoadedModel, batch: _Prepared, dense: _Dense, index: int, trace: Trace
+    ) -> SelectionLabels | None:
+        """The selection labels of image ``index`` on the token grids of ``trace``, or None when it has none."""
+        key = (entry.key, batch.images[index].digest)
         cached = self._labels.get(key)
         if cached is None:
-            mask, source = self._label_mask(run.entry, run.batch, run.dense, run.index)
+            mask, source = self._label_mask(entry, batch, dense, index)
             if mask is None:
                 return None
-            grids = {t.grid for t in run.trace.layers}
+            grids = {t.grid for t in trace.layers}
             cached = self._labels.put(
                 key, SelectionLabels(source, {grid: labels_from_masks(mask, grid) for grid in grids})
             )
@@ -755,6 +924,463 @@ class AnalysisService:
                 "map": result.maps[0].tolist(),
             },
         )
+
+    # ------------------------------------------------------------------------------- compare
+
+    def _setting(self, entry: LoadedModel, column: Column) -> Setting:
+        """``column`` as a :class:`~spa_viz.analysis.compare.Setting` for ``entry``: method and settings
+        checked, defaults and the saved fusion mode / unkept path filled in."""
+        methods = available_methods(entry.model)
+        if column.method not in methods:
+            raise UserError(f"method {column.method!r} does not run on {entry.key}; methods that do: {methods}")
+        if column.policy not in POLICIES:
+            raise UserError(f"unknown packing policy {column.policy!r}; choose one of {list(POLICIES)}")
+        if column.fusion not in (*FUSION_MODES, SAVED_FUSION):
+            raise UserError(f"unknown fusion mode {column.fusion!r}; choose one of {[*FUSION_MODES, SAVED_FUSION]}")
+        if column.unkept not in (*UNKEPT_MODES, SAVED_FUSION):
+            raise UserError(f"unknown unkept path {column.unkept!r}; choose one of {[*UNKEPT_MODES, SAVED_FUSION]}")
+        amount = column.amount
+        if column.method == GATE_METHOD:
+            amount = entry.saved_threshold if amount is None else amount
+            if not 0.0 <= amount <= 1.0:
+                raise UserError(f"the learned gate's threshold must lie in [0, 1], got {amount}")
+        elif column.method == TOKEN_MERGING:
+            amount = 8.0 if amount is None else float(round(amount))
+            if amount < 0:
+                raise UserError(f"token merging needs r >= 0 tokens merged per layer, got {amount:g}")
+        else:
+            amount = selector_amount(column.method).default if amount is None else amount
+            if not 0.0 < amount <= 1.0:
+                raise UserError(f"{column.method} keeps an amount in (0, 1], got {amount}")
+        return Setting(
+            method=column.method,
+            amount=float(amount),
+            policy=column.policy,
+            container_len=int(column.container_len) if column.policy == "container" else None,
+            fusion=entry.saved_fusion if column.fusion == SAVED_FUSION else column.fusion,
+            unkept=entry.saved_unkept if column.unkept == SAVED_FUSION else column.unkept,
+        )
+
+    @staticmethod
+    def _spa_of(entry: LoadedModel, setting: Setting) -> SPASettings:
+        """The :class:`SPASettings` that run a gate or selector ``setting`` through the cached forwards."""
+        selector = None if setting.method == GATE_METHOD else setting.method
+        return SPASettings(
+            selector=selector,
+            selector_amount=setting.amount if selector else 0.5,
+            threshold=setting.amount if selector is None else entry.saved_threshold,
+            policy=setting.policy,
+            container_len=setting.container_len or 49,
+            fusion=setting.fusion or entry.saved_fusion,
+            unkept=setting.unkept or entry.saved_unkept,
+        )
+
+    @staticmethod
+    def _first_guess(setting: Setting, first: _ColumnRun) -> Setting:
+        """Where the search for equal compute starts: a selector that keeps a ratio starts at the first
+        column's kept share (compute follows the kept share closely, so one run often lands within 2%);
+        other methods start at the amount asked for."""
+        if setting.method in SELECTORS and SELECTORS[setting.method].amount == "ratio":
+            return replace(setting, amount=min(max(first.kept, 0.01), 1.0))
+        return setting
+
+    def _matched(self, entry: LoadedModel, batch: _Prepared, setting: Setting, target: float) -> Setting:
+        """``setting`` with its amount moved to spend ``target`` backbone MACs per image (within 2%; the
+        closest reachable amount otherwise), cached per model, images, setting and target."""
+        key = (entry.key, batch.digests, setting, round(target))
+        cached = self._matches.get(key)
+        if cached is not None:
+            return cached
+        with entry.lock:
+            run = match_compute(entry.model, batch.inputs.to(self.device), setting, target, tolerance=0.02)
+        return self._matches.put(key, run.setting)
+
+    def _merging(self, entry: LoadedModel, batch: _Prepared, setting: Setting) -> _Merged:
+        """A token-merging run of ``batch`` (cached per model, images and r)."""
+        key = (entry.key, batch.digests, int(setting.amount))
+        cached = self._merged.get(key)
+        if cached is not None:
+            return cached
+        with entry.lock:
+            with stopwatch(self.device) as timing:
+                run = run_setting(entry.model, batch.inputs.to(self.device), setting)
+            self.forward_count += 1
+        backbone = find_backbone(entry.model)
+        grid = tuple(int(v) for v in backbone.patch_embed.grid_size)
+        prefix = int(backbone.num_prefix_tokens)
+        groups = run.groups[:, prefix:].reshape(-1, *grid)
+        merged = _Merged(_to_cpu(run.output), run.macs, run.dense_macs, run.kept, groups, timing.wall)
+        return self._merged.put(key, merged)
+
+    def _merging_clock(self, entry: LoadedModel, batch: _Prepared, merged: _Merged, r: int) -> WallClock:
+        """Median wall-clock of the dense twin and token merging on ``batch``, alternating (cached)."""
+        key = (entry.key, batch.digests, (TOKEN_MERGING, r))
+        cached = self._timings.get(key)
+        if cached is not None:
+            return cached
+        model, x = entry.model, batch.inputs.to(self.device)
+        backbone = find_backbone(model)
+        merging = TokenMerging(r, entry.spa_layers)
+
+        def dense() -> None:
+            with dense_twin(model):
+                model(x)
+
+        def merge() -> None:
+            with merging_forward(model, backbone, merging):
+                model(x)
+
+        with entry.lock:
+            with torch.no_grad():
+                timing = time_paired(
+                    {"dense": dense, "spa": merge}, self._timing_repeats(merged.seconds), warmup=1, device=self.device
+                )
+            self.timing_count += 1
+        return self._timings.put(key, WallClock.of(timing, len(batch.images)))
+
+    def _run_column(self, entry: LoadedModel, batch: _Prepared, setting: Setting) -> _ColumnRun:
+        dense = self._dense_forward(entry, batch)
+        if setting.method == TOKEN_MERGING:
+            merged = self._merging(entry, batch, setting)
+            return _ColumnRun(
+                entry, batch, setting, merged.output, dense, merged.macs, merged.dense_macs, merged.kept, merged=merged
+            )
+        spa = self._spa_of(entry, setting)
+        forward = self._spa_forward(entry, batch, spa)
+        trace = forward.trace
+        size = trace.batch_size
+        return _ColumnRun(
+            entry,
+            batch,
+            setting,
+            forward.output,
+            dense,
+            trace.backbone_macs_run / size,
+            trace.backbone_macs_dense / size,
+            trace.mean_keep_ratio,
+            trace=trace,
+            spa=spa,
+        )
+
+    def _column_error(self, run: _ColumnRun) -> tuple[str, float]:
+        """The column's output error vs its dense twin, averaged over the batch."""
+        adapter = run.entry.adapter
+        values = [adapter.output_error(run.output, run.dense.output, i) for i in range(len(run.batch.images))]
+        return values[0][0], float(np.mean([value for _, value in values]))
+
+    def _column_labels(self, run: _ColumnRun, record: LayerTrace | None) -> SelectionCounts | None:
+        """Kept tokens at the shown layer vs the selection labels, pooled over the images that have labels."""
+        if record is None or run.trace is None:
+            return None
+        keep, truth = [], []
+        for i in range(len(run.batch.images)):
+            labels = self._labels_of(run.entry, run.batch, run.dense, i, run.trace)
+            if labels is not None:
+                keep.append(record.keep[i])
+                truth.append(labels.by_grid[record.grid])
+        if not keep:
+            return None
+        return SelectionCounts.of(torch.cat(keep), torch.cat(truth))
+
+    def _column_view(
+        self, number: int, run: _ColumnRun, layer: int | None, index: int, clock: WallClock | None
+    ) -> ColumnView:
+        """One column's pictures of image ``index`` and its table row."""
+        entry, batch = run.entry, run.batch
+        display, name = batch.displays[index], batch.images[index].name
+        record = None
+        if run.merged is not None:
+            tokens = inspection.merge_groups_panel(
+                display, run.merged.groups[index], f"ToMe merge groups · r = {int(run.setting.amount)} per layer"
+            )
+        else:
+            record = self._pick_layer(run.trace, layer)
+            tokens = panels.kept_panel(display, record, index, name)
+        output = entry.adapter.draw(display, run.output, index, self._truth_of(entry, batch.images[index]))
+        difference = inspection.difference_panel(
+            display, entry.adapter.output_difference(run.output, run.dense.output, index), "|output - dense twin|"
+        )
+        measure, error = self._column_error(run)
+        counts = self._column_labels(run, record)
+        saving = 1.0 - run.macs / run.dense_macs if run.dense_macs else 0.0
+        ms = "measuring…" if clock is None else f"{clock.dense_s * 1000:.0f} → {clock.spa_s * 1000:.0f}"
+        row = {
+            "column": number,
+            "model": entry.key,
+            "method": run.setting.method,
+            "amount": round(run.setting.amount, 4),
+            "setting": run.setting.label(),
+            "layer": None if record is None else record.layer,
+            "gmacs_per_image": round(run.macs / 1e9, 4),
+            "dense_gmacs_per_image": round(run.dense_macs / 1e9, 4),
+            "macs_saved": round(saving, 4),
+            "latency_ms": None if clock is None else clock.to_dict(),
+            "tokens_kept": round(run.kept, 4),
+            "output_error": {"measure": measure, "value": round(error, 5)},
+            "label_precision": None if counts is None else round(float(counts.precision), 4),
+            "label_recall": None if counts is None else round(float(counts.recall), 4),
+            "table": [
+                number,
+                entry.key,
+                run.setting.label(),
+                round(run.macs / 1e9, 3),
+                f"{saving:.1%}",
+                ms,
+                f"{run.kept:.1%}",
+                round(error, 4),
+                measure,
+                "–" if counts is None else round(float(counts.precision), 3),
+                "–" if counts is None else round(float(counts.recall), 3),
+            ],
+        }
+        title = f"**{number}. {entry.key}** · {run.setting.label()} · {run.macs / 1e9:.2f} GMACs ({saving:.0%} saved)"
+        return ColumnView(title, tokens, output, difference, row)
+
+    def compare(
+        self,
+        paths: Sequence[str | Path] | None,
+        columns: Sequence[Column],
+        equal_compute: bool = False,
+        layer: int | None = None,
+        image_index: int = 0,
+        *,
+        measure: bool = True,
+    ) -> Comparison:
+        """2-4 columns (model + setting) on the same images: per column the kept tokens at ``layer`` (the
+        nearest SPA layer of its model) or ToMe's merge groups, the output, |output - dense twin| and a
+        table row. ``equal_compute``: every column after the first has its amount moved so that its
+        backbone MACs per image match the first column's within 2%. ``measure`` False leaves the
+        paired wall-clock of each column to a later call unless it is cached (the page shows the
+        pictures first)."""
+        if not 2 <= len(columns) <= MAX_COLUMNS:
+            raise UserError(f"compare 2 to {MAX_COLUMNS} columns, got {len(columns)}")
+        runs: list[_ColumnRun] = []
+        notes: list[str] = []
+        target: float | None = None
+        for column in columns:
+            entry = self.model(column.model)
+            batch = self._prepare(entry, paths)
+            setting = self._setting(entry, column)
+            if equal_compute and runs:
+                setting = self._matched(entry, batch, self._first_guess(setting, runs[0]), runs[0].macs)
+            run = self._run_column(entry, batch, setting)
+            if target is None:
+                target = run.macs
+            elif equal_compute and abs(run.macs / target - 1.0) > 0.02:
+                notes.append(
+                    f"column {len(runs) + 1} ({run.setting.label()}) cannot reach the first column's compute: "
+                    f"closest {run.macs / 1e9:.2f} vs {target / 1e9:.2f} GMACs per image"
+                )
+            runs.append(run)
+        first = runs[0].batch
+        index, note = _image_index(image_index, len(first.images))
+        notes = ([note] if note else []) + first.warnings + notes
+        views = []
+        for number, run in enumerate(runs, start=1):
+            if run.merged is not None:
+                key = (run.entry.key, run.batch.digests, (TOKEN_MERGING, int(run.setting.amount)))
+                clock = (
+                    self._merging_clock(run.entry, run.batch, run.merged, int(run.setting.amount))
+                    if measure
+                    else self._timings.get(key)
+                )
+            else:
+                key = self._timing_key(run.entry, run.batch, run.spa)
+                clock = self._wall_clock(run.entry, run.batch, run.spa) if measure else self._timings.get(key)
+            views.append(self._column_view(number, run, layer, index, clock))
+        status = (
+            f"{len(first.images)} image(s): "
+            + ", ".join(f"{i}: {im.name}" for i, im in enumerate(first.images))
+            + f" · showing image {index}"
+            + (" · equal compute: every column at the first column's backbone MACs (±2%)" if equal_compute else "")
+        )
+        if notes:
+            status += "  \n⚠ " + "  \n⚠ ".join(notes)
+        summary = {
+            "images": [im.name for im in first.images],
+            "image_index": index,
+            "equal_compute": equal_compute,
+            "target_gmacs_per_image": None if target is None else round(target / 1e9, 4),
+            "device": str(self.device),
+            "columns": [{k: v for k, v in view.row.items() if k != "table"} for view in views],
+            "notes": notes,
+        }
+        return Comparison(status, views, [view.row["table"] for view in views], summary)
+
+    def default_tradeoff_methods(self, model: str) -> list[str]:
+        """The methods the trade-off sweeps unless asked otherwise: every method the model runs but the
+        score-less baselines (:data:`TRADEOFF_SKIPPED`)."""
+        return [m for m in available_methods(self.model(model).model) if m not in TRADEOFF_SKIPPED]
+
+    def tradeoff(
+        self,
+        paths: Sequence[str | Path] | None,
+        model: str,
+        methods: Sequence[str] | None = None,
+        points: int = 5,
+        base: Column | None = None,
+        progress: Progress | None = None,
+    ) -> TradeoffView:
+        """Output error vs backbone MACs on the user's images: ``points`` amounts of every method in
+        ``methods`` (None: :meth:`default_tradeoff_methods`), with ``base``'s policy, fusion and unkept
+        path; ``progress(fraction, text)`` after every run. Cached per model, images and request."""
+        entry = self.model(model)
+        available = available_methods(entry.model)
+        methods = list(methods) if methods else self.default_tradeoff_methods(model)
+        unknown = [m for m in methods if m not in available]
+        if unknown:
+            raise UserError(f"methods {unknown} do not run on {entry.key}; methods that do: {available}")
+        if not 2 <= int(points) <= 12:
+            raise UserError(f"the trade-off takes 2 to 12 points per method, got {points}")
+        batch = self._prepare(entry, paths)
+        base_setting = self._setting(entry, replace(base or Column(model), model=model, method=GATE_METHOD))
+        key = (entry.key, batch.digests, tuple(methods), int(points), base_setting)
+        cached = self._tradeoffs.get(key)
+        if cached is not None:
+            return cached
+        dense = self._dense_forward(entry, batch)
+        adapter = entry.adapter
+        measure_name = adapter.output_error(dense.output, dense.output, 0)[0]
+
+        def error(output: Any) -> float:
+            output = _to_cpu(output)
+            return float(np.mean([adapter.output_error(output, dense.output, i)[1] for i in range(len(batch.images))]))
+
+        started = time.perf_counter()
+        with entry.lock:
+            curve = tradeoff_sweep(
+                entry.model, batch.inputs.to(self.device), methods, error, int(points), base_setting, progress
+            )
+        seconds = time.perf_counter() - started
+        dense_macs = curve[0].dense_macs if curve else None
+        by_method = {m: [p for p in curve if p.setting.method == m] for m in methods}
+        figure = inspection.tradeoff_figure(by_method, measure_name, dense_macs)
+        info = {
+            "model": entry.key,
+            "images": [im.name for im in batch.images],
+            "error_measure": measure_name,
+            "dense_gmacs_per_image": None if dense_macs is None else round(dense_macs / 1e9, 4),
+            "seconds": round(seconds, 2),
+            "points": [
+                {
+                    "method": p.setting.method,
+                    "amount": round(p.setting.amount, 4),
+                    "setting": p.setting.label(),
+                    "gmacs_per_image": round(p.macs / 1e9, 4),
+                    "error": round(p.error, 5),
+                    "tokens_kept": round(p.kept, 4),
+                }
+                for p in curve
+            ],
+        }
+        return self._tradeoffs.put(key, TradeoffView(figure, info))
+
+    # ---------------------------------------------------------------------------------- token
+
+    def token_at(
+        self, paths: Sequence[str | Path] | None, model: str, spa: SPASettings, layer: int | None, x: float, y: float
+    ) -> tuple[int, int] | None:
+        """The (row, column) of the token under pixel (``x``, ``y``) of the gate or kept panel of
+        ``layer`` (their pictures sit below a title bar), or None outside the picture."""
+        run = self._run(paths, model, spa, layer, 0)
+        size = self.settings.display_size
+        return inspection.token_at(x, y, (size, size), run.record.grid, inspection.title_height(size))
+
+    def _block_inputs_of(self, entry: LoadedModel, batch: _Prepared, spa: SPASettings) -> tuple[Trace, BlockInputs]:
+        """Every SPA block's input in one SPA and one dense run (cached per model, images and settings)."""
+        key = (entry.key, batch.digests, spa.key())
+        cached = self._block_inputs.get(key)
+        if cached is not None:
+            return cached
+        with entry.lock:
+            self._apply(entry, spa)
+            _, record, inputs = record_block_inputs(entry.model, batch.inputs.to(self.device))
+            self.forward_count += 2
+        return self._block_inputs.put(key, (record, inputs))
+
+    def token(
+        self,
+        paths: Sequence[str | Path] | None,
+        model: str,
+        spa: SPASettings,
+        layer: int | None,
+        image_index: int,
+        row: int,
+        column: int,
+    ) -> TokenView:
+        """One token of one image at one SPA layer (the nearest to ``layer``): per head, its attention over
+        the tokens it could see in its packed run beside the dense twin's, its gate score, whether fusion
+        decided, its packed row and slot. The first click on a batch and settings records every SPA
+        block's input (one SPA and one dense forward); later clicks read that cache."""
+        started = time.perf_counter()
+        entry, spa = self._settle(model, spa)
+        batch = self._prepare(entry, paths)
+        index, note = _image_index(image_index, len(batch.images))
+        record, inputs = self._block_inputs_of(entry, batch, spa)
+        decision = self._pick_layer(record, layer)
+        with entry.lock:
+            self._apply(entry, spa)
+            try:
+                view = inspect_token(entry.model, record, inputs, decision.layer, index, int(row), int(column))
+            except ValueError as err:
+                raise UserError(str(err)) from err
+        picture = inspection.token_attention_panel(batch.displays[index], view, decision)
+        info = {
+            "model": entry.key,
+            "settings": asdict(spa),
+            "image": batch.images[index].name,
+            **view.summary(),
+            "tau": decision.tau,
+            "score_source": panels.score_source(decision, index),
+            "seconds": round(time.perf_counter() - started, 4),
+            "notes": [note] if note else [],
+        }
+        return TokenView(picture, info)
+
+    def column_token(
+        self,
+        paths: Sequence[str | Path] | None,
+        column: Column,
+        layer: int | None,
+        image_index: int,
+        x: float,
+        y: float,
+    ) -> TokenView:
+        """A click at pixel (``x``, ``y``) of a comparison column's token picture: for a gate or selector
+        the token's attention (:meth:`token`), for ToMe the patches merged into the same token."""
+        entry = self.model(column.model)
+        setting = self._setting(entry, column)
+        batch = self._prepare(entry, paths)
+        index, _ = _image_index(image_index, len(batch.images))
+        size = self.settings.display_size
+        top = inspection.title_height(size)
+        if setting.method != TOKEN_MERGING:
+            spa = self._spa_of(entry, setting)
+            record = self._pick_layer(self._spa_forward(entry, batch, spa).trace, layer)
+            position = inspection.token_at(x, y, (size, size), record.grid, top)
+            if position is None:
+                raise UserError("click on the picture of the tokens, below its title")
+            return self.token(paths, entry.key, spa, record.layer, index, *position)
+        merged = self._merging(entry, batch, setting)
+        groups = merged.groups[index]
+        position = inspection.token_at(x, y, (size, size), tuple(groups.shape), top)
+        if position is None:
+            raise UserError("click on the picture of the tokens, below its title")
+        members = (groups == groups[position]).nonzero().tolist()
+        picture = inspection.merge_groups_panel(
+            batch.displays[index], groups, f"ToMe · r = {int(setting.amount)} per layer", highlight=position
+        )
+        info = {
+            "model": entry.key,
+            "method": TOKEN_MERGING,
+            "r": int(setting.amount),
+            "image": batch.images[index].name,
+            "row": position[0],
+            "column": position[1],
+            "merged_patches": len(members),
+            "patches": [list(member) for member in members],
+        }
+        return TokenView(picture, info)
 
     # -------------------------------------------------------------------------------- report
 

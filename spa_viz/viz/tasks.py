@@ -79,6 +79,15 @@ class TaskAdapter:
         """(name, value) of how far image ``index``'s SPA output is from its dense twin's, if this task has one."""
         return None
 
+    def output_error(self, output: Any, dense_output: Any, index: int) -> tuple[str, float]:
+        """(name, value) of how far image ``index``'s output is from the dense twin's, 0 = the same and
+        larger = further (what the comparison table and the trade-off plot show): :meth:`output_gap`
+        where it is an error; subclasses whose gap is an agreement, or that have none, say their own."""
+        gap = self.output_gap(output, dense_output, index)
+        if gap is None:
+            raise NotImplementedError(f"{type(self).__name__} has no output error vs the dense twin")
+        return gap
+
     def map_boxes(self, image_size: tuple[int, int], boxes: np.ndarray) -> Tensor | None:
         """xyxy boxes in an image's own pixels (``image_size`` = (H, W)) in the model's input pixels, for
         tasks that draw boxes (None: this task draws none)."""
@@ -199,6 +208,11 @@ class DetectionTask(TaskAdapter):
                 free.remove(max(candidates, key=lambda j: float(overlap[i, j])))
                 matched += 1
         return DETECTION_AGREEMENT, matched / larger
+
+    def output_error(self, output: Any, dense_output: Any, index: int) -> tuple[str, float]:
+        """1 - the share of detections agreeing with the dense twin's (:meth:`output_gap`)."""
+        _, agreement = self.output_gap(output, dense_output, index)
+        return "1 - share of detections agreeing with the dense twin's", 1.0 - agreement
 
     def output_map(self, output: dict[str, Tensor], index: int) -> Tensor:
         return torch.sigmoid(output["heatmap"][index].float()).amax(0).cpu()
@@ -359,6 +373,11 @@ class ClassificationTask(TaskAdapter):
         top = self._top(output, index, 3)
         lines = " · ".join(f"{n} {p:.0%}" for n, p in top[1:])
         return overlays.add_title(display, f"Top-1: {top[0][0]} ({top[0][1]:.0%})", lines or None)
+
+    def output_error(self, output: Tensor, dense_output: Tensor, index: int) -> tuple[str, float]:
+        """Total variation distance between the class probabilities of SPA and the dense twin (0 to 1)."""
+        spa, dense = output[index].float().softmax(-1), dense_output[index].float().softmax(-1)
+        return "class-probability distance vs the dense twin (total variation)", float((spa - dense).abs().sum() / 2)
 
     def target(self, output: Tensor, index: int) -> tuple[Target, str]:
         label = int(output[index].argmax())
