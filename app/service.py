@@ -1110,6 +1110,7 @@ class AnalysisService:
             "method": run.setting.method,
             "amount": round(run.setting.amount, 4),
             "setting": run.setting.label(),
+            "run_as": asdict(run.setting),
             "layer": None if record is None else record.layer,
             "gmacs_per_image": round(run.macs / 1e9, 4),
             "dense_gmacs_per_image": round(run.dense_macs / 1e9, 4),

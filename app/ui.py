@@ -7,6 +7,9 @@ Public API endpoints (``gradio_client``; see app/README.md):
 * ``/timing``: the cost text and summary with the wall-clock measured (the page calls it right after
   showing the views, so they never wait for the measurement);
 * ``/attribute``: a per-token attribution map of one image;
+* ``/token``: one token's attention per head (packed vs the dense twin), gate score, packed row and slot
+  (:mod:`app.token_view`; the page answers a click on the gate or kept panel);
+* ``/compare`` and ``/tradeoff``: the Compare tab (:mod:`app.compare_tab`);
 * ``/report``: a zip of PNG panels, plotly figures and the trace summary;
 * ``/load_model``: load a model by name, checkpoint folder or timm name and describe it;
 * ``/models``: the model sources and selectors this app offers.
@@ -33,11 +36,13 @@ from spa_viz.analysis.attribution import METHODS
 from spa_viz.layers.gate import FUSION_MODES
 from spa_viz.layers.packing import POLICIES
 
+from .compare_tab import build_compare_tab
 from .examples import Examples
 from .files import BoundedFolder
 from .models import LEARNED_GATE, LoadedModel, selector_names
 from .models import selector_amount as amount_of
 from .service import SAVED_FUSION, UNKEPT_HELP, AnalysisService, SPASettings, UserError
+from .token_view import build_token_view
 
 __all__ = ["CSS", "THEME", "build_ui"]
 
@@ -411,122 +416,144 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
 
     with gr.Blocks(title="SPA microscope", delete_cache=(settings.cache_check_s, settings.cache_age_s)) as demo:
         gr.Markdown(INTRO)
-        with gr.Row(equal_height=False):
-            with gr.Column(scale=1, min_width=340):
-                files = _image_files(
-                    gr.File(
-                        value=photo_paths[:1] or None,
-                        file_count="multiple",
-                        type="filepath",
-                        label="Images (several = one batch)",
-                        height=160,
-                    )
-                )
-                if examples:
-                    gr.Examples(
-                        examples=[[[p]] for p in photo_paths]
-                        + [[digit_paths], [[photo_paths[0], photo_paths[2], digit_paths[0]]]],
-                        inputs=[files],
-                        example_labels=[Path(p).stem for p in photo_paths] + ["digits batch (boxes)", "mixed batch"],
-                        label="Examples (photos from skimage/sklearn/matplotlib/gradio; cluttered digits with boxes)",
-                        examples_per_page=12,
-                    )
-                model = gr.Dropdown(choices=registry.choices(), value=default, label="Model", allow_custom_value=True)
-                with gr.Row():
-                    source = gr.Textbox(
-                        label="…or a checkpoint folder / timm ViT name",
-                        placeholder="checkpoints/my-run or vit_tiny_patch16_224",
-                        scale=3,
-                    )
-                    load_button = gr.Button("Load", scale=1)
-                # every selector is a valid API value (a request for another model gets the app's own
-                # message when that model cannot run it); the page lists what the shown model can run
-                selector = gr.Dropdown(
-                    choices=selector_names(), value=first_selector, label="Token selector", elem_id="selector"
-                )
-                learned = first_selector == LEARNED_GATE
-                amount = gr.Slider(
-                    0.05,
-                    1.0,
-                    value=first_amount.default if first_amount else 0.5,
-                    step=0.05,
-                    visible=not learned,
-                    label=first_amount.label if first_amount else "Amount to keep",
-                )
-                threshold = gr.Slider(
-                    0.0,
-                    1.0,
-                    value=default_entry.saved_threshold,  # the operating threshold saved with the model
-                    step=0.01,
-                    label="Gate threshold (learned gate): keep where sigmoid(s / tau) > threshold",
-                    elem_id="threshold",
-                    interactive=learned,
-                )
-                fusion = gr.Radio(
-                    [SAVED_FUSION, *FUSION_MODES],
-                    value=SAVED_FUSION,
-                    label=fusion_label(default_entry),
-                    info=FUSION_HELP,
-                    elem_id="fusion",
-                    interactive=learned,
-                )
-                unkept = gr.Radio(
-                    [SAVED_FUSION, *UNKEPT_CHOICES],
-                    value=SAVED_FUSION,
-                    label=unkept_label(default_entry),
-                    info=UNKEPT_TEXT,
-                    elem_id="unkept",
-                )
-                policy = gr.Radio(
-                    list(POLICIES),
-                    value="image",
-                    label="Packing policy (container = the paper's, image = exact per image)",
-                )
-                container_len = gr.Slider(8, 256, value=49, step=1, label="Container length L (container policy)")
-                # the API accepts any layer of any model (the nearest SPA layer is shown); the page narrows
-                # the slider to the loaded model's SPA layers on load and on every model change
-                layer = gr.Slider(0, MAX_LAYER, value=layers[0], step=1, label="SPA layer")
-                image_index = gr.Slider(0, settings.max_batch - 1, value=0, step=1, label="Image of the batch (index)")
-            with gr.Column(scale=3):
-                # status and cost first: where the eye starts on the page
-                status = gr.Markdown(
-                    "  \n".join([default_entry.badge, *problems]), elem_id="status-box", label="Status"
-                )
-                stats = gr.Markdown(elem_id="stats", label="Cost")
-                with gr.Accordion("What the numbers mean", open=False):
-                    gr.Markdown(GLOSSARY)
-                with gr.Row():
-                    gate = _output_image("Gate scores", "gate-image")
-                    kept = _output_image("Kept tokens", "kept-image")
-                    labels = _output_image("Selection labels", "labels-image")
-                labels_text = gr.Markdown(label="Selection label metrics")
-                strip = _output_image("All SPA layers", "strip-image")
-                age = _output_image("Token age and |SPA - dense| of the output", "age-image")
-                layout = gr.Plot(label="Packed batch layout")
-                with gr.Row():
-                    macs = gr.Plot(label="MACs per layer")
-                    histogram = gr.Plot(label="Kept tokens per image")
-                with gr.Row():
-                    predictions = _output_image("Predictions")
-                    gallery = gr.Gallery(
-                        label="The batch as the model sees it", columns=4, height=300, object_fit="contain"
-                    )
-                with gr.Accordion("Attribution: which tokens the output depends on", open=False):
-                    with gr.Row():
-                        method = gr.Radio(
-                            default_entry.methods,
-                            value=preferred_method(default_entry),
-                            label="Method (those that run on the loaded model)",
-                            elem_id="method",
+        with gr.Tabs():
+            with gr.Tab("Analyze", id="analyze"), gr.Row(equal_height=False):
+                with gr.Column(scale=1, min_width=340):
+                    files = _image_files(
+                        gr.File(
+                            value=photo_paths[:1] or None,
+                            file_count="multiple",
+                            type="filepath",
+                            label="Images (several = one batch)",
+                            height=160,
                         )
-                        attribute_button = gr.Button("Compute attribution", variant="primary")
-                    attribution_image = _output_image("Attribution")
-                    attribution_text = gr.Markdown(label="Attribution details")
-                with gr.Accordion("Report and raw numbers", open=False):
-                    report_button = gr.Button("Build report (zip: PNG panels + figures + JSON)")
-                    report_file = gr.File(label="Report")
-                    summary = gr.JSON(label="Trace summary")
-                api_analyze = gr.Button(visible=False)  # the /analyze endpoint (views and wall-clock in one answer)
+                    )
+                    if examples:
+                        gr.Examples(
+                            examples=[[[p]] for p in photo_paths]
+                            + [[digit_paths], [[photo_paths[0], photo_paths[2], digit_paths[0]]]],
+                            inputs=[files],
+                            example_labels=[Path(p).stem for p in photo_paths]
+                            + ["digits batch (boxes)", "mixed batch"],
+                            label="Examples (photos from skimage/sklearn/matplotlib/gradio; cluttered digits with boxes)",
+                            examples_per_page=12,
+                        )
+                    model = gr.Dropdown(
+                        choices=registry.choices(), value=default, label="Model", allow_custom_value=True
+                    )
+                    with gr.Row():
+                        source = gr.Textbox(
+                            label="…or a checkpoint folder / timm ViT name",
+                            placeholder="checkpoints/my-run or vit_tiny_patch16_224",
+                            scale=3,
+                        )
+                        load_button = gr.Button("Load", scale=1)
+                    # every selector is a valid API value (a request for another model gets the app's own
+                    # message when that model cannot run it); the page lists what the shown model can run
+                    selector = gr.Dropdown(
+                        choices=selector_names(), value=first_selector, label="Token selector", elem_id="selector"
+                    )
+                    learned = first_selector == LEARNED_GATE
+                    amount = gr.Slider(
+                        0.05,
+                        1.0,
+                        value=first_amount.default if first_amount else 0.5,
+                        step=0.05,
+                        visible=not learned,
+                        label=first_amount.label if first_amount else "Amount to keep",
+                    )
+                    threshold = gr.Slider(
+                        0.0,
+                        1.0,
+                        value=default_entry.saved_threshold,  # the operating threshold saved with the model
+                        step=0.01,
+                        label="Gate threshold (learned gate): keep where sigmoid(s / tau) > threshold",
+                        elem_id="threshold",
+                        interactive=learned,
+                    )
+                    fusion = gr.Radio(
+                        [SAVED_FUSION, *FUSION_MODES],
+                        value=SAVED_FUSION,
+                        label=fusion_label(default_entry),
+                        info=FUSION_HELP,
+                        elem_id="fusion",
+                        interactive=learned,
+                    )
+                    unkept = gr.Radio(
+                        [SAVED_FUSION, *UNKEPT_CHOICES],
+                        value=SAVED_FUSION,
+                        label=unkept_label(default_entry),
+                        info=UNKEPT_TEXT,
+                        elem_id="unkept",
+                    )
+                    policy = gr.Radio(
+                        list(POLICIES),
+                        value="image",
+                        label="Packing policy (container = the paper's, image = exact per image)",
+                    )
+                    container_len = gr.Slider(8, 256, value=49, step=1, label="Container length L (container policy)")
+                    # the API accepts any layer of any model (the nearest SPA layer is shown); the page narrows
+                    # the slider to the loaded model's SPA layers on load and on every model change
+                    layer = gr.Slider(0, MAX_LAYER, value=layers[0], step=1, label="SPA layer")
+                    image_index = gr.Slider(
+                        0, settings.max_batch - 1, value=0, step=1, label="Image of the batch (index)"
+                    )
+                with gr.Column(scale=3):
+                    # status and cost first: where the eye starts on the page
+                    status = gr.Markdown(
+                        "  \n".join([default_entry.badge, *problems]), elem_id="status-box", label="Status"
+                    )
+                    stats = gr.Markdown(elem_id="stats", label="Cost")
+                    with gr.Accordion("What the numbers mean", open=False):
+                        gr.Markdown(GLOSSARY)
+                    with gr.Row():
+                        gate = _output_image("Gate scores", "gate-image")
+                        kept = _output_image("Kept tokens", "kept-image")
+                        labels = _output_image("Selection labels", "labels-image")
+                    labels_text = gr.Markdown(label="Selection label metrics")
+                    with gr.Accordion("Token: click one on the gate or kept panel", open=True):
+                        build_token_view(
+                            service,
+                            [files, model, selector, amount, threshold, policy, container_len],
+                            layer,
+                            image_index,
+                            fusion,
+                            unkept,
+                            [gate, kept],
+                            spa_settings,
+                            default,
+                            png,
+                            _guard,
+                        )
+                    strip = _output_image("All SPA layers", "strip-image")
+                    age = _output_image("Token age and |SPA - dense| of the output", "age-image")
+                    layout = gr.Plot(label="Packed batch layout")
+                    with gr.Row():
+                        macs = gr.Plot(label="MACs per layer")
+                        histogram = gr.Plot(label="Kept tokens per image")
+                    with gr.Row():
+                        predictions = _output_image("Predictions")
+                        gallery = gr.Gallery(
+                            label="The batch as the model sees it", columns=4, height=300, object_fit="contain"
+                        )
+                    with gr.Accordion("Attribution: which tokens the output depends on", open=False):
+                        with gr.Row():
+                            method = gr.Radio(
+                                default_entry.methods,
+                                value=preferred_method(default_entry),
+                                label="Method (those that run on the loaded model)",
+                                elem_id="method",
+                            )
+                            attribute_button = gr.Button("Compute attribution", variant="primary")
+                        attribution_image = _output_image("Attribution")
+                        attribution_text = gr.Markdown(label="Attribution details")
+                    with gr.Accordion("Report and raw numbers", open=False):
+                        report_button = gr.Button("Build report (zip: PNG panels + figures + JSON)")
+                        report_file = gr.File(label="Report")
+                        summary = gr.JSON(label="Trace summary")
+                    api_analyze = gr.Button(visible=False)  # the /analyze endpoint (views and wall-clock in one answer)
+            with gr.Tab("Compare", id="compare"):
+                build_compare_tab(service, files, default_entry, png, _guard)
 
         settings_inputs = [files, model, selector, amount, threshold, policy, container_len]
         view_inputs = [*settings_inputs, layer, image_index, fusion, unkept]
