@@ -37,6 +37,8 @@ from spa_viz.layers.gate import FUSION_MODES
 from spa_viz.layers.packing import POLICIES
 
 from .compare_tab import build_compare_tab
+from .dataset_service import DatasetService
+from .dataset_tab import AnalyzeTargets, build_dataset_tab
 from .examples import Examples
 from .files import BoundedFolder
 from .models import LEARNED_GATE, LoadedModel, selector_names
@@ -416,7 +418,7 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
 
     with gr.Blocks(title="SPA microscope", delete_cache=(settings.cache_check_s, settings.cache_age_s)) as demo:
         gr.Markdown(INTRO)
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
             with gr.Tab("Analyze", id="analyze"), gr.Row(equal_height=False):
                 with gr.Column(scale=1, min_width=340):
                     files = _image_files(
@@ -554,6 +556,9 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
                     api_analyze = gr.Button(visible=False)  # the /analyze endpoint (views and wall-clock in one answer)
             with gr.Tab("Compare", id="compare"):
                 build_compare_tab(service, files, default_entry, png, _guard)
+            with gr.Tab("Dataset", id="dataset"):
+                targets = AnalyzeTargets(tabs, files, model, selector, threshold)
+                build_dataset_tab(DatasetService(service), default_entry, _guard, targets)
 
         settings_inputs = [files, model, selector, amount, threshold, policy, container_len]
         view_inputs = [*settings_inputs, layer, image_index, fusion, unkept]
