@@ -480,7 +480,7 @@ class DatasetService:
 
     def _layer(self, run: _Run, layer: int | None) -> int:
         layers = run.entry.spa_layers
-        return layers[0] if layer is None else min(layers, key=lambda candidate: abs(candidate - int(layer)))
+        return layers[0] if layer is None else min(layers, key=lambda candidate: abs(candidate - float(layer)))
 
     def _partial(self, run: _Run, expected: int) -> DatasetView:
         layer = self._layer(run, run.request.layer)

@@ -41,6 +41,8 @@ from .dataset_service import DatasetService
 from .dataset_tab import AnalyzeTargets, build_dataset_tab
 from .examples import Examples
 from .files import BoundedFolder
+from .live_service import LiveService
+from .live_tab import build_live_tab
 from .models import LEARNED_GATE, LoadedModel, selector_names
 from .models import selector_amount as amount_of
 from .service import SAVED_FUSION, UNKEPT_HELP, AnalysisService, SPASettings, UserError
@@ -559,6 +561,8 @@ def build_ui(service: AnalysisService, examples: Examples | None) -> gr.Blocks:
             with gr.Tab("Dataset", id="dataset"):
                 targets = AnalyzeTargets(tabs, files, model, selector, threshold)
                 build_dataset_tab(DatasetService(service), default_entry, _guard, targets)
+            with gr.Tab("Live", id="live"):
+                build_live_tab(LiveService(service), default_entry, _guard)
 
         settings_inputs = [files, model, selector, amount, threshold, policy, container_len]
         view_inputs = [*settings_inputs, layer, image_index, fusion, unkept]
