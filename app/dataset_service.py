@@ -684,7 +684,8 @@ class DatasetService:
 
     def _gallery(self, run: _Run, kind: str) -> list[tuple[str, str]]:
         ranked = run.summary.worst.get(kind, []) if run.summary else []
-        return [(self._thumbnail(run, r.index), f"#{r.index} {r.name}: {kind} {r.value:.2f}") for r in ranked]
+        label = {"output_error": "error"}.get(kind, kind)
+        return [(self._thumbnail(run, r.index), f"#{r.index} {label} {r.value:.2f} · {r.name}") for r in ranked]
 
     def worst_index(self, run_id: str, kind: str, position: int) -> int:
         """The source index of entry ``position`` of the run's worst-k list ``kind``."""

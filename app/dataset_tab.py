@@ -169,7 +169,7 @@ def build_dataset_tab(
     with gr.Row():
         open_index = gr.Number(value=0, precision=0, label="Image number (hover a dot)", elem_id="dataset-open-index")
         open_button = gr.Button("Open image in the Analyze tab", elem_id="dataset-open")
-        opened = gr.File(label="Opened image", elem_id="dataset-opened")
+        opened = gr.File(label="Opened image", height=90, elem_id="dataset-opened")
     galleries = {
         kind: gr.Gallery(
             label=_GALLERY_TITLES[kind],

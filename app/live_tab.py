@@ -59,14 +59,16 @@ def build_live_tab(
         model = gr.Dropdown(choices=choices, value=default, label="Model", allow_custom_value=True)
         layer = gr.Dropdown(layers, value=layers[-1], label="SPA layer shown", elem_id="live-layer")
         dense = gr.Checkbox(value=False, label="Dense twin (every token; compare the fps)", elem_id="live-dense")
-        smoothing = gr.Slider(
-            0.0, 0.95, value=0.0, step=0.05, label="Temporal smoothing of the drawn mask", info=SMOOTHING_HELP
-        )
+        smoothing = gr.Slider(0.0, 0.95, value=0.0, step=0.05, label="Temporal smoothing of the drawn mask")
+    with gr.Accordion("What smoothing changes", open=False):
+        gr.Markdown(SMOOTHING_HELP)
     with gr.Row(equal_height=False):
         with gr.Column(scale=1):
             webcam = gr.Image(sources=["webcam"], streaming=True, type="numpy", label="Webcam", elem_id="live-webcam")
         with gr.Column(scale=2):
-            shown = gr.Image(type="numpy", interactive=False, label="Kept tokens and output", elem_id="live-output")
+            shown = gr.Image(
+                type="numpy", interactive=False, show_label=False, label="Kept tokens and output", elem_id="live-output"
+            )
             figures = gr.Markdown(elem_id="live-figures")
     with gr.Accordion("A video file", open=True), gr.Row(equal_height=False):
         with gr.Column(scale=1):
