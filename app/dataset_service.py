@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import re
 import shutil
 import stat
 import threading
+import time
 import uuid
 import zipfile
 from collections import OrderedDict
@@ -53,7 +55,7 @@ from spa_viz.io.timer import time_paired
 from spa_viz.models.twin import dense_twin
 from spa_viz.selection.selectors import remove_selector
 
-from .files import BoundedFolder
+from .files import BoundedFolder, gradio_cache_dir, sweep_upload_leftovers
 from .models import LoadedModel
 from .service import AnalysisService, UserError, WallClock
 
@@ -65,6 +67,7 @@ __all__ = [
     "DatasetRequest",
     "DatasetService",
     "DatasetView",
+    "UploadSweeper",
     "apply_gate",
     "extract_images",
 ]
@@ -176,6 +179,24 @@ def apply_gate(entry: LoadedModel, threshold: float) -> None:
         raise UserError(f"invalid SPA setting: {err}") from err
 
 
+class UploadSweeper:
+    """At most every ``check_s``: remove gradio's empty upload leftovers older than ``age_s`` (gradio 6.31
+    leaves an empty ``tmp*`` file in its cache for every upload; see :func:`app.files.sweep_upload_leftovers`)."""
+
+    def __init__(self, check_s: float, age_s: float) -> None:
+        self.check_s, self.age_s = check_s, age_s
+        self._last = -math.inf
+        self._lock = threading.Lock()
+
+    def __call__(self) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._last < self.check_s:
+                return
+            self._last = now
+        sweep_upload_leftovers(gradio_cache_dir(), self.age_s)
+
+
 def _safe_name(name: str) -> str:
     """The last part of an archive member's name, reduced to safe characters (never a path)."""
     base = re.sub(r"[^A-Za-z0-9._-]+", "_", name.replace("\\", "/").rsplit("/", 1)[-1]).strip("._")
@@ -249,6 +270,7 @@ class DatasetService:
         self.outputs = BoundedFolder(root / "dataset_runs", self.limits.runs)
         self.opened = BoundedFolder(root / "dataset_opened", 16)
         settings = analysis.settings
+        self.sweep_uploads = UploadSweeper(settings.cache_check_s, settings.cache_age_s)
         self.allowed = tuple(p.resolve() for p in (*settings.allow_dirs, settings.examples_dir))
         self._runs: OrderedDict[str, _Run] = OrderedDict()
         self._cancel: dict[str, threading.Event] = {}
@@ -370,6 +392,7 @@ class DatasetService:
         """Analyse the request's source batch by batch, yielding the partial view after each batch and the
         finished one (summary, wall-clock, sweep, worst images, exports) last. :meth:`cancel` with the same
         ``session`` stops it before the next batch; what was analysed is then summarised and exported."""
+        self.sweep_uploads()
         request = self._validate(request)
         entry = self.analysis.model(request.model)
         if not entry.spa_layers:

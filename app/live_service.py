@@ -23,7 +23,7 @@ import numpy as np
 
 from spa_viz.analysis.live import FrameAnalyser, FrameResult, VideoError, VideoReport, annotate_video
 
-from .dataset_service import apply_gate
+from .dataset_service import UploadSweeper, apply_gate
 from .files import BoundedFolder
 from .models import LoadedModel
 from .service import AnalysisService, UserError
@@ -124,6 +124,7 @@ class LiveService:
         self.analysis = analysis
         self.limits = limits or LiveLimits()
         self.videos = BoundedFolder(analysis.files.root / "live_videos", self.limits.videos)
+        self.sweep_uploads = UploadSweeper(analysis.settings.cache_check_s, analysis.settings.cache_age_s)
         self._streams: OrderedDict[str, _Stream] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -184,6 +185,7 @@ class LiveService:
     ) -> VideoResult:
         """Analyse an uploaded video frame by frame (at most ``max_frames``, the limit by default) into an
         annotated mp4, its webm copy and a per-frame CSV in the bounded video folder."""
+        self.sweep_uploads()
         if not path:
             raise UserError("upload a video (mp4 or webm)")
         path = Path(path)

@@ -9,13 +9,14 @@ import io
 import json
 import stat
 import threading
+import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from gradio_client import Client
+from gradio_client import Client, handle_file
 from PIL import Image
 
 import spa_viz
@@ -257,3 +258,38 @@ def test_a_run_and_a_cancel_from_two_threads(datasets: DatasetService) -> None:
     datasets.cancel("t")
     thread.join(120)
     assert results[-1].done and results[-1].images < 40
+
+
+def test_dataset_and_live_files_stay_bounded_through_the_api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Like tests/app/test_disk.py: many zip runs and videos over HTTP keep the app's folders under their caps,
+    gradio's cache (the uploads) is swept, and everything is removed when the app stops."""
+    from app.dataset_service import DatasetLimits
+    from app.live_service import LiveLimits
+    from tests.app.conftest import serve
+    from tests.app.test_disk import swept_files
+    from tests.app.test_live_tab import _video
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio-cache"))
+    with serve(TINY, cache_check_s=1, cache_age_s=2) as app:
+        client = Client(app.url, verbose=False, download_files=str(tmp_path / "downloads"))
+        root = app.service.files.root
+        for i in range(DatasetLimits().runs + 2):
+            archive = _zip(tmp_path / f"set{i}.zip", {f"im{k}.png": _png((20 * i, 30 * k, 99)) for k in range(2)})
+            answer = client.predict(
+                source=SOURCE_ZIP, archive=handle_file(str(archive)), model=TINY, sweep=False, api_name="/dataset"
+            )
+            assert "2 images" in answer[1]
+        for i in range(LiveLimits().videos + 1):
+            clip = _video(tmp_path / f"clip{i}.mp4", 3)
+            client.predict(video=handle_file(str(clip)), model=TINY, max_frames=2, api_name="/live_video")
+        assert len(list((root / "dataset_uploads").iterdir())) == DatasetLimits().uploads
+        assert len(list((root / "dataset_runs").iterdir())) == DatasetLimits().runs
+        assert len(list((root / "live_videos").iterdir())) == LiveLimits().videos
+        cache = tmp_path / "gradio-cache"
+        deadline = time.monotonic() + 20
+        while [p for p in swept_files(app.demo, cache) if p.stat().st_size] and time.monotonic() < deadline:
+            time.sleep(0.5)
+        left = swept_files(app.demo, cache)
+        assert all(p.stat().st_size == 0 for p in left), "gradio's sweep removes the uploaded zips and videos"
+        assert len(left) <= 2, f"the empty upload leftovers are removed as requests come, but the last: {left}"
+    assert not root.exists(), "the app's folder goes when it stops"
