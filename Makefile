@@ -36,7 +36,7 @@ test-slow: $(STAMP)
 
 # refresh docs/screenshots/*.png from the browser test (make test never writes into the tree)
 screenshots: $(STAMP)
-	SPA_VIZ_SCREENSHOTS=1 $(PY) -m pytest -q -p no:xdist tests/app/test_browser.py
+	SPA_VIZ_SCREENSHOTS=1 $(PY) -m pytest -q -p no:xdist tests/app/test_browser.py tests/app/test_browser_scale.py
 
 # timm's own tests/test_models.py on the spa_vit_*/spt_* presets; fetches the timm sdist once into .cache/
 test-timm: $(STAMP)
