@@ -18,7 +18,7 @@ from spa_viz.layers.gate import FUSION_MODES
 from spa_viz.layers.packing import POLICIES
 from spa_viz.selection.selectors import SELECTORS
 
-from .models import LoadedModel
+from .models import LoadedModel, selector_amount
 from .service import (
     COMPARE_HEADERS,
     MAX_COLUMNS,
@@ -40,7 +40,7 @@ INTRO = (
     "training-free selector keeping an amount, or token merging (ToMe, r tokens merged per SPA layer). "
     "**Equal compute** moves every later column's amount until its backbone MACs match the first column's "
     "(within 2%). Click a token on a column's top picture to see what it attended to (for ToMe: the patches "
-    "merged into it). Amount: the gate's threshold, the selector's ratio or p, or ToMe's r; empty = the default."
+    "merged into it). Amount: the gate's threshold, the selector's ratio or p, or ToMe's r."
 )
 
 
@@ -52,10 +52,20 @@ def _default_methods(entry: LoadedModel) -> list[str]:
     return (preferred + spare + [LEARNED_GATE] * MAX_COLUMNS)[:MAX_COLUMNS]
 
 
+def default_amount(method: str, entry: LoadedModel) -> float:
+    """The amount a column opens on for ``method``: the model's saved threshold, the selector's default
+    ratio or p, or 8 tokens merged per SPA layer."""
+    if method == LEARNED_GATE:
+        return entry.saved_threshold
+    if method == TOKEN_MERGING:
+        return 8.0
+    return selector_amount(method).default
+
+
 class _ColumnControls:
     """One column's controls (model, method, amount, packing, fusion, unkept) and its outputs."""
 
-    def __init__(self, number: int, choices: list[str], model: str, method: str, enabled: bool) -> None:
+    def __init__(self, number: int, choices: list[str], model: str, method: str, amount: float, enabled: bool) -> None:
         with gr.Column(min_width=260):
             self.enabled = gr.Checkbox(
                 value=enabled,
@@ -65,7 +75,9 @@ class _ColumnControls:
             )
             self.model = gr.Dropdown(choices=choices, value=model, label="Model", allow_custom_value=True)
             self.method = gr.Dropdown(choices=METHODS, value=method, label="Method", elem_id=f"compare-method-{number}")
-            self.amount = gr.Number(value=None, label="Amount (empty = default)", elem_id=f"compare-amount-{number}")
+            self.amount = gr.Number(
+                value=amount, label="Amount (threshold, ratio / p, or r)", elem_id=f"compare-amount-{number}"
+            )
             with gr.Accordion("Packing, fusion, unkept", open=False):
                 self.policy = gr.Radio(list(POLICIES), value="image", label="Packing policy")
                 self.container_len = gr.Number(value=49, precision=0, label="Container length L")
@@ -149,7 +161,10 @@ def build_compare_tab(
     status = gr.Markdown(elem_id="compare-status")
     with gr.Row(equal_height=False):
         controls = [
-            _ColumnControls(number, choices, default, methods[number - 1], True) for number in range(1, MAX_COLUMNS + 1)
+            _ColumnControls(
+                number, choices, default, methods[number - 1], default_amount(methods[number - 1], default_entry), True
+            )
+            for number in range(1, MAX_COLUMNS + 1)
         ]
     table = gr.Dataframe(headers=COMPARE_HEADERS, label="Per column", interactive=False, elem_id="compare-table")
     with gr.Row():
@@ -280,6 +295,12 @@ def build_compare_tab(
     )
     api_compare.click(guard(compare), [files, columns_json, equal, layer, image_index], outputs, api_name="compare")
     for number, control in enumerate(controls, start=1):
+        control.method.change(
+            lambda method, model: default_amount(method, service.model(model or default)) if method else None,
+            [control.method, control.model],
+            [control.amount],
+            api_visibility="private",
+        )
         control.tokens.select(
             guard(click(number)),
             [files, layer, image_index, summary],

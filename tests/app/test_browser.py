@@ -10,6 +10,7 @@ there only by `make screenshots`).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import tempfile
@@ -25,6 +26,7 @@ from app.models import DEFAULT_CHECKPOINT
 from app.settings import REPO_ROOT, AppSettings
 from tests.app.conftest import TINY, default_checkpoint_available, serve
 
+_log = logging.getLogger(__name__)
 CHROMIUM = Path("/usr/bin/chromium")
 MEASURED = "dense twin and SPA alternating"
 """Only the measured wall-clock line says this (the "measuring ..." placeholder does not)."""
@@ -166,3 +168,150 @@ def test_digit_batch_shows_packing_across_images(tmp_path: Path) -> None:
         shot = (SCREENSHOTS if WRITE_DOCS else tmp_path) / "app-digits.png"
         page.screenshot(path=str(shot), full_page=True)
         _shrink(shot)
+
+
+def _center_click(locator: Any) -> None:
+    """Click the middle of an element (a panel's picture lies there, below its title)."""
+    box = locator.bounding_box()
+    locator.click(position={"x": box["width"] / 2, "y": box["height"] * 0.6})
+
+
+def test_clicking_a_token_on_the_kept_panel_shows_its_attention(tmp_path: Path) -> None:
+    """A click on the kept panel fills the token view with that token's attention and facts.
+
+    Takes docs/screenshots/token.png with ``make screenshots`` (the real-photo checkpoint).
+    """
+    from playwright.sync_api import expect
+
+    build_examples(AppSettings().examples_dir)
+    real = default_checkpoint_available()
+    with _app_page(DEFAULT_CHECKPOINT if real else TINY) as page:
+        expect(page.locator("#status-box")).to_contain_text("chelsea.jpg", timeout=TIMEOUT_MS)
+        kept = page.locator("#kept-image img")
+        expect(kept).to_be_visible(timeout=TIMEOUT_MS)
+        page.wait_for_load_state("networkidle")
+        _center_click(kept)
+        token = page.locator("#token-image img")
+        expect(token).to_be_visible(timeout=TIMEOUT_MS)
+        info = page.locator("#token-info")
+        expect(info).to_contain_text("packed_row", timeout=TIMEOUT_MS)
+        expect(info).to_contain_text("gate_logit")
+        row = page.locator("#token-row input").input_value()
+        assert int(row) > 0, "the middle of the picture is not the first token row"
+        first = token.get_attribute("src")
+        _center_click(page.locator("#gate-image img"))  # the gate panel answers clicks too, on the same token
+        expect(info).to_contain_text(f'"row": {row}', timeout=TIMEOUT_MS)
+        column = page.locator("#token-column input")
+        column.fill("0")
+        column.press("Tab")  # the number is committed when the field loses focus
+        page.locator("#token-button").click()
+        expect(token).not_to_have_attribute("src", first, timeout=TIMEOUT_MS)
+        expect(info).to_contain_text('"column": 0', timeout=TIMEOUT_MS)
+        page.wait_for_load_state("networkidle")
+        shot = SCREENSHOTS / "token.png" if real and WRITE_DOCS else tmp_path / "token.png"
+        shot.parent.mkdir(parents=True, exist_ok=True)
+        page.locator("#token-image").screenshot(path=str(shot))
+        _shrink(shot)
+
+
+def test_compare_tab_columns_tradeoff_and_clicked_tokens(tmp_path: Path) -> None:
+    """The Compare tab: four columns with pictures and a measured table, a clicked token in a gate column
+    and in the ToMe column, and the trade-off plot with a line per method.
+
+    Takes docs/screenshots/compare.png with ``make screenshots`` (the real-photo checkpoint).
+    """
+    from playwright.sync_api import expect
+
+    build_examples(AppSettings().examples_dir)
+    real = default_checkpoint_available()
+    with _app_page(DEFAULT_CHECKPOINT if real else TINY) as page:
+        expect(page.locator("#status-box")).to_contain_text("chelsea.jpg", timeout=TIMEOUT_MS)
+        page.get_by_role("tab", name="Compare").click()
+        page.locator("#compare-button").click()
+        for number in range(1, 5):
+            expect(page.locator(f"#compare-tokens-{number} img")).to_be_visible(timeout=TIMEOUT_MS)
+            expect(page.locator(f"#compare-difference-{number} img")).to_be_visible(timeout=TIMEOUT_MS)
+        table = page.locator("#compare-table")
+        expect(table).to_contain_text("token_merging", timeout=TIMEOUT_MS)
+        expect(table).to_contain_text("→", timeout=TIMEOUT_MS)  # the paired wall-clock, measured after the pictures
+        expect(table).not_to_contain_text("measuring", timeout=TIMEOUT_MS)
+        page.wait_for_timeout(1000)  # let the last pictures settle
+
+        _center_click(page.locator("#compare-tokens-1 img"))
+        token = page.locator("#compare-token-image img")
+        expect(token).to_be_visible(timeout=TIMEOUT_MS)
+        expect(page.get_by_text("packed_row").first).to_be_visible(timeout=TIMEOUT_MS)
+        first = token.get_attribute("src")
+        _center_click(page.locator("#compare-tokens-4 img"))  # the ToMe column: the patches merged together
+        expect(token).not_to_have_attribute("src", first, timeout=TIMEOUT_MS)
+        expect(page.get_by_text("merged_patches").first).to_be_visible(timeout=TIMEOUT_MS)
+
+        page.locator("#tradeoff-button").click()
+        lines = page.locator("#tradeoff-plot .scatterlayer .trace")
+        expect(lines).to_have_count(5, timeout=2 * TIMEOUT_MS)  # gate, cls_attention, feature_norm, ToMe + dense
+        page.wait_for_timeout(1000)  # let the last pictures settle
+        shot = SCREENSHOTS / "compare.png" if real and WRITE_DOCS else tmp_path / "compare.png"
+        shot.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(shot), full_page=True)
+        _shrink(shot)
+
+
+def _empty_temporary_files(cache: Path) -> int:
+    return sum(1 for p in cache.glob("tmp*") if p.is_file() and p.stat().st_size == 0)
+
+
+def test_browser_events_leave_a_bounded_number_of_empty_temporary_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Example clicks, slider moves and an upload in a real browser: the service sweeps gradio's empty
+    ``tmp*`` upload leftovers, so their count stays bounded however long the page is used."""
+    from playwright.sync_api import expect, sync_playwright
+
+    cache = tmp_path / "gradio-cache"
+    cache.mkdir()
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(cache))
+    examples = build_examples(AppSettings().examples_dir)
+    age_s = 4
+    with (
+        serve(TINY, cache_check_s=1, cache_age_s=age_s, timing_repeats=3) as app,
+        sync_playwright() as playwright,
+        tempfile.TemporaryDirectory() as profile,
+    ):
+        browser = playwright.chromium.launch_persistent_context(
+            profile, executable_path=str(CHROMIUM), headless=True, args=FLAGS, viewport={"width": 1600, "height": 1100}
+        )
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(app.url)
+            status = page.locator("#status-box")
+            layer = page.get_by_label("number input for SPA layer").first
+            expect(status).to_contain_text("chelsea.jpg", timeout=TIMEOUT_MS)
+            counts = []
+            for round_ in range(2):
+                for stem in ("coffee", "rocket", "chelsea"):
+                    page.get_by_text(stem, exact=True).first.click()
+                    expect(status).to_contain_text(f"{stem}", timeout=TIMEOUT_MS)
+                    counts.append(_empty_temporary_files(cache))
+                for value in ("4", "5", "6"):  # slider moves
+                    layer.fill(value)
+                    layer.press("Enter")
+                    page.wait_for_timeout(1000)  # the new analysis starts, then its wall-clock follows
+                    expect(page.locator("#stats")).to_contain_text(MEASURED, timeout=TIMEOUT_MS)
+                    counts.append(_empty_temporary_files(cache))
+                page.locator("input[type=file]").first.set_input_files(str(examples.photos[1 + round_]))
+                expect(status).to_contain_text(examples.photos[1 + round_].name, timeout=TIMEOUT_MS)
+                counts.append(_empty_temporary_files(cache))
+                page.wait_for_timeout((age_s + 1) * 1000)  # leftovers older than the age go at the next request
+            page.get_by_text("coffee", exact=True).first.click()
+            expect(status).to_contain_text("coffee", timeout=TIMEOUT_MS)
+            expect(page.locator("#stats")).to_contain_text(MEASURED, timeout=TIMEOUT_MS)
+            after = _empty_temporary_files(cache)
+        finally:
+            browser.close()
+    _log.info("empty temporary files after each event: %s; at the end: %d", counts, after)
+    half = len(counts) // 2
+    # each event leaves a few young leftovers (swept once older than the age): the count follows the recent
+    # events and does not grow with the session (unswept, 15 events left over 40)
+    assert max(counts) <= 16 and after <= 16, f"empty temporary files piled up: {counts}, at the end {after}"
+    assert max(counts[half:]) <= max(counts[:half]) + 5, f"the second round piled up on the first: {counts}"
