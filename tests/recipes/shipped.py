@@ -11,6 +11,7 @@ DIGIT_DETECTORS = (
     "spa-vit-digits-paper",
     "spa-vit-digits-noselect-refresh",
     "spa-vit-digits-softoff",
+    "spa-vit-digits-gradient",
     "dense-spt-digits",
     "spt-digits",
 )
