@@ -37,7 +37,7 @@ from spa_viz.layers.config import SOFT_GATING_MODES, UNKEPT_MODES
 from spa_viz.models.detection import Detector, SPAMaskRCNN
 from spa_viz.models.spa_vit import configure
 from spa_viz.models.twin import dense_twin
-from spa_viz.models.zoo import checkpoints_dir, load
+from spa_viz.models.zoo import checkpoints_dir, find_checkpoint, load
 from spa_viz.recipes.detection.card import model_card
 from spa_viz.recipes.detection.measures import latency_record, pooled_selection, selection_rows, spa_on
 from spa_viz.recipes.record import write_record
@@ -265,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 def _update_metrics(model: nn.Module, folder: Path | None, result: dict[str, Any], dataset: Dataset) -> None:
     """Replace 'test' and 'ci_subset' in a checkpoint's metrics.json and rebuild its model card."""
     config = checkpoint_config(model)
-    folder = folder or checkpoints_dir() / config["name"]
+    folder = folder or find_checkpoint(config["name"]) or checkpoints_dir() / config["name"]
     path = folder / "metrics.json"
     metrics = json.loads(path.read_text()) if path.is_file() else {}
     num = int(metrics.get("ci_subset", {}).get("num", 32))

@@ -513,10 +513,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         write_text_atomic(args.out, json.dumps(results, indent=1) + "\n")
         log.info("wrote %s", args.out)
     if args.write_card:
-        from spa_viz.models.zoo import checkpoints_dir
+        from spa_viz.models.zoo import checkpoints_dir, find_checkpoint
         from spa_viz.recipes.saliency.card import write_card
 
-        folder = Path(args.checkpoint) if Path(args.checkpoint).is_dir() else checkpoints_dir() / args.checkpoint
+        folder = (
+            Path(args.checkpoint)
+            if Path(args.checkpoint).is_dir()
+            else find_checkpoint(args.checkpoint) or checkpoints_dir() / args.checkpoint
+        )
         previous = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").is_file() else {}
         metrics = {
             "training": previous.get("training", {}),
