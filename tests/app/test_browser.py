@@ -312,12 +312,20 @@ def test_browser_events_leave_a_bounded_number_of_empty_temporary_files(
             page.get_by_text("coffee", exact=True).first.click()
             expect(status).to_contain_text("coffee", timeout=TIMEOUT_MS)
             expect(page.locator("#stats")).to_contain_text(MEASURED, timeout=TIMEOUT_MS)
+            page.wait_for_timeout((age_s + 1) * 1000)  # everything so far is older than the age now
+            layer.fill("4")
+            layer.press("Enter")
+            page.wait_for_timeout(1000)
+            expect(page.locator("#stats")).to_contain_text(MEASURED, timeout=TIMEOUT_MS)
             after = _empty_temporary_files(cache)
         finally:
             browser.close()
     _log.info("empty temporary files after each event: %s; at the end: %d", counts, after)
     half = len(counts) // 2
-    # each event leaves a few young leftovers (swept once older than the age): the count follows the recent
-    # events and does not grow with the session (unswept, 15 events left over 40)
-    assert max(counts) <= 16 and after <= 16, f"empty temporary files piled up: {counts}, at the end {after}"
-    assert max(counts[half:]) <= max(counts[:half]) + 5, f"the second round piled up on the first: {counts}"
+    # each event leaves a few young leftovers (swept once older than the age), so the count follows the
+    # events of the last few seconds, not the session (unswept, these 15 events left over 40). How many
+    # events fit in the age depends on the machine's speed, so the bounds are on what survives a pause
+    # longer than the age (the final event's own leftovers: 1-5 seen) and on the second round not
+    # piling up on the first.
+    assert after <= 8, f"empty temporary files survived the sweep: {after} at the end (after each event: {counts})"
+    assert max(counts[half:]) <= max(counts[:half]) + 8, f"the second round piled up on the first: {counts}"
