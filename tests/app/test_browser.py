@@ -207,9 +207,14 @@ def test_clicking_a_token_on_the_kept_panel_shows_its_attention(tmp_path: Path) 
         first = token.get_attribute("src")
         _center_click(page.locator("#gate-image img"))  # the gate panel answers clicks too, on the same token
         expect(info).to_contain_text(f'"row": {row}', timeout=TIMEOUT_MS)
+        _settle(page)  # the gate click's answer also sets the row/column fields: let it land before typing
         column = page.locator("#token-column input")
         column.fill("0")
         column.press("Tab")  # the number is committed when the field loses focus
+        expect(column).to_have_value("0")
+        page.wait_for_timeout(
+            500
+        )  # gradio syncs the committed number to the server-side state before the click reads it
         page.locator("#token-button").click()
         expect(token).not_to_have_attribute("src", first, timeout=TIMEOUT_MS)
         expect(info).to_contain_text('"column": 0', timeout=TIMEOUT_MS)
