@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import re
 import shutil
 import stat
 import threading
-import time
 import uuid
 import zipfile
 from collections import OrderedDict
@@ -55,7 +53,7 @@ from spa_viz.io.timer import time_paired
 from spa_viz.models.twin import dense_twin
 from spa_viz.selection.selectors import remove_selector
 
-from .files import BoundedFolder, gradio_cache_dir, sweep_upload_leftovers
+from .files import BoundedFolder, UploadSweeper
 from .models import LoadedModel
 from .service import AnalysisService, UserError, WallClock
 
@@ -67,7 +65,6 @@ __all__ = [
     "DatasetRequest",
     "DatasetService",
     "DatasetView",
-    "UploadSweeper",
     "apply_gate",
     "extract_images",
 ]
@@ -177,24 +174,6 @@ def apply_gate(entry: LoadedModel, threshold: float) -> None:
         )
     except ValueError as err:
         raise UserError(f"invalid SPA setting: {err}") from err
-
-
-class UploadSweeper:
-    """At most every ``check_s``: remove gradio's empty upload leftovers older than ``age_s`` (gradio 6.31
-    leaves an empty ``tmp*`` file in its cache for every upload; see :func:`app.files.sweep_upload_leftovers`)."""
-
-    def __init__(self, check_s: float, age_s: float) -> None:
-        self.check_s, self.age_s = check_s, age_s
-        self._last = -math.inf
-        self._lock = threading.Lock()
-
-    def __call__(self) -> None:
-        with self._lock:
-            now = time.monotonic()
-            if now - self._last < self.check_s:
-                return
-            self._last = now
-        sweep_upload_leftovers(gradio_cache_dir(), self.age_s)
 
 
 def _safe_name(name: str) -> str:

@@ -12,6 +12,7 @@ without copying each of them into its cache first (one copy on disk, counted by 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -22,7 +23,15 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["AppFiles", "BoundedFolder", "DiskUsage", "disk_usage", "gradio_cache_dir", "sweep_upload_leftovers"]
+__all__ = [
+    "AppFiles",
+    "BoundedFolder",
+    "DiskUsage",
+    "UploadSweeper",
+    "disk_usage",
+    "gradio_cache_dir",
+    "sweep_upload_leftovers",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -57,6 +66,24 @@ def sweep_upload_leftovers(folder: Path, age_s: float, now: float | None = None)
     if removed:
         _log.info("removed %d empty upload leftovers from %s", removed, folder)
     return removed
+
+
+class UploadSweeper:
+    """At most every ``check_s``: remove gradio's empty upload leftovers older than ``age_s`` (gradio 6.31
+    leaves an empty ``tmp*`` file in its cache for every upload; see :func:`sweep_upload_leftovers`)."""
+
+    def __init__(self, check_s: float, age_s: float) -> None:
+        self.check_s, self.age_s = check_s, age_s
+        self._last = -math.inf
+        self._lock = threading.Lock()
+
+    def __call__(self) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._last < self.check_s:
+                return
+            self._last = now
+        sweep_upload_leftovers(gradio_cache_dir(), self.age_s)
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ import numpy as np
 
 from spa_viz.analysis.live import FrameAnalyser, FrameResult, VideoError, VideoReport, annotate_video
 
-from .dataset_service import UploadSweeper, apply_gate
-from .files import BoundedFolder
+from .dataset_service import apply_gate
+from .files import BoundedFolder, UploadSweeper
 from .models import LoadedModel
 from .service import AnalysisService, UserError
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import math
 import threading
 import time
 import uuid
@@ -60,7 +59,7 @@ from spa_viz.viz import inspection, panels
 from spa_viz.viz.views import VIEW_NAMES, SelectionLabels, Views, compose_views
 
 from .examples import Examples
-from .files import AppFiles, gradio_cache_dir, sweep_upload_leftovers
+from .files import AppFiles, UploadSweeper
 from .models import LoadedModel, ModelError, ModelRegistry, selector_amount, selector_names
 from .settings import AppSettings
 
@@ -485,7 +484,7 @@ class AnalysisService:
         self._tradeoffs: LRUCache[tuple[Any, ...], TradeoffView] = LRUCache(8)
         self.forward_count = 0  # traced SPA + dense forward passes run (tests and the benchmark read it)
         self.timing_count = 0  # wall-clock measurements run
-        self._last_sweep = -math.inf
+        self._sweep_uploads = UploadSweeper(self.settings.cache_check_s, self.settings.cache_age_s)
 
     def close(self) -> None:
         """Remove the files the app wrote (panels, reports)."""
@@ -517,14 +516,6 @@ class AnalysisService:
                 key, load_image(path, max_pixels=self.settings.max_image_pixels, max_side=self.settings.max_image_side)
             )
         return cached
-
-    def _sweep_uploads(self) -> None:
-        """At most every ``cache_check_s``: remove gradio's empty upload leftovers older than ``cache_age_s``."""
-        now = time.monotonic()
-        if now - self._last_sweep < self.settings.cache_check_s:
-            return
-        self._last_sweep = now
-        sweep_upload_leftovers(gradio_cache_dir(), self.settings.cache_age_s)
 
     def _prepare(self, entry: LoadedModel, paths: Sequence[str | Path] | None) -> _Prepared:
         self._sweep_uploads()
