@@ -707,7 +707,7 @@ def _parser() -> argparse.ArgumentParser:
         "--soft-gating",
         choices=SOFT_GATING_MODES,
         default=None,
-        help="where sigmoid(s) scales the updates (SPA v3: train, so evaluation at keep-all is the teacher)",
+        help="where sigmoid(s) scales the updates (gradient: its value 1 and its gradient in training, so keep-all is the teacher)",
     )
     parser.add_argument(
         "--no-tuned-decoder", action="store_true", help="decode with the imported decoder (rank 0 + this: gates only)"
