@@ -205,9 +205,11 @@ def test_clicking_a_token_on_the_kept_panel_shows_its_attention(tmp_path: Path) 
         row = page.locator("#token-row input").input_value()
         assert int(row) > 0, "the middle of the picture is not the first token row"
         first = token.get_attribute("src")
-        _center_click(page.locator("#gate-image img"))  # the gate panel answers clicks too, on the same token
-        expect(info).to_contain_text(f'"row": {row}', timeout=TIMEOUT_MS)
+        _center_click(page.locator("#gate-image img"))  # the gate panel answers clicks too
         _settle(page)  # the gate click's answer also sets the row/column fields: let it land before typing
+        gate_row = page.locator("#token-row input").input_value()  # its middle maps to about the same row
+        assert abs(int(gate_row) - int(row)) <= 1, (row, gate_row)
+        expect(info).to_contain_text(f'"row": {gate_row}', timeout=TIMEOUT_MS)
         column = page.locator("#token-column input")
         column.fill("0")
         column.press("Tab")  # the number is committed when the field loses focus
