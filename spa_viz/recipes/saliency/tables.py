@@ -7,7 +7,7 @@ from typing import Any
 
 from spa_viz.viz.tables import markdown_table
 
-__all__ = ["TARGETS", "interpolate", "meets", "peer_table", "results_table", "sweep_table"]
+__all__ = ["MASK_TOLERANCE", "TARGETS", "interpolate", "meets", "peer_table", "results_table", "sweep_table"]
 
 #: The model's targets (issue 13): first-layer keep at most, its recall at least, MAE at most,
 #: backbone MACs saved at least, SPA / teacher latency at most.
@@ -20,14 +20,19 @@ TARGETS: dict[str, float] = {
 }
 
 
-def interpolate(points: Sequence[Mapping[str, float]], gmacs: float) -> float | None:
-    """MAE of a curve at ``gmacs`` (linear between its measured points; None outside their range)."""
+#: How far below the dense teacher's max F-measure and IoU at 0.5 (against exact object masks) the
+#: operating point may fall (issue 18).
+MASK_TOLERANCE = 0.02
+
+
+def interpolate(points: Sequence[Mapping[str, float]], gmacs: float, metric: str = "mae") -> float | None:
+    """``metric`` of a curve at ``gmacs`` (linear between its measured points; None outside their range)."""
     ordered = sorted(points, key=lambda p: p["gmacs"])
     for low, high in zip(ordered, ordered[1:]):
         if low["gmacs"] <= gmacs <= high["gmacs"]:
             span = high["gmacs"] - low["gmacs"]
             weight = 0.0 if span == 0 else (gmacs - low["gmacs"]) / span
-            return low["mae"] + weight * (high["mae"] - low["mae"])
+            return low[metric] + weight * (high[metric] - low[metric])
     return None
 
 
@@ -45,18 +50,20 @@ def meets(point: Mapping[str, float]) -> dict[str, bool]:
 
 
 def peer_table(
-    curves: Mapping[str, Sequence[Mapping[str, float]]], budgets: Sequence[float]
+    curves: Mapping[str, Sequence[Mapping[str, float]]], budgets: Sequence[float], metric: str = "mae"
 ) -> tuple[list[str], list[list[str]]]:
-    """Rows of MAE at each budget (GMACs, interpolated along each curve) per method; ``-`` outside a curve."""
-    header = ["method"] + [f"MAE at {b:.2f} GMACs" for b in budgets] + ["best MAE (at GMACs)"]
+    """Rows of ``metric`` (``mae``, lower is better, or ``max_f``, higher) at each budget (GMACs,
+    interpolated along each curve) per method; ``-`` outside a curve."""
+    label, pick = ("MAE", min) if metric == "mae" else ("max F", max)
+    header = ["method"] + [f"{label} at {b:.2f} GMACs" for b in budgets] + [f"best {label} (at GMACs)"]
     rows = []
     for name, points in curves.items():
         cells = [name]
         for budget in budgets:
-            value = interpolate(points, budget)
+            value = interpolate(points, budget, metric)
             cells.append("-" if value is None else f"{value:.4f}")
-        best = min(points, key=lambda p: p["mae"])
-        cells.append(f"{best['mae']:.4f} ({best['gmacs']:.2f})")
+        best = pick(points, key=lambda p: p[metric])
+        cells.append(f"{best[metric]:.4f} ({best['gmacs']:.2f})")
         rows.append(cells)
     return header, rows
 
@@ -113,6 +120,18 @@ def results_table(results: Mapping[str, Any]) -> str:
         head, peer_rows = peer_table(check["peers"], [budget, check["operating"]["peer_subset"]["gmacs_dense"] * 0.6])
         text += f"\nPeers at equal compute, {name} ({check['peer_views']} views, 1 in {max(1, round(check['views'] / max(check['peer_views'], 1)))}):\n\n"
         text += markdown_table(head, peer_rows) + "\n"
+        if "teacher_masks" in check:
+            teacher = check["teacher_masks"]
+            point = check["operating"]
+            text += (
+                f"\nAgainst the exact object masks, {name}: max F-measure {point['max_f']:.4f} and IoU at 0.5 "
+                f"{point['iou_half']:.4f} at the operating threshold; the dense teacher {teacher['max_f']:.4f} and "
+                f"{teacher['iou_half']:.4f}. Max F-measure at equal compute:\n\n"
+            )
+            head, peer_rows = peer_table(
+                check["peers"], [budget, check["operating"]["peer_subset"]["gmacs_dense"] * 0.6], metric="max_f"
+            )
+            text += markdown_table(head, peer_rows) + "\n"
     return text
 
 
