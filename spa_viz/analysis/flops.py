@@ -82,15 +82,15 @@ def spa_block_macs(decision: BlockDecision) -> int:
     and what the ``unkept`` path spends on the other tokens."""
     costs, plan = decision.costs, decision.plan
     macs = plan.batch_size * plan.seq_len * costs.gate_macs
-    macs += plan.num_kept * (costs.qkv_macs + costs.proj_macs)
+    macs += plan.num_kept * (costs.qkv_macs + costs.proj_macs + costs.extra_attn_macs)
     if decision.backend in _DENSE_ROW_BACKENDS:
         macs += 2 * plan.num_rows * plan.row_len**2 * costs.attn_dim
     else:
         macs += 2 * int(_score_pairs(decision).sum()) * costs.attn_dim
     if decision.sparse_mlp:
-        macs += plan.num_kept * costs.mlp_macs
+        macs += plan.num_kept * (costs.mlp_macs + costs.extra_mlp_macs)
     else:
-        macs += plan.batch_size * plan.seq_len * costs.mlp_macs
+        macs += plan.batch_size * plan.seq_len * (costs.mlp_macs + costs.extra_mlp_macs)
     unkept, unkept_padding = _unkept_macs(decision)
     return macs + int(unkept.sum()) + unkept_padding
 
@@ -187,7 +187,8 @@ def _vit_static_macs(model: VisionTransformer, image_size: tuple[int, int]) -> i
     macs = embed_macs(model.patch_embed, image_size)
     for block in model.blocks:
         if not hasattr(block, "spa_layer") or not block.spa_context.config.enabled:
-            macs += dense_block_macs(BlockCosts.of(block), tokens)
+            costs = BlockCosts.of(block)
+            macs += dense_block_macs(costs, tokens) + tokens * (costs.extra_attn_macs + costs.extra_mlp_macs)
     return macs
 
 

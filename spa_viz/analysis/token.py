@@ -153,15 +153,24 @@ def _run_weights(
     block: nn.Module, tokens: Tensor, layout: TokenLayout, plan: PackPlan, flat: int
 ) -> tuple[Tensor, Tensor]:
     """(heads, run length) weights of flat kept token ``flat`` over its same-image run, and the run's
-    flat source indices (``image * T + token``)."""
+    flat source indices (``image * T + token``).
+
+    The projections run on every kept token of the layer, as the block ran them, with the layer's
+    plan as the context's current one (linears that depend on it, e.g. drop-scaled adapters, see
+    the layer's decision)."""
     run = next(r for r in plan.runs if r[0] <= flat < r[0] + r[3])
     start_flat, row, start, size, _ = run
-    kept = gather_kept(tokens, plan)[start_flat : start_flat + size]
     bias = layout.attention_bias(plan)
     run_bias = (
         None if bias is None else bias[row if bias.shape[0] > 1 else 0, :, start : start + size, start : start + size]
     )
-    weights = attention_weights(block.attn, block.norm1(kept), flat - start_flat, run_bias)
+    ctx = block.spa_context
+    previous, ctx.last_plan = ctx.last_plan, plan.to(tokens.device)
+    try:
+        kept = block.norm1(gather_kept(tokens, ctx.last_plan))
+        weights = attention_weights(block.attn, kept, flat, run_bias, window=slice(start_flat, start_flat + size))
+    finally:
+        ctx.last_plan = previous
     return weights, plan.sources[start_flat : start_flat + size]
 
 
@@ -221,7 +230,8 @@ def inspect_token(
     everything = torch.ones(batch, seq_len, dtype=torch.bool, device=device)
     dense_plan = layout.plan(everything, replace(config, policy="image"))
     dense_flat = int(dense_plan.flat_position[image * seq_len + prefix + index])
-    weights, sources = _run_weights(block, dense_tokens, layout, dense_plan, dense_flat)
+    with dense_twin(model):  # the dense twin's projections (no adapter acts)
+        weights, sources = _run_weights(block, dense_tokens, layout, dense_plan, dense_flat)
     dense_attention, dense_prefix = _spread(weights, sources, image, seq_len, prefix, patches)
 
     raw = float(decision.raw_scores[image, index])

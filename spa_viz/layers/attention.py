@@ -230,13 +230,18 @@ def packed_attention(
     return out, chosen
 
 
-def attention_weights(attn: nn.Module, tokens: Tensor, query: int, bias: Tensor | None = None) -> Tensor:
-    """(heads, m) softmax attention weights of token ``query`` over ``tokens`` (m, C), the normalised
-    tokens one attention call saw together, computed with ``attn``'s own projections and scale;
+def attention_weights(
+    attn: nn.Module, tokens: Tensor, query: int, bias: Tensor | None = None, window: slice | None = None
+) -> Tensor:
+    """(heads, m) softmax attention weights of token ``query`` over the m tokens in ``window`` of ``tokens``
+    (n, C; None: all), the normalised tokens one attention call saw together (``window``: the run of
+    the packed tokens ``tokens`` that call saw), computed with ``attn``'s own projections and scale;
     ``bias`` (heads, m, m) is the additive bias that call added (e.g. Swin's relative positions)."""
     heads = attn.num_heads
     head_dim = getattr(attn, "head_dim", attn.qkv.out_features // (3 * heads))
     q, k, _ = attn.qkv(tokens).view(tokens.shape[0], 3, heads, head_dim).unbind(1)
+    if window is not None:
+        q, k, query = q[window], k[window], query - (window.start or 0)
     q, k = attn.q_norm(q[query : query + 1]), attn.k_norm(k)
     logits = torch.einsum("qhd,khd->hk", q, k) * getattr(attn, "scale", head_dim**-0.5)
     if bias is not None:

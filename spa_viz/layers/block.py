@@ -89,9 +89,18 @@ __all__ = [
 Grid = tuple[int, int]
 
 
+def _extra_macs(module: nn.Module) -> int:
+    """Multiply-adds per token a linear spends beyond its weight (e.g. an adapter run apart from it)."""
+    return sum(int(getattr(m, "extra_macs_per_token", 0)) for m in module.modules())
+
+
 @dataclass(frozen=True)
 class BlockCosts:
-    """Multiply-adds per token of a block's dense parts, read off its weights (for MAC counts)."""
+    """Multiply-adds per token of a block's dense parts, read off its weights (for MAC counts).
+
+    ``extra_attn_macs`` / ``extra_mlp_macs``: what the block's linears spend beyond their weights as
+    they run now (drop-scaled adapters, :mod:`spa_viz.models.saliency.adapters`); the dense twin's
+    count leaves them out."""
 
     dim: int
     attn_dim: int
@@ -99,6 +108,8 @@ class BlockCosts:
     proj_macs: int
     mlp_macs: int
     gate_macs: int
+    extra_attn_macs: int = 0
+    extra_mlp_macs: int = 0
 
     @classmethod
     def of(cls, block: nn.Module) -> BlockCosts:
@@ -113,6 +124,8 @@ class BlockCosts:
             proj_macs=attn.proj.weight.numel(),
             mlp_macs=sum(m.weight.numel() for m in linears),
             gate_macs=0 if gate is None else int(gate.macs_per_token),
+            extra_attn_macs=_extra_macs(attn),
+            extra_mlp_macs=_extra_macs(block.mlp),
         )
 
 
@@ -249,6 +262,8 @@ class SPAContext:
     _last_fused: Tensor | None = None
     _last_grid: Grid | None = None
     _pack_state: _PackState | None = None
+    last_plan: PackPlan | None = None
+    """The pack plan of the SPA block running now (or of the last one that ran in this forward)."""
 
     def begin(self, grid: Grid) -> None:
         """Reset the per-forward state before the first block runs."""
@@ -256,6 +271,7 @@ class SPAContext:
         self.gates = []
         self._stage = self._stage_input = self._last_fused = self._last_grid = None
         self._pack_state = None
+        self.last_plan = None
 
     def fuse(self, raw: Tensor, grid: Grid, stage: int = 0) -> tuple[Tensor, bool]:
         """This block's selection score from its raw logits by the config's fusion mode, and whether an
@@ -467,6 +483,7 @@ def spa_block_forward(block: nn.Module, x: Tensor, ctx: SPAContext, layer: int, 
     chosen = _decide(block, x, ctx, layer, grid, layout.stage)
     keep = F.pad(chosen.keep, (prefix, 0), value=True) if prefix else chosen.keep
     plan, packed, reused = ctx.pack(x, keep, layout, [count + prefix for count in chosen.counts])
+    ctx.last_plan = plan
     packed_in = packed
     factor = None
     if chosen.factor is not None:

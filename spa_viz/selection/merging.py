@@ -158,8 +158,12 @@ class TokenMerging(nn.Module):
     def forward_features(self, backbone: nn.Module, images: Tensor) -> tuple[Tensor, MergeResult]:
         """The backbone's final tokens (B, P + N, C), unmerged to the full grid, and what it ran.
 
-        Runs ``backbone``'s embedding, its blocks (merging in ``layers``) and its final norm.
+        Runs ``backbone``'s embedding, its blocks (merging in ``layers``) and its final norm. No SPA
+        block runs, so an SPA backbone's context forgets the last pack plan (nothing was dropped).
         """
+        spa = getattr(backbone, "spa_context", None)
+        if spa is not None:
+            spa.last_plan = None
         x = backbone.patch_embed(images)
         x = backbone._pos_embed(x)
         x = backbone.norm_pre(backbone.patch_drop(x))

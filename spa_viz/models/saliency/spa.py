@@ -46,13 +46,28 @@ class SPASaliency(DinoSaliency):
     def __init__(self, backbone: nn.Module, decoder: SaliencyDecoder, tuned_decoder: SaliencyDecoder | None) -> None:
         super().__init__(backbone, decoder)
         self.tuned_decoder = tuned_decoder
-        self.adapter_switch = AdapterSwitch(spa_context(backbone).config)
+        self.adapter_switch = AdapterSwitch(spa_context(backbone))
 
     def decode(self, tokens: Tensor, image_size: tuple[int, int], return_logits: bool = False) -> Tensor:
-        decoder = self.tuned_decoder if self.tuned_decoder is not None and self.adapter_switch.active else self.decoder
+        """The saliency map (or its logits) of final tokens; the tuned decoder while the adapters act.
+
+        With drop-scaled adapters the logits are ``base + d * (tuned - base)``, ``d`` the share of each
+        image's patch tokens the last SPA block dropped, so a keep-all image decodes as the teacher."""
         h, w = image_size
         p = self.patch_size
-        return decoder(tokens, (h // p, w // p), (h, w), return_logits=return_logits)
+        grid = (h // p, w // p)
+        switch = self.adapter_switch
+        if self.tuned_decoder is None or not switch.active:
+            return self.decoder(tokens, grid, (h, w), return_logits=return_logits)
+        if not switch.drop_scaled:
+            return self.tuned_decoder(tokens, grid, (h, w), return_logits=return_logits)
+        share = switch.dropped_share()
+        if share is None:
+            return self.decoder(tokens, grid, (h, w), return_logits=return_logits)
+        base = self.decoder(tokens, grid, (h, w), return_logits=True)
+        tuned = self.tuned_decoder(tokens, grid, (h, w), return_logits=True)
+        logits = base + (tuned - base) * share.to(base.dtype).view(-1, *[1] * (base.dim() - 1))
+        return logits if return_logits or not self.decoder.config.sigmoid else torch.sigmoid(logits)
 
     def train(self, mode: bool = True) -> SPASaliency:
         """Train mode for the backbone (SPA's Gumbel selection); the decoders' batch norms stay in eval."""
@@ -92,12 +107,13 @@ def spa_saliency(
     tuned = copy.deepcopy(model.decoder) if tuned_decoder else None
     result = SPASaliency(model.backbone, model.decoder, tuned)
     if adapters:
-        known = {"rank", "alpha", "targets", "layers", "full_layers"}
+        known = {"rank", "alpha", "targets", "layers", "full_layers", "drop_scaled"}
         unknown = sorted(set(adapters) - known)
         if unknown:
             raise ValueError(f"unknown adapter settings {unknown}; known: {sorted(known)}")
         layers = adapters.get("layers", list(range(spa["start_layer"], len(model.backbone.blocks))))
         full = set(adapters.get("full_layers", []))
+        result.adapter_switch.drop_scaled = bool(adapters.get("drop_scaled", False))
         for layer in layers:
             add_adapters(
                 [model.backbone.blocks[layer]],

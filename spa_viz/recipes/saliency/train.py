@@ -133,6 +133,7 @@ class TrainConfig:
     delta_lr: float = 1e-4  # blocks tuned in full
     decoder_lr: float = 1e-4
     logit_step: float = 1.0  # gate Adam step x mean L1 norm of the gate's input: how far a logit moves per step
+    joint_gate_lr: float = 1.0  # the gates' learning rates in the joint phase, as a multiple of the gate phase's
     warmup_steps: int = 30
     final_lr_ratio: float = 0.05
     weight_decay: float = 0.0
@@ -161,6 +162,7 @@ class AdapterSettings:
     alpha: float = 16.0
     targets: tuple[str, ...] = ADAPTER_TARGETS
     full_layers: tuple[int, ...] = ()
+    drop_scaled: bool = False  # each image's update times the share of its tokens SPA dropped (v3)
 
 
 @dataclass(frozen=True)
@@ -516,7 +518,10 @@ def train(
     probe = data.rows(range(min(config.gate_batch, len(data))))["tokens_in"].float().to(device)
     rates = gate_learning_rates(model, probe, config.logit_step)
     log.info("gate learning rates %s", {b.spa_layer: round(r, 5) for b, r in zip(blocks, rates)})
-    groups = [{"params": list(b.gate.parameters()), "lr": r, "base_lr": r} for b, r in zip(blocks, rates)]
+    groups = [
+        {"params": list(b.gate.parameters()), "lr": r, "base_lr": r, "joint_scale": config.joint_gate_lr}
+        for b, r in zip(blocks, rates)
+    ]
     low_rank = [p for m in model.modules() if isinstance(m, LowRankLinear) for p in (m.lora_a, m.lora_b)]
     full = [m.delta for m in model.modules() if isinstance(m, DeltaLinear)]
     if low_rank:
@@ -588,7 +593,7 @@ def train(
                 loss = loss + config.keep_all_weight * keep_all
                 terms["keep_all"] = keep_all.item()
         for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"] * factor
+            group["lr"] = group["base_lr"] * factor * (group.get("joint_scale", 1.0) if phase == "joint" else 1.0)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip > 0:
@@ -660,6 +665,7 @@ _RECIPE_FLAGS = {
     "select_weight": "train.select_weight",
     "keep_all_weight": "train.keep_all_weight",
     "val_every": "train.val_every",
+    "drop_scaled_adapters": "adapters.drop_scaled",
 }
 #: The flags the recorded command repeats when given, in this order (after --out, --minutes and --seed).
 _RECORDED_FLAGS = (
@@ -679,6 +685,7 @@ _RECORDED_FLAGS = (
     "select_weight",
     "keep_all_weight",
     "val_every",
+    "drop_scaled_adapters",
 )
 
 
@@ -727,6 +734,14 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="weight of a second forward with every token kept against the teacher map (SPA v3: adapters "
         "that leave keep-all at the teacher)",
+    )
+    parser.add_argument(
+        "--drop-scaled-adapters",
+        action="store_const",
+        const=True,
+        default=None,
+        help="scale each image's adapter and tuned-decoder updates by the share of its tokens SPA dropped "
+        "(SPA v3: keep-all is the teacher by construction)",
     )
     parser.add_argument("--val-every", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
