@@ -418,49 +418,34 @@ def nearest_kept(features: Tensor, keep: Tensor, counts: list[int]) -> Tensor:
         return torch.zeros(keep.shape, dtype=torch.long, device=keep.device)
     with torch.no_grad():
         order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :longest]
-        kept = features.gather(1, order.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
-        kept = kept / kept.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        kept = F.normalize(features.gather(1, order.unsqueeze(-1).expand(-1, -1, features.shape[-1])), dim=-1)
         similarity = torch.bmm(features, kept.transpose(1, 2))
-        if min(counts) < longest:
-            valid = torch.arange(longest, device=keep.device) < torch.tensor(counts, device=keep.device)[:, None]
-            similarity.masked_fill_(~valid[:, None, :], float("-inf"))
+        if min(counts) < longest:  # the slots past an image's own count hold its unkept tokens
+            similarity.masked_fill_(~keep.gather(1, order).unsqueeze(1), float("-inf"))
         return order.gather(1, similarity.argmax(-1))
 
 
 def _refresh_unkept(
-    x: Tensor,
-    out: Tensor,
-    update: Tensor,
-    plan: PackPlan,
-    keep: Tensor,
-    counts: list[int],
-    factor: Tensor | None,
-    prefix: int,
+    x: Tensor, out: Tensor, keep: Tensor, counts: list[int], factor: Tensor | None, prefix: int
 ) -> tuple[Tensor, Tensor]:
     """``unkept="refresh"``: every unkept patch token of ``out`` (B, T, C) adds ``u`` times the update of its
     most similar kept patch token (:func:`nearest_kept` on the block input ``x``).
 
-    ``update`` (n, C) is the block's update of the kept tokens in the plan's flat order (output minus
-    input), ``keep`` (B, N) and ``counts`` the patch keep mask and counts. Only the unkept tokens are
-    touched (one gather and one indexed add of (unkept, C)). Returns the refreshed output and the
-    (B, N) patch index each token took its update from."""
-    batch, seq_len, dim = out.shape
-    tokens = seq_len - prefix
+    ``keep`` (B, N) and ``counts`` are the patch keep mask and counts, ``factor`` (B, N) the unkept
+    tokens' ``u`` (None: 1). The update is ``out - x`` on the token grid, which is the block's update
+    on kept tokens and exactly 0 on unkept ones (they were copied), so one gather and one fused
+    multiply-add over the grid (in place) refresh every unkept token without index arithmetic; an image that kept
+    no patch token borrows from one of its own unkept tokens, i.e. nothing. Returns the refreshed output
+    and the (B, N) patch index each token took its update from."""
     nearest = nearest_kept(x[:, prefix:], keep, counts)
-    unkept = (~keep).reshape(-1).nonzero().squeeze(1)  # image * N + token
-    if unkept.numel() == 0:
+    if max(counts, default=0) == 0 or min(counts) == keep.shape[1]:
         return out, nearest
-    image = unkept // tokens
-    target = image * seq_len + prefix + unkept % tokens
-    source = plan.flat_position[image * seq_len + prefix + nearest.reshape(-1)[unkept]]
-    if min(counts) == 0:  # an image that kept no patch token has nothing to borrow
-        found = source >= 0
-        unkept, target, source = unkept[found], target[found], source[found]
-    borrowed = update.index_select(0, source)
-    if factor is not None:
-        borrowed = borrowed * factor.reshape(-1).index_select(0, unkept).unsqueeze(-1).to(borrowed.dtype)
-    refreshed = out.reshape(batch * seq_len, dim).index_add(0, target, borrowed)
-    return refreshed.view(batch, seq_len, dim), nearest
+    patches = out[:, prefix:]
+    update = patches - x[:, prefix:]
+    borrowed = update.gather(1, nearest.unsqueeze(-1).expand(-1, -1, out.shape[-1]))
+    weight = (~keep).to(out.dtype) if factor is None else factor.to(out.dtype).masked_fill(keep, 0.0)
+    patches.addcmul_(borrowed, weight.unsqueeze(-1))  # ``out`` is this block's own new tensor
+    return out, nearest
 
 
 def spa_block_forward(block: nn.Module, x: Tensor, ctx: SPAContext, layer: int, layout: TokenLayout) -> Tensor:
@@ -484,7 +469,6 @@ def spa_block_forward(block: nn.Module, x: Tensor, ctx: SPAContext, layer: int, 
     keep = F.pad(chosen.keep, (prefix, 0), value=True) if prefix else chosen.keep
     plan, packed, reused = ctx.pack(x, keep, layout, [count + prefix for count in chosen.counts])
     ctx.last_plan = plan
-    packed_in = packed
     factor = None
     if chosen.factor is not None:
         full = F.pad(chosen.factor, (prefix, 0), value=1.0) if prefix else chosen.factor
@@ -504,9 +488,7 @@ def spa_block_forward(block: nn.Module, x: Tensor, ctx: SPAContext, layer: int, 
     if cfg.unkept == "paper":
         out = _project_unkept(block, x, out, keep, chosen.unkept_factor, prefix, drop1)
     elif cfg.unkept == "refresh":
-        out, nearest = _refresh_unkept(
-            x, out, packed - packed_in, plan, chosen.keep, chosen.counts, chosen.unkept_factor, prefix
-        )
+        out, nearest = _refresh_unkept(x, out, chosen.keep, chosen.counts, chosen.unkept_factor, prefix)
     if not cfg.sparse_mlp:
         out = out + block.drop_path2(block.ls2(block.mlp(block.norm2(out))))
     ctx.remember(keep, layout, plan, packed, out)
