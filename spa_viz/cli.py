@@ -82,6 +82,7 @@ DELEGATED: dict[str, dict[str, str]] = {
         "saliency": "spa_viz.recipes.saliency.evaluate",
         "gate-probe": "spa_viz.recipes.detection.gate_probe",
         "saliency-drift": "spa_viz.recipes.saliency.drift",
+        "saliency-context": "spa_viz.recipes.saliency.context",
     },
     "bench": {
         "block": "spa_viz.benchmarks.block",
