@@ -77,7 +77,8 @@ def _parse(command: str) -> Any:
 def test_recipe_file_and_recorded_flags_give_the_shipped_checkpoint_config() -> None:
     """The default recipe with the flags its config.json records is the shipped model's config: the
     architecture (v2 spelled soft gating as a bool and had no unkept key), the training settings
-    (keys added since take their recipe values) and the command itself."""
+    (keys added since take their recipe values; v2 had no drop_scaled adapter key) and the command
+    itself."""
     saved = json.loads((checkpoints_dir() / train.NAME / "config.json").read_text())
     args = _parse(saved["command"])
     recipe = train.recipe_from_args(args)
@@ -86,9 +87,10 @@ def test_recipe_file_and_recorded_flags_give_the_shipped_checkpoint_config() -> 
     if isinstance(spa["soft_gating"], bool):
         spa["soft_gating"] = "always" if spa["soft_gating"] else "off"
     spa.setdefault("unkept", "copy")
+    adapters = {**saved["adapters"], "drop_scaled": saved["adapters"].get("drop_scaled", False)}
     if recipe.max_keep is not None:  # the operating threshold was chosen on the val views
         architecture["spa"]["threshold"] = spa["threshold"]
-    assert architecture == {**{k: saved[k] for k in architecture}, "spa": spa}
+    assert architecture == {**{k: saved[k] for k in architecture}, "spa": spa, "adapters": adapters}
     assert {k: v for k, v in asdict(recipe.train).items() if k in saved["training"]} == saved["training"]
     assert train._recorded_command(args, recipe.train) == saved["command"]
 
