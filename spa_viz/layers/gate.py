@@ -27,6 +27,7 @@ __all__ = [
     "FUSION_MODES",
     "TokenGate",
     "check_fusion",
+    "detach_gate_inputs",
     "ensure_min_keep",
     "fuse_scores",
     "gumbel_keep",
@@ -47,10 +48,13 @@ class TokenGate(nn.Module):
     ``init_bias`` sets where training starts: a positive bias makes a freshly added gate keep
     (almost) everything, so converting a pretrained model does not destroy it before training.
     The gate reads the block input (before ``norm1``), as the paper's ``s = W_g r + b_g``.
+    ``detach_input`` (an ablation, not saved with the weights) scores a detached copy of it, so no
+    gradient flows through the gate into the features it reads.
     """
 
     learned = True
     name = "learned"
+    detach_input = False
 
     def __init__(self, dim: int, init_bias: float = 3.0) -> None:
         super().__init__()
@@ -65,8 +69,22 @@ class TokenGate(nn.Module):
 
     def forward(self, tokens: Tensor, num_prefix: int = 0) -> Tensor:
         """Raw logits (B, N) of the patch tokens of ``tokens`` (B, num_prefix + N, C)."""
+        if self.detach_input:
+            tokens = tokens.detach()
         # scoring all tokens then slicing avoids copying the non-contiguous patch slice
         return self.proj(tokens).squeeze(-1)[:, num_prefix:]
+
+
+def detach_gate_inputs(model: nn.Module, detach: bool = True) -> int:
+    """Set ``detach_input`` on every :class:`TokenGate` of ``model`` and return how many there are.
+
+    With it the gates still learn from ``L_select`` and the task loss, but neither reaches the
+    backbone through them: the control that tells whether ``L_select``'s pull on the features is what
+    a model trained with it loses."""
+    gates = [module for module in model.modules() if isinstance(module, TokenGate)]
+    for gate in gates:
+        gate.detach_input = detach
+    return len(gates)
 
 
 def check_fusion(mode: str) -> str:

@@ -104,3 +104,27 @@ def test_eval_rule_is_the_noise_free_training_rule(tau: float, threshold: float)
         assert not torch.equal(keep, torch.sigmoid(scores) > threshold), "tau must matter away from t = 0.5"
     assert threshold_logit(threshold, tau) == pytest.approx(tau * math.log(threshold / (1 - threshold)))
     del half
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_detached_gate_inputs_stop_l_select_at_the_gate(detach: bool) -> None:
+    """The ablation switch: L_select still trains every gate, but reaches the backbone only when the
+    gates read the live block input."""
+    import spa_viz
+    from spa_viz.layers.gate import detach_gate_inputs
+    from tests.layers.small_models import random_gates, small_vit
+
+    model = small_vit().train()
+    random_gates(model)
+    assert detach_gate_inputs(model, detach) == len(spa_viz.spa_blocks(model))
+    images = torch.randn(2, 3, model.patch_embed.img_size[0], model.patch_embed.img_size[1])
+    model.forward_features(images)
+    grid = tuple(model.patch_embed.grid_size)
+    labels = (torch.rand(2, grid[0] * grid[1], generator=torch.Generator().manual_seed(1)) > 0.5).float()
+    spa_viz.model_selection_loss(model, labels, alpha=1.0).backward()
+    assert all(block.gate.proj.weight.grad.abs().sum() > 0 for block in spa_viz.spa_blocks(model))
+    stem = model.patch_embed.proj.weight.grad
+    if detach:
+        assert stem is None or not stem.any()
+    else:
+        assert stem is not None and stem.abs().sum() > 0

@@ -42,6 +42,7 @@ class TrainSettings:
     warmup_steps: int = 100
     alpha: float = DEFAULT_ALPHA  # weight of the selection loss (the paper's 0.01; see spa_viz.selection.loss)
     gate_lr_scale: float = 1.0  # learning-rate factor of the SPA gates (fresh gates on a trained backbone move fast)
+    gate_input_grad: bool = True  # False [ablation]: gates score a detached block input (no gradient into the backbone)
     grad_clip: float = 1.0  # 0: off
     accumulate: int = 1  # batches whose gradients are summed per optimizer step
     amp: str = "bf16"

@@ -44,6 +44,7 @@ from tqdm import tqdm
 from spa_viz.data.coco import collate
 from spa_viz.data.splits import class_names, load_split
 from spa_viz.io.checkpoint import CheckpointError, build_architecture, save_checkpoint
+from spa_viz.layers.gate import detach_gate_inputs
 from spa_viz.models.detection import Detector, SPAMaskRCNN, keep_ratios
 from spa_viz.models.spa_vit import spa_context
 from spa_viz.models.weights import init_backbone, init_from_checkpoint
@@ -294,6 +295,8 @@ def train(
     mask_rcnn = isinstance(model, SPAMaskRCNN)
     if mask_rcnn:
         model.select_alpha = 1.0  # the recipe weighs L_select itself (alpha below)
+    if not settings.gate_input_grad:
+        log.info("gate_input_grad off: %d gates score a detached block input", detach_gate_inputs(model))
     image_size = int(config.image_size)
     spa = spa_context(model).config
     spa_on = spa.enabled
