@@ -3,7 +3,16 @@ import math
 import pytest
 import torch
 
-from spa_viz.layers.gate import TokenGate, fuse_scores, pool_scores, select_tokens, threshold_logit
+import spa_viz
+from spa_viz.layers.gate import (
+    TokenGate,
+    detach_gate_inputs,
+    fuse_scores,
+    pool_scores,
+    select_tokens,
+    threshold_logit,
+)
+from tests.layers.small_models import random_gates, small_vit
 
 
 def test_gate_shape_and_init_keeps_everything() -> None:
@@ -110,10 +119,6 @@ def test_eval_rule_is_the_noise_free_training_rule(tau: float, threshold: float)
 def test_detached_gate_inputs_stop_l_select_at_the_gate(detach: bool) -> None:
     """The ablation switch: L_select still trains every gate, but reaches the backbone only when the
     gates read the live block input."""
-    import spa_viz
-    from spa_viz.layers.gate import detach_gate_inputs
-    from tests.layers.small_models import random_gates, small_vit
-
     model = small_vit().train()
     random_gates(model)
     assert detach_gate_inputs(model, detach) == len(spa_viz.spa_blocks(model))

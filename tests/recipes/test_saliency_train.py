@@ -87,7 +87,8 @@ def test_recipe_file_and_recorded_flags_give_the_shipped_checkpoint_config() -> 
     if isinstance(spa["soft_gating"], bool):
         spa["soft_gating"] = "always" if spa["soft_gating"] else "off"
     spa.setdefault("unkept", "copy")
-    adapters = {**saved["adapters"], "drop_scaled": saved["adapters"].get("drop_scaled", False)}
+    adapters = dict(saved["adapters"])
+    adapters.setdefault("drop_scaled", False)
     if recipe.max_keep is not None:  # the operating threshold was chosen on the val views
         architecture["spa"]["threshold"] = spa["threshold"]
     assert architecture == {**{k: saved[k] for k in architecture}, "spa": spa, "adapters": adapters}
